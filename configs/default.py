@@ -1,0 +1,125 @@
+r"""Default config: DeepSeek-V3's recipe in miniature, trained on the embedded corpus.
+
+The first layer is a dense SwiGLU block; the layers after it are MoE blocks with one
+always-on shared expert plus fine-grained routed experts, chosen top-k by a sigmoid router
+with aux-loss-free balancing (a per-expert bias that only changes which experts are chosen).
+The corpus is the Python standard library of the interpreter that runs, read as bytes.
+
+Run (what `make train` does):
+  python -m moe_jax.main --config=configs/default.py --workdir=runs/default
+
+Variants are picked with an argument string, big_vision style:
+  --config=configs/default.py:tiny          # seconds-scale model used by the tests
+  --config=configs/default.py:tiny,steps=50 # any `key=value` after the size sets train.steps etc.
+Any field can be overridden from the command line: --config.model.top_k=4
+
+Expected result: README.md ("Default run") gives the validation bits per byte that this config
+reaches on the 2-core CPU machine, with the command that produced it.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config; `arg` is "", "tiny", or either followed by ",steps=N,batch=B,seq=S"."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---- data -------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "stdlib"       # "stdlib" (embedded corpus) | "text" (files) | "tokens" (binary ids)
+  c.data.path = ""               # "text": a directory or a glob; "tokens": a file of token ids
+  c.data.token_dtype = "uint16"  # "tokens" only: uint16 | uint32
+  c.data.validation_percent = 5  # share of files (text) or of the token stream (tokens) held out
+  c.data.seq_len = 256           # tokens per training sequence (the context)
+  c.data.batch_size = 16         # global batch, in sequences; split over every data-parallel device
+  c.data.shuffle_seed = 0
+
+  # ---- model ------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 260          # 256 byte ids + pad/bos specials (see moe_jax/data.py), room to spare
+  c.model.d_model = 256             # residual width D
+  c.model.num_layers = 4            # transformer blocks
+  c.model.num_dense_layers = 1      # the first blocks use a dense SwiGLU MLP, the rest MoE
+  c.model.num_heads = 4             # query heads
+  c.model.num_kv_heads = 2          # key/value heads (grouped-query attention); divides num_heads
+  c.model.head_dim = 64
+  c.model.rope_theta = 10_000.0
+  c.model.dense_mlp_dim = 768       # hidden width of the dense SwiGLU MLP
+  c.model.norm_eps = 1e-6
+  c.model.compute_dtype = "float32"  # "bfloat16" computes in bf16; parameters stay float32
+  # MoE blocks
+  c.model.num_routed_experts = 16   # fine-grained routed experts E
+  c.model.num_shared_experts = 1    # always-on shared experts, each of width expert_dim
+  c.model.expert_dim = 192          # hidden width F of one expert's SwiGLU
+  c.model.top_k = 2                 # routed experts per token K
+  c.model.router = "sigmoid"        # "sigmoid" (DeepSeek-V3) | "softmax" (top-k of softmax, Switch loss)
+  c.model.route_scale = 1.0         # gates are multiplied by this
+  c.model.norm_topk_prob = True     # renormalise the chosen gates to sum 1 (sigmoid router)
+  c.model.dispatcher = "capacity"   # token dispatch, see moe_jax/dispatch/
+  c.model.capacity_factor = 2.0     # per-expert buffer = factor * tokens * K / E; overflow is dropped
+  c.model.bias_update_rate = 1e-3   # gamma of the aux-loss-free bias update (0 turns it off)
+  c.model.aux_loss_alpha = 0.0      # weight of the Switch load-balancing loss (softmax router)
+
+  # ---- optimizer (AdamW, linear warmup then cosine decay, global-norm clipping) ------------
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 50
+  c.optimizer.final_lr_fraction = 0.1
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.grad_clip_norm = 1.0
+
+  # ---- training loop ----------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 600
+  c.train.log_every = 20
+  c.train.eval_every = 200
+  c.train.eval_batches = 8
+  c.train.checkpoint_every = 200
+  c.train.checkpoints_to_keep = 2
+  c.train.sample_tokens = 200       # length of the text sample printed at the end
+  c.train.sample_prompt = "def "
+
+  # ---- device mesh: sizes of the named axes; -1 takes the devices left over -------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.expert = 1
+
+  size, _, overrides = (arg or "").partition(",")
+  if size == "tiny":
+    c.model.d_model = 64
+    c.model.num_layers = 2
+    c.model.num_heads = 2
+    c.model.num_kv_heads = 1
+    c.model.head_dim = 32
+    c.model.dense_mlp_dim = 128
+    c.model.num_routed_experts = 8
+    c.model.expert_dim = 32
+    c.data.seq_len = 64
+    c.data.batch_size = 8
+    c.train.steps = 40
+    c.train.log_every = 10
+    c.train.eval_every = 20
+    c.train.eval_batches = 2
+    c.train.checkpoint_every = 20
+    c.train.sample_tokens = 32
+    c.optimizer.warmup_steps = 5
+  elif size not in ("", "default"):
+    raise ValueError(f"configs/default.py: unknown size {size!r}; expected 'default' or 'tiny'")
+  _apply_shorthands(c, overrides)
+  return c
+
+
+_SHORTHANDS = {"steps": "train.steps", "batch": "data.batch_size", "seq": "data.seq_len"}
+
+
+def _apply_shorthands(c: ml_collections.ConfigDict, overrides: str) -> None:
+  """Applies "steps=N,batch=B,seq=S" from the config argument string."""
+  for item in filter(None, overrides.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in _SHORTHANDS:
+      raise ValueError(f"configs/default.py: bad argument {item!r}; use {sorted(_SHORTHANDS)}=N")
+    section, field = _SHORTHANDS[key].split(".")
+    c[section][field] = int(value)

@@ -1,0 +1,119 @@
+"""One early check of a whole config, so that a mistake is reported by name, before compiling.
+
+`validate_config` raises `ConfigError` listing every problem found, each naming its field.
+"""
+
+from moe_jax import data
+from moe_jax.dispatch import DISPATCHERS
+from moe_jax.model import DTYPES, ModelSpec
+from moe_jax.routing import ROUTERS
+
+SECTIONS = ("data", "model", "optimizer", "train", "mesh")
+
+
+class ConfigError(ValueError):
+  """The config cannot run; the message names each offending field."""
+
+
+def resolve_mesh_shape(data_size: int, expert_size: int, num_devices: int) -> tuple[int, int]:
+  """Mesh (data, expert) sizes, a -1 taking the devices the other axis leaves."""
+  sizes = [data_size, expert_size]
+  if sizes.count(-1) > 1:
+    raise ConfigError("mesh: at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f"mesh: sizes must be positive or -1, got data={data_size}, expert={expert_size}")
+  known = abs(data_size * expert_size) if -1 in sizes else data_size * expert_size
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(f"mesh: {num_devices} devices cannot be split with a fixed axis of {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if sizes[0] * sizes[1] != num_devices:
+    raise ConfigError(f"mesh: data={sizes[0]} x expert={sizes[1]} = {sizes[0] * sizes[1]} devices, "
+                      f"but {num_devices} are available")
+  return sizes[0], sizes[1]
+
+
+def _problems(config, num_devices: int) -> list[str]:
+  problems = []
+  need = lambda ok, message: ok or problems.append(message)
+
+  for section in SECTIONS:
+    need(section in config, f"missing section '{section}'")
+  if problems:
+    return problems
+  m, d, o, t = config.model, config.data, config.optimizer, config.train
+
+  missing = [f for f in ModelSpec._fields if f not in m]
+  need(not missing, f"model: missing fields {missing}")
+  if missing:
+    return problems
+
+  for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+               "dense_mlp_dim", "num_routed_experts", "expert_dim", "top_k"):
+    need(m[name] >= 1, f"model.{name}={m[name]} must be >= 1")
+  need(0 <= m.num_dense_layers <= m.num_layers,
+       f"model.num_dense_layers={m.num_dense_layers} must be between 0 and "
+       f"model.num_layers={m.num_layers}")
+  need(m.num_shared_experts >= 0, f"model.num_shared_experts={m.num_shared_experts} must be >= 0")
+  need(m.top_k <= m.num_routed_experts,
+       f"model.top_k={m.top_k} is larger than model.num_routed_experts={m.num_routed_experts}")
+  need(m.num_kv_heads >= 1 and m.num_heads % max(m.num_kv_heads, 1) == 0,
+       f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
+  need(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even (rotary embeddings)")
+  need(m.router in ROUTERS, f"model.router={m.router!r} is unknown; choose from {sorted(ROUTERS)}")
+  need(m.dispatcher in DISPATCHERS,
+       f"model.dispatcher={m.dispatcher!r} is unknown; choose from {sorted(DISPATCHERS)}")
+  need(m.compute_dtype in DTYPES,
+       f"model.compute_dtype={m.compute_dtype!r} is unknown; choose from {sorted(DTYPES)}")
+  need(m.capacity_factor > 0, f"model.capacity_factor={m.capacity_factor} must be > 0")
+  need(m.route_scale > 0, f"model.route_scale={m.route_scale} must be > 0")
+  need(m.bias_update_rate >= 0, f"model.bias_update_rate={m.bias_update_rate} must be >= 0")
+  need(m.aux_loss_alpha >= 0, f"model.aux_loss_alpha={m.aux_loss_alpha} must be >= 0")
+  if d.source in ("stdlib", "text"):
+    need(m.vocab_size >= data.MIN_BYTE_VOCAB,
+         f"model.vocab_size={m.vocab_size} is too small for byte tokens: needs >= "
+         f"{data.MIN_BYTE_VOCAB} (256 bytes + pad + bos)")
+
+  need(d.source in ("stdlib", "text", "tokens"),
+       f"data.source={d.source!r} is unknown; choose from ['stdlib', 'text', 'tokens']")
+  need(d.source == "stdlib" or bool(d.path), f"data.path is required when data.source={d.source!r}")
+  need(d.token_dtype in ("uint16", "uint32"), f"data.token_dtype={d.token_dtype!r}: uint16 or uint32")
+  need(0 < d.validation_percent < 100,
+       f"data.validation_percent={d.validation_percent} must be between 1 and 99")
+  need(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
+  need(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+
+  need(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be > 0")
+  need(0 <= o.warmup_steps < t.steps,
+       f"optimizer.warmup_steps={o.warmup_steps} must be >= 0 and below train.steps={t.steps}")
+  need(0 <= o.final_lr_fraction <= 1,
+       f"optimizer.final_lr_fraction={o.final_lr_fraction} must be in [0, 1]")
+  need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1={o.b1}, b2={o.b2} must be in [0, 1)")
+  need(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+  need(o.grad_clip_norm > 0, f"optimizer.grad_clip_norm={o.grad_clip_norm} must be > 0")
+
+  need(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+  for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "checkpoints_to_keep"):
+    need(t[name] >= 1, f"train.{name}={t[name]} must be >= 1")
+  need(t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} must be >= 0")
+
+  try:
+    data_size, expert_size = resolve_mesh_shape(config.mesh.data, config.mesh.expert, num_devices)
+  except ConfigError as e:
+    problems.append(str(e))
+  else:
+    splits = data_size * expert_size
+    need(d.batch_size % splits == 0,
+         f"data.batch_size={d.batch_size} does not divide over the {splits} devices that split "
+         f"tokens (mesh data={data_size} x expert={expert_size})")
+    need(m.num_routed_experts % expert_size == 0,
+         f"model.num_routed_experts={m.num_routed_experts} is not divisible by mesh.expert="
+         f"{expert_size}")
+  return problems
+
+
+def validate_config(config, num_devices: int) -> None:
+  """Raises ConfigError naming every field that makes `config` impossible to run."""
+  problems = _problems(config, num_devices)
+  if problems:
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,221 @@
+"""Corpora, the byte tokenizer and grain pipelines.
+
+Three sources, one shape of result (`Corpus`: a train and a validation token stream plus a
+manifest that identifies the data exactly):
+  * "stdlib": the Python standard library source of the running interpreter (found through
+    `sysconfig`), the embedded default corpus: every machine with Python has it.
+  * "text": a user's text files, a directory (searched recursively) or a glob.
+  * "tokens": a pre-tokenized binary file of uint16 or uint32 ids, read through a memmap.
+Text is tokenized as bytes: ids 0-255 are the bytes, then PAD_ID and BOS_ID (one BOS starts
+every file). Files split into train/validation by a hash of their relative path, so the split
+does not move when files are added. Training windows of seq_len + 1 tokens come through a grain
+pipeline, sharded by process, shuffled per epoch; its iterator state is a small dict saved
+with every checkpoint.
+"""
+
+import dataclasses
+import glob
+import hashlib
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+import grain
+import numpy as np
+
+NUM_BYTE_IDS = 256
+PAD_ID = 256
+BOS_ID = 257
+MIN_BYTE_VOCAB = 258
+
+
+class DataError(ValueError):
+  """The data cannot be used as configured; the message says why and what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  train: np.ndarray          # 1-D token ids
+  validation: np.ndarray     # 1-D token ids
+  manifest: dict             # what the data is: source, sizes, content hash
+  is_bytes: bool             # ids are bytes (bits per byte is meaningful)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def stdlib_root() -> Path:
+  return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: Path) -> list[Path]:
+  """Every .py file of the standard library, without installed third-party packages."""
+  return sorted(p for p in root.rglob("*.py")
+                if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+
+
+def text_files(path: str) -> tuple[Path, list[Path]]:
+  """The files of a directory (recursively) or of a glob, and the root their names are relative to."""
+  if not path:
+    raise DataError("data.path is empty: data.source='text' needs a directory or a glob")
+  if os.path.isdir(path):
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+  else:
+    files = sorted(Path(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path(".")
+  if not files:
+    raise DataError(f"data.path={path!r} matched no files")
+  return root, files
+
+
+def _path_hash(relative: str) -> int:
+  return int(hashlib.sha256(relative.encode()).hexdigest()[:8], 16)
+
+
+def split_by_file(root: Path, files: list[Path], validation_percent: int) -> tuple[list, list]:
+  """Deterministic split: a file is held out when the hash of its relative path says so.
+
+  If no file's hash falls in the held-out share (tiny corpora), the file with the smallest
+  hash is held out, so validation is never empty while there are two files or more.
+  """
+  if len(files) < 2:
+    raise DataError(f"{len(files)} file(s) under {root}: a split by file needs at least 2")
+  relative = [p.relative_to(root).as_posix() for p in files]
+  hashes = [_path_hash(r) for r in relative]
+  held_out = [h % 100 < validation_percent for h in hashes]
+  if not any(held_out):
+    held_out[int(np.argmin(hashes))] = True
+  if all(held_out):
+    held_out[int(np.argmax(hashes))] = False
+  train = [(r, p) for r, p, v in zip(relative, files, held_out) if not v]
+  validation = [(r, p) for r, p, v in zip(relative, files, held_out) if v]
+  return train, validation
+
+
+def _tokenize_files(named_files: list[tuple[str, Path]], digest) -> tuple[np.ndarray, int]:
+  """BOS + bytes for each file, concatenated; feeds names and contents into `digest`."""
+  pieces, num_bytes = [], 0
+  for relative, path in named_files:
+    content = path.read_bytes()
+    digest.update(relative.encode() + b"\0" + content + b"\0")
+    pieces.append(np.array([BOS_ID], np.uint16))
+    pieces.append(np.frombuffer(content, np.uint8).astype(np.uint16))
+    num_bytes += len(content)
+  return np.concatenate(pieces) if pieces else np.zeros((0,), np.uint16), num_bytes
+
+
+def load_text_corpus(root: Path, files: list[Path], validation_percent: int, source: str) -> Corpus:
+  train_files, validation_files = split_by_file(root, files, validation_percent)
+  digest = hashlib.sha256()
+  train, train_bytes = _tokenize_files(train_files, digest)
+  validation, validation_bytes = _tokenize_files(validation_files, digest)
+  if train_bytes + validation_bytes == 0:
+    raise DataError(f"the {len(files)} files under {root} are all empty")
+  manifest = {
+      "source": source, "root": str(root),
+      "python_version": sys.version.split()[0],
+      "file_count": len(files), "bytes": train_bytes + validation_bytes,
+      "train_files": len(train_files), "validation_files": len(validation_files),
+      "train_tokens": int(train.size), "validation_tokens": int(validation.size),
+      "sha256": digest.hexdigest(),
+  }
+  return Corpus(train, validation, manifest, is_bytes=True)
+
+
+def load_token_file(path: str, dtype: str, validation_percent: int, vocab_size: int) -> Corpus:
+  """A flat binary file of token ids; the last `validation_percent` of it is held out."""
+  if dtype not in ("uint16", "uint32"):
+    raise DataError(f"data.token_dtype={dtype!r}: expected 'uint16' or 'uint32'")
+  if not os.path.isfile(path):
+    raise DataError(f"data.path={path!r}: no such token file")
+  itemsize = np.dtype(dtype).itemsize
+  size = os.path.getsize(path)
+  if size == 0 or size % itemsize:
+    raise DataError(f"token file {path} has {size} bytes, not a positive multiple of {itemsize} "
+                    f"({dtype})")
+  tokens = np.memmap(path, dtype=dtype, mode="r")
+  largest = int(tokens.max())
+  if largest >= vocab_size:
+    raise DataError(f"token file {path} holds id {largest}, but model.vocab_size={vocab_size}")
+  cut = len(tokens) - max(1, len(tokens) * validation_percent // 100)
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      digest.update(block)
+  manifest = {"source": "tokens", "path": str(path), "dtype": dtype,
+              "python_version": sys.version.split()[0], "file_count": 1, "bytes": size,
+              "train_tokens": cut, "validation_tokens": len(tokens) - cut,
+              "sha256": digest.hexdigest()}
+  return Corpus(tokens[:cut], tokens[cut:], manifest, is_bytes=False)
+
+
+def load_corpus(source: str, path: str, token_dtype: str, validation_percent: int,
+                vocab_size: int) -> Corpus:
+  """Loads the configured corpus; raises DataError with the reason when it cannot be used."""
+  if source == "stdlib":
+    root = stdlib_root()
+    files = stdlib_files(root)
+    if not files:
+      raise DataError(f"no .py files under the standard library at {root}")
+    return load_text_corpus(root, files, validation_percent, "stdlib")
+  if source == "text":
+    root, files = text_files(path)
+    return load_text_corpus(root, files, validation_percent, "text")
+  if source == "tokens":
+    return load_token_file(path, token_dtype, validation_percent, vocab_size)
+  raise DataError(f"data.source={source!r}: expected 'stdlib', 'text' or 'tokens'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows and pipelines
+
+
+class Windows:
+  """Random access to non-overlapping windows of seq_len + 1 tokens (inputs plus shifted targets)."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, split: str):
+    self.tokens, self.seq_len = tokens, seq_len
+    self.count = (len(tokens) - 1) // seq_len
+    if self.count < 1:
+      raise DataError(f"the {split} split has {len(tokens)} tokens, fewer than data.seq_len + 1 = "
+                      f"{seq_len + 1}: lower data.seq_len or add data")
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    start = int(index) * self.seq_len
+    return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int32)
+
+
+def train_dataset(windows: Windows, batch_per_process: int, seed: int, process_index: int,
+                  process_count: int) -> grain.IterDataset:
+  """Shuffled (a new order every epoch), endless batches of this process's share of windows."""
+  mine = grain.MapDataset.source(windows)[process_index::process_count]
+  if len(mine) < batch_per_process:
+    raise DataError(f"the train split has {len(windows)} windows, fewer than one batch "
+                    f"({batch_per_process * process_count}): lower data.batch_size or add data")
+  return (mine.shuffle(seed=seed).repeat(None)
+          .batch(batch_per_process, drop_remainder=True).to_iter_dataset())
+
+
+def evaluation_batches(windows: Windows, num_batches: int, batch_per_process: int,
+                       process_index: int, process_count: int) -> Iterator[np.ndarray]:
+  """The same validation batches every time: the first windows in order, wrapping if short."""
+  global_batch = batch_per_process * process_count
+  for b in range(num_batches):
+    indices = (np.arange(global_batch) + b * global_batch) % len(windows)
+    yield np.stack([windows[i] for i in indices[process_index::process_count]])
+
+
+def decode_bytes(ids) -> str:
+  """Byte ids back to text; special ids are dropped, invalid UTF-8 is replaced."""
+  return bytes(int(i) for i in ids if 0 <= int(i) < NUM_BYTE_IDS).decode("utf-8", "replace")
+
+
+def encode_bytes(text: str) -> np.ndarray:
+  return np.frombuffer(text.encode(), np.uint8).astype(np.int32)

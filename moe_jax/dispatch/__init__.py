@@ -1,0 +1,13 @@
+"""Token dispatch strategies, one file each, all with the `Dispatcher` signature (base.py)."""
+
+from moe_jax.dispatch.base import Dispatched, Dispatcher, ExpertsFn
+from moe_jax.dispatch.capacity import capacity_dispatch, expert_capacity
+from moe_jax.dispatch.reference import reference_dispatch
+
+DISPATCHERS: dict[str, Dispatcher] = {
+    "capacity": capacity_dispatch,
+    "reference": reference_dispatch,
+}
+
+__all__ = ["DISPATCHERS", "Dispatched", "Dispatcher", "ExpertsFn", "capacity_dispatch",
+           "expert_capacity", "reference_dispatch"]

@@ -1,0 +1,32 @@
+"""SwiGLU feed-forward: down(silu(x @ gate) * (x @ up)). Used dense and as each expert."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def swiglu(x, w_gate, w_up, w_down):
+  """The SwiGLU product for one expert (2-D weights) or a batch of experts (leading axis)."""
+  if w_gate.ndim == 3:   # experts: x[E, C, D], w[E, D, F]
+    hidden = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x, w_gate)) * jnp.einsum("ecd,edf->ecf", x, w_up)
+    return jnp.einsum("ecf,efd->ecd", hidden, w_down)
+  hidden = jax.nn.silu(x @ w_gate) * (x @ w_up)
+  return hidden @ w_down
+
+
+def scaled_normal(fan_in: int):
+  return nnx.initializers.normal(stddev=fan_in ** -0.5)
+
+
+class SwiGLU(nnx.Module):
+  """A dense SwiGLU MLP D -> F -> D with float32 parameters, computed in `dtype`."""
+
+  def __init__(self, d_model: int, hidden: int, dtype, rngs: nnx.Rngs):
+    self.w_gate = nnx.Param(scaled_normal(d_model)(rngs.params(), (d_model, hidden)))
+    self.w_up = nnx.Param(scaled_normal(d_model)(rngs.params(), (d_model, hidden)))
+    self.w_down = nnx.Param(scaled_normal(hidden)(rngs.params(), (hidden, d_model)))
+    self.dtype = dtype
+
+  def __call__(self, x):
+    cast = lambda w: w[...].astype(self.dtype)
+    return swiglu(x.astype(self.dtype), cast(self.w_gate), cast(self.w_up), cast(self.w_down))

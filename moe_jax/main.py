@@ -1,0 +1,39 @@
+"""Command line: python -m moe_jax.main --config=configs/default.py --workdir=DIR [--config.x.y=v].
+
+A config or data mistake prints one clear message and exits with status 2; no traceback.
+Launched as one process of many (--distributed), it joins the others through
+jax.distributed.initialize, which reads the cluster from SLURM, TPU metadata or JAX_* variables.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.",
+                    required=True)
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process runs).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)   # orbax logs every save step at INFO
+  import jax
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  from moe_jax.checkpoint import CheckpointMismatch
+  from moe_jax.config_validation import ConfigError
+  from moe_jax.data import DataError
+  from moe_jax.train import train_and_evaluate
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, DataError, CheckpointMismatch) as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

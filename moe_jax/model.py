@@ -1,0 +1,101 @@
+"""A DeepSeek-style decoder-only Transformer LM: dense blocks first, MoE blocks after.
+
+tokens[B, S] -> embed -> blocks: x += attention(norm(x)); x += mlp_or_moe(norm(x))
+-> final norm -> logits[B, S, V]. Every MoE block also reports its routing statistics.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from moe_jax.layers.attention import Attention
+from moe_jax.layers.mlp import SwiGLU, scaled_normal
+from moe_jax.layers.moe import MoE, MoEStats
+from moe_jax.layers.norms import RMSNorm
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ModelSpec(NamedTuple):
+  """The model's shape and routing choices, the only values the model reads from a config."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_dense_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  dense_mlp_dim: int
+  norm_eps: float
+  compute_dtype: str
+  num_routed_experts: int
+  num_shared_experts: int
+  expert_dim: int
+  top_k: int
+  router: str
+  route_scale: float
+  norm_topk_prob: bool
+  dispatcher: str
+  capacity_factor: float
+
+  @classmethod
+  def from_config(cls, model_config) -> "ModelSpec":
+    return cls(**{name: model_config[name] for name in cls._fields})
+
+
+class Block(nnx.Module):
+
+  def __init__(self, spec: ModelSpec, use_moe: bool, rngs: nnx.Rngs):
+    dtype = DTYPES[spec.compute_dtype]
+    self.attention_norm = RMSNorm(spec.d_model, spec.norm_eps)
+    self.attention = Attention(spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                               spec.rope_theta, dtype, rngs)
+    self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps)
+    if use_moe:
+      self.mlp = MoE(spec.d_model, spec.num_routed_experts, spec.expert_dim,
+                     spec.num_shared_experts, spec.top_k, spec.router, spec.route_scale,
+                     spec.norm_topk_prob, spec.dispatcher, spec.capacity_factor, dtype, rngs)
+    else:
+      self.mlp = SwiGLU(spec.d_model, spec.dense_mlp_dim, dtype, rngs)
+
+  def __call__(self, x, positions):
+    x = x + self.attention(self.attention_norm(x), positions).astype(x.dtype)
+    if isinstance(self.mlp, MoE):
+      y, stats = self.mlp(self.mlp_norm(x))
+      return x + y.astype(x.dtype), stats
+    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), None
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    self.embed = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(),
+                                                        (spec.vocab_size, spec.d_model)))
+    self.blocks = nnx.List([Block(spec, i >= spec.num_dense_layers, rngs)
+                            for i in range(spec.num_layers)])
+    self.final_norm = RMSNorm(spec.d_model, spec.norm_eps)
+    self.unembed = nnx.Param(scaled_normal(spec.d_model)(rngs.params(),
+                                                         (spec.d_model, spec.vocab_size)))
+    self.dtype = DTYPES[spec.compute_dtype]
+
+  def moe_layers(self) -> list[MoE]:
+    return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+  def __call__(self, tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S V"], MoEStats]:
+    """Logits in float32 and the MoE blocks' statistics stacked along a leading layer axis."""
+    positions = jnp.arange(tokens.shape[1])
+    x = self.embed[...][tokens].astype(self.dtype)
+    all_stats = []
+    for block in self.blocks:
+      x, stats = block(x, positions)
+      if stats is not None:
+        all_stats.append(stats)
+    x = self.final_norm(x)
+    logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype))
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *all_stats) if all_stats else None
+    return logits.astype(jnp.float32), stacked

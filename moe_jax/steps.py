@@ -1,0 +1,120 @@
+"""The pure step functions of training: optimizer, loss, one train step, one eval step.
+
+State is explicit: `TrainState` holds the parameters (nnx.Param), the balancing biases (not
+parameters: no gradient, not seen by the optimizer), the optimizer state and the step. Each
+function takes the few values it needs and is jitted by the loop in `train.py`.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moe_jax import routing
+from moe_jax.layers.moe import BalancingBias
+from moe_jax.model import ModelSpec, Transformer
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  params: nnx.State
+  biases: nnx.State
+  opt_state: optax.OptState
+
+
+def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int,
+                  final_lr_fraction: float) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to final_lr_fraction * peak at total_steps."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
+      decay_steps=total_steps, end_value=learning_rate * final_lr_fraction)
+
+
+def make_optimizer(schedule: optax.Schedule, b1: float, b2: float, weight_decay: float,
+                   grad_clip_norm: float) -> optax.GradientTransformation:
+  """AdamW on the schedule after global-norm clipping; decay only on matrices (ndim >= 2)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(grad_clip_norm),
+      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
+
+
+def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int):
+  """(graphdef, TrainState) for a freshly initialised model."""
+  model = Transformer(spec, nnx.Rngs(params=seed))
+  graphdef, params, biases = nnx.split(model, nnx.Param, BalancingBias)
+  return graphdef, TrainState(jnp.zeros((), jnp.int32), params, biases, tx.init(params))
+
+
+def split_batch(tokens_BxS1):
+  """Windows of S + 1 tokens -> (inputs, targets), each [B, S]."""
+  return tokens_BxS1[:, :-1], tokens_BxS1[:, 1:]
+
+
+def forward(graphdef, params, biases, inputs):
+  return nnx.merge(graphdef, params, biases)(inputs)
+
+
+def loss_fn(params, biases, graphdef, tokens, aux_loss_alpha: float):
+  """Mean next-token cross-entropy plus alpha * mean Switch loss of the MoE layers."""
+  inputs, targets = split_batch(tokens)
+  logits, stats = forward(graphdef, params, biases, inputs)
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  aux = jnp.mean(stats.aux_loss) if stats is not None else jnp.zeros(())
+  return cross_entropy + aux_loss_alpha * aux, (cross_entropy, aux, stats)
+
+
+def updated_biases(graphdef, params, biases, counts_LxE, rate: float) -> nnx.State:
+  """Applies the aux-loss-free update to every MoE layer's bias from its global counts."""
+  model = nnx.merge(graphdef, params, biases)
+  for layer, counts_E in zip(model.moe_layers(), counts_LxE):
+    layer.balancing_bias.value = routing.update_balancing_bias(
+        layer.balancing_bias.value, counts_E, rate)
+  return nnx.state(model, BalancingBias)
+
+
+def train_step(state: TrainState, tokens, *, graphdef, tx, aux_loss_alpha: float,
+               bias_update_rate: float):
+  """One optimizer step, then the bias update from this batch's expert counts."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (cross_entropy, aux, stats)), grads = grad_fn(
+      state.params, state.biases, graphdef, tokens, aux_loss_alpha)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "cross_entropy": cross_entropy, "grad_norm": optax.global_norm(grads)}
+  biases = state.biases
+  if stats is not None:
+    if bias_update_rate > 0:
+      biases = updated_biases(graphdef, params, biases, stats.counts, bias_update_rate)
+    assignments = jnp.sum(stats.counts, axis=-1)
+    metrics.update(aux_loss=aux,
+                   max_violation=jnp.mean(jax.vmap(routing.max_violation)(stats.counts)),
+                   dropped_fraction=jnp.sum(stats.dropped) / jnp.sum(assignments))
+  return TrainState(state.step + 1, params, biases, opt_state), metrics
+
+
+def eval_step(state: TrainState, tokens, *, graphdef, byte_limit: int):
+  """Sums over one batch: cross-entropy, targets, byte targets, and expert counts per layer."""
+  inputs, targets = split_batch(tokens)
+  logits, stats = forward(graphdef, state.params, state.biases, inputs)
+  nats = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  sums = {"nats": jnp.sum(nats), "targets": jnp.asarray(targets.size, jnp.float32),
+          "byte_targets": jnp.sum(targets < byte_limit).astype(jnp.float32)}
+  if stats is not None:
+    sums["counts"] = stats.counts
+  return sums
+
+
+def summarize_evaluation(sums: dict, is_bytes: bool) -> dict[str, float]:
+  """Validation loss, bits per byte (byte corpora: all nats over the byte count) and MaxVio."""
+  result = {"validation_loss": float(sums["nats"] / sums["targets"])}
+  if is_bytes:
+    result["validation_bits_per_byte"] = float(sums["nats"] / sums["byte_targets"] / math.log(2))
+  if "counts" in sums:
+    per_layer = [float(routing.max_violation(c)) for c in sums["counts"]]
+    result["validation_max_violation"] = max(per_layer)
+    result.update({f"validation_max_violation/layer{i}": v for i, v in enumerate(per_layer)})
+  return result
