@@ -84,6 +84,7 @@ def split_by_file(root: Path, files: list[Path], validation_percent: int) -> tup
   """
   if len(files) < 2:
     raise DataError(f"{len(files)} file(s) under {root}: a split by file needs at least 2")
+  files = sorted(files)
   relative = [p.relative_to(root).as_posix() for p in files]
   hashes = [_path_hash(r) for r in relative]
   held_out = [h % 100 < validation_percent for h in hashes]

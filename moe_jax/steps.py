@@ -71,8 +71,8 @@ def updated_biases(graphdef, params, biases, counts_LxE, rate: float) -> nnx.Sta
   """Applies the aux-loss-free update to every MoE layer's bias from its global counts."""
   model = nnx.merge(graphdef, params, biases)
   for layer, counts_E in zip(model.moe_layers(), counts_LxE):
-    layer.balancing_bias.value = routing.update_balancing_bias(
-        layer.balancing_bias.value, counts_E, rate)
+    layer.balancing_bias[...] = routing.update_balancing_bias(
+        layer.balancing_bias[...], counts_E, rate)
   return nnx.state(model, BalancingBias)
 
 

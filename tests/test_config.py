@@ -1,0 +1,82 @@
+"""Config validation: every impossible setting is reported by field name, before compiling."""
+
+import subprocess
+import sys
+
+import pytest
+
+from configs.default import get_config
+from moe_jax.config_validation import ConfigError, resolve_mesh_shape, validate_config
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("arg", ["", "tiny", "tiny,steps=7,batch=16,seq=32"])
+def test_shipped_configs_are_valid(arg):
+  validate_config(get_config(arg), num_devices=8)
+
+
+def test_config_argument_shorthands():
+  c = get_config("tiny,steps=7,batch=16,seq=32")
+  assert (c.train.steps, c.data.batch_size, c.data.seq_len) == (7, 16, 32)
+  with pytest.raises(ValueError, match="bad argument 'layers=3'"):
+    get_config("tiny,layers=3")
+
+
+BAD = [
+    ("model.top_k", 9, "model.top_k=9 is larger than model.num_routed_experts=8"),
+    ("model.router", "bogus", "model.router='bogus' is unknown"),
+    ("model.dispatcher", "magic", "model.dispatcher='magic' is unknown"),
+    ("model.num_kv_heads", 3, "model.num_heads=2 is not a multiple of model.num_kv_heads=3"),
+    ("model.num_dense_layers", 5, "model.num_dense_layers=5 must be between 0 and"),
+    ("model.vocab_size", 100, "model.vocab_size=100 is too small for byte tokens"),
+    ("model.compute_dtype", "float16", "model.compute_dtype='float16' is unknown"),
+    ("data.batch_size", 12, "data.batch_size=12 does not divide over the 8 devices"),
+    ("data.source", "web", "data.source='web' is unknown"),
+    ("mesh.expert", 3, "mesh: 8 devices cannot be split with a fixed axis of 3"),
+    ("mesh.data", 3, "mesh: data=3 x expert=1 = 3 devices, but 8 are available"),
+    ("optimizer.warmup_steps", 100, "optimizer.warmup_steps=100 must be >= 0 and below"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_values_are_named(field, value, message):
+  config = get_config("tiny")
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    validate_config(config, num_devices=8)
+
+
+def test_experts_must_divide_over_expert_axis():
+  config = get_config("tiny")
+  config.model.num_routed_experts = 6
+  config.mesh.expert, config.mesh.data = 4, 2
+  with pytest.raises(ConfigError, match="num_routed_experts=6 is not divisible by mesh.expert=4"):
+    validate_config(config, num_devices=8)
+
+
+def test_all_problems_are_listed_at_once():
+  config = get_config("tiny")
+  config.model.top_k, config.model.router = 99, "nope"
+  with pytest.raises(ConfigError) as error:
+    validate_config(config, num_devices=8)
+  assert "model.top_k" in str(error.value) and "model.router" in str(error.value)
+
+
+def test_mesh_shape_resolution():
+  assert resolve_mesh_shape(-1, 1, 8) == (8, 1)
+  assert resolve_mesh_shape(2, -1, 8) == (2, 4)
+  assert resolve_mesh_shape(4, 2, 8) == (4, 2)
+  with pytest.raises(ConfigError, match="at most one axis"):
+    resolve_mesh_shape(-1, -1, 8)
+
+
+def test_command_line_reports_bad_config_without_traceback(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "moe_jax.main", "--config=configs/default.py:tiny",
+       "--config.model.top_k=20", f"--workdir={tmp_path / 'run'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert "model.top_k=20 is larger than model.num_routed_experts=8" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()

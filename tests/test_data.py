@@ -1,0 +1,103 @@
+"""Corpora, the split, token files, errors for bad data, and the grain pipeline's state."""
+
+import json
+
+import numpy as np
+import pytest
+
+from moe_jax import data
+
+
+@pytest.fixture(scope="module")
+def stdlib_corpus():
+  return data.load_corpus("stdlib", "", "uint16", 5, 260)
+
+
+def test_stdlib_corpus_and_manifest(stdlib_corpus):
+  import sys
+  m = stdlib_corpus.manifest
+  assert m["python_version"] == sys.version.split()[0]
+  assert m["file_count"] > 500 and m["bytes"] > 5_000_000
+  assert m["train_files"] + m["validation_files"] == m["file_count"]
+  assert m["train_tokens"] + m["validation_tokens"] == m["bytes"] + m["file_count"]  # + one BOS each
+  assert 0.01 < m["validation_files"] / m["file_count"] < 0.15
+  assert len(m["sha256"]) == 64
+  json.dumps(m)
+  assert stdlib_corpus.train.max() <= data.BOS_ID and stdlib_corpus.is_bytes
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path):
+  for i in range(40):
+    (tmp_path / f"f{i}.txt").write_text(f"file {i}\n" * 10)
+  root, files = data.text_files(str(tmp_path))
+  train, validation = data.split_by_file(root, files, 20)
+  assert {r for r, _ in train}.isdisjoint({r for r, _ in validation})
+  assert len(train) + len(validation) == 40 and validation
+  assert (train, validation) == data.split_by_file(root, list(reversed(files)), 20)
+  # Adding files does not move existing ones between splits.
+  (tmp_path / "new.txt").write_text("new")
+  train2, validation2 = data.split_by_file(*data.text_files(str(tmp_path)), 20)
+  assert {r for r, _ in validation} <= {r for r, _ in validation2}
+
+
+def test_text_glob_tokenizes_bytes_with_bos(tmp_path):
+  (tmp_path / "a.md").write_text("hello")
+  (tmp_path / "b.md").write_text("wörld")
+  (tmp_path / "c.txt").write_text("ignored")
+  corpus = data.load_corpus("text", str(tmp_path / "*.md"), "uint16", 5, 260)
+  assert corpus.manifest["file_count"] == 2
+  everything = np.concatenate([corpus.train, corpus.validation])
+  assert (everything == data.BOS_ID).sum() == 2
+  texts = sorted(data.decode_bytes(chunk) for chunk in (corpus.train, corpus.validation))
+  assert texts == ["hello", "wörld"]
+
+
+def test_token_file(tmp_path):
+  path = tmp_path / "tokens.bin"
+  np.arange(1000, dtype=np.uint32).tofile(path)
+  corpus = data.load_corpus("tokens", str(path), "uint32", 10, 1000)
+  assert len(corpus.train) == 900 and corpus.validation[0] == 900 and not corpus.is_bytes
+  with pytest.raises(data.DataError, match="holds id 999, but model.vocab_size=500"):
+    data.load_corpus("tokens", str(path), "uint32", 10, 500)
+  (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
+  with pytest.raises(data.DataError, match="not a positive multiple of 2"):
+    data.load_corpus("tokens", str(tmp_path / "odd.bin"), "uint16", 10, 500)
+
+
+def test_clear_errors_for_bad_data(tmp_path):
+  with pytest.raises(data.DataError, match="matched no files"):
+    data.load_corpus("text", str(tmp_path / "*.nothing"), "uint16", 5, 260)
+  (tmp_path / "empty1.txt").write_text("")
+  (tmp_path / "empty2.txt").write_text("")
+  with pytest.raises(data.DataError, match="all empty"):
+    data.load_corpus("text", str(tmp_path), "uint16", 5, 260)
+  with pytest.raises(data.DataError, match="fewer than data.seq_len"):
+    data.Windows(np.zeros(10, np.uint16), 64, "validation")
+
+
+def test_windows_are_shifted_pairs():
+  windows = data.Windows(np.arange(100, dtype=np.uint16), 8, "train")
+  assert len(windows) == 12
+  np.testing.assert_array_equal(windows[2], np.arange(16, 25))
+
+
+def test_pipeline_state_restores_the_same_batches():
+  windows = data.Windows(np.arange(2000, dtype=np.uint16), 8, "train")
+  iterator = iter(data.train_dataset(windows, 4, seed=3, process_index=0, process_count=1))
+  for _ in range(5):
+    next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(3)]
+  resumed = iter(data.train_dataset(windows, 4, seed=3, process_index=0, process_count=1))
+  resumed.set_state(state)
+  for batch in expected:
+    np.testing.assert_array_equal(next(resumed), batch)
+
+
+def test_processes_read_disjoint_windows():
+  windows = data.Windows(np.arange(801, dtype=np.uint16), 8, "train")   # 100 windows
+  seen = []
+  for process in range(2):
+    iterator = iter(data.train_dataset(windows, 10, seed=0, process_index=process, process_count=2))
+    seen.append({int(b[0]) for _ in range(5) for b in next(iterator)})
+  assert seen[0].isdisjoint(seen[1]) and len(seen[0] | seen[1]) == 100

@@ -1,0 +1,112 @@
+"""Training: a sharded step, the bias update, loss going down, outputs, and exact resume."""
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import parallel, routing, steps
+from moe_jax.checkpoint import Checkpointer, CheckpointMismatch
+from moe_jax.model import ModelSpec
+from moe_jax.train import train_and_evaluate
+
+
+def _run_steps(config, devices, batches):
+  mesh = parallel.make_mesh(len(devices), 1, devices)
+  o = config.optimizer
+  tx = steps.make_optimizer(steps.make_schedule(o.learning_rate, o.warmup_steps, 10, 0.1),
+                            o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
+  graphdef, state = steps.init_state(ModelSpec.from_config(config.model), tx, 0)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
+                                   aux_loss_alpha=0.01, bias_update_rate=1e-2))
+  history = []
+  for batch in batches:
+    state, metrics = step(state, parallel.global_batch(batch, mesh))
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+def test_sharded_step_matches_single_device(tiny_config):
+  assert jax.device_count() == 8
+  rng = np.random.default_rng(0)
+  batches = [rng.integers(0, 256, (8, 33), dtype=np.int32) for _ in range(3)]
+  state8, history8 = _run_steps(tiny_config, jax.devices(), batches)
+  state1, history1 = _run_steps(tiny_config, jax.devices()[:1], batches)
+  assert len(state8.params["embed"].sharding.device_set) == 8
+  for h8, h1 in zip(history8, history1):
+    for key in h1:
+      np.testing.assert_allclose(h8[key], h1[key], rtol=2e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(state8), jax.tree.leaves(state1)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_bias_update_uses_global_counts_and_no_gradient(tiny_config):
+  rng = np.random.default_rng(1)
+  batch = rng.integers(0, 256, (8, 33), dtype=np.int32)
+  state, _ = _run_steps(tiny_config, jax.devices(), [batch])
+  graphdef, initial = steps.init_state(ModelSpec.from_config(tiny_config.model),
+                                       steps.make_optimizer(0.0, 0.9, 0.95, 0.0, 1.0), 0)
+  # Counts of the whole global batch, under the initial parameters and zero biases.
+  _, (_, _, stats) = steps.loss_fn(initial.params, initial.biases, graphdef, jnp.asarray(batch), 0.0)
+  expected = jax.vmap(lambda c: routing.update_balancing_bias(jnp.zeros_like(c), c, 1e-2))(stats.counts)
+  got = jnp.stack(jax.tree.leaves(state.biases))
+  np.testing.assert_allclose(got, expected, atol=1e-7)
+  assert set(np.unique(np.round(np.abs(np.asarray(got)) / 1e-2))) <= {0.0, 1.0}
+  opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)]
+  assert opt_paths and not any("balancing_bias" in p for p in opt_paths)
+
+
+def _config(tiny_config, **train):
+  tiny_config.train.update(train)
+  return tiny_config
+
+
+def _metrics(workdir):
+  return [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+
+
+def test_short_run_learns_and_writes_its_outputs(tiny_config, tmp_path):
+  final = train_and_evaluate(tiny_config, tmp_path)
+  assert final["validation_loss"] < 0.65 * math.log(tiny_config.model.vocab_size)
+  assert final["validation_bits_per_byte"] < 5.5
+  train_losses = [m["loss"] for m in _metrics(tmp_path) if "loss" in m]
+  assert train_losses[-1] < 0.7 * train_losses[0]
+  for name in ("config.json", "data_manifest.json", "final_metrics.json", "sample.txt",
+               "expert_load.png"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert Checkpointer(tmp_path / "checkpoints", 2).latest_step() == tiny_config.train.steps
+
+
+def test_exact_resume(tiny_config, tmp_path):
+  """N steps straight == N/2 steps, stop, resume to N: bitwise on CPU."""
+  config = _config(tiny_config, steps=8, log_every=1, eval_every=100, checkpoint_every=100,
+                   sample_tokens=0)
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train_and_evaluate(config, straight)
+  train_and_evaluate(config, resumed, stop_after_step=4)
+  assert Checkpointer(resumed / "checkpoints", 2).latest_step() == 4
+  train_and_evaluate(config, resumed)
+
+  losses = lambda workdir: {m["step"]: m["loss"] for m in _metrics(workdir) if "loss" in m}
+  assert losses(straight) == losses(resumed)
+  assert sorted(losses(resumed)) == list(range(1, 9))
+  states = []
+  for workdir in (straight, resumed):
+    checkpointer = Checkpointer(workdir / "checkpoints", 2)
+    states.append(checkpointer.manager.restore(8)["state"])
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_other_model_sizes_is_refused(tiny_config, tmp_path):
+  config = _config(tiny_config, steps=6, eval_every=100, checkpoint_every=100, sample_tokens=0)
+  train_and_evaluate(config, tmp_path)
+  config.model.d_model = 96
+  with pytest.raises(CheckpointMismatch, match="model.d_model"):
+    train_and_evaluate(config, tmp_path)
