@@ -38,27 +38,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- model ------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 260          # 256 byte ids + pad/bos specials (see moe_jax/data.py), room to spare
-  c.model.d_model = 256             # residual width D
+  c.model.d_model = 128             # residual width D
   c.model.num_layers = 4            # transformer blocks
   c.model.num_dense_layers = 1      # the first blocks use a dense SwiGLU MLP, the rest MoE
   c.model.num_heads = 4             # query heads
   c.model.num_kv_heads = 2          # key/value heads (grouped-query attention); divides num_heads
-  c.model.head_dim = 64
+  c.model.head_dim = 32
   c.model.rope_theta = 10_000.0
-  c.model.dense_mlp_dim = 768       # hidden width of the dense SwiGLU MLP
+  c.model.dense_mlp_dim = 384       # hidden width of the dense SwiGLU MLP
   c.model.norm_eps = 1e-6
   c.model.compute_dtype = "float32"  # "bfloat16" computes in bf16; parameters stay float32
   # MoE blocks
   c.model.num_routed_experts = 16   # fine-grained routed experts E
   c.model.num_shared_experts = 1    # always-on shared experts, each of width expert_dim
-  c.model.expert_dim = 192          # hidden width F of one expert's SwiGLU
+  c.model.expert_dim = 96           # hidden width F of one expert's SwiGLU
   c.model.top_k = 2                 # routed experts per token K
   c.model.router = "sigmoid"        # "sigmoid" (DeepSeek-V3) | "softmax" (top-k of softmax, Switch loss)
   c.model.route_scale = 1.0         # gates are multiplied by this
   c.model.norm_topk_prob = True     # renormalise the chosen gates to sum 1 (sigmoid router)
   c.model.dispatcher = "capacity"   # token dispatch, see moe_jax/dispatch/
-  c.model.capacity_factor = 2.0     # per-expert buffer = factor * tokens * K / E; overflow is dropped
-  c.model.bias_update_rate = 1e-3   # gamma of the aux-loss-free bias update (0 turns it off)
+  c.model.capacity_factor = 1.25    # per-expert buffer = factor * tokens * K / E; overflow is dropped
+  c.model.bias_update_rate = 1e-2   # gamma of the aux-loss-free bias update (0 turns it off);
+                                    # DeepSeek-V3 used 1e-3 over far longer runs
   c.model.aux_loss_alpha = 0.0      # weight of the Switch load-balancing loss (softmax router)
 
   # ---- optimizer (AdamW, linear warmup then cosine decay, global-norm clipping) ------------

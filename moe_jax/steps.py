@@ -84,7 +84,7 @@ def train_step(state: TrainState, tokens, *, graphdef, tx, aux_loss_alpha: float
       state.params, state.biases, graphdef, tokens, aux_loss_alpha)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "cross_entropy": cross_entropy, "grad_norm": optax.global_norm(grads)}
+  metrics = {"loss": loss, "cross_entropy": cross_entropy, "grad_norm": optax.tree.norm(grads)}
   biases = state.biases
   if stats is not None:
     if bias_update_rate > 0:
