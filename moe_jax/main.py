@@ -35,5 +35,22 @@ def main(argv):
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl flag parsing, with a one-line error for overrides of fields the config lacks."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, ValueError) as error:   # ValueError: a config file rejected its argument
+    lines = str(error).strip().splitlines()
+    # A config file that raised is reported with its traceback inside the message: keep the
+    # first line (which flag) and the last (why).
+    print("error: " + (f"{lines[0]} {lines[-1]}" if len(lines) > 1 else lines[0]), file=sys.stderr)
+  except (AttributeError, KeyError) as error:
+    name = str(error).strip("\"'")
+    culprits = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a]
+    print(f"error: {' '.join(culprits) or name}: the config has no field {name!r}",
+          file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

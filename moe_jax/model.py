@@ -96,6 +96,7 @@ class Transformer(nnx.Module):
       if stats is not None:
         all_stats.append(stats)
     x = self.final_norm(x)
-    logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype))
+    logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype),
+                        preferred_element_type=jnp.float32)
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *all_stats) if all_stats else None
-    return logits.astype(jnp.float32), stacked
+    return logits, stacked

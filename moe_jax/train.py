@@ -104,15 +104,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     state, metrics = train_fn(state, tokens)
     pending.append(metrics)
     bar.update(1)
+    if step == start_step + 1:   # keep compilation out of tokens/s
+      jax.block_until_ready(metrics)
+      last_log_time, last_log_step = time.perf_counter(), step
     if step % t.log_every == 0 or step == t.steps:
       fetched = jax.device_get(pending)
       now = time.perf_counter()
       scalars = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1]}
-      scalars["tokens_per_second"] = tokens_per_step * (step - last_log_step) / (now - last_log_time)
+      if step > last_log_step:
+        scalars["tokens_per_second"] = tokens_per_step * (step - last_log_step) / (now - last_log_time)
       scalars["learning_rate"] = float(schedule(step - 1))
       writer.write(step, scalars)
       bar.set_postfix(loss=f"{scalars['loss']:.3f}", maxvio=f"{scalars.get('max_violation', 0):.2f}",
-                      tok_s=f"{scalars['tokens_per_second']:.0f}")
+                      tok_s=f"{scalars.get('tokens_per_second', 0):.0f}")
       pending, last_log_time, last_log_step = [], now, step
     if step % t.eval_every == 0 or step == t.steps:
       last_eval, eval_counts = run_eval(state)

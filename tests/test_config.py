@@ -80,3 +80,15 @@ def test_command_line_reports_bad_config_without_traceback(tmp_path):
   assert "model.top_k=20 is larger than model.num_routed_experts=8" in result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.model.nonexistent=3", "--config.model.nonexistent: the config has no field 'nonexistent'"),
+    ("--config.model.top_k=2.5", "--config.model.top_k=2.5: invalid literal for int()"),
+    ("--config=configs/default.py:huge", "unknown size 'huge'; expected 'default' or 'tiny'"),
+])
+def test_command_line_reports_bad_overrides(tmp_path, override, message):
+  result = subprocess.run(
+      [sys.executable, "-m", "moe_jax.main", "--config=configs/default.py:tiny", override,
+       f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from moe_jax import parallel, routing, steps
 from moe_jax.checkpoint import Checkpointer, CheckpointMismatch
@@ -110,3 +111,18 @@ def test_resume_with_other_model_sizes_is_refused(tiny_config, tmp_path):
   config.model.d_model = 96
   with pytest.raises(CheckpointMismatch, match="model.d_model"):
     train_and_evaluate(config, tmp_path)
+
+
+def test_softmax_router_with_switch_loss(tiny_config):
+  tiny_config.model.router, tiny_config.model.bias_update_rate = "softmax", 0.0
+  graphdef, state = steps.init_state(ModelSpec.from_config(tiny_config.model),
+                                     steps.make_optimizer(0.0, 0.9, 0.95, 0.0, 1.0), 0)
+  batch = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 33)), jnp.int32)
+  loss, (cross_entropy, aux, _) = steps.loss_fn(state.params, state.biases, graphdef, batch, 0.1)
+  np.testing.assert_allclose(loss, cross_entropy + 0.1 * aux, rtol=1e-6)
+  assert 0.9 < float(aux) < 2.0                       # near 1 for a near-uniform router at init
+  aux_only = lambda p: (steps.loss_fn(p, state.biases, graphdef, batch, 0.1)[0]
+                        - steps.loss_fn(p, state.biases, graphdef, batch, 0.0)[0])
+  grads = jax.grad(aux_only)(state.params)
+  router_grads = [g for path, g in nnx.to_flat_state(grads) if path[-1] == "router_kernel"]
+  assert router_grads and all(float(jnp.abs(g).max()) > 0 for g in router_grads)
