@@ -53,14 +53,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_shared_experts = 1    # always-on shared experts, each of width expert_dim
   c.model.expert_dim = 96           # hidden width F of one expert's SwiGLU
   c.model.top_k = 2                 # routed experts per token K
-  c.model.router = "sigmoid"        # "sigmoid" (DeepSeek-V3) | "softmax" (top-k of softmax, Switch loss)
+  c.model.router = "sigmoid"        # "sigmoid" (DeepSeek-V3) | "softmax" (Switch, DeepSeek-V2)
+                                    # | "expert_choice" (not causal); see docs/routing.md
   c.model.route_scale = 1.0         # gates are multiplied by this
-  c.model.norm_topk_prob = True     # renormalise the chosen gates to sum 1 (sigmoid router)
+  c.model.norm_topk_prob = True     # renormalise the chosen gates to sum 1
+  c.model.num_groups = 1            # group-limited routing: experts split into groups...
+  c.model.topk_groups = 1           # ...a token may use only its best topk_groups of them
+  c.model.group_score = "top2_sum"  # group score: "top2_sum" of biased scores (V3) | "max" (V2)
   c.model.dispatcher = "capacity"   # token dispatch, see moe_jax/dispatch/
   c.model.capacity_factor = 1.25    # per-expert buffer = factor * tokens * K / E; overflow is dropped
+  # balancing
   c.model.bias_update_rate = 1e-2   # gamma of the aux-loss-free bias update (0 turns it off);
                                     # DeepSeek-V3 used 1e-3 over far longer runs
-  c.model.aux_loss_alpha = 0.0      # weight of the Switch load-balancing loss (softmax router)
+  c.model.bias_update_rule = "sign"  # "sign": b += gamma*sign(mean-load) | "proportional"
+  c.model.bias_freeze_step = -1     # the bias changes in steps 1..this, then stays (-1: never)
+  c.model.switch_loss_alpha = 0.0   # Switch balance loss alpha*E*sum f_i P_i
+  c.model.sequence_loss_alpha = 1e-4  # DeepSeek-V3 sequence-wise balance loss (V3 used 1e-4)
+  c.model.z_loss_coef = 0.0         # router z-loss (ST-MoE used 1e-3)
 
   # ---- optimizer (AdamW, linear warmup then cosine decay, global-norm clipping) ------------
   c.optimizer = ml_collections.ConfigDict()
@@ -82,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.checkpoints_to_keep = 2
   c.train.sample_tokens = 200       # length of the text sample printed at the end
   c.train.sample_prompt = "def "
+  c.train.metrics_port = 0          # >0: serve live routing metrics (Prometheus) on 127.0.0.1:port
 
   # ---- device mesh: sizes of the named axes; -1 takes the devices left over -------------------
   c.mesh = ml_collections.ConfigDict()

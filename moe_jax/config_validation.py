@@ -6,7 +6,7 @@
 from moe_jax import data
 from moe_jax.dispatch import DISPATCHERS
 from moe_jax.model import DTYPES, ModelSpec
-from moe_jax.routing import ROUTERS
+from moe_jax.routing import BIAS_RULES, GROUP_SCORES, ROUTERS
 
 SECTIONS = ("data", "model", "optimizer", "train", "mesh")
 
@@ -33,6 +33,28 @@ def resolve_mesh_shape(data_size: int, expert_size: int, num_devices: int) -> tu
   return sizes[0], sizes[1]
 
 
+def _group_problems(m) -> list[str]:
+  """Group-limited routing: groups divide the experts and leave room for top_k experts."""
+  if m.group_score not in GROUP_SCORES:
+    return [f"model.group_score={m.group_score!r} is unknown; choose from {list(GROUP_SCORES)}"]
+  if m.num_groups < 1 or m.num_routed_experts % m.num_groups:
+    return [f"model.num_groups={m.num_groups} must be >= 1 and divide "
+            f"model.num_routed_experts={m.num_routed_experts}"]
+  if not 1 <= m.topk_groups <= m.num_groups:
+    return [f"model.topk_groups={m.topk_groups} must be between 1 and model.num_groups={m.num_groups}"]
+  per_group = m.num_routed_experts // m.num_groups
+  problems = []
+  if m.num_groups > 1 and m.top_k > m.topk_groups * per_group:
+    problems.append(f"model.top_k={m.top_k} is more than the {m.topk_groups * per_group} experts in "
+                    f"model.topk_groups={m.topk_groups} groups of {per_group}")
+  if m.num_groups > 1 and m.group_score == "top2_sum" and per_group < 2:
+    problems.append(f"model.group_score='top2_sum' needs >= 2 experts per group; "
+                    f"model.num_groups={m.num_groups} leaves {per_group}")
+  if m.num_groups > 1 and m.router == "expert_choice":
+    problems.append("model.num_groups > 1 is for token-choice routers, not 'expert_choice'")
+  return problems
+
+
 def _problems(config, num_devices: int) -> list[str]:
   problems = []
   need = lambda ok, message: ok or problems.append(message)
@@ -43,7 +65,8 @@ def _problems(config, num_devices: int) -> list[str]:
     return problems
   m, d, o, t = config.model, config.data, config.optimizer, config.train
 
-  missing = [f for f in ModelSpec._fields if f not in m]
+  missing = [f for f in ModelSpec._fields + ("bias_update_rate", "bias_update_rule",
+                                             "bias_freeze_step") if f not in m]
   need(not missing, f"model: missing fields {missing}")
   if missing:
     return problems
@@ -68,7 +91,16 @@ def _problems(config, num_devices: int) -> list[str]:
   need(m.capacity_factor > 0, f"model.capacity_factor={m.capacity_factor} must be > 0")
   need(m.route_scale > 0, f"model.route_scale={m.route_scale} must be > 0")
   need(m.bias_update_rate >= 0, f"model.bias_update_rate={m.bias_update_rate} must be >= 0")
-  need(m.aux_loss_alpha >= 0, f"model.aux_loss_alpha={m.aux_loss_alpha} must be >= 0")
+  for name in ("switch_loss_alpha", "sequence_loss_alpha", "z_loss_coef"):
+    need(m[name] >= 0, f"model.{name}={m[name]} must be >= 0")
+  need(m.bias_update_rule in BIAS_RULES,
+       f"model.bias_update_rule={m.bias_update_rule!r} is unknown; choose from {list(BIAS_RULES)}")
+  need(m.bias_freeze_step >= -1, f"model.bias_freeze_step={m.bias_freeze_step} must be -1 (never) or >= 0")
+  problems.extend(_group_problems(m))
+  if m.router == "expert_choice":
+    for name in ("bias_update_rate", "switch_loss_alpha", "sequence_loss_alpha"):
+      need(m[name] == 0, f"model.{name}={m[name]} has no effect with model.router='expert_choice' "
+                         f"(balanced by construction): set it to 0")
   if d.source in ("stdlib", "text"):
     need(m.vocab_size >= data.MIN_BYTE_VOCAB,
          f"model.vocab_size={m.vocab_size} is too small for byte tokens: needs >= "
@@ -96,6 +128,7 @@ def _problems(config, num_devices: int) -> list[str]:
   for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "checkpoints_to_keep"):
     need(t[name] >= 1, f"train.{name}={t[name]} must be >= 1")
   need(t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} must be >= 0")
+  need(0 <= t.metrics_port <= 65535, f"train.metrics_port={t.metrics_port} must be 0 (off) or a port")
 
   try:
     data_size, expert_size = resolve_mesh_shape(config.mesh.data, config.mesh.expert, num_devices)

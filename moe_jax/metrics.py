@@ -7,14 +7,21 @@ import numpy as np
 
 
 class MetricWriter:
-  """Writes scalars to `metrics.jsonl` and TensorBoard event files in the workdir (process 0)."""
+  """Writes scalars to `metrics.jsonl` and TensorBoard event files, and per-layer routing
+  details (expert loads, co-activation) to `routing.jsonl`, in the workdir (process 0)."""
 
   def __init__(self, workdir: Path, enabled: bool = True):
     self.enabled = enabled
     if enabled:
       from tensorboardX import SummaryWriter
       self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")
+      self.details = open(Path(workdir) / "routing.jsonl", "a")
       self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+  def write_details(self, step: int, details: dict) -> None:
+    if self.enabled:
+      self.details.write(json.dumps({"step": step, **details}) + "\n")
+      self.details.flush()
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -28,6 +35,7 @@ class MetricWriter:
   def close(self) -> None:
     if self.enabled:
       self.jsonl.close()
+      self.details.close()
       self.tensorboard.close()
 
 
@@ -49,3 +57,35 @@ def plot_expert_load(counts_LxE: np.ndarray, path: Path, title: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def summarize_routing(window: list[dict], tokens: int) -> tuple[dict[str, float], dict]:
+  """Routing statistics over the steps since the last log (fetched to host in one transfer).
+
+  `window` holds each step's per-layer arrays (steps.routing_metrics); `tokens` is how many
+  tokens those steps saw. Returns scalars for metrics.jsonl/TensorBoard and, for
+  routing.jsonl, each layer's load shares and co-activation matrix (shares of tokens).
+  """
+  from moe_jax import routing
+  stacked = {k: np.stack([np.asarray(w[k]) for w in window]) for k in window[0]}
+  counts_LxE = stacked["counts"].astype(np.float64).sum(axis=0)
+  loads_LxE = counts_LxE / np.maximum(counts_LxE.sum(axis=-1, keepdims=True), 1e-9)
+  per_layer = {
+      "max_violation": stacked["max_violation"].mean(axis=0),        # mean MaxVio per batch
+      "entropy": stacked["entropy"].mean(axis=0),
+      "dropped_fraction": stacked["dropped_fraction"].mean(axis=0),
+      "confidence": np.asarray(routing.routing_confidence(counts_LxE)),
+      "dead_experts": np.asarray(routing.dead_experts(counts_LxE)),
+  }
+  scalars = {name: float(values.mean()) for name, values in per_layer.items()}
+  scalars["dead_experts"] = float(per_layer["dead_experts"].sum())
+  for loss in ("switch_loss", "sequence_loss", "z_loss"):
+    scalars[loss] = float(stacked[loss].sum(axis=-1).mean())
+  for name, values in per_layer.items():
+    scalars.update({f"routing/layer{l}/{name}": float(v) for l, v in enumerate(values)})
+  for l, loads in enumerate(loads_LxE):
+    scalars.update({f"routing/layer{l}/load/expert{e:03d}": float(v) for e, v in enumerate(loads)})
+  coactivation = stacked["coactivation"].astype(np.float64).sum(axis=0) / tokens
+  details = {"load": loads_LxE.astype(np.float64).round(6).tolist(),
+             "coactivation": coactivation.round(6).tolist()}
+  return scalars, details

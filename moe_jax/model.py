@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, Int
 
 from moe_jax.layers.attention import Attention
 from moe_jax.layers.mlp import SwiGLU, scaled_normal
-from moe_jax.layers.moe import MoE, MoEStats
+from moe_jax.layers.moe import LossWeights, MoE, MoEStats, RouterSettings
 from moe_jax.layers.norms import RMSNorm
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -40,8 +40,14 @@ class ModelSpec(NamedTuple):
   router: str
   route_scale: float
   norm_topk_prob: bool
+  num_groups: int
+  topk_groups: int
+  group_score: str
   dispatcher: str
   capacity_factor: float
+  switch_loss_alpha: float
+  sequence_loss_alpha: float
+  z_loss_coef: float
 
   @classmethod
   def from_config(cls, model_config) -> "ModelSpec":
@@ -57,9 +63,12 @@ class Block(nnx.Module):
                                spec.rope_theta, dtype, rngs)
     self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps)
     if use_moe:
+      settings = RouterSettings(spec.router, spec.top_k, spec.norm_topk_prob, spec.route_scale,
+                                spec.num_groups, spec.topk_groups, spec.group_score,
+                                spec.dispatcher, spec.capacity_factor)
+      weights = LossWeights(spec.switch_loss_alpha, spec.sequence_loss_alpha, spec.z_loss_coef)
       self.mlp = MoE(spec.d_model, spec.num_routed_experts, spec.expert_dim,
-                     spec.num_shared_experts, spec.top_k, spec.router, spec.route_scale,
-                     spec.norm_topk_prob, spec.dispatcher, spec.capacity_factor, dtype, rngs)
+                     spec.num_shared_experts, settings, weights, dtype, rngs)
     else:
       self.mlp = SwiGLU(spec.d_model, spec.dense_mlp_dim, dtype, rngs)
 

@@ -17,7 +17,8 @@ def sample_text(graphdef, params, biases, prompt: str, num_tokens: int, context:
   """
   model = nnx.merge(graphdef, params, biases)
   for layer in model.moe_layers():
-    layer.capacity_factor = layer.num_experts / layer.top_k
+    layer.settings = layer.settings._replace(
+        capacity_factor=layer.num_experts / layer.settings.top_k)
   prompt_ids = np.concatenate([[data.BOS_ID], data.encode_bytes(prompt)]).astype(np.int32)
   length = min(context, len(prompt_ids) + num_tokens)
   prompt_ids = prompt_ids[:length - 1]

@@ -58,41 +58,54 @@ def forward(graphdef, params, biases, inputs):
   return nnx.merge(graphdef, params, biases)(inputs)
 
 
-def loss_fn(params, biases, graphdef, tokens, aux_loss_alpha: float):
-  """Mean next-token cross-entropy plus alpha * mean Switch loss of the MoE layers."""
+def loss_fn(params, biases, graphdef, tokens):
+  """Mean next-token cross-entropy plus the MoE layers' auxiliary losses (weights inside)."""
   inputs, targets = split_batch(tokens)
   logits, stats = forward(graphdef, params, biases, inputs)
   cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-  aux = jnp.mean(stats.aux_loss) if stats is not None else jnp.zeros(())
-  return cross_entropy + aux_loss_alpha * aux, (cross_entropy, aux, stats)
+  aux = jnp.zeros(())
+  if stats is not None:
+    aux = jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss)
+  return cross_entropy + aux, (cross_entropy, stats)
 
 
-def updated_biases(graphdef, params, biases, counts_LxE, rate: float) -> nnx.State:
+def updated_biases(graphdef, params, biases, counts_LxE, rate, rule: str) -> nnx.State:
   """Applies the aux-loss-free update to every MoE layer's bias from its global counts."""
   model = nnx.merge(graphdef, params, biases)
   for layer, counts_E in zip(model.moe_layers(), counts_LxE):
     layer.balancing_bias[...] = routing.update_balancing_bias(
-        layer.balancing_bias[...], counts_E, rate)
+        layer.balancing_bias[...], counts_E, rate, rule)
   return nnx.state(model, BalancingBias)
 
 
-def train_step(state: TrainState, tokens, *, graphdef, tx, aux_loss_alpha: float,
-               bias_update_rate: float):
-  """One optimizer step, then the bias update from this batch's expert counts."""
+def routing_metrics(stats) -> dict:
+  """Per-layer routing statistics of one batch, kept on device until the next log step."""
+  return {"counts": stats.counts, "dropped_fraction": stats.dropped_fraction,
+          "entropy": stats.entropy, "max_violation": routing.max_violation(stats.counts),
+          "coactivation": stats.coactivation, "switch_loss": stats.switch_loss,
+          "sequence_loss": stats.sequence_loss, "z_loss": stats.z_loss}
+
+
+def train_step(state: TrainState, tokens, *, graphdef, tx, bias_update_rate: float,
+               bias_update_rule: str = "sign", bias_freeze_step: int = -1):
+  """One optimizer step, then the bias update from this batch's global expert counts.
+
+  Returns the new state and the step's metrics: scalars plus, under "routing", per-layer
+  arrays (see `routing_metrics`). Nothing here waits for the host.
+  """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (cross_entropy, aux, stats)), grads = grad_fn(
-      state.params, state.biases, graphdef, tokens, aux_loss_alpha)
+  (loss, (cross_entropy, stats)), grads = grad_fn(state.params, state.biases, graphdef, tokens)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "cross_entropy": cross_entropy, "grad_norm": optax.tree.norm(grads)}
   biases = state.biases
   if stats is not None:
     if bias_update_rate > 0:
-      biases = updated_biases(graphdef, params, biases, stats.counts, bias_update_rate)
-    assignments = jnp.sum(stats.counts, axis=-1)
-    metrics.update(aux_loss=aux,
-                   max_violation=jnp.mean(jax.vmap(routing.max_violation)(stats.counts)),
-                   dropped_fraction=jnp.sum(stats.dropped) / jnp.sum(assignments))
+      rate = bias_update_rate
+      if bias_freeze_step >= 0:   # updates in steps 1..bias_freeze_step only
+        rate = jnp.where(state.step >= bias_freeze_step, 0.0, rate)
+      biases = updated_biases(graphdef, params, biases, stats.counts, rate, bias_update_rule)
+    metrics["routing"] = routing_metrics(stats)
   return TrainState(state.step + 1, params, biases, opt_state), metrics
 
 

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from moe_jax import data, parallel, steps
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.config_validation import resolve_mesh_shape, validate_config
-from moe_jax.metrics import MetricWriter, plot_expert_load
+from moe_jax.live import LiveRoutingMetrics
+from moe_jax.metrics import MetricWriter, plot_expert_load, summarize_routing
 from moe_jax.model import ModelSpec
 from moe_jax.sample import sample_text
 
@@ -83,8 +84,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
   m = config.model
   train_fn = jax.jit(functools.partial(
-      steps.train_step, graphdef=graphdef, tx=tx, aux_loss_alpha=m.aux_loss_alpha,
-      bias_update_rate=m.bias_update_rate), donate_argnums=0)
+      steps.train_step, graphdef=graphdef, tx=tx, bias_update_rate=m.bias_update_rate,
+      bias_update_rule=m.bias_update_rule, bias_freeze_step=m.bias_freeze_step), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
                                       byte_limit=data.NUM_BYTE_IDS if corpus.is_bytes else 2**31 - 1))
   run_eval = functools.partial(evaluate, eval_fn, corpus_windows=validation_windows,
@@ -94,6 +95,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
   writer = MetricWriter(workdir, enabled=is_chief)
   t = config.train
+  live = LiveRoutingMetrics(t.metrics_port) if t.metrics_port and is_chief else None
+  if live:
+    print(f"Live routing metrics: http://127.0.0.1:{t.metrics_port}/metrics")
   tokens_per_step = batch_size * seq_len
   pending, last_log_time, last_log_step = [], time.perf_counter(), start_step
   last_eval, eval_counts = {}, None
@@ -108,9 +112,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       jax.block_until_ready(metrics)
       last_log_time, last_log_step = time.perf_counter(), step
     if step % t.log_every == 0 or step == t.steps:
-      fetched = jax.device_get(pending)
+      fetched = jax.device_get(pending)     # the one host transfer of the whole log window
       now = time.perf_counter()
-      scalars = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1]}
+      scalars = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1] if k != "routing"}
+      if "routing" in fetched[-1]:
+        routing_scalars, details = summarize_routing([f["routing"] for f in fetched],
+                                                     tokens_per_step * len(fetched))
+        scalars.update(routing_scalars)
+        writer.write_details(step, details)
+        if live:
+          live.update(step, scalars, details["load"])
       if step > last_log_step:
         scalars["tokens_per_second"] = tokens_per_step * (step - last_log_step) / (now - last_log_time)
       scalars["learning_rate"] = float(schedule(step - 1))
@@ -131,6 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   bar.close()
   checkpointer.wait()
   checkpointer.close()
+  if live:
+    live.close()
   if stop_after_step is not None and stop_after_step < t.steps:
     writer.close()
     return last_eval
@@ -154,6 +167,6 @@ def _finish(config, workdir, graphdef, state, is_bytes, eval_counts, last_eval):
   if eval_counts is not None:
     plot_expert_load(eval_counts, workdir / "expert_load.png",
                      f"validation expert load, step {config.train.steps}")
-  print(f"\nOutputs in {workdir.absolute()}: metrics.jsonl, tensorboard/, checkpoints/, "
+  print(f"\nOutputs in {workdir.absolute()}: metrics.jsonl, routing.jsonl, tensorboard/, checkpoints/, "
         f"final_metrics.json, data_manifest.json"
         + (", sample.txt" if is_bytes else "") + (", expert_load.png" if eval_counts is not None else ""))

@@ -1,5 +1,6 @@
 """Config validation: every impossible setting is reported by field name, before compiling."""
 
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,12 @@ BAD = [
     ("mesh.expert", 3, "mesh: 8 devices cannot be split with a fixed axis of 3"),
     ("mesh.data", 3, "mesh: data=3 x expert=1 = 3 devices, but 8 are available"),
     ("optimizer.warmup_steps", 100, "optimizer.warmup_steps=100 must be >= 0 and below"),
+    ("model.num_groups", 3, "model.num_groups=3 must be >= 1 and divide model.num_routed_experts=8"),
+    ("model.topk_groups", 2, "model.topk_groups=2 must be between 1 and model.num_groups=1"),
+    ("model.group_score", "mean", "model.group_score='mean' is unknown"),
+    ("model.bias_update_rule", "pid", "model.bias_update_rule='pid' is unknown"),
+    ("model.z_loss_coef", -1.0, "model.z_loss_coef=-1.0 must be >= 0"),
+    ("train.metrics_port", 70000, "train.metrics_port=70000 must be 0 (off) or a port"),
 ]
 
 
@@ -43,7 +50,23 @@ def test_bad_values_are_named(field, value, message):
   config = get_config("tiny")
   section, name = field.split(".")
   config[section][name] = value
-  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate_config(config, num_devices=8)
+
+
+def test_group_limits_leave_room_for_top_k():
+  config = get_config("tiny")
+  config.model.num_groups, config.model.topk_groups, config.model.top_k = 4, 1, 3
+  with pytest.raises(ConfigError, match="model.top_k=3 is more than the 2 experts in "
+                                        "model.topk_groups=1 groups of 2"):
+    validate_config(config, num_devices=8)
+
+
+def test_expert_choice_rejects_balancing_that_does_nothing():
+  config = get_config("tiny")
+  config.model.router = "expert_choice"
+  with pytest.raises(ConfigError, match="model.bias_update_rate=0.01 has no effect with "
+                                        "model.router='expert_choice'"):
     validate_config(config, num_devices=8)
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from moe_jax import routing
-from moe_jax.dispatch import DISPATCHERS, capacity_dispatch, expert_capacity, reference_dispatch
+from moe_jax.dispatch import (DISPATCHERS, capacity_dispatch, expert_capacity,
+                              expert_choice_dispatch, reference_dispatch)
 from moe_jax.layers.mlp import swiglu
 
 T, D, F, E, K = 48, 16, 8, 6, 2
@@ -17,7 +18,8 @@ def _problem(seed=0):
   x = jax.random.normal(keys[0], (T, D))
   weights = (jax.random.normal(keys[1], (E, D, F)) / 4, jax.random.normal(keys[2], (E, D, F)) / 4,
              jax.random.normal(keys[3], (E, F, D)) / 3)
-  decision = routing.softmax_topk(jax.random.normal(keys[4], (T, E)) * 2, None, K, 1.0, True)
+  decision = routing.topk_route(jax.random.normal(keys[4], (T, E)) * 2, None, top_k=K,
+                                score_function="softmax")
   return x, weights, decision
 
 
@@ -81,3 +83,16 @@ def _kept_mask(ids, gates, capacity):
     for _, flat in sorted(slots)[:capacity]:
       kept[flat // K, flat % K] = True
   return kept.all(axis=1)
+
+
+def test_expert_choice_dispatch_matches_reference():
+  x, weights, _ = _problem(3)
+  logits = jax.random.normal(jax.random.key(9), (T, E))
+  decision = routing.expert_choice_route(logits, capacity=10)
+  experts = lambda buffer: swiglu(buffer, *weights)
+  got = expert_choice_dispatch(x, decision.token_ids, decision.gates, experts)
+  # The same assignment written token-centrically: every token "chooses" all E experts,
+  # with the gate of those that took it and 0 elsewhere.
+  weight_TxE = jnp.zeros((T, E)).at[decision.token_ids, jnp.arange(E)[:, None]].add(decision.gates)
+  expected = reference_dispatch(x, jnp.tile(jnp.arange(E), (T, 1)), weight_TxE, experts, E)
+  np.testing.assert_allclose(got, expected.output, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,8 @@
 """The MoE layer: router + dispatch + routed experts, plus always-on shared experts.
 
 Tokens are routed in groups of one sequence each: capacity, sorting and dropping happen per
-sequence, so the layer shards along the batch like any other layer. The per-expert counts it
-reports are summed over the whole (global) batch, which is what the balancing bias update needs.
+sequence, so the layer shards along the batch like any other layer. The statistics it returns
+are summed or averaged over the whole (global) batch, which is what the balancing bias needs.
 
 Shape letters: B batch, S sequence, D model width, E routed experts, F expert width, K top-k.
 """
@@ -15,7 +15,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from moe_jax import routing
-from moe_jax.dispatch import DISPATCHERS
+from moe_jax.dispatch import DISPATCHERS, expert_capacity, expert_choice_dispatch
 from moe_jax.layers.mlp import SwiGLU, scaled_normal, swiglu
 
 
@@ -23,17 +23,42 @@ class BalancingBias(nnx.Variable):
   """Per-expert routing bias of aux-loss-free balancing: state, not a parameter (no gradient)."""
 
 
+class RouterSettings(NamedTuple):
+  """How tokens are matched to experts (see moe_jax/routing/choice.py)."""
+
+  router: str                  # "sigmoid" | "softmax" | "expert_choice"
+  top_k: int
+  normalize: bool              # renormalise the chosen gates to sum 1
+  route_scale: float
+  num_groups: int              # group-limited routing: experts split into this many groups...
+  topk_groups: int             # ...of which each token may use the best this many
+  group_score: str             # "top2_sum" (DeepSeek-V3) | "max" (DeepSeek-V2)
+  dispatcher: str
+  capacity_factor: float
+
+
 class MoEStats(NamedTuple):
-  counts: Float[Array, "E"]      # assignments per expert over the whole batch, before drops
-  dropped: Float[Array, ""]      # assignments dropped for lack of capacity
-  aux_loss: Float[Array, ""]     # Switch balance loss (before alpha)
+  """Per-layer routing facts for one batch (aux losses already carry their coefficients)."""
+
+  counts: Float[Array, "E"]            # assignments per expert, before capacity drops
+  dropped_fraction: Float[Array, ""]   # assignments (token choice) or tokens (expert choice) not computed
+  switch_loss: Float[Array, ""]
+  sequence_loss: Float[Array, ""]
+  z_loss: Float[Array, ""]
+  entropy: Float[Array, ""]            # mean router entropy per token, nats
+  coactivation: Float[Array, "E E"]    # tokens that used both experts i and j
+
+
+class LossWeights(NamedTuple):
+  switch_alpha: float = 0.0
+  sequence_alpha: float = 0.0
+  z_coefficient: float = 0.0
 
 
 class MoE(nnx.Module):
 
   def __init__(self, d_model: int, num_experts: int, expert_dim: int, num_shared: int,
-               top_k: int, router: str, route_scale: float, normalize_gates: bool,
-               dispatcher: str, capacity_factor: float, dtype, rngs: nnx.Rngs):
+               settings: RouterSettings, loss_weights: LossWeights, dtype, rngs: nnx.Rngs):
     self.router_kernel = nnx.Param(scaled_normal(d_model)(rngs.params(), (d_model, num_experts)))
     self.balancing_bias = BalancingBias(jnp.zeros((num_experts,), jnp.float32))
     init_in, init_out = scaled_normal(d_model), scaled_normal(expert_dim)
@@ -41,31 +66,62 @@ class MoE(nnx.Module):
     self.w_up = nnx.Param(init_in(rngs.params(), (num_experts, d_model, expert_dim)))
     self.w_down = nnx.Param(init_out(rngs.params(), (num_experts, expert_dim, d_model)))
     self.shared = SwiGLU(d_model, expert_dim * num_shared, dtype, rngs) if num_shared else None
-    self.num_experts, self.top_k = num_experts, top_k
-    self.router, self.route_scale, self.normalize_gates = router, route_scale, normalize_gates
-    self.dispatcher, self.capacity_factor, self.dtype = dispatcher, capacity_factor, dtype
+    self.num_experts, self.settings, self.loss_weights, self.dtype = (
+        num_experts, settings, loss_weights, dtype)
 
-  def route(self, x_BxSxD) -> routing.Routing:
-    """Router logits in float32 -> the routing decision for every token, [B, S, ...]."""
-    logits = jnp.einsum("bsd,de->bse", x_BxSxD.astype(jnp.float32), self.router_kernel[...])
-    bias = jax.lax.stop_gradient(self.balancing_bias[...])
-    route_one = lambda l: routing.ROUTERS[self.router](
-        l, bias, self.top_k, self.route_scale, self.normalize_gates)
-    return jax.vmap(route_one)(logits)
+  def router_logits(self, x_BxSxD) -> Float[Array, "B S E"]:
+    return jnp.einsum("bsd,de->bse", x_BxSxD.astype(jnp.float32), self.router_kernel[...])
 
-  def __call__(self, x_BxSxD) -> tuple[Float[Array, "B S D"], MoEStats]:
-    decision = self.route(x_BxSxD)
+  def _experts(self):
     cast = lambda w: w[...].astype(self.dtype)
     w_gate, w_up, w_down = cast(self.w_gate), cast(self.w_up), cast(self.w_down)
-    experts = lambda buffer_ExCxD: swiglu(buffer_ExCxD, w_gate, w_up, w_down)
-    dispatch = DISPATCHERS[self.dispatcher]
-    per_sequence = lambda x, ids, gates: dispatch(
-        x, ids, gates.astype(self.dtype), experts, self.num_experts, self.capacity_factor)
-    y, dropped = jax.vmap(per_sequence)(x_BxSxD.astype(self.dtype), decision.expert_ids,
-                                        decision.gates)
+    return lambda buffer_ExCxD: swiglu(buffer_ExCxD, w_gate, w_up, w_down)
+
+  def __call__(self, x_BxSxD) -> tuple[Float[Array, "B S D"], MoEStats]:
+    s, w = self.settings, self.loss_weights
+    logits = self.router_logits(x_BxSxD)
+    x = x_BxSxD.astype(self.dtype)
+    if s.router == "expert_choice":
+      y, probs, counts_BxE, chosen_BxSxE, dropped_fraction = self._expert_choice(x, logits)
+    else:
+      y, probs, counts_BxE, chosen_BxSxE, dropped_fraction = self._token_choice(x, logits)
     if self.shared is not None:
       y = y + self.shared(x_BxSxD)
-    counts = jnp.sum(decision.counts, axis=0)
-    probs_TxE = decision.probs.reshape(-1, self.num_experts)
-    stats = MoEStats(counts, jnp.sum(dropped), routing.switch_aux_loss(probs_TxE, counts))
+    counts = jnp.sum(counts_BxE, axis=0)
+    probs_TxE = probs.reshape(-1, self.num_experts)
+    stats = MoEStats(
+        counts=counts, dropped_fraction=dropped_fraction,
+        switch_loss=routing.switch_loss(probs_TxE, counts, w.switch_alpha),
+        sequence_loss=routing.sequence_balance_loss(probs, counts_BxE, s.top_k, w.sequence_alpha),
+        z_loss=routing.z_loss(logits, w.z_coefficient),
+        entropy=routing.router_entropy(probs_TxE),
+        coactivation=jnp.einsum("bse,bsf->ef", chosen_BxSxE, chosen_BxSxE))
     return y, stats
+
+  def _token_choice(self, x, logits):
+    s = self.settings
+    bias = jax.lax.stop_gradient(self.balancing_bias[...])
+    route = lambda l: routing.topk_route(
+        l, bias, top_k=s.top_k, score_function=s.router, normalize=s.normalize,
+        route_scale=s.route_scale, num_groups=s.num_groups, topk_groups=s.topk_groups,
+        group_score=s.group_score)
+    decision = jax.vmap(route)(logits)
+    dispatch = DISPATCHERS[s.dispatcher]
+    per_sequence = lambda x, ids, gates: dispatch(
+        x, ids, gates.astype(self.dtype), self._experts(), self.num_experts, s.capacity_factor)
+    y, dropped = jax.vmap(per_sequence)(x, decision.expert_ids, decision.gates)
+    chosen = jax.nn.one_hot(decision.expert_ids, self.num_experts).sum(axis=-2)
+    dropped_fraction = jnp.sum(dropped) / decision.expert_ids.size
+    return y, decision.probs, decision.counts, chosen, dropped_fraction
+
+  def _expert_choice(self, x, logits):
+    s = self.settings
+    capacity = expert_capacity(x.shape[1], s.top_k, self.num_experts, s.capacity_factor)
+    decision = jax.vmap(lambda l: routing.expert_choice_route(l, capacity, s.route_scale))(logits)
+    y = jax.vmap(lambda x, ids, g: expert_choice_dispatch(x, ids, g.astype(self.dtype),
+                                                          self._experts()))(
+        x, decision.token_ids, decision.gates)
+    chosen = jax.vmap(lambda ids: jnp.zeros((x.shape[1], self.num_experts)).at[
+        ids, jnp.arange(self.num_experts)[:, None]].set(1.0))(decision.token_ids)
+    dropped_fraction = jnp.mean(jnp.sum(chosen, axis=-1) == 0)
+    return y, decision.probs, decision.counts, chosen, dropped_fraction

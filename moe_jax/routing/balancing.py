@@ -1,0 +1,70 @@
+"""Load balancing: the aux-loss-free bias update and the auxiliary losses.
+
+Shape letters: B sequences, S tokens per sequence, T tokens, E routed experts, K top-k.
+Each loss returns its value *with* its coefficient applied, so the hand-checkable facts read
+directly: Switch and sequence-wise losses equal alpha at uniform routing, and the z-loss is
+coefficient * (ln E)^2 at zero logits.
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+BIAS_RULES = ("sign", "proportional")
+
+
+def relative_load(counts: Float[Array, "E"]) -> Float[Array, "E"]:
+  """Each expert's load over the mean load (1.0 everywhere is perfect balance)."""
+  counts = counts.astype(jnp.float32)
+  return counts / jnp.maximum(jnp.mean(counts), 1e-9)
+
+
+def update_balancing_bias(bias: Float[Array, "E"], counts: Float[Array, "E"], rate,
+                          rule: str = "sign") -> Float[Array, "E"]:
+  """Aux-loss-free balancing (DeepSeek-V3), from the *global* batch's expert counts.
+
+  "sign":         b_i += rate * sign(mean load - load_i)
+  "proportional": b_i += rate * (mean load - load_i), loads relative to the mean (so the
+                  step does not grow with the batch size).
+  """
+  gap = 1.0 - relative_load(counts)        # mean load - load_i, with mean load = 1
+  if rule == "sign":
+    return bias + rate * jnp.sign(gap)
+  if rule == "proportional":
+    return bias + rate * gap
+  raise ValueError(f"unknown bias update rule {rule!r}; expected {BIAS_RULES}")
+
+
+def _normalized(probs: Float[Array, "... E"]) -> Float[Array, "... E"]:
+  """Affinities over all routed experts summing to 1 (a no-op for softmax probabilities)."""
+  return probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-20)
+
+
+def switch_loss(probs: Float[Array, "T E"], counts: Float[Array, "E"], alpha: float) -> Float[Array, ""]:
+  """Switch Transformer balance loss alpha * E * sum_i f_i P_i over a batch.
+
+  f_i: share of the (token, slot) assignments that went to expert i (no gradient);
+  P_i: mean over tokens of expert i's normalised score.
+  """
+  fraction = jax.lax.stop_gradient(counts / jnp.maximum(jnp.sum(counts), 1.0))
+  mean_prob = jnp.mean(_normalized(probs), axis=0)
+  return alpha * probs.shape[-1] * jnp.sum(fraction * mean_prob)
+
+
+def sequence_balance_loss(probs_BxSxE: Float[Array, "B S E"], counts_BxE: Float[Array, "B E"],
+                          top_k: int, alpha: float) -> Float[Array, ""]:
+  """DeepSeek-V3's sequence-wise balance loss, averaged over sequences.
+
+  Per sequence: f_i = E / (K * S) * (tokens of the sequence that chose i), P_i = mean over
+  the sequence of s'_i, the unbiased affinities normalised over all routed experts;
+  loss = alpha * sum_i f_i P_i.
+  """
+  _, seq_len, num_experts = probs_BxSxE.shape
+  f_BxE = jax.lax.stop_gradient(counts_BxE * num_experts / (top_k * seq_len))
+  p_BxE = jnp.mean(_normalized(probs_BxSxE), axis=1)
+  return alpha * jnp.mean(jnp.sum(f_BxE * p_BxE, axis=-1))
+
+
+def z_loss(logits: Float[Array, "... E"], coefficient: float) -> Float[Array, ""]:
+  """Router z-loss (ST-MoE): coefficient * mean over tokens of logsumexp(logits)^2."""
+  return coefficient * jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
