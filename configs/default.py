@@ -10,7 +10,8 @@ Run (what `make train` does):
 
 Variants are picked with an argument string, big_vision style:
   --config=configs/default.py:tiny          # seconds-scale model used by the tests
-  --config=configs/default.py:tiny,steps=50 # any `key=value` after the size sets train.steps etc.
+  --config=configs/default.py:tiny,steps=50 # steps=, batch=, seq= set train.steps etc.
+  --config=configs/default.py:default,ep=all_to_all  # experts sharded over all devices
 Any field can be overridden from the command line: --config.model.top_k=4
 
 Expected result: README.md ("Default run") gives the validation bits per byte that this config
@@ -62,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.group_score = "top2_sum"  # group score: "top2_sum" of biased scores (V3) | "max" (V2)
   c.model.dispatcher = "capacity"   # token dispatch, see moe_jax/dispatch/
   c.model.capacity_factor = 1.25    # per-expert buffer = factor * tokens * K / E; overflow is dropped
+  c.model.expert_parallel = "none"  # experts sharded over mesh.expert: "all_to_all" (padded,
+                                    # capacity) | "all_gather" (dropless) | "ragged_all_to_all"
+                                    # (GPU/TPU); "none" replicates them
   # balancing
   c.model.bias_update_rate = 1e-2   # gamma of the aux-loss-free bias update (0 turns it off);
                                     # DeepSeek-V3 used 1e-3 over far longer runs
@@ -127,10 +131,18 @@ _SHORTHANDS = {"steps": "train.steps", "batch": "data.batch_size", "seq": "data.
 
 
 def _apply_shorthands(c: ml_collections.ConfigDict, overrides: str) -> None:
-  """Applies "steps=N,batch=B,seq=S" from the config argument string."""
+  """Applies "steps=N,batch=B,seq=S,ep=VARIANT" from the config argument string.
+
+  ep=VARIANT puts every device on the `expert` axis and turns on that expert-parallel
+  variant (all_to_all | all_gather | ragged_all_to_all).
+  """
   for item in filter(None, overrides.split(",")):
     key, sep, value = item.partition("=")
+    if sep and key == "ep":
+      c.model.expert_parallel, c.mesh.data, c.mesh.expert = value, 1, -1
+      continue
     if not sep or key not in _SHORTHANDS:
-      raise ValueError(f"configs/default.py: bad argument {item!r}; use {sorted(_SHORTHANDS)}=N")
+      raise ValueError(f"configs/default.py: bad argument {item!r}; use "
+                       f"{sorted(_SHORTHANDS)}=N or ep=VARIANT")
     section, field = _SHORTHANDS[key].split(".")
     c[section][field] = int(value)

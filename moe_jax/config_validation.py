@@ -5,6 +5,7 @@
 
 from moe_jax import data
 from moe_jax.dispatch import DISPATCHERS
+from moe_jax.dispatch.expert_parallel import VARIANTS as EP_VARIANTS
 from moe_jax.model import DTYPES, ModelSpec
 from moe_jax.routing import BIAS_RULES, GROUP_SCORES, ROUTERS
 
@@ -55,7 +56,7 @@ def _group_problems(m) -> list[str]:
   return problems
 
 
-def _problems(config, num_devices: int) -> list[str]:
+def _problems(config, num_devices: int, backend: str) -> list[str]:
   problems = []
   need = lambda ok, message: ok or problems.append(message)
 
@@ -97,6 +98,14 @@ def _problems(config, num_devices: int) -> list[str]:
        f"model.bias_update_rule={m.bias_update_rule!r} is unknown; choose from {list(BIAS_RULES)}")
   need(m.bias_freeze_step >= -1, f"model.bias_freeze_step={m.bias_freeze_step} must be -1 (never) or >= 0")
   problems.extend(_group_problems(m))
+  need(m.expert_parallel in ("none",) + EP_VARIANTS,
+       f"model.expert_parallel={m.expert_parallel!r} is unknown; choose from "
+       f"{['none', *EP_VARIANTS]}")
+  if m.expert_parallel == "ragged_all_to_all" and backend == "cpu":
+    problems.append("model.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend: the "
+                    "cpu backend has no ragged_all_to_all; use 'all_to_all' or 'all_gather'")
+  if m.expert_parallel != "none" and m.router == "expert_choice":
+    problems.append("model.expert_parallel is for token-choice routers, not 'expert_choice'")
   if m.router == "expert_choice":
     for name in ("bias_update_rate", "switch_loss_alpha", "sequence_loss_alpha"):
       need(m[name] == 0, f"model.{name}={m[name]} has no effect with model.router='expert_choice' "
@@ -145,8 +154,14 @@ def _problems(config, num_devices: int) -> list[str]:
   return problems
 
 
-def validate_config(config, num_devices: int) -> None:
-  """Raises ConfigError naming every field that makes `config` impossible to run."""
-  problems = _problems(config, num_devices)
+def validate_config(config, num_devices: int, backend: str | None = None) -> None:
+  """Raises ConfigError naming every field that makes `config` impossible to run.
+
+  `backend` ("cpu", "gpu", "tpu") defaults to jax's default backend.
+  """
+  if backend is None:
+    import jax
+    backend = jax.default_backend()
+  problems = _problems(config, num_devices, backend)
   if problems:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,8 +1,8 @@
 """The device mesh and where arrays live on it.
 
-Mesh axes: `data` and `expert`. In this version every parameter is replicated and the batch is
-split over both axes (each device routes its own sequences); expert-sharded weights come with
-the expert-parallel dispatchers.
+Mesh axes: `data` and `expert`. The batch is split over both. Routed-expert weights (and
+their optimizer state) are split over `expert` when expert parallelism is on; every other
+parameter is replicated.
 """
 
 import jax
@@ -30,3 +30,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
   """This process's rows of the batch -> one global array split over the token axes."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
+
+
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def _names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
+def state_shardings(tree, mesh: Mesh, shard_experts: bool):
+  """A NamedSharding per leaf: routed-expert weights [E, ...] over `expert`, the rest replicated.
+
+  Optimizer states mirror the parameter paths, so their moments follow their parameters.
+  """
+  def sharding(path, leaf):
+    names = _names(path)
+    if shard_experts and getattr(leaf, "ndim", 0) == 3 and any(n in EXPERT_WEIGHTS for n in names):
+      return NamedSharding(mesh, P("expert"))
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(sharding, tree)

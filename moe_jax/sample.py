@@ -13,12 +13,13 @@ def sample_text(graphdef, params, biases, prompt: str, num_tokens: int, context:
   """Continues `prompt` by `num_tokens` byte tokens, re-reading a fixed window each step.
 
   Routing during sampling must not let later (not yet written) positions push earlier tokens
-  out of an expert, so every MoE layer gets room for all tokens (capacity = sequence length).
+  out of an expert, so every MoE layer gets room for all tokens (capacity = sequence length);
+  a single sequence does not split over devices, so expert parallelism is off.
   """
   model = nnx.merge(graphdef, params, biases)
   for layer in model.moe_layers():
     layer.settings = layer.settings._replace(
-        capacity_factor=layer.num_experts / layer.settings.top_k)
+        capacity_factor=layer.num_experts / layer.settings.top_k, expert_parallel="none")
   prompt_ids = np.concatenate([[data.BOS_ID], data.encode_bytes(prompt)]).astype(np.int32)
   length = min(context, len(prompt_ids) + num_tokens)
   prompt_ids = prompt_ids[:length - 1]

@@ -49,7 +49,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   again on the same workdir continues exactly where it stopped.
   """
   validate_config(config, jax.device_count())
-  workdir = Path(workdir)
+  mesh = parallel.make_mesh(*resolve_mesh_shape(config.mesh.data, config.mesh.expert,
+                                                jax.device_count()))
+  with jax.set_mesh(mesh):   # the context mesh of the expert-parallel shard_maps
+    return _train(config, Path(workdir), mesh, stop_after_step)
+
+
+def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
   is_chief = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
 
@@ -65,14 +71,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     (workdir / "data_manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
 
-  mesh = parallel.make_mesh(*resolve_mesh_shape(config.mesh.data, config.mesh.expert,
-                                                jax.device_count()))
   spec = ModelSpec.from_config(config.model)
   o = config.optimizer
   schedule = _schedule(config)
   tx = steps.make_optimizer(schedule, o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
   graphdef, state = steps.init_state(spec, tx, config.seed)
-  state = jax.device_put(state, parallel.replicated(mesh))
+  state = jax.device_put(state, parallel.state_shardings(
+      state, mesh, shard_experts=config.model.expert_parallel != "none"))
 
   checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
   data_iterator = iter(train_data)

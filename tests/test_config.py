@@ -42,6 +42,9 @@ BAD = [
     ("model.bias_update_rule", "pid", "model.bias_update_rule='pid' is unknown"),
     ("model.z_loss_coef", -1.0, "model.z_loss_coef=-1.0 must be >= 0"),
     ("train.metrics_port", 70000, "train.metrics_port=70000 must be 0 (off) or a port"),
+    ("model.expert_parallel", "magic", "model.expert_parallel='magic' is unknown"),
+    ("model.expert_parallel", "ragged_all_to_all",
+     "model.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend"),
 ]
 
 

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from moe_jax import routing
-from moe_jax.dispatch import (DISPATCHERS, capacity_dispatch, expert_capacity,
-                              expert_choice_dispatch, reference_dispatch)
-from moe_jax.layers.mlp import swiglu
+from moe_jax.dispatch import (DISPATCHERS, SwiGLUExperts, capacity_dispatch, dense_dispatch,
+                              expert_capacity, expert_choice_dispatch, reference_dispatch)
 
 T, D, F, E, K = 48, 16, 8, 6, 2
 
@@ -24,8 +23,7 @@ def _problem(seed=0):
 
 
 def _run(dispatch, x, weights, decision, capacity_factor):
-  experts = lambda buffer: swiglu(buffer, *weights)
-  return dispatch(x, decision.expert_ids, decision.gates, experts, E, capacity_factor)
+  return dispatch(x, decision.expert_ids, decision.gates, SwiGLUExperts(*weights), capacity_factor)
 
 
 @pytest.mark.parametrize("name", sorted(DISPATCHERS))
@@ -38,14 +36,23 @@ def test_matches_reference_when_nothing_is_dropped(name):
   assert float(got.dropped) == 0.0
 
 
-def test_gradients_match_reference():
+@pytest.mark.parametrize("name", sorted(DISPATCHERS))
+def test_gradients_match_reference(name):
   x, weights, decision = _problem(1)
   loss = lambda dispatch, factor: lambda x, w: jnp.sum(
       _run(dispatch, x, w, decision, factor).output ** 2)
   expected = jax.grad(loss(reference_dispatch, None), argnums=(0, 1))(x, weights)
-  got = jax.grad(loss(capacity_dispatch, E / K), argnums=(0, 1))(x, weights)
+  got = jax.grad(loss(DISPATCHERS[name], E / K), argnums=(0, 1))(x, weights)
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+class IdentityExperts:
+  """Two experts that return their input, so outputs show exactly which tokens were kept."""
+  num_experts = 2
+
+  def __call__(self, buffer):
+    return buffer
 
 
 def test_capacity_drops_lowest_gates_first_and_counts_them():
@@ -53,8 +60,7 @@ def test_capacity_drops_lowest_gates_first_and_counts_them():
   ids = jnp.zeros((4, 1), jnp.int32)                     # all to expert 0 of 2
   gates = jnp.array([[0.1], [0.9], [0.5], [0.3]])
   assert expert_capacity(4, 1, 2, 1.0) == 2
-  identity = lambda buffer: buffer
-  out = capacity_dispatch(x, ids, gates, identity, 2, 1.0)
+  out = capacity_dispatch(x, ids, gates, IdentityExperts(), 1.0)
   np.testing.assert_allclose(out.output[1], 0.9 * x[1], rtol=1e-6)
   np.testing.assert_allclose(out.output[2], 0.5 * x[2], rtol=1e-6)
   np.testing.assert_array_equal(out.output[0], 0.0)
@@ -62,12 +68,19 @@ def test_capacity_drops_lowest_gates_first_and_counts_them():
   assert float(out.dropped) == 2.0
 
 
-def test_dropped_tokens_get_zero_and_kept_tokens_match_reference():
+@pytest.mark.parametrize("dispatch", [capacity_dispatch, dense_dispatch])
+def test_drop_counts_when_capacity_is_exceeded(dispatch):
   x, weights, decision = _problem(2)
-  got = _run(capacity_dispatch, x, weights, decision, 0.5)
+  got = _run(dispatch, x, weights, decision, 0.5)
   capacity = expert_capacity(T, K, E, 0.5)
   counts = np.asarray(routing.expert_counts(decision.expert_ids, E))
   assert float(got.dropped) == np.maximum(counts - capacity, 0).sum() > 0
+
+
+def test_capacity_keeps_highest_gates_and_matches_reference_on_kept_tokens():
+  x, weights, decision = _problem(2)
+  got = _run(capacity_dispatch, x, weights, decision, 0.5)
+  capacity = expert_capacity(T, K, E, 0.5)
   # A token all of whose experts kept it must match the reference exactly.
   ref = _run(reference_dispatch, x, weights, decision, None)
   kept_all = _kept_mask(np.asarray(decision.expert_ids), np.asarray(decision.gates), capacity)
@@ -89,10 +102,10 @@ def test_expert_choice_dispatch_matches_reference():
   x, weights, _ = _problem(3)
   logits = jax.random.normal(jax.random.key(9), (T, E))
   decision = routing.expert_choice_route(logits, capacity=10)
-  experts = lambda buffer: swiglu(buffer, *weights)
+  experts = SwiGLUExperts(*weights)
   got = expert_choice_dispatch(x, decision.token_ids, decision.gates, experts)
   # The same assignment written token-centrically: every token "chooses" all E experts,
   # with the gate of those that took it and 0 elsewhere.
   weight_TxE = jnp.zeros((T, E)).at[decision.token_ids, jnp.arange(E)[:, None]].add(decision.gates)
-  expected = reference_dispatch(x, jnp.tile(jnp.arange(E), (T, 1)), weight_TxE, experts, E)
+  expected = reference_dispatch(x, jnp.tile(jnp.arange(E), (T, 1)), weight_TxE, experts)
   np.testing.assert_allclose(got, expected.output, rtol=1e-5, atol=1e-5)

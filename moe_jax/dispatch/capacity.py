@@ -20,8 +20,9 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
   return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
-def capacity_dispatch(x, expert_ids, gates, experts, num_experts, capacity_factor):
+def capacity_dispatch(x, expert_ids, gates, experts, capacity_factor):
   num_tokens, top_k = expert_ids.shape
+  num_experts = experts.num_experts
   capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
 
   flat_experts = expert_ids.reshape(-1).astype(jnp.int32)

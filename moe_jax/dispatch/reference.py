@@ -5,9 +5,10 @@ import jax.numpy as jnp
 from moe_jax.dispatch.base import Dispatched
 
 
-def reference_dispatch(x, expert_ids, gates, experts, num_experts, capacity_factor=None):
+def reference_dispatch(x, expert_ids, gates, experts, capacity_factor=None):
   """y = sum_e (sum of the gates that chose e) * expert_e(x); nothing is ever dropped."""
   del capacity_factor
+  num_experts = experts.num_experts
   all_outputs_ExTxD = experts(jnp.broadcast_to(x, (num_experts, *x.shape)))
   y = jnp.zeros_like(x, dtype=jnp.float32)
   for e in range(num_experts):

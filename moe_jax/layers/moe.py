@@ -1,7 +1,9 @@
 """The MoE layer: router + dispatch + routed experts, plus always-on shared experts.
 
-Tokens are routed in groups of one sequence each: capacity, sorting and dropping happen per
-sequence, so the layer shards along the batch like any other layer. The statistics it returns
+Tokens are dispatched in groups of one sequence each: capacity, sorting and dropping happen
+per sequence, so the layer shards along the batch like any other layer. With expert
+parallelism the experts are sharded over the mesh axis `expert` and each device dispatches
+all of its tokens as one group (moe_jax/dispatch/expert_parallel.py). The statistics it returns
 are summed or averaged over the whole (global) batch, which is what the balancing bias needs.
 
 Shape letters: B batch, S sequence, D model width, E routed experts, F expert width, K top-k.
@@ -15,8 +17,9 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from moe_jax import routing
-from moe_jax.dispatch import DISPATCHERS, expert_capacity, expert_choice_dispatch
-from moe_jax.layers.mlp import SwiGLU, scaled_normal, swiglu
+from moe_jax.dispatch import DISPATCHERS, SwiGLUExperts, expert_capacity, expert_choice_dispatch
+from moe_jax.dispatch.expert_parallel import expert_parallel_dispatch
+from moe_jax.layers.mlp import SwiGLU, scaled_normal
 
 
 class BalancingBias(nnx.Variable):
@@ -35,6 +38,7 @@ class RouterSettings(NamedTuple):
   group_score: str             # "top2_sum" (DeepSeek-V3) | "max" (DeepSeek-V2)
   dispatcher: str
   capacity_factor: float
+  expert_parallel: str = "none"  # "none" | "all_to_all" | "all_gather" | "ragged_all_to_all"
 
 
 class MoEStats(NamedTuple):
@@ -72,10 +76,9 @@ class MoE(nnx.Module):
   def router_logits(self, x_BxSxD) -> Float[Array, "B S E"]:
     return jnp.einsum("bsd,de->bse", x_BxSxD.astype(jnp.float32), self.router_kernel[...])
 
-  def _experts(self):
+  def _experts(self) -> SwiGLUExperts:
     cast = lambda w: w[...].astype(self.dtype)
-    w_gate, w_up, w_down = cast(self.w_gate), cast(self.w_up), cast(self.w_down)
-    return lambda buffer_ExCxD: swiglu(buffer_ExCxD, w_gate, w_up, w_down)
+    return SwiGLUExperts(cast(self.w_gate), cast(self.w_up), cast(self.w_down))
 
   def __call__(self, x_BxSxD) -> tuple[Float[Array, "B S D"], MoEStats]:
     s, w = self.settings, self.loss_weights
@@ -106,10 +109,16 @@ class MoE(nnx.Module):
         route_scale=s.route_scale, num_groups=s.num_groups, topk_groups=s.topk_groups,
         group_score=s.group_score)
     decision = jax.vmap(route)(logits)
-    dispatch = DISPATCHERS[s.dispatcher]
-    per_sequence = lambda x, ids, gates: dispatch(
-        x, ids, gates.astype(self.dtype), self._experts(), self.num_experts, s.capacity_factor)
-    y, dropped = jax.vmap(per_sequence)(x, decision.expert_ids, decision.gates)
+    experts = self._experts()
+    if s.expert_parallel != "none":   # each device's tokens form one group
+      y, dropped = expert_parallel_dispatch(s.expert_parallel, x, decision.expert_ids,
+                                            decision.gates.astype(self.dtype), experts,
+                                            s.capacity_factor)
+    else:                             # each sequence forms one group
+      dispatch = DISPATCHERS[s.dispatcher]
+      per_sequence = lambda x, ids, gates: dispatch(
+          x, ids, gates.astype(self.dtype), experts, s.capacity_factor)
+      y, dropped = jax.vmap(per_sequence)(x, decision.expert_ids, decision.gates)
     chosen = jax.nn.one_hot(decision.expert_ids, self.num_experts).sum(axis=-2)
     dropped_fraction = jnp.sum(dropped) / decision.expert_ids.size
     return y, decision.probs, decision.counts, chosen, dropped_fraction

@@ -1,0 +1,144 @@
+"""Expert parallelism: routed experts sharded over the mesh axis `expert`, inside `jax.shard_map`.
+
+Every device holds E_l = E / P experts (P = size of the `expert` axis) and its own share of
+the tokens (the batch is split over every token axis, `data` and `expert`). Variants:
+
+* `all_to_all`: capacity dispatch over the device's tokens into a send buffer [E, C, D] with a
+  per-peer capacity C = ceil(capacity_factor * T_local * K / E); one all_to_all sends each
+  expert's rows to its owner, the owner runs its experts on [E_l, P * C, D], a second
+  all_to_all returns the results. Overflow is dropped and counted, as in `capacity`.
+* `all_gather`: all-gather the tokens and the routing of the `expert` group, run the local
+  experts on the assignments that are theirs (sorted, ragged groups, dropless), and
+  reduce-scatter the partial outputs back to the tokens' owners. Nothing is dropped.
+* `ragged_all_to_all`: sends exactly the routed rows (no padding) with
+  `jax.lax.ragged_all_to_all`; backends without it (CPU) are refused at config validation.
+
+Shape letters: T tokens of this device, D model width, K top-k, E experts, P expert-axis size.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moe_jax.dispatch.base import Dispatched
+from moe_jax.dispatch.capacity import capacity_dispatch
+from moe_jax.dispatch.experts import SwiGLUExperts
+
+EXPERT_AXIS = "expert"
+TOKEN_AXES = ("data", "expert")
+VARIANTS = ("all_to_all", "all_gather", "ragged_all_to_all")
+
+
+class AllToAllExperts(NamedTuple):
+  """All E experts as seen from one device: local ones run here, the rest on their owners."""
+
+  local: SwiGLUExperts
+  axis_size: int
+
+  @property
+  def num_experts(self) -> int:
+    return self.local.num_experts * self.axis_size
+
+  def __call__(self, send_ExCxD):
+    peers, local = self.axis_size, self.local.num_experts
+    capacity, width = send_ExCxD.shape[1:]
+    exchange = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)
+    received_PxLxCxD = exchange(send_ExCxD.reshape(peers, local, capacity, width))
+    rows_LxPCxD = received_PxLxCxD.transpose(1, 0, 2, 3).reshape(local, peers * capacity, width)
+    out_PxLxCxD = self.local(rows_LxPCxD).reshape(local, peers, capacity, width).transpose(1, 0, 2, 3)
+    return exchange(out_PxLxCxD).reshape(peers * local, capacity, width)
+
+
+def _all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
+  experts = AllToAllExperts(local_experts, jax.lax.axis_size(EXPERT_AXIS))
+  return capacity_dispatch(x, expert_ids, gates, experts, capacity_factor)
+
+
+def _all_gather(x, expert_ids, gates, local_experts, capacity_factor):
+  del capacity_factor
+  gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
+  x_all, ids_all, gates_all = gather(x), gather(expert_ids), gather(gates)
+  top_k, local = ids_all.shape[1], local_experts.num_experts
+  first = jax.lax.axis_index(EXPERT_AXIS) * local
+  local_ids = ids_all.reshape(-1).astype(jnp.int32) - first
+  mine = (local_ids >= 0) & (local_ids < local)
+  key = jnp.where(mine, local_ids, local)                       # others sort last, in no group
+  order = jnp.argsort(key, stable=True)
+  group_sizes = jnp.bincount(key, length=local + 1)[:local].astype(jnp.int32)
+  sorted_out = local_experts.ragged(x_all[order // top_k], group_sizes)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+  out_TKxD = jnp.where(mine[:, None], sorted_out[inverse], 0).astype(jnp.float32)
+  partial = jnp.einsum("tkd,tk->td", out_TKxD.reshape(ids_all.shape[0], top_k, -1),
+                       gates_all.astype(jnp.float32))
+  y = jax.lax.psum_scatter(partial, EXPERT_AXIS, scatter_dimension=0, tiled=True)
+  return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
+
+
+def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
+  """Exactly the routed rows travel: sizes are exchanged first, then one ragged exchange each way."""
+  del capacity_factor
+  peers, local = jax.lax.axis_size(EXPERT_AXIS), local_experts.num_experts
+  num_tokens, top_k = expert_ids.shape
+  rows = num_tokens * top_k
+  flat = expert_ids.reshape(-1).astype(jnp.int32)
+  order = jnp.argsort(flat, stable=True)                        # grouped by owner, then expert
+  send = x[order // top_k]
+  per_expert = jnp.bincount(flat, length=peers * local).astype(jnp.int32)
+  send_sizes = per_expert.reshape(peers, local).sum(axis=1)
+  input_offsets = jnp.cumsum(send_sizes) - send_sizes
+  exchange = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)
+  recv_per_expert_PxL = exchange(per_expert.reshape(peers, local))   # from each source, per local expert
+  recv_sizes = recv_per_expert_PxL.sum(axis=1)
+  # Where my rows land in each peer's receive buffer: after the rows of lower-ranked sources.
+  offsets_at_peer = exchange(jnp.broadcast_to(
+      (jnp.cumsum(recv_sizes) - recv_sizes)[:, None], (peers, 1))).reshape(peers)
+  capacity = peers * rows                                        # worst case: everything comes here
+  received = jax.lax.ragged_all_to_all(send, jnp.zeros((capacity, x.shape[1]), x.dtype),
+                                       input_offsets, send_sizes, offsets_at_peer, recv_sizes,
+                                       axis_name=EXPERT_AXIS)
+  # Received rows are grouped by source, then expert: regroup by expert for the ragged matmul.
+  source_expert = jnp.repeat(jnp.tile(jnp.arange(local), peers), recv_per_expert_PxL.reshape(-1),
+                             total_repeat_length=capacity)
+  valid = jnp.arange(capacity) < recv_sizes.sum()
+  key = jnp.where(valid, source_expert, local)
+  by_expert = jnp.argsort(key, stable=True)
+  group_sizes = recv_per_expert_PxL.sum(axis=0)
+  out = local_experts.ragged(received[by_expert], group_sizes)
+  out = jnp.zeros_like(out).at[by_expert].set(out)
+  back_offsets = exchange(jnp.broadcast_to(input_offsets[:, None], (peers, 1))).reshape(peers)
+  returned = jax.lax.ragged_all_to_all(out, jnp.zeros((rows, x.shape[1]), x.dtype),
+                                       jnp.cumsum(recv_sizes) - recv_sizes, recv_sizes,
+                                       back_offsets, send_sizes, axis_name=EXPERT_AXIS)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(rows))
+  y = jnp.einsum("tkd,tk->td", returned[inverse].reshape(num_tokens, top_k, -1).astype(jnp.float32),
+                 gates.astype(jnp.float32))
+  return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
+
+
+_VARIANT_FUNCTIONS = {"all_to_all": _all_to_all, "all_gather": _all_gather,
+                      "ragged_all_to_all": _ragged_all_to_all}
+
+
+def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSxK,
+                             experts: SwiGLUExperts, capacity_factor: float):
+  """Runs one expert-parallel variant over the context mesh (`jax.set_mesh`).
+
+  Takes global arrays: tokens split over ("data", "expert"), expert weights over "expert".
+  Each device dispatches all of its tokens as one group. Returns the output [B, S, D] and
+  the number of dropped assignments.
+  """
+  function = _VARIANT_FUNCTIONS[variant]
+
+  def per_device(x, ids, gates, w_gate, w_up, w_down):
+    batch, seq, width = x.shape
+    out = function(x.reshape(batch * seq, width), ids.reshape(batch * seq, -1),
+                   gates.reshape(batch * seq, -1), SwiGLUExperts(w_gate, w_up, w_down),
+                   capacity_factor)
+    return out.output.reshape(batch, seq, width), jax.lax.psum(out.dropped, TOKEN_AXES)
+
+  tokens, weights = P(TOKEN_AXES), P(EXPERT_AXIS)
+  return jax.shard_map(per_device, in_specs=(tokens, tokens, tokens, weights, weights, weights),
+                       out_specs=(tokens, P()))(
+      x_BxSxD, expert_ids_BxSxK, gates_BxSxK, *experts)
