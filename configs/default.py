@@ -84,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.95
   c.optimizer.weight_decay = 0.1
   c.optimizer.grad_clip_norm = 1.0
+  c.optimizer.shard_over_data = False  # ZeRO-1: moments of replicated parameters split over `data`
 
   # ---- training loop ----------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()

@@ -39,14 +39,33 @@ def _names(path) -> list[str]:
   return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
 
 
-def state_shardings(tree, mesh: Mesh, shard_experts: bool):
-  """A NamedSharding per leaf: routed-expert weights [E, ...] over `expert`, the rest replicated.
+def _is_expert_weight(path, leaf) -> bool:
+  return getattr(leaf, "ndim", 0) == 3 and any(n in EXPERT_WEIGHTS for n in _names(path))
 
-  Optimizer states mirror the parameter paths, so their moments follow their parameters.
+
+def state_shardings(state, mesh: Mesh, shard_experts: bool, shard_optimizer_over_data: bool = False):
+  """A NamedSharding per leaf of a TrainState.
+
+  Routed-expert weights [E, ...] and their optimizer moments go over `expert` when
+  `shard_experts`; with `shard_optimizer_over_data` (ZeRO-1) the optimizer moments of every
+  other parameter go over `data` along their first axis when it divides; the rest is
+  replicated. Optimizer states mirror the parameter paths, so moments follow their parameters.
   """
-  def sharding(path, leaf):
-    names = _names(path)
-    if shard_experts and getattr(leaf, "ndim", 0) == 3 and any(n in EXPERT_WEIGHTS for n in names):
+  data_size = mesh.shape["data"]
+
+  def for_params(path, leaf):
+    if shard_experts and _is_expert_weight(path, leaf):
       return NamedSharding(mesh, P("expert"))
     return NamedSharding(mesh, P())
-  return jax.tree_util.tree_map_with_path(sharding, tree)
+
+  def for_optimizer(path, leaf):
+    if shard_experts and _is_expert_weight(path, leaf):
+      return NamedSharding(mesh, P("expert"))
+    if (shard_optimizer_over_data and getattr(leaf, "ndim", 0) >= 1
+        and leaf.shape[0] % data_size == 0):
+      return NamedSharding(mesh, P("data"))
+    return NamedSharding(mesh, P())
+
+  with_path = jax.tree_util.tree_map_with_path
+  return type(state)(NamedSharding(mesh, P()), with_path(for_params, state.params),
+                     with_path(for_params, state.biases), with_path(for_optimizer, state.opt_state))

@@ -76,8 +76,10 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
   schedule = _schedule(config)
   tx = steps.make_optimizer(schedule, o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
   graphdef, state = steps.init_state(spec, tx, config.seed)
-  state = jax.device_put(state, parallel.state_shardings(
-      state, mesh, shard_experts=config.model.expert_parallel != "none"))
+  shardings = parallel.state_shardings(state, mesh,
+                                       shard_experts=config.model.expert_parallel != "none",
+                                       shard_optimizer_over_data=o.shard_over_data)
+  state = jax.device_put(state, shardings)
 
   checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
   data_iterator = iter(train_data)
@@ -90,7 +92,8 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
   m = config.model
   train_fn = jax.jit(functools.partial(
       steps.train_step, graphdef=graphdef, tx=tx, bias_update_rate=m.bias_update_rate,
-      bias_update_rule=m.bias_update_rule, bias_freeze_step=m.bias_freeze_step), donate_argnums=0)
+      bias_update_rule=m.bias_update_rule, bias_freeze_step=m.bias_freeze_step),
+      out_shardings=(shardings, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
                                       byte_limit=data.NUM_BYTE_IDS if corpus.is_bytes else 2**31 - 1))
   run_eval = functools.partial(evaluate, eval_fn, corpus_windows=validation_windows,

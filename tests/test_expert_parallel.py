@@ -94,23 +94,8 @@ def test_training_step_with_expert_parallelism_matches_data_parallel(tiny_config
   tiny_config.model.capacity_factor = float(tiny_config.model.num_routed_experts)  # no drops
   batches = [np.random.default_rng(i).integers(0, 256, (8, 33), dtype=np.int32) for i in range(2)]
 
-  def run(mesh_shape, expert_parallel):
-    tiny_config.model.expert_parallel = expert_parallel
-    mesh = parallel.make_mesh(*mesh_shape)
-    tx = steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0)
-    graphdef, state = steps.init_state(ModelSpec.from_config(tiny_config.model), tx, 0)
-    with jax.set_mesh(mesh):
-      state = jax.device_put(state, parallel.state_shardings(state, mesh, expert_parallel != "none"))
-      step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                                       bias_update_rate=1e-2))
-      losses = []
-      for batch in batches:
-        state, metrics = step(state, parallel.global_batch(batch, mesh))
-        losses.append(float(metrics["loss"]))
-    return state, losses
-
-  ep_state, ep_losses = run((4, 2), variant)
-  dp_state, dp_losses = run((8, 1), "none")
+  ep_state, ep_losses = _train_steps(tiny_config, batches, (4, 2), variant)
+  dp_state, dp_losses = _train_steps(tiny_config, batches, (8, 1), "none")
   np.testing.assert_allclose(ep_losses, dp_losses, rtol=1e-5)
   # Summation order differs between layouts; Adam turns float-noise in near-zero gradients
   # into update differences far below the step size (lr = 1e-2): 2e-5 bounds them.
@@ -121,6 +106,37 @@ def test_training_step_with_expert_parallelism_matches_data_parallel(tiny_config
   assert w_up.sharding.spec == P("expert")
   num_experts = tiny_config.model.num_routed_experts
   assert {shard.data.shape[0] for shard in w_up.addressable_shards} == {num_experts // 2}
+
+
+def test_zero1_optimizer_sharding_matches_replicated(tiny_config):
+  batches = [np.random.default_rng(i).integers(0, 256, (8, 33), dtype=np.int32) for i in range(2)]
+  sharded, sharded_losses = _train_steps(tiny_config, batches, (8, 1), "none", zero1=True)
+  replicated, losses = _train_steps(tiny_config, batches, (8, 1), "none")
+  np.testing.assert_allclose(sharded_losses, losses, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(replicated)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  moments = [(jax.tree_util.keystr(p), leaf) for p, leaf in
+             jax.tree_util.tree_leaves_with_path(sharded.opt_state) if "unembed" in jax.tree_util.keystr(p)]
+  assert moments and all(leaf.sharding.spec == P("data") for _, leaf in moments)
+  assert all(leaf.addressable_shards[0].data.shape[0] == leaf.shape[0] // 8 for _, leaf in moments)
+
+
+def _train_steps(config, batches, mesh_shape, expert_parallel, zero1=False):
+  """Training steps jitted as the training loop jits them (state layout kept across steps)."""
+  config.model.expert_parallel = expert_parallel
+  mesh = parallel.make_mesh(*mesh_shape)
+  tx = steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0)
+  graphdef, state = steps.init_state(ModelSpec.from_config(config.model), tx, 0)
+  with jax.set_mesh(mesh):
+    shardings = parallel.state_shardings(state, mesh, expert_parallel != "none", zero1)
+    state = jax.device_put(state, shardings)
+    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
+                                     bias_update_rate=1e-2), out_shardings=(shardings, None))
+    losses = []
+    for batch in batches:
+      state, metrics = step(state, parallel.global_batch(batch, mesh))
+      losses.append(float(metrics["loss"]))
+  return state, losses
 
 
 def test_training_run_with_expert_parallelism_resumes(tmp_path):
