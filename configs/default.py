@@ -103,6 +103,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.expert = 1
 
+  # ---- sharding rules: logical axis name -> mesh axes ("a,b"; "" replicates) ----------------
+  # Parameter dimensions carry logical names (moe_jax/parallel.py, PARAM_LOGICAL_AXES).
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.batch = "data,expert"  # every axis that splits tokens
+  c.sharding.experts = "expert"     # routed experts (required by model.expert_parallel)
+  c.sharding.router = ""
+  c.sharding.embed = ""
+  c.sharding.mlp = ""
+  c.sharding.heads = ""
+  c.sharding.kv_heads = ""
+  c.sharding.head_dim = ""
+  c.sharding.vocab = ""
+
   size, _, overrides = (arg or "").partition(",")
   if size == "tiny":
     c.model.d_model = 64

@@ -3,13 +3,15 @@
 `validate_config` raises `ConfigError` listing every problem found, each naming its field.
 """
 
-from moe_jax import data
+import math
+
+from moe_jax import data, parallel
 from moe_jax.dispatch import DISPATCHERS
 from moe_jax.dispatch.expert_parallel import VARIANTS as EP_VARIANTS
 from moe_jax.model import DTYPES, ModelSpec
 from moe_jax.routing import BIAS_RULES, GROUP_SCORES, ROUTERS
 
-SECTIONS = ("data", "model", "optimizer", "train", "mesh")
+SECTIONS = ("data", "model", "optimizer", "train", "mesh", "sharding")
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,37 @@ def _group_problems(m) -> list[str]:
                     f"model.num_groups={m.num_groups} leaves {per_group}")
   if m.num_groups > 1 and m.router == "expert_choice":
     problems.append("model.num_groups > 1 is for token-choice routers, not 'expert_choice'")
+  return problems
+
+
+def _sharding_problems(config, mesh_sizes: dict[str, int]) -> list[str]:
+  """Rules name known logical and mesh axes; the batch and the experts divide over theirs."""
+  rules = parallel.parse_rules(config.sharding)
+  problems = [f"sharding.{name}: unknown logical axis; known: {list(parallel.LOGICAL_AXES)}"
+              for name in rules if name not in parallel.LOGICAL_AXES]
+  problems += [f"sharding.{name}={','.join(axes)}: unknown mesh axis; mesh axes are "
+               f"{list(parallel.MESH_AXES)}" for name, axes in rules.items()
+               if any(a not in mesh_sizes for a in axes)]
+  if problems:
+    return problems
+  for (param, _), names in parallel.PARAM_LOGICAL_AXES.items():
+    used = [a for n in names for a in rules.get(n, ())]
+    if len(used) != len(set(used)):
+      problems.append(f"sharding: parameter '{param}' ({', '.join(names)}) would use a mesh axis "
+                      f"twice: {used}")
+  size = lambda name: math.prod(mesh_sizes[a] for a in rules.get(name, ()))
+  d, m = config.data, config.model
+  if d.batch_size % size("batch"):
+    problems.append(f"data.batch_size={d.batch_size} does not divide over the {size('batch')} "
+                    f"devices that split tokens (sharding.batch={config.sharding.batch!r}, mesh "
+                    f"data={mesh_sizes['data']} x expert={mesh_sizes['expert']})")
+  if m.num_routed_experts % size("experts"):
+    problems.append(f"model.num_routed_experts={m.num_routed_experts} is not divisible by the "
+                    f"{size('experts')} devices of sharding.experts={config.sharding.experts!r}")
+  if m.expert_parallel != "none" and (rules.get("experts") != ("expert",)
+                                      or rules.get("batch") != parallel.BATCH_AXES):
+    problems.append(f"model.expert_parallel={m.expert_parallel!r} needs sharding.experts='expert' "
+                    f"and sharding.batch='data,expert'")
   return problems
 
 
@@ -144,13 +177,7 @@ def _problems(config, num_devices: int, backend: str) -> list[str]:
   except ConfigError as e:
     problems.append(str(e))
   else:
-    splits = data_size * expert_size
-    need(d.batch_size % splits == 0,
-         f"data.batch_size={d.batch_size} does not divide over the {splits} devices that split "
-         f"tokens (mesh data={data_size} x expert={expert_size})")
-    need(m.num_routed_experts % expert_size == 0,
-         f"model.num_routed_experts={m.num_routed_experts} is not divisible by mesh.expert="
-         f"{expert_size}")
+    problems.extend(_sharding_problems(config, {"data": data_size, "expert": expert_size}))
   return problems
 
 

@@ -1,8 +1,10 @@
-"""The device mesh and where arrays live on it.
+"""The device mesh and where arrays live on it, through logical axis names.
 
-Mesh axes: `data` and `expert`. The batch is split over both. Routed-expert weights (and
-their optimizer state) are split over `expert` when expert parallelism is on; every other
-parameter is replicated.
+Mesh axes: `data` and `expert`. Every parameter dimension and the batch carry a logical
+name (`PARAM_LOGICAL_AXES`, "batch"); the config's `sharding` rules map each logical name to
+mesh axes (none: replicated). Defaults: the batch over `data` and `expert`, routed experts
+over `expert`, everything else replicated. Optimizer moments follow their parameters, or with
+ZeRO-1 the moments of replicated parameters go over `data`.
 """
 
 import jax
@@ -23,48 +25,97 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, batch_axes=BATCH_AXES) -> NamedSharding:
+  return NamedSharding(mesh, P(tuple(batch_axes) or None))
 
 
-def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
+def global_batch(local_batch: np.ndarray, mesh: Mesh, batch_axes=BATCH_AXES) -> jax.Array:
   """This process's rows of the batch -> one global array split over the token axes."""
-  return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
+  return jax.make_array_from_process_local_data(batch_sharding(mesh, batch_axes), local_batch)
 
 
-EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+# Logical axis names of every parameter, by its attribute name and rank.
+PARAM_LOGICAL_AXES = {
+    ("embed", 2): ("vocab", "embed"),
+    ("unembed", 2): ("embed", "vocab"),
+    ("w_q", 3): ("embed", "heads", "head_dim"),
+    ("w_k", 3): ("embed", "kv_heads", "head_dim"),
+    ("w_v", 3): ("embed", "kv_heads", "head_dim"),
+    ("w_o", 3): ("heads", "head_dim", "embed"),
+    ("router_kernel", 2): ("embed", "router"),
+    ("balancing_bias", 1): ("router",),
+    ("w_gate", 3): ("experts", "embed", "mlp"),
+    ("w_up", 3): ("experts", "embed", "mlp"),
+    ("w_down", 3): ("experts", "mlp", "embed"),
+    ("w_gate", 2): ("embed", "mlp"),
+    ("w_up", 2): ("embed", "mlp"),
+    ("w_down", 2): ("mlp", "embed"),
+    ("scale", 1): ("embed",),
+}
+LOGICAL_AXES = ("batch", "experts", "router", "embed", "mlp", "heads", "kv_heads", "head_dim",
+                "vocab")
+DEFAULT_RULES = {"batch": BATCH_AXES, "experts": ("expert",)}
+
+
+def parse_rules(sharding_config) -> dict[str, tuple[str, ...]]:
+  """config.sharding {logical name: "mesh_axis,mesh_axis" or ""} -> {name: (mesh axes)}."""
+  return {name: tuple(a for a in str(value).split(",") if a)
+          for name, value in dict(sharding_config).items()}
+
+
+def logical_spec(logical_names, rules) -> P:
+  """Logical names of an array's dimensions -> its PartitionSpec under `rules`."""
+  def mesh_axes(name):
+    axes = tuple(rules.get(name, ()))
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+  return P(*[mesh_axes(n) for n in logical_names])
 
 
 def _names(path) -> list[str]:
   return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
 
 
-def _is_expert_weight(path, leaf) -> bool:
-  return getattr(leaf, "ndim", 0) == 3 and any(n in EXPERT_WEIGHTS for n in _names(path))
+def param_logical_axes(path, leaf) -> tuple[str, ...] | None:
+  """The logical names of a parameter (or of an optimizer moment mirroring it)."""
+  ndim = getattr(leaf, "ndim", 0)
+  for name in reversed(_names(path)):
+    if (name, ndim) in PARAM_LOGICAL_AXES:
+      return PARAM_LOGICAL_AXES[(name, ndim)]
+  return None
 
 
-def state_shardings(state, mesh: Mesh, shard_experts: bool, shard_optimizer_over_data: bool = False):
-  """A NamedSharding per leaf of a TrainState.
+class LayoutError(ValueError):
+  """A sharding rule does not fit a parameter's shape."""
 
-  Routed-expert weights [E, ...] and their optimizer moments go over `expert` when
-  `shard_experts`; with `shard_optimizer_over_data` (ZeRO-1) the optimizer moments of every
-  other parameter go over `data` along their first axis when it divides; the rest is
-  replicated. Optimizer states mirror the parameter paths, so moments follow their parameters.
+
+def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES, shard_optimizer_over_data: bool = False):
+  """A NamedSharding per leaf of a TrainState, from the logical names and the rules.
+
+  With `shard_optimizer_over_data` (ZeRO-1) the optimizer moments of parameters the rules
+  replicate go over `data` along their first axis when it divides.
   """
-  data_size = mesh.shape["data"]
+  def spec_for(path, leaf) -> P:
+    names = param_logical_axes(path, leaf)
+    if names is None:
+      return P()
+    spec = logical_spec(names, rules)
+    for size, name, axes in zip(leaf.shape, names, spec):
+      parts = 1 if axes is None else int(np.prod([mesh.shape[a] for a in np.atleast_1d(axes)]))
+      if size % parts:
+        raise LayoutError(f"sharding.{name}={','.join(np.atleast_1d(axes))!s}: "
+                          f"{jax.tree_util.keystr(path)} has {size} along '{name}', not "
+                          f"divisible by {parts} devices")
+    return spec
 
   def for_params(path, leaf):
-    if shard_experts and _is_expert_weight(path, leaf):
-      return NamedSharding(mesh, P("expert"))
-    return NamedSharding(mesh, P())
+    return NamedSharding(mesh, spec_for(path, leaf))
 
   def for_optimizer(path, leaf):
-    if shard_experts and _is_expert_weight(path, leaf):
-      return NamedSharding(mesh, P("expert"))
-    if (shard_optimizer_over_data and getattr(leaf, "ndim", 0) >= 1
-        and leaf.shape[0] % data_size == 0):
-      return NamedSharding(mesh, P("data"))
-    return NamedSharding(mesh, P())
+    spec = spec_for(path, leaf)
+    if (shard_optimizer_over_data and all(a is None for a in spec)
+        and getattr(leaf, "ndim", 0) >= 1 and leaf.shape[0] % mesh.shape["data"] == 0):
+      spec = P("data")
+    return NamedSharding(mesh, spec)
 
   with_path = jax.tree_util.tree_map_with_path
   return type(state)(NamedSharding(mesh, P()), with_path(for_params, state.params),

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from moe_jax import data, parallel, steps
 from moe_jax.checkpoint import Checkpointer
-from moe_jax.config_validation import resolve_mesh_shape, validate_config
+from moe_jax.config_validation import ConfigError, resolve_mesh_shape, validate_config
 from moe_jax.live import LiveRoutingMetrics
 from moe_jax.metrics import MetricWriter, plot_expert_load, summarize_routing
 from moe_jax.model import ModelSpec
@@ -30,12 +30,13 @@ def _schedule(config):
                              o.final_lr_fraction)
 
 
-def evaluate(eval_fn, state, corpus_windows, num_batches, batch_per_process, mesh, is_bytes):
+def evaluate(eval_fn, state, corpus_windows, num_batches, batch_per_process, mesh, batch_axes,
+             is_bytes):
   """Runs the fixed validation batches and returns the summary metrics and per-layer counts."""
   totals = None
   for local in data.evaluation_batches(corpus_windows, num_batches, batch_per_process,
                                        jax.process_index(), jax.process_count()):
-    sums = eval_fn(state, parallel.global_batch(local, mesh))
+    sums = eval_fn(state, parallel.global_batch(local, mesh, batch_axes))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   return steps.summarize_evaluation(totals, is_bytes), totals.get("counts")
@@ -57,8 +58,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
 def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
   is_chief = jax.process_index() == 0
-  workdir.mkdir(parents=True, exist_ok=True)
-
   corpus = data.load_corpus(config.data.source, config.data.path, config.data.token_dtype,
                             config.data.validation_percent, config.model.vocab_size)
   seq_len, batch_size = config.data.seq_len, config.data.batch_size
@@ -67,19 +66,23 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
   batch_per_process = batch_size // jax.process_count()
   train_data = data.train_dataset(train_windows, batch_per_process, config.data.shuffle_seed,
                                   jax.process_index(), jax.process_count())
-  if is_chief:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    (workdir / "data_manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
-
   spec = ModelSpec.from_config(config.model)
   o = config.optimizer
   schedule = _schedule(config)
   tx = steps.make_optimizer(schedule, o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
   graphdef, state = steps.init_state(spec, tx, config.seed)
-  shardings = parallel.state_shardings(state, mesh,
-                                       shard_experts=config.model.expert_parallel != "none",
-                                       shard_optimizer_over_data=o.shard_over_data)
+  rules = parallel.parse_rules(config.sharding)
+  try:
+    shardings = parallel.state_shardings(state, mesh, rules, o.shard_over_data)
+  except parallel.LayoutError as error:
+    raise ConfigError(f"invalid config:\n  - {error}") from None
   state = jax.device_put(state, shardings)
+
+  # Data and layout are known good: only now does the workdir receive anything.
+  workdir.mkdir(parents=True, exist_ok=True)
+  if is_chief:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (workdir / "data_manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
 
   checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
   data_iterator = iter(train_data)
@@ -99,7 +102,7 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
   run_eval = functools.partial(evaluate, eval_fn, corpus_windows=validation_windows,
                                num_batches=config.train.eval_batches,
                                batch_per_process=batch_per_process, mesh=mesh,
-                               is_bytes=corpus.is_bytes)
+                               batch_axes=rules["batch"], is_bytes=corpus.is_bytes)
 
   writer = MetricWriter(workdir, enabled=is_chief)
   t = config.train
@@ -112,7 +115,7 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
   bar = tqdm(total=t.steps, initial=start_step, disable=not is_chief, unit="step",
              dynamic_ncols=True, desc="train")
   for step in range(start_step + 1, t.steps + 1):
-    tokens = parallel.global_batch(next(data_iterator), mesh)
+    tokens = parallel.global_batch(next(data_iterator), mesh, rules["batch"])
     state, metrics = train_fn(state, tokens)
     pending.append(metrics)
     bar.update(1)

@@ -43,6 +43,8 @@ BAD = [
     ("model.z_loss_coef", -1.0, "model.z_loss_coef=-1.0 must be >= 0"),
     ("train.metrics_port", 70000, "train.metrics_port=70000 must be 0 (off) or a port"),
     ("model.expert_parallel", "magic", "model.expert_parallel='magic' is unknown"),
+    ("sharding.embed", "tensor", "sharding.embed=tensor: unknown mesh axis"),
+    ("sharding.mlp", "expert", "sharding: parameter 'w_gate' (experts, embed, mlp) would use"),
     ("model.expert_parallel", "ragged_all_to_all",
      "model.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend"),
 ]
@@ -77,7 +79,8 @@ def test_experts_must_divide_over_expert_axis():
   config = get_config("tiny")
   config.model.num_routed_experts = 6
   config.mesh.expert, config.mesh.data = 4, 2
-  with pytest.raises(ConfigError, match="num_routed_experts=6 is not divisible by mesh.expert=4"):
+  with pytest.raises(ConfigError, match=re.escape(
+      "model.num_routed_experts=6 is not divisible by the 4 devices of sharding.experts='expert'")):
     validate_config(config, num_devices=8)
 
 
@@ -118,3 +121,20 @@ def test_command_line_reports_bad_overrides(tmp_path, override, message):
       [sys.executable, "-m", "moe_jax.main", "--config=configs/default.py:tiny", override,
        f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_expert_parallelism_needs_the_expert_rules():
+  config = get_config("tiny,ep=all_to_all")
+  validate_config(config, num_devices=8)
+  config.sharding.experts = ""
+  with pytest.raises(ConfigError, match="needs sharding.experts='expert'"):
+    validate_config(config, num_devices=8)
+
+
+def test_sharding_rules_that_do_not_fit_a_parameter_are_refused(tmp_path):
+  from moe_jax.train import train_and_evaluate
+  config = get_config("tiny")
+  config.sharding.vocab, config.mesh.data, config.mesh.expert = "data", 8, 1   # 260 % 8 != 0
+  with pytest.raises(ConfigError, match="has 260 along 'vocab', not divisible by 8 devices"):
+    train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()

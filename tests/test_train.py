@@ -163,10 +163,14 @@ def test_bias_freezes_after_the_configured_step(tiny_config):
   np.testing.assert_array_equal(biases[2], biases[3])
 
 
-@pytest.mark.parametrize("router", ["softmax", "expert_choice"])
-def test_other_routers_train(tiny_config, tmp_path, router):
+@pytest.mark.parametrize("router, dispatcher", [("softmax", "capacity"),
+                                                ("expert_choice", "capacity"),
+                                                ("sigmoid", "dropless"), ("sigmoid", "dense")])
+def test_other_routers_and_dispatchers_train(tiny_config, tmp_path, router, dispatcher):
   m = tiny_config.model
-  m.router, m.bias_update_rate, m.sequence_loss_alpha = router, 0.0, 0.0
+  m.router, m.dispatcher = router, dispatcher
+  if router != "sigmoid":
+    m.bias_update_rate, m.sequence_loss_alpha = 0.0, 0.0
   m.switch_loss_alpha = 1e-2 if router == "softmax" else 0.0
   config = _config(tiny_config, steps=12, log_every=6, eval_every=12, checkpoint_every=100,
                    sample_tokens=0)

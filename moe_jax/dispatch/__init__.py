@@ -15,6 +15,10 @@ DISPATCHERS: dict[str, Dispatcher] = {
     "reference": reference_dispatch,
 }
 
-__all__ = ["DISPATCHERS", "Dispatched", "Dispatcher", "Experts", "SwiGLUExperts",
+# Dispatchers that never drop: grouping cannot change their result, so they take all tokens
+# of a batch at once (also: `jax.lax.ragged_dot` has no general vmap rule).
+UNGROUPED = frozenset({"dropless", "reference"})
+
+__all__ = ["DISPATCHERS", "UNGROUPED", "Dispatched", "Dispatcher", "Experts", "SwiGLUExperts",
            "capacity_dispatch", "dense_dispatch", "dropless_dispatch", "expert_capacity",
            "expert_choice_dispatch", "reference_dispatch"]

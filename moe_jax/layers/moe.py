@@ -17,7 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from moe_jax import routing
-from moe_jax.dispatch import DISPATCHERS, SwiGLUExperts, expert_capacity, expert_choice_dispatch
+from moe_jax.dispatch import DISPATCHERS, UNGROUPED, SwiGLUExperts, expert_capacity, expert_choice_dispatch
 from moe_jax.dispatch.expert_parallel import expert_parallel_dispatch
 from moe_jax.layers.mlp import SwiGLU, scaled_normal
 
@@ -114,6 +114,13 @@ class MoE(nnx.Module):
       y, dropped = expert_parallel_dispatch(s.expert_parallel, x, decision.expert_ids,
                                             decision.gates.astype(self.dtype), experts,
                                             s.capacity_factor)
+    elif s.dispatcher in UNGROUPED:   # nothing drops: all tokens at once
+      batch, seq, width = x.shape
+      flat = lambda a: a.reshape(batch * seq, a.shape[-1])
+      y, dropped = DISPATCHERS[s.dispatcher](flat(x), flat(decision.expert_ids),
+                                             flat(decision.gates).astype(self.dtype), experts,
+                                             s.capacity_factor)
+      y = y.reshape(batch, seq, width)
     else:                             # each sequence forms one group
       dispatch = DISPATCHERS[s.dispatcher]
       per_sequence = lambda x, ids, gates: dispatch(
