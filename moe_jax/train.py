@@ -80,10 +80,6 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
 
   # Data and layout are known good: only now does the workdir receive anything.
   workdir.mkdir(parents=True, exist_ok=True)
-  if is_chief:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    (workdir / "data_manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
-
   checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
   data_iterator = iter(train_data)
   start_step = checkpointer.latest_step() or 0
@@ -91,6 +87,9 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
     state, data_state = checkpointer.restore(start_step, state, config.model.to_dict())
     data_iterator.set_state(data_state)
     print(f"Resumed from the checkpoint at step {start_step} in {workdir / 'checkpoints'}")
+  if is_chief:   # after a refused resume these still describe the checkpointed run
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (workdir / "data_manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
 
   m = config.model
   train_fn = jax.jit(functools.partial(

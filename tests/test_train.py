@@ -125,6 +125,7 @@ def test_resume_with_other_model_sizes_is_refused(tiny_config, tmp_path):
   config.model.d_model = 96
   with pytest.raises(CheckpointMismatch, match="model.d_model"):
     train_and_evaluate(config, tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["d_model"] == 64
 
 
 def test_aux_losses_add_up_with_their_coefficients(tiny_config):
