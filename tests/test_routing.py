@@ -172,7 +172,7 @@ def test_entropy_confidence_dead_experts_coactivation():
   np.testing.assert_allclose(routing.routing_confidence(jnp.array([3.0, 1.0])),
                              -(math.log(0.75) + math.log(0.25)) / 2, rtol=1e-6)
   assert float(routing.dead_experts(jnp.array([3.0, 0.0, 1.0, 0.0]))) == 2
-  coact = routing.coactivation(jnp.array([[0, 1], [1, 2], [0, 1]]), 3)
+  coact = routing.coactivation(routing.chosen_mask(jnp.array([[0, 1], [1, 2], [0, 1]]), 3))
   np.testing.assert_array_equal(coact, [[2, 2, 0], [2, 3, 1], [0, 1, 1]])
 
 

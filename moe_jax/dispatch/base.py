@@ -9,6 +9,7 @@ dropped for lack of capacity.
 
 from typing import NamedTuple, Protocol
 
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
@@ -32,3 +33,12 @@ class Dispatched(NamedTuple):
 class Dispatcher(Protocol):
   def __call__(self, x: Float[Array, "T D"], expert_ids: Int[Array, "T K"],
                gates: Float[Array, "T K"], experts: Experts, capacity_factor: float) -> Dispatched: ...
+
+
+def combine_sorted(sorted_rows: Float[Array, "N D"], order: Int[Array, "N"],
+                   gates: Float[Array, "T K"]) -> Float[Array, "T D"]:
+  """Rows in expert-sorted order (row i belongs to flat assignment order[i] = t * K + k) ->
+  y[t] = sum_k gates[t, k] * row of (t, k), in float32."""
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+  rows_TxKxD = sorted_rows[inverse].reshape(*gates.shape, -1)
+  return jnp.einsum("tkd,tk->td", rows_TxKxD.astype(jnp.float32), gates.astype(jnp.float32))

@@ -12,7 +12,7 @@ import math
 
 import jax.numpy as jnp
 
-from moe_jax.dispatch.base import Dispatched
+from moe_jax.dispatch.base import Dispatched, combine_sorted
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -46,8 +46,6 @@ def capacity_dispatch(x, expert_ids, gates, experts, capacity_factor):
 
   safe_rank = jnp.minimum(rank, capacity - 1)
   sorted_out = jnp.where(kept[:, None], out_ExCxD[sorted_experts, safe_rank], 0)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
-  out_TxKxD = sorted_out[inverse].reshape(num_tokens, top_k, -1)
-  y = jnp.einsum("tkd,tk->td", out_TxKxD.astype(jnp.float32), gates.astype(jnp.float32))
+  y = combine_sorted(sorted_out, order, gates)
   dropped = jnp.sum(jnp.maximum(counts_E - capacity, 0)).astype(jnp.float32)
   return Dispatched(y.astype(x.dtype), dropped)

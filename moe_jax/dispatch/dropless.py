@@ -7,17 +7,15 @@ separate work).
 
 import jax.numpy as jnp
 
-from moe_jax.dispatch.base import Dispatched
+from moe_jax.dispatch.base import Dispatched, combine_sorted
 
 
 def dropless_dispatch(x, expert_ids, gates, experts, capacity_factor=None):
   del capacity_factor
-  num_tokens, top_k = expert_ids.shape
+  top_k = expert_ids.shape[1]
   flat_experts = expert_ids.reshape(-1).astype(jnp.int32)
   order = jnp.argsort(flat_experts, stable=True)
   group_sizes = jnp.bincount(flat_experts, length=experts.num_experts).astype(jnp.int32)
   sorted_out = experts.ragged(x[order // top_k], group_sizes)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
-  out_TxKxD = sorted_out[inverse].reshape(num_tokens, top_k, -1)
-  y = jnp.einsum("tkd,tk->td", out_TxKxD.astype(jnp.float32), gates.astype(jnp.float32))
+  y = combine_sorted(sorted_out, order, gates)
   return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.dispatch.base import Dispatched
+from moe_jax.dispatch.base import Dispatched, combine_sorted
 from moe_jax.dispatch.capacity import capacity_dispatch
 from moe_jax.dispatch.experts import SwiGLUExperts
 
@@ -68,10 +68,7 @@ def _all_gather(x, expert_ids, gates, local_experts, capacity_factor):
   order = jnp.argsort(key, stable=True)
   group_sizes = jnp.bincount(key, length=local + 1)[:local].astype(jnp.int32)
   sorted_out = local_experts.ragged(x_all[order // top_k], group_sizes)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
-  out_TKxD = jnp.where(mine[:, None], sorted_out[inverse], 0).astype(jnp.float32)
-  partial = jnp.einsum("tkd,tk->td", out_TKxD.reshape(ids_all.shape[0], top_k, -1),
-                       gates_all.astype(jnp.float32))
+  partial = combine_sorted(jnp.where(mine[order][:, None], sorted_out, 0), order, gates_all)
   y = jax.lax.psum_scatter(partial, EXPERT_AXIS, scatter_dimension=0, tiled=True)
   return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
 
@@ -111,9 +108,7 @@ def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
   returned = jax.lax.ragged_all_to_all(out, jnp.zeros((rows, x.shape[1]), x.dtype),
                                        jnp.cumsum(recv_sizes) - recv_sizes, recv_sizes,
                                        back_offsets, send_sizes, axis_name=EXPERT_AXIS)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(rows))
-  y = jnp.einsum("tkd,tk->td", returned[inverse].reshape(num_tokens, top_k, -1).astype(jnp.float32),
-                 gates.astype(jnp.float32))
+  y = combine_sorted(returned, order, gates)
   return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
 
 

@@ -98,7 +98,7 @@ class MoE(nnx.Module):
         sequence_loss=routing.sequence_balance_loss(probs, counts_BxE, s.top_k, w.sequence_alpha),
         z_loss=routing.z_loss(logits, w.z_coefficient),
         entropy=routing.router_entropy(probs_TxE),
-        coactivation=jnp.einsum("bse,bsf->ef", chosen_BxSxE, chosen_BxSxE))
+        coactivation=routing.coactivation(chosen_BxSxE.reshape(-1, self.num_experts)))
     return y, stats
 
   def _token_choice(self, x, logits):
@@ -126,7 +126,7 @@ class MoE(nnx.Module):
       per_sequence = lambda x, ids, gates: dispatch(
           x, ids, gates.astype(self.dtype), experts, s.capacity_factor)
       y, dropped = jax.vmap(per_sequence)(x, decision.expert_ids, decision.gates)
-    chosen = jax.nn.one_hot(decision.expert_ids, self.num_experts).sum(axis=-2)
+    chosen = routing.chosen_mask(decision.expert_ids, self.num_experts)
     dropped_fraction = jnp.sum(dropped) / decision.expert_ids.size
     return y, decision.probs, decision.counts, chosen, dropped_fraction
 
@@ -134,8 +134,8 @@ class MoE(nnx.Module):
     s = self.settings
     capacity = expert_capacity(x.shape[1], s.top_k, self.num_experts, s.capacity_factor)
     decision = jax.vmap(lambda l: routing.expert_choice_route(l, capacity, s.route_scale))(logits)
-    y = jax.vmap(lambda x, ids, g: expert_choice_dispatch(x, ids, g.astype(self.dtype),
-                                                          self._experts()))(
+    experts = self._experts()
+    y = jax.vmap(lambda x, ids, g: expert_choice_dispatch(x, ids, g.astype(self.dtype), experts))(
         x, decision.token_ids, decision.gates)
     chosen = jax.vmap(lambda ids: jnp.zeros((x.shape[1], self.num_experts)).at[
         ids, jnp.arange(self.num_experts)[:, None]].set(1.0))(decision.token_ids)

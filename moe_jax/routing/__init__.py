@@ -5,7 +5,7 @@ from moe_jax.routing.balancing import (BIAS_RULES, relative_load, sequence_balan
 from moe_jax.routing.choice import (GROUP_SCORES, SCORE_FUNCTIONS, ExpertChoice, Routing,
                                     expert_choice_route, expert_counts, group_limited_mask,
                                     scores, topk_route)
-from moe_jax.routing.stats import (coactivation, dead_experts, max_violation, router_entropy,
+from moe_jax.routing.stats import (chosen_mask, coactivation, dead_experts, max_violation, router_entropy,
                                    routing_confidence)
 
 # model.router -> how tokens and experts are matched.

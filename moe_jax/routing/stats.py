@@ -3,6 +3,7 @@
 Shape letters: T tokens, E routed experts, K top-k.
 """
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -34,8 +35,11 @@ def dead_experts(counts: Float[Array, "... E"]) -> Float[Array, "..."]:
   return jnp.sum(counts == 0, axis=-1).astype(jnp.float32)
 
 
-def coactivation(expert_ids: Int[Array, "T K"], num_experts: int) -> Float[Array, "E E"]:
-  """C[i, j]: tokens that chose both i and j (C[i, i]: tokens that chose i)."""
-  chosen_TxE = jnp.zeros((expert_ids.shape[0], num_experts), jnp.float32).at[
-      jnp.arange(expert_ids.shape[0])[:, None], expert_ids].set(1.0)
+def chosen_mask(expert_ids: Int[Array, "... K"], num_experts: int) -> Float[Array, "... E"]:
+  """1 where a token uses an expert (token choice: its K experts)."""
+  return jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), axis=-2)
+
+
+def coactivation(chosen_TxE: Float[Array, "T E"]) -> Float[Array, "E E"]:
+  """C[i, j]: tokens that used both i and j (C[i, i]: tokens that used i), from a 0/1 mask."""
   return chosen_TxE.T @ chosen_TxE
