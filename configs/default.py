@@ -97,6 +97,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.sample_tokens = 200       # length of the text sample printed at the end
   c.train.sample_prompt = "def "
   c.train.metrics_port = 0          # >0: serve live routing metrics (Prometheus) on 127.0.0.1:port
+  # bad numbers: a non-finite loss or gradient, or a loss above spike_factor x the mean of the
+  # last spike_window steps, restores the newest checkpoint and skips the batches used since
+  c.train.spike_factor = 2.0        # 0 turns spike detection off (non-finite values still roll back)
+  c.train.spike_window = 50
+  c.train.max_rollbacks = 3         # rollbacks in a row (no checkpoint between) before giving up
 
   # ---- device mesh: sizes of the named axes; -1 takes the devices left over -------------------
   c.mesh = ml_collections.ConfigDict()

@@ -3,6 +3,7 @@
 `validate_config` raises `ConfigError` listing every problem found, each naming its field.
 """
 
+import difflib
 import math
 
 from moe_jax import data, parallel
@@ -11,7 +12,25 @@ from moe_jax.dispatch.expert_parallel import VARIANTS as EP_VARIANTS
 from moe_jax.model import DTYPES, ModelSpec
 from moe_jax.routing import BIAS_RULES, GROUP_SCORES, ROUTERS
 
-SECTIONS = ("data", "model", "optimizer", "train", "mesh", "sharding")
+# Every field the code reads, with its type: the contract of a config file. A field outside it
+# is a typo or a setting that does nothing, so it is refused with the closest known name.
+_MODEL_EXTRA = {"bias_update_rate": float, "bias_update_rule": str, "bias_freeze_step": int}
+FIELDS: dict[str, dict[str, type]] = {
+    "data": {"source": str, "path": str, "token_dtype": str, "validation_percent": int,
+             "seq_len": int, "batch_size": int, "shuffle_seed": int},
+    "model": {**ModelSpec.__annotations__, **_MODEL_EXTRA},
+    "optimizer": {"learning_rate": float, "warmup_steps": int, "final_lr_fraction": float,
+                  "b1": float, "b2": float, "weight_decay": float, "grad_clip_norm": float,
+                  "shard_over_data": bool},
+    "train": {"steps": int, "log_every": int, "eval_every": int, "eval_batches": int,
+              "checkpoint_every": int, "checkpoints_to_keep": int, "sample_tokens": int,
+              "sample_prompt": str, "metrics_port": int, "spike_factor": float,
+              "spike_window": int, "max_rollbacks": int},
+    "mesh": {"data": int, "expert": int},
+    "sharding": {name: str for name in parallel.LOGICAL_AXES},
+}
+TOP_LEVEL = {"seed": int}
+SECTIONS = tuple(FIELDS)
 
 
 class ConfigError(ValueError):
@@ -89,21 +108,60 @@ def _sharding_problems(config, mesh_sizes: dict[str, int]) -> list[str]:
   return problems
 
 
-def _problems(config, num_devices: int, backend: str) -> list[str]:
+def _type_name(kind: type) -> str:
+  return {int: "an integer", float: "a number", bool: "True or False", str: "a string"}[kind]
+
+
+def _has_type(value, kind: type) -> bool:
+  if kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, kind)
+
+
+def _unknown(name: str, known) -> str:
+  close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(known), n=1)
+  prefix = name.rsplit(".", 1)[0] + "." if "." in name else ""
+  hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+  return f"{name} is not a known field{hint}"
+
+
+def _schema_problems(config) -> list[str]:
+  """Sections and fields: none missing, none unknown, each of its type."""
   problems = []
+  expected = {**{k: None for k in FIELDS}, **TOP_LEVEL}
+  for key in config.keys():
+    if key not in expected:
+      problems.append(_unknown(key, expected))
+  for name, kind in TOP_LEVEL.items():
+    if name not in config:
+      problems.append(f"{name}: missing")
+    elif not _has_type(config[name], kind):
+      problems.append(f"{name}={config[name]!r} must be {_type_name(kind)}")
+  for section, fields in FIELDS.items():
+    if section not in config:
+      problems.append(f"missing section '{section}'")
+      continue
+    values = config[section]
+    if not hasattr(values, "keys"):
+      problems.append(f"{section}={values!r} must be a section (a ConfigDict of fields)")
+      continue
+    problems += [_unknown(f"{section}.{k}", fields) for k in values.keys() if k not in fields]
+    for name, kind in fields.items():
+      if name not in values:
+        problems.append(f"{section}.{name}: missing")
+      elif not _has_type(values[name], kind):
+        problems.append(f"{section}.{name}={values[name]!r} must be {_type_name(kind)}")
+  return problems
+
+
+def _problems(config, num_devices: int, backend: str) -> list[str]:
+  problems = _schema_problems(config)
+  if problems:   # the value checks below assume every field is there with its type
+    return problems
   need = lambda ok, message: ok or problems.append(message)
-
-  for section in SECTIONS:
-    need(section in config, f"missing section '{section}'")
-  if problems:
-    return problems
   m, d, o, t = config.model, config.data, config.optimizer, config.train
-
-  missing = [f for f in ModelSpec._fields + ("bias_update_rate", "bias_update_rule",
-                                             "bias_freeze_step") if f not in m]
-  need(not missing, f"model: missing fields {missing}")
-  if missing:
-    return problems
 
   for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                "dense_mlp_dim", "num_routed_experts", "expert_dim", "top_k"):
@@ -171,6 +229,10 @@ def _problems(config, num_devices: int, backend: str) -> list[str]:
     need(t[name] >= 1, f"train.{name}={t[name]} must be >= 1")
   need(t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} must be >= 0")
   need(0 <= t.metrics_port <= 65535, f"train.metrics_port={t.metrics_port} must be 0 (off) or a port")
+  need(t.spike_factor == 0 or t.spike_factor > 1,
+       f"train.spike_factor={t.spike_factor} must be 0 (off) or above 1 (a multiple of the mean loss)")
+  need(t.spike_window >= 1, f"train.spike_window={t.spike_window} must be >= 1")
+  need(t.max_rollbacks >= 0, f"train.max_rollbacks={t.max_rollbacks} must be >= 0")
 
   try:
     data_size, expert_size = resolve_mesh_shape(config.mesh.data, config.mesh.expert, num_devices)

@@ -97,11 +97,23 @@ def split_by_file(root: Path, files: list[Path], validation_percent: int) -> tup
   return train, validation
 
 
-def _tokenize_files(named_files: list[tuple[str, Path]], digest) -> tuple[np.ndarray, int]:
+def _refuse_binary(path: Path, content: bytes) -> None:
+  """Text never holds a NUL byte; a file that does is an image, archive or token file."""
+  offset = content.find(b"\0", 0, 1 << 16)
+  if offset >= 0:
+    raise DataError(f"{path} looks binary (a NUL byte at offset {offset}): data.source='text' "
+                    f"reads text files; remove it, narrow data.path (for example a '*.txt' glob), "
+                    f"or use data.source='tokens' for a file of token ids")
+
+
+def _tokenize_files(named_files: list[tuple[str, Path]], digest,
+                    refuse_binary: bool) -> tuple[np.ndarray, int]:
   """BOS + bytes for each file, concatenated; feeds names and contents into `digest`."""
   pieces, num_bytes = [], 0
   for relative, path in named_files:
     content = path.read_bytes()
+    if refuse_binary:
+      _refuse_binary(path, content)
     digest.update(relative.encode() + b"\0" + content + b"\0")
     pieces.append(np.array([BOS_ID], np.uint16))
     pieces.append(np.frombuffer(content, np.uint8).astype(np.uint16))
@@ -112,8 +124,9 @@ def _tokenize_files(named_files: list[tuple[str, Path]], digest) -> tuple[np.nda
 def load_text_corpus(root: Path, files: list[Path], validation_percent: int, source: str) -> Corpus:
   train_files, validation_files = split_by_file(root, files, validation_percent)
   digest = hashlib.sha256()
-  train, train_bytes = _tokenize_files(train_files, digest)
-  validation, validation_bytes = _tokenize_files(validation_files, digest)
+  refuse_binary = source == "text"   # the embedded corpus is known text
+  train, train_bytes = _tokenize_files(train_files, digest, refuse_binary)
+  validation, validation_bytes = _tokenize_files(validation_files, digest, refuse_binary)
   if train_bytes + validation_bytes == 0:
     raise DataError(f"the {len(files)} files under {root} are all empty")
   manifest = {

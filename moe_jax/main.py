@@ -1,6 +1,8 @@
 """Command line: python -m moe_jax.main --config=configs/default.py --workdir=DIR [--config.x.y=v].
 
-A config or data mistake prints one clear message and exits with status 2; no traceback.
+A config, data or checkpoint mistake prints one clear message and exits with status 2, no
+traceback; a run stopped by SIGTERM/SIGINT saves a checkpoint and exits with 128 + the signal
+number (143, 130); a run that keeps producing bad numbers exits with 3.
 Launched as one process of many (--distributed), it joins the others through
 jax.distributed.initialize, which reads the cluster from SLURM, TPU metadata or JAX_* variables.
 """
@@ -21,18 +23,33 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # orbax logs every save step at INFO
-  import jax
   if FLAGS.distributed:
+    import jax
     jax.distributed.initialize()
+  sys.exit(run(FLAGS.config, FLAGS.workdir))
+
+
+def run(config, workdir: str) -> int:
+  """Trains; returns the exit status. Mistakes print one `error:` line (or block) and give 2;
+  a preemption gives 128 + the signal number; a diverged run gives 3."""
   from moe_jax.checkpoint import CheckpointMismatch
   from moe_jax.config_validation import ConfigError
   from moe_jax.data import DataError
+  from moe_jax.guard import TrainingDiverged
+  from moe_jax.preemption import Preempted
   from moe_jax.train import train_and_evaluate
   try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train_and_evaluate(config, workdir)
   except (ConfigError, DataError, CheckpointMismatch) as error:
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    return 2
+  except TrainingDiverged as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 3
+  except Preempted as stop:
+    print(stop, file=sys.stderr)
+    return stop.exit_code
+  return 0
 
 
 def parse_flags(argv):

@@ -1,6 +1,7 @@
 """Where numbers go: a JSONL file, TensorBoard events and the console; the expert-load plot."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,30 @@ class MetricWriter:
       self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")
       self.details = open(Path(workdir) / "routing.jsonl", "a")
       self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+  def write_event(self, step: int, event: str, **fields) -> None:
+    """A line in metrics.jsonl that says what the loop did (a rollback, a preemption)."""
+    if self.enabled:
+      self.jsonl.write(json.dumps({"step": step, "event": event, **fields}) + "\n")
+      self.jsonl.flush()
+
+  def rewind(self, step: int) -> None:
+    """Drops the JSONL records of steps after `step` (they are about to be trained again),
+    keeping event lines; each file is replaced atomically. TensorBoard keeps both versions
+    (its viewer shows the newest per step)."""
+    if not self.enabled:
+      return
+    for attribute in ("jsonl", "details"):
+      handle = getattr(self, attribute)
+      handle.close()
+      path = Path(handle.name)
+      records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+      kept = [r for r in records if r.get("step", 0) <= step or "event" in r]
+      if len(kept) < len(records):
+        temporary = path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(temporary, path)
+      setattr(self, attribute, open(path, "a"))
 
   def write_details(self, step: int, details: dict) -> None:
     if self.enabled:

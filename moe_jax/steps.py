@@ -49,6 +49,13 @@ def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int):
   return graphdef, TrainState(jnp.zeros((), jnp.int32), params, biases, tx.init(params))
 
 
+def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int):
+  """(graphdef, TrainState of ShapeDtypeStructs): the state's layout, computing nothing."""
+  model = nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=seed)))
+  graphdef = nnx.split(model, nnx.Param, BalancingBias)[0]
+  return graphdef, jax.eval_shape(lambda: init_state(spec, tx, seed)[1])
+
+
 def split_batch(tokens_BxS1):
   """Windows of S + 1 tokens -> (inputs, targets), each [B, S]."""
   return tokens_BxS1[:, :-1], tokens_BxS1[:, 1:]

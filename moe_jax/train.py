@@ -1,7 +1,9 @@
 """train_and_evaluate(config, workdir): the training loop.
 
-Per run the workdir gets: config.json, data_manifest.json, metrics.jsonl, tensorboard/,
-checkpoints/ (orbax; resumed automatically), sample.txt and expert_load.png at the end.
+Per run the workdir gets: config.json, data_manifest.json, metrics.jsonl, routing.jsonl,
+tensorboard/, checkpoints/ (orbax; resumed automatically), and at the end final_metrics.json,
+sample.txt and expert_load.png. A step with bad numbers rolls back to the newest checkpoint
+(moe_jax.guard); SIGTERM/SIGINT checkpoint and stop at the next step (moe_jax.preemption).
 """
 
 import functools
@@ -15,12 +17,14 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from moe_jax import data, parallel, steps
+from moe_jax import checkpoint, data, parallel, steps
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.config_validation import ConfigError, resolve_mesh_shape, validate_config
+from moe_jax.guard import LossGuard
 from moe_jax.live import LiveRoutingMetrics
 from moe_jax.metrics import MetricWriter, plot_expert_load, summarize_routing
 from moe_jax.model import ModelSpec
+from moe_jax.preemption import Preempted, StopSignals
 from moe_jax.sample import sample_text
 
 
@@ -70,24 +74,28 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
   o = config.optimizer
   schedule = _schedule(config)
   tx = steps.make_optimizer(schedule, o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
-  graphdef, state = steps.init_state(spec, tx, config.seed)
+  graphdef, abstract_state = steps.abstract_state(spec, tx, config.seed)
   rules = parallel.parse_rules(config.sharding)
   try:
-    shardings = parallel.state_shardings(state, mesh, rules, o.shard_over_data)
+    shardings = parallel.state_shardings(abstract_state, mesh, rules, o.shard_over_data)
   except parallel.LayoutError as error:
     raise ConfigError(f"invalid config:\n  - {error}") from None
-  state = jax.device_put(state, shardings)
 
-  # Data and layout are known good: only now does the workdir receive anything.
+  # A checkpoint of another model, or one that cannot be read, is refused before anything is
+  # compiled or written.
+  abstract_state = checkpoint.abstract_like(abstract_state, shardings)
+  start_step, resumed, checkpointer = 0, None, None
+  if (workdir / "checkpoints").is_dir():
+    checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
+    start_step = checkpointer.latest_step() or 0
+    if start_step:
+      checkpointer.check_model(start_step, config.model.to_dict())
+      resumed = checkpointer.restore(start_step, abstract_state)
+  # Data, layout and checkpoint are known good: only now does the workdir receive anything.
   workdir.mkdir(parents=True, exist_ok=True)
-  checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
-  data_iterator = iter(train_data)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
-    state, data_state = checkpointer.restore(start_step, state, config.model.to_dict())
-    data_iterator.set_state(data_state)
-    print(f"Resumed from the checkpoint at step {start_step} in {workdir / 'checkpoints'}")
-  if is_chief:   # after a refused resume these still describe the checkpointed run
+  checkpointer = checkpointer or Checkpointer(workdir / "checkpoints",
+                                              config.train.checkpoints_to_keep)
+  if is_chief:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     (workdir / "data_manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
 
@@ -98,72 +106,208 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
       out_shardings=(shardings, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
                                       byte_limit=data.NUM_BYTE_IDS if corpus.is_bytes else 2**31 - 1))
+  init_fn = jax.jit(lambda: steps.init_state(spec, tx, config.seed)[1], out_shardings=shardings)
   run_eval = functools.partial(evaluate, eval_fn, corpus_windows=validation_windows,
                                num_batches=config.train.eval_batches,
                                batch_per_process=batch_per_process, mesh=mesh,
                                batch_axes=rules["batch"], is_bytes=corpus.is_bytes)
-
-  writer = MetricWriter(workdir, enabled=is_chief)
-  t = config.train
-  live = LiveRoutingMetrics(t.metrics_port) if t.metrics_port and is_chief else None
-  if live:
-    print(f"Live routing metrics: http://127.0.0.1:{t.metrics_port}/metrics")
-  tokens_per_step = batch_size * seq_len
-  pending, last_log_time, last_log_step = [], time.perf_counter(), start_step
-  last_eval, eval_counts = {}, None
-  bar = tqdm(total=t.steps, initial=start_step, disable=not is_chief, unit="step",
-             dynamic_ncols=True, desc="train")
-  for step in range(start_step + 1, t.steps + 1):
-    tokens = parallel.global_batch(next(data_iterator), mesh, rules["batch"])
-    state, metrics = train_fn(state, tokens)
-    pending.append(metrics)
-    bar.update(1)
-    if step == start_step + 1:   # keep compilation out of tokens/s
-      jax.block_until_ready(metrics)
-      last_log_time, last_log_step = time.perf_counter(), step
-    if step % t.log_every == 0 or step == t.steps:
-      fetched = jax.device_get(pending)     # the one host transfer of the whole log window
-      now = time.perf_counter()
-      scalars = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1] if k != "routing"}
-      if "routing" in fetched[-1]:
-        routing_scalars, details = summarize_routing([f["routing"] for f in fetched],
-                                                     tokens_per_step * len(fetched))
-        scalars.update(routing_scalars)
-        writer.write_details(step, details)
-        if live:
-          live.update(step, scalars, details["load"])
-      if step > last_log_step:
-        scalars["tokens_per_second"] = tokens_per_step * (step - last_log_step) / (now - last_log_time)
-      scalars["learning_rate"] = float(schedule(step - 1))
-      writer.write(step, scalars)
-      bar.set_postfix(loss=f"{scalars['loss']:.3f}", maxvio=f"{scalars.get('max_violation', 0):.2f}",
-                      tok_s=f"{scalars.get('tokens_per_second', 0):.0f}")
-      pending, last_log_time, last_log_step = [], now, step
-    if step % t.eval_every == 0 or step == t.steps:
-      last_eval, eval_counts = run_eval(state)
-      writer.write(step, last_eval)
-      bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()
-                                            if "/" not in k))
-    stopping = step == stop_after_step
-    if step % t.checkpoint_every == 0 or step == t.steps or stopping:
-      checkpointer.save(step, state, data_iterator.get_state(), config.to_dict())
-    if stopping:
-      break
-  bar.close()
-  checkpointer.wait()
-  checkpointer.close()
-  if live:
-    live.close()
-  if stop_after_step is not None and stop_after_step < t.steps:
-    writer.close()
-    return last_eval
-
+  loop = TrainingLoop(config, workdir, mesh, rules["batch"], train_fn, init_fn, run_eval,
+                      checkpointer, iter(train_data), abstract_state, schedule, is_chief)
+  try:
+    finished = loop.run(start_step, resumed, stop_after_step)
+  finally:
+    loop.close()
+  if not finished:
+    return loop.last_eval
+  last_eval, eval_counts = loop.last_eval, loop.eval_counts
   if not last_eval:   # resumed at the end: evaluate the restored state
-    last_eval, eval_counts = run_eval(state)
+    last_eval, eval_counts = run_eval(loop.state)
   if is_chief:
-    _finish(config, workdir, graphdef, state, corpus.is_bytes, eval_counts, last_eval)
-  writer.close()
+    _finish(config, workdir, graphdef, loop.state, corpus.is_bytes, eval_counts, last_eval)
   return last_eval
+
+
+class TrainingLoop:
+  """The step loop: train, check the numbers, log, evaluate, checkpoint, obey stop signals.
+
+  Each step's loss and gradient norm are checked one step late (while the next step runs), and
+  every step before a log, evaluation or checkpoint is checked first, so no checkpoint ever
+  holds a state that followed bad numbers. A bad step rolls back to the newest checkpoint
+  (see `moe_jax.guard`).
+  """
+
+  def __init__(self, config, workdir, mesh, batch_axes, train_fn, init_fn, run_eval, checkpointer,
+               data_iterator, abstract_state, schedule, is_chief):
+    self.config, self.t, self.mesh, self.batch_axes = config, config.train, mesh, batch_axes
+    self.train_fn, self.init_fn, self.run_eval = train_fn, init_fn, run_eval
+    self.checkpointer, self.data_iterator = checkpointer, data_iterator
+    self.abstract_state, self.schedule, self.is_chief = abstract_state, schedule, is_chief
+    self.guard = LossGuard(self.t.spike_factor, self.t.spike_window, self.t.max_rollbacks)
+    self.writer = MetricWriter(workdir, enabled=is_chief)
+    self.bar = tqdm(total=self.t.steps, disable=not is_chief, unit="step", dynamic_ncols=True,
+                    desc="train")
+    self.live = (LiveRoutingMetrics(self.t.metrics_port)
+                 if self.t.metrics_port and is_chief else None)
+    if self.live:
+      self.say(f"Live routing metrics: http://127.0.0.1:{self.t.metrics_port}/metrics")
+    self.tokens_per_step = config.data.batch_size * config.data.seq_len
+    self.unchecked, self.pending = [], []    # (step, metrics) not yet checked / not yet logged
+    self.last_eval, self.eval_counts, self.last_eval_step = {}, None, 0
+    self.state, self.step = None, 0
+
+  def say(self, message: str) -> None:
+    if self.is_chief:
+      self.bar.write(message)
+
+  # -- state ----------------------------------------------------------------------------------
+
+  def load(self, step: int, restored=None) -> None:
+    """Takes the state and guard window of the checkpoint at `step` (`restored` when it has
+    been read already), or the initial state at step 0."""
+    if step:
+      restored = restored or self.checkpointer.restore(step, self.abstract_state)
+      self.state, data_state, loop_state = restored
+      self.guard.restore(loop_state["guard"])
+      return data_state
+    self.state = self.init_fn()
+    self.guard.restore({"recent": []})
+    return None
+
+  def save(self) -> None:
+    self.guard.checkpointed()
+    self.checkpointer.save(self.step, self.state, self.data_iterator.get_state(),
+                           {"guard": self.guard.state()}, self.config.to_dict())
+
+  # -- the loop -------------------------------------------------------------------------------
+
+  def run(self, start_step: int, resumed, stop_after_step: int | None) -> bool:
+    """Trains from `start_step` (its checkpoint `resumed`) to train.steps; False when it
+    stopped early at `stop_after_step`."""
+    data_state = self.load(start_step, resumed)
+    self.step = start_step
+    if start_step:
+      self.data_iterator.set_state(data_state)
+      self.writer.rewind(start_step)
+      self.say(f"Resumed from the checkpoint at step {start_step} in {self.checkpointer.manager.directory}")
+    self.bar.update(start_step)
+    t = self.t
+    with StopSignals(on_request=lambda name: self.say(
+        f"{name} received: saving a checkpoint after this step, then exiting "
+        f"(Ctrl-C again aborts without saving)")) as signals:
+      self.restart_clock()
+      while self.step < t.steps:
+        batch = parallel.global_batch(next(self.data_iterator), self.mesh, self.batch_axes)
+        self.state, metrics = self.train_fn(self.state, batch)
+        self.step += 1
+        self.bar.update(1)
+        self.unchecked.append((self.step, metrics))
+        preempted_by = self.preemption_signal(signals)
+        stopping = preempted_by or self.step == stop_after_step
+        due = lambda every: self.step % every == 0 or self.step == t.steps
+        boundary = stopping or due(t.log_every) or due(t.eval_every) or due(t.checkpoint_every)
+        if not self.check(keep_last=0 if boundary else 1):
+          continue   # rolled back
+        if self.step == start_step + 1:   # keep compilation out of tokens/s
+          self.restart_clock()
+        if due(t.log_every):
+          self.log()
+        if due(t.eval_every):
+          self.last_eval, self.eval_counts = self.run_eval(self.state)
+          self.last_eval_step = self.step
+          self.writer.write(self.step, self.last_eval)
+          self.say(f"step {self.step}: " + ", ".join(
+              f"{k}={v:.4f}" for k, v in self.last_eval.items() if "/" not in k))
+        if due(t.checkpoint_every) or stopping:
+          self.save()
+        if preempted_by:
+          self.writer.write_event(self.step, "preempted", signal=preempted_by)
+          raise Preempted(preempted_by, self.step)
+        if stopping:
+          return False
+    return True
+
+  def preemption_signal(self, signals: StopSignals) -> str | None:
+    """The name of the signal that asks to stop after this step, if any."""
+    if jax.process_count() > 1:   # every process must stop at the same step
+      from jax.experimental import multihost_utils
+      return "SIGTERM" if multihost_utils.reached_preemption_sync_point(self.step) else None
+    return signals.received.name if signals.requested else None
+
+  def check(self, keep_last: int) -> bool:
+    """Checks the losses of all unchecked steps but the newest `keep_last`; on a bad one rolls
+    back and returns False. Checked steps move to the log window."""
+    ready = self.unchecked[:len(self.unchecked) - keep_last]
+    if not ready:
+      return True
+    del self.unchecked[:len(ready)]
+    values = jax.device_get([(m["loss"], m["grad_norm"]) for _, m in ready])
+    for (step, metrics), (loss, grad_norm) in zip(ready, values):
+      problem = self.guard.problem(float(loss), float(grad_norm))
+      if problem:
+        self.rollback(step, problem)
+        return False
+      self.guard.accept(float(loss))
+      self.pending.append(metrics)
+    return True
+
+  def rollback(self, bad_step: int, reason: str) -> None:
+    """Back to the newest checkpoint; the batches used since are skipped (the data iterator
+    is not rewound)."""
+    self.guard.rolled_back(reason)   # raises TrainingDiverged after too many in a row
+    self.unchecked.clear()
+    self.pending.clear()
+    self.checkpointer.wait()
+    restored = self.checkpointer.latest_step() or 0
+    self.load(restored)
+    skipped = self.step - restored
+    self.writer.rewind(restored)
+    self.writer.write_event(bad_step, "rollback", reason=reason, restored_step=restored,
+                            skipped_batches=skipped)
+    self.say(f"step {bad_step}: {reason}; rolled back to "
+             f"{'the checkpoint of step ' + str(restored) if restored else 'the initial state'} "
+             f"and skipped the {skipped} batches used since (rollback "
+             f"{self.guard.rollbacks_in_a_row} of at most {self.t.max_rollbacks} in a row)")
+    if self.last_eval_step > restored:
+      self.last_eval, self.eval_counts, self.last_eval_step = {}, None, 0
+    self.step = restored
+    self.bar.n = restored
+    self.bar.refresh()
+    self.restart_clock()
+
+  # -- logging --------------------------------------------------------------------------------
+
+  def restart_clock(self) -> None:
+    self.last_log_time, self.last_log_step = time.perf_counter(), self.step
+
+  def log(self) -> None:
+    fetched = jax.device_get(self.pending)     # the one host transfer of the whole log window
+    self.pending = []
+    now = time.perf_counter()
+    scalars = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1] if k != "routing"}
+    if "routing" in fetched[-1]:
+      routing_scalars, details = summarize_routing([f["routing"] for f in fetched],
+                                                   self.tokens_per_step * len(fetched))
+      scalars.update(routing_scalars)
+      self.writer.write_details(self.step, details)
+      if self.live:
+        self.live.update(self.step, scalars, details["load"])
+    if self.step > self.last_log_step:
+      scalars["tokens_per_second"] = (self.tokens_per_step * (self.step - self.last_log_step)
+                                      / (now - self.last_log_time))
+    scalars["learning_rate"] = float(self.schedule(self.step - 1))
+    self.writer.write(self.step, scalars)
+    self.bar.set_postfix(loss=f"{scalars['loss']:.3f}",
+                         maxvio=f"{scalars.get('max_violation', 0):.2f}",
+                         tok_s=f"{scalars.get('tokens_per_second', 0):.0f}")
+    self.restart_clock()
+
+  def close(self) -> None:
+    self.bar.close()
+    self.checkpointer.wait()
+    self.checkpointer.close()
+    if self.live:
+      self.live.close()
+    self.writer.close()
 
 
 def _finish(config, workdir, graphdef, state, is_bytes, eval_counts, last_eval):
@@ -179,4 +323,4 @@ def _finish(config, workdir, graphdef, state, is_bytes, eval_counts, last_eval):
                      f"validation expert load, step {config.train.steps}")
   print(f"\nOutputs in {workdir.absolute()}: metrics.jsonl, routing.jsonl, tensorboard/, checkpoints/, "
         f"final_metrics.json, data_manifest.json"
-        + (", sample.txt" if is_bytes else "") + (", expert_load.png" if eval_counts is not None else ""))
+        + (", sample.txt" if is_bytes and config.train.sample_tokens else "") + (", expert_load.png" if eval_counts is not None else ""))

@@ -1,0 +1,54 @@
+"""Preemption: SIGTERM or SIGINT asks the run to checkpoint at the next step boundary and exit.
+
+One process: `StopSignals` catches the first SIGTERM/SIGINT and only records it; the loop
+checks `requested` after each step, saves, and raises `Preempted`. A second SIGINT aborts at
+once (Ctrl-C twice). Several processes: the stop step must be the same everywhere, so the
+loop asks jax's preemption service (`multihost_utils.reached_preemption_sync_point`, on once
+`jax.distributed.initialize` has run), which turns the scheduler's SIGTERM into a step that
+every process agrees on; no Python handler is installed then.
+"""
+
+import signal
+import threading
+
+
+class Preempted(Exception):
+  """The run was asked to stop; it saved a checkpoint at `step` and can be resumed."""
+
+  def __init__(self, signal_name: str, step: int):
+    super().__init__(f"stopped by {signal_name} after step {step}: checkpoint saved; run the "
+                     f"same command again to resume")
+    self.signal_name, self.step = signal_name, step
+    self.exit_code = 128 + int(signal.Signals[signal_name])   # the shell's convention
+
+
+class StopSignals:
+  """Context manager that turns the first SIGTERM/SIGINT into a stop request."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, on_request=None):
+    self.received: signal.Signals | None = None
+    self.on_request = on_request
+    self.previous = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.received is not None
+
+  def _handle(self, signum, frame):
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt   # the second Ctrl-C: abort without waiting for the step
+    self.received = signal.Signals(signum)
+    if self.on_request:
+      self.on_request(self.received.name)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():   # signals reach the main thread only
+      self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
+    return False
