@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moe_jax import checkpoint, data, parallel, steps
-from moe_jax.checkpoint import Checkpointer
+from moe_jax.checkpoint import CheckpointMismatch, Checkpointer
 from moe_jax.config_validation import ConfigError, resolve_mesh_shape, validate_config
 from moe_jax.guard import LossGuard
 from moe_jax.live import LiveRoutingMetrics
@@ -89,8 +89,12 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
     start_step = checkpointer.latest_step() or 0
     if start_step:
-      checkpointer.check_model(start_step, config.model.to_dict())
-      resumed = checkpointer.restore(start_step, abstract_state)
+      try:
+        checkpointer.check_model(start_step, config.model.to_dict())
+        resumed = checkpointer.restore(start_step, abstract_state)
+      except CheckpointMismatch:
+        checkpointer.close()
+        raise
   # Data, layout and checkpoint are known good: only now does the workdir receive anything.
   workdir.mkdir(parents=True, exist_ok=True)
   checkpointer = checkpointer or Checkpointer(workdir / "checkpoints",
