@@ -158,6 +158,7 @@ class TrainingLoop:
     self.unchecked, self.pending = [], []    # (step, metrics) not yet checked / not yet logged
     self.last_eval, self.eval_counts, self.last_eval_step = {}, None, 0
     self.state, self.step = None, 0
+    self.iterations = 0   # steps run by this process, rolled-back ones included: only grows
 
   def say(self, message: str) -> None:
     if self.is_chief:
@@ -203,6 +204,7 @@ class TrainingLoop:
         batch = parallel.global_batch(next(self.data_iterator), self.mesh, self.batch_axes)
         self.state, metrics = self.train_fn(self.state, batch)
         self.step += 1
+        self.iterations += 1
         self.bar.update(1)
         self.unchecked.append((self.step, metrics))
         preempted_by = self.preemption_signal(signals)
@@ -213,7 +215,7 @@ class TrainingLoop:
           continue   # rolled back
         if self.step == start_step + 1:   # keep compilation out of tokens/s
           self.restart_clock()
-        if due(t.log_every):
+        if due(t.log_every) or (stopping and self.pending):   # a stop logs its partial window
           self.log()
         if due(t.eval_every):
           self.last_eval, self.eval_counts = self.run_eval(self.state)
@@ -234,7 +236,8 @@ class TrainingLoop:
     """The name of the signal that asks to stop after this step, if any."""
     if jax.process_count() > 1:   # every process must stop at the same step
       from jax.experimental import multihost_utils
-      return "SIGTERM" if multihost_utils.reached_preemption_sync_point(self.step) else None
+      reached = multihost_utils.reached_preemption_sync_point(self.iterations)
+      return "SIGTERM" if reached else None
     return signals.received.name if signals.requested else None
 
   def check(self, keep_last: int) -> bool:
