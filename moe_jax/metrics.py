@@ -64,23 +64,75 @@ class MetricWriter:
       self.tensorboard.close()
 
 
-def plot_expert_load(counts_LxE: np.ndarray, path: Path, title: str) -> None:
-  """Heatmap of each MoE layer's load per expert, relative to the mean (1.0 = balanced)."""
+def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
 
+
+def relative_load(counts_LxE) -> np.ndarray:
+  """Each layer's expert counts over their mean: 1.0 everywhere is a perfect balance."""
   counts = np.asarray(counts_LxE, np.float64)
-  relative = counts / np.maximum(counts.mean(axis=1, keepdims=True), 1e-9)
-  fig, ax = plt.subplots(figsize=(max(4, 0.35 * counts.shape[1] + 2), 0.6 * counts.shape[0] + 1.6))
-  image = ax.imshow(relative, cmap="viridis", aspect="auto", vmin=0)
+  return counts / np.maximum(counts.mean(axis=1, keepdims=True), 1e-9)
+
+
+def _load_heatmap(ax, counts_LxE, title: str, vmax: float | None = None):
+  image = ax.imshow(relative_load(counts_LxE), cmap="viridis", aspect="auto", vmin=0, vmax=vmax)
   ax.set_xlabel("routed expert")
   ax.set_ylabel("MoE layer")
-  ax.set_yticks(range(counts.shape[0]))
+  ax.set_yticks(range(len(counts_LxE)))
   ax.set_title(title, fontsize=9)
-  fig.colorbar(image, ax=ax, label="load / mean load")
+  return image
+
+
+def plot_expert_load(counts_LxE: np.ndarray, path: Path, title: str) -> None:
+  """Heatmap of each MoE layer's load per expert, relative to the mean (1.0 = balanced)."""
+  plt = _pyplot()
+  rows, cols = np.shape(counts_LxE)
+  fig, ax = plt.subplots(figsize=(max(4, 0.35 * cols + 2), 0.6 * rows + 1.6))
+  fig.colorbar(_load_heatmap(ax, counts_LxE, title), ax=ax, label="load / mean load")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_load_grid(counts_by_name: dict[str, list], path: Path, title: str) -> None:
+  """Side-by-side load heatmaps (one panel per run) on one colour scale."""
+  plt = _pyplot()
+  names = list(counts_by_name)
+  cols = min(3, len(names))
+  rows = -(-len(names) // cols)
+  vmax = max(float(relative_load(c).max()) for c in counts_by_name.values())
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 1.9 * rows + 0.8), squeeze=False)
+  for ax, name in zip(axes.flat, names):
+    image = _load_heatmap(ax, counts_by_name[name], name, vmax)
+  for ax in axes.flat[len(names):]:
+    ax.axis("off")
+  fig.colorbar(image, ax=axes, label="load / mean load", shrink=0.8)
+  fig.suptitle(title, fontsize=10)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], ylabel: str, path: Path, title: str,
+                log_y: bool = False) -> None:
+  """One line per run of (step, value) points."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for name, points in curves.items():
+    if points:
+      steps, values = zip(*points)
+      ax.plot(steps, values, label=name, marker="." if len(points) < 12 else None)
+  ax.set_xlabel("step")
+  ax.set_ylabel(ylabel)
+  if log_y:
+    ax.set_yscale("log")
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
   plt.close(fig)
 
 

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -110,3 +111,25 @@ class Transformer(nnx.Module):
                         preferred_element_type=jnp.float32)
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *all_stats) if all_stats else None
     return logits, stacked
+
+
+ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def parameter_counts(spec: ModelSpec) -> dict[str, int]:
+  """Total parameters, those a token uses (routed experts count top_k / E of theirs), and the
+  embedding and output matrices among them; computed from shapes alone."""
+  params = nnx.state(nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=0))), nnx.Param)
+  total = active = embedding = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    size = int(np.prod(leaf.shape))
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    names = [n for n in names if n != "value"]   # the Variable's own field
+    total += size
+    if names[-1] in ROUTED_EXPERT_WEIGHTS and leaf.ndim == 3:
+      active += size * spec.top_k // spec.num_routed_experts
+    else:
+      active += size
+    if names[-1] in ("embed", "unembed"):
+      embedding += size
+  return {"total": total, "active": active, "embedding": embedding}

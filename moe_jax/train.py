@@ -326,8 +326,11 @@ def _finish(config, workdir, graphdef, state, is_bytes, eval_counts, last_eval):
     (workdir / "sample.txt").write_text(text)
     print("\n--- sample ---\n" + text + "\n--------------")
   if eval_counts is not None:
+    (workdir / "expert_load.json").write_text(json.dumps(
+        {"step": config.train.steps, "counts": np.asarray(eval_counts).tolist()}))
     plot_expert_load(eval_counts, workdir / "expert_load.png",
                      f"validation expert load, step {config.train.steps}")
   print(f"\nOutputs in {workdir.absolute()}: metrics.jsonl, routing.jsonl, tensorboard/, checkpoints/, "
         f"final_metrics.json, data_manifest.json"
-        + (", sample.txt" if is_bytes and config.train.sample_tokens else "") + (", expert_load.png" if eval_counts is not None else ""))
+        + (", sample.txt" if is_bytes and config.train.sample_tokens else "")
+        + (", expert_load.png/.json" if eval_counts is not None else ""))

@@ -1,0 +1,53 @@
+"""The model and run sizes the studies share: each sweep's members differ from these only in
+the settings the study varies, so every member of a study costs the same compute."""
+
+CONFIG = "configs/default.py"
+
+# tiny: finishes on a 2-core CPU in a few minutes per member. 3 blocks (1 dense, 2 MoE) of
+# width 64, 16 routed experts of width 32 plus one shared, top-2; 400 steps of 16 x 128 tokens.
+TINY = {
+    "model.num_layers": 3,
+    "model.num_routed_experts": 16,
+    "model.expert_dim": 32,
+    "data.seq_len": 128,
+    "data.batch_size": 16,
+    "train.steps": 400,
+    "optimizer.warmup_steps": 40,
+    "train.log_every": 10,
+    "train.eval_every": 100,
+    "train.eval_batches": 8,
+    "train.checkpoint_every": 200,
+    "train.sample_tokens": 0,
+}
+
+# gpu: one GPU, about an hour per member. 8 blocks (1 dense, 7 MoE) of width 512, 64 routed
+# experts of width 256 plus one shared, top-6; 5,000 steps of 64 x 1,024 tokens in bfloat16.
+GPU = {
+    "model.d_model": 512,
+    "model.num_layers": 8,
+    "model.num_heads": 8,
+    "model.num_kv_heads": 4,
+    "model.head_dim": 64,
+    "model.dense_mlp_dim": 1536,
+    "model.num_routed_experts": 64,
+    "model.expert_dim": 256,
+    "model.top_k": 6,
+    "model.compute_dtype": "bfloat16",
+    "data.seq_len": 1024,
+    "data.batch_size": 64,
+    "train.steps": 5000,
+    "optimizer.warmup_steps": 200,
+    "train.log_every": 50,
+    "train.eval_every": 500,
+    "train.eval_batches": 16,
+    "train.checkpoint_every": 1000,
+}
+
+SIZES = {"tiny": (f"{CONFIG}:tiny", TINY), "gpu": (f"{CONFIG}:default", GPU)}
+
+
+def size(name: str) -> tuple[str, dict]:
+  """(the --config argument, the base overrides) of a size; KeyError names the known ones."""
+  if name not in SIZES:
+    raise KeyError(f"unknown size; choose from {sorted(SIZES)}")
+  return SIZES[name]

@@ -1,0 +1,292 @@
+"""Ablation sweeps: a base config plus named overrides, run one after another, then tabulated.
+
+A sweep file (experiments/*.py) defines `get_sweep(size) -> Sweep`. Then
+
+  python -m moe_jax.sweep experiments/load_balancing.py:tiny            # run every member here
+  python -m moe_jax.sweep experiments/load_balancing.py:gpu --print_commands   # for a cluster
+  python -m moe_jax.sweep experiments/load_balancing.py:tiny --collect_only    # tables only
+
+Each member is an ordinary `moe_jax.main` run in its own workdir (<workdir_root>/<sweep>_<size>/
+<member>), so a member that finished (final_metrics.json) is skipped and one that stopped
+resumes from its checkpoint. The results directory receives results.csv, results.md and
+three plots (validation loss, training MaxVio, per-layer validation expert load).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+
+from moe_jax import metrics
+
+
+class SweepError(ValueError):
+  """The sweep file or one of its members cannot run; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  name: str                          # names the workdirs and the results directory
+  config: str                        # the --config argument: "configs/default.py:tiny"
+  base: dict[str, object]            # overrides every member gets ("model.top_k": 2)
+  members: dict[str, dict[str, object]]   # member name -> its own overrides
+  question: str = ""                 # what the sweep is for, printed above its table
+
+  def overrides(self, member: str) -> dict[str, object]:
+    return {**self.base, **self.members[member]}
+
+
+def load_sweep(spec: str) -> tuple[Sweep, str]:
+  """"experiments/x.py:size" -> (the file's get_sweep(size), size)."""
+  path, _, size = spec.partition(":")
+  if not Path(path).is_file():
+    raise SweepError(f"{path}: no such sweep file")
+  root = str(Path(path).resolve().parent.parent)   # sweep files import experiments.sizes
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  module = _load_module(path)
+  if not hasattr(module, "get_sweep"):
+    raise SweepError(f"{path} defines no get_sweep(size)")
+  try:
+    return module.get_sweep(size), size
+  except (KeyError, ValueError) as error:
+    raise SweepError(f"{path}: size {size!r}: {error}") from None
+
+
+def _load_module(path: str):
+  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def member_config(sweep: Sweep, member: str) -> ml_collections.ConfigDict:
+  """The member's full config, built as the command line would build it."""
+  path, _, arg = sweep.config.partition(":")
+  config = _load_module(path).get_config(arg)
+  for dotted, value in sweep.overrides(member).items():
+    *sections, name = dotted.split(".")
+    node = config
+    try:
+      for section in sections:
+        node = node[section]
+      if name not in node:
+        raise KeyError(name)
+      node[name] = value
+    except (KeyError, TypeError) as error:
+      raise SweepError(f"member {member!r}: cannot set {dotted}={value!r} "
+                       f"({type(error).__name__}: {error})") from None
+  return config
+
+
+def _flag_value(value) -> str:
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def command(sweep: Sweep, member: str, workdir: Path, python: str = sys.executable) -> list[str]:
+  """The `moe_jax.main` command line of one member."""
+  return ([python, "-m", "moe_jax.main", f"--config={sweep.config}"]
+          + [f"--config.{k}={_flag_value(v)}" for k, v in sweep.overrides(member).items()]
+          + [f"--workdir={workdir}"])
+
+
+def is_finished(workdir: Path) -> bool:
+  return (workdir / "final_metrics.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_member(argv: list[str], log_path: Path) -> int:
+  """Runs one member in its own session, its output in `log_path`; a SIGINT/SIGTERM to the
+  runner is passed on once, so the member checkpoints and stops. Returns its exit status."""
+  with open(log_path, "a") as log:
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    forwarded = []
+
+    def forward(signum, frame):
+      if not forwarded:
+        forwarded.append(signum)
+        process.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+      return process.wait()
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def run_sweep(sweep: Sweep, size: str, root: Path, print_commands: bool = False) -> dict[str, str]:
+  """Runs (or prints) every unfinished member; returns {member: status}."""
+  import jax
+  from moe_jax.config_validation import ConfigError, validate_config
+  problems = []
+  for member in sweep.members:   # every member is checked before any runs
+    try:
+      validate_config(member_config(sweep, member), jax.device_count())
+    except (SweepError, ConfigError) as error:
+      problems.append(f"{member}: {error}")
+  if problems and not print_commands:
+    raise SweepError("sweep members that cannot run here:\n" + "\n".join(problems))
+
+  statuses, names = {}, list(sweep.members)
+  root.mkdir(parents=True, exist_ok=True)
+  for i, member in enumerate(names, 1):
+    workdir = root / member
+    if is_finished(workdir):
+      statuses[member] = "finished"
+      print(f"[{i}/{len(names)}] {member}: finished earlier, skipped", flush=True)
+      continue
+    argv = command(sweep, member, workdir)
+    if print_commands:
+      print(" ".join(argv))
+      continue
+    print(f"[{i}/{len(names)}] {member}: running (output in {root / (member + '.log')})", flush=True)
+    started = time.time()
+    code = run_member(argv, root / f"{member}.log")
+    statuses[member] = {0: "finished", 3: "diverged"}.get(code, f"failed (exit status {code})")
+    print(f"[{i}/{len(names)}] {member}: {statuses[member]} in {time.time() - started:.0f} s",
+          flush=True)
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+      print("Sweep stopped; run the same command again to resume it.", flush=True)
+      break
+  return statuses
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting
+
+
+def _records(workdir: Path) -> list[dict]:
+  path = workdir / "metrics.jsonl"
+  if not path.is_file():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def member_result(sweep: Sweep, member: str, workdir: Path) -> dict:
+  """One table row: final and best validation numbers and training routing statistics."""
+  from moe_jax.model import ModelSpec, parameter_counts
+  records = _records(workdir)
+  train = [r for r in records if "loss" in r]
+  evals = [r for r in records if "validation_loss" in r]
+  counts = parameter_counts(ModelSpec.from_config(member_config(sweep, member).model))
+  mean = lambda key: (sum(r[key] for r in train) / len(train)) if train and key in train[0] else None
+  row = {
+      "member": member,
+      "status": "finished" if is_finished(workdir) else ("partial" if records else "not run"),
+      "overrides": " ".join(f"{k.split('.')[-1]}={_flag_value(v)}"
+                            for k, v in sweep.members[member].items()),
+      "steps": train[-1]["step"] if train else 0,
+      "active_params": counts["active"], "total_params": counts["total"],
+      "validation_loss": evals[-1]["validation_loss"] if evals else None,
+      "best_validation_loss": min(r["validation_loss"] for r in evals) if evals else None,
+      "validation_bits_per_byte": evals[-1].get("validation_bits_per_byte") if evals else None,
+      "validation_max_violation": evals[-1].get("validation_max_violation") if evals else None,
+      "train_max_violation": mean("max_violation"),
+      "dropped_fraction": mean("dropped_fraction"),
+      "rollbacks": sum(1 for r in records if r.get("event") == "rollback"),
+  }
+  return row
+
+
+COLUMNS = [  # (key, header, format)
+    ("member", "member", "{}"), ("overrides", "overrides", "{}"),
+    ("validation_loss", "val loss", "{:.4f}"), ("best_validation_loss", "best val loss", "{:.4f}"),
+    ("validation_bits_per_byte", "val bits/byte", "{:.4f}"),
+    ("validation_max_violation", "val MaxVio", "{:.3f}"),
+    ("train_max_violation", "train MaxVio/batch", "{:.3f}"),
+    ("dropped_fraction", "dropped", "{:.4f}"), ("active_params", "active params", "{:,}"),
+    ("total_params", "total params", "{:,}"), ("steps", "steps", "{}"), ("status", "status", "{}"),
+]
+
+
+def markdown_table(rows: list[dict]) -> str:
+  cell = lambda row, key, fmt: "-" if row.get(key) is None else fmt.format(row[key])
+  lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+           "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+  import csv
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def collect(sweep: Sweep, size: str, root: Path, results: Path, invocation: str) -> list[dict]:
+  """Writes results.csv, results.md and the plots for every member run so far."""
+  rows = [member_result(sweep, m, root / m) for m in sweep.members]
+  results.mkdir(parents=True, exist_ok=True)
+  write_csv(rows, results / "results.csv")
+  import jax
+  header = (f"# {sweep.name} ({size})\n\n{sweep.question}\n\n"
+            f"- command: `{invocation}`\n- base: `--config={sweep.config}` "
+            + " ".join(f"`--config.{k}={_flag_value(v)}`" for k, v in sweep.base.items())
+            + f"\n- machine: {jax.device_count()} x {jax.devices()[0].device_kind} "
+            f"({jax.default_backend()}), {os.cpu_count()} CPU cores, Python "
+            f"{platform.python_version()}, jax {jax.__version__}\n"
+            f"- date: {datetime.date.today().isoformat()}\n\n")
+  (results / "results.md").write_text(header + markdown_table(rows))
+  curves = {m: _records(root / m) for m in sweep.members}
+  metrics.plot_curves({m: [(r["step"], r["validation_loss"]) for r in rs if "validation_loss" in r]
+                       for m, rs in curves.items()}, "validation loss (nats/token)",
+                      results / "validation_loss.png", f"{sweep.name}: validation loss")
+  metrics.plot_curves({m: [(r["step"], r["max_violation"]) for r in rs if "max_violation" in r]
+                       for m, rs in curves.items()}, "MaxVio per batch (mean over MoE layers)",
+                      results / "max_violation.png", f"{sweep.name}: training MaxVio", log_y=True)
+  loads = {}
+  for member in sweep.members:
+    path = root / member / "expert_load.json"
+    if path.is_file():
+      loads[member] = json.loads(path.read_text())["counts"]
+  if loads:
+    metrics.plot_load_grid(loads, results / "expert_load.png",
+                           f"{sweep.name}: validation expert load / mean, per MoE layer")
+  return rows
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m moe_jax.sweep", description=__doc__.split("\n")[0])
+  parser.add_argument("sweep", help="a sweep file and its size: experiments/NAME.py:SIZE")
+  parser.add_argument("--workdir_root", default="runs/sweeps", help="members' workdirs go under it")
+  parser.add_argument("--results", default="experiments/results",
+                      help="tables and plots go to RESULTS/<sweep>_<size>/")
+  parser.add_argument("--print_commands", action="store_true",
+                      help="print one launch command per unfinished member instead of running")
+  parser.add_argument("--collect_only", action="store_true", help="only write tables and plots")
+  args = parser.parse_args(argv)
+  try:
+    sweep, size = load_sweep(args.sweep)
+    label = f"{sweep.name}_{size}"
+    root = Path(args.workdir_root) / label
+    if not args.collect_only:
+      run_sweep(sweep, size, root, args.print_commands)
+    if not args.print_commands:
+      invocation = "python -m moe_jax.sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+      rows = collect(sweep, size, root, Path(args.results) / label, invocation)
+      print(markdown_table(rows))
+      print(f"Results in {Path(args.results) / label}")
+  except SweepError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

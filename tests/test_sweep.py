@@ -1,0 +1,110 @@
+"""The sweep runner on a two-member sweep of the smallest config, and the shipped studies."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from moe_jax import sweep
+from moe_jax.config_validation import validate_config
+from tests.conftest import ROOT
+
+TWO_MEMBERS = '''
+from moe_jax.sweep import Sweep
+
+def get_sweep(size):
+  base = {"train.steps": 6, "optimizer.warmup_steps": 1, "train.log_every": 2,
+          "train.eval_every": 3, "train.checkpoint_every": 3, "train.sample_tokens": 0,
+          "optimizer.learning_rate": 1e-3}
+  members = {"top2": {}, "top1_softmax": {"model.top_k": 1, "model.router": "softmax"}}
+  return Sweep("pair", "configs/default.py:tiny", base, members, "Two members.")
+'''
+
+
+@pytest.fixture
+def pair_file(tmp_path):
+  path = tmp_path / "pair.py"
+  path.write_text(TWO_MEMBERS)
+  return path
+
+
+def test_runner_runs_skips_and_tabulates_a_two_member_sweep(pair_file, tmp_path, capsys,
+                                                            monkeypatch):
+  monkeypatch.chdir(ROOT)
+  runs, results = tmp_path / "runs", tmp_path / "results"
+  args = [f"{pair_file}:tiny", f"--workdir_root={runs}", f"--results={results}"]
+  assert sweep.main(args) == 0
+  out = capsys.readouterr().out
+  assert "[1/2] top2: finished" in out and "[2/2] top1_softmax: finished" in out
+
+  # Each member ran the config the sweep describes.
+  loaded, _ = sweep.load_sweep(f"{pair_file}:tiny")
+  for member in ("top2", "top1_softmax"):
+    written = json.loads((runs / "pair_tiny" / member / "config.json").read_text())
+    assert written == json.loads(sweep.member_config(loaded, member).to_json_best_effort())
+  assert written["model"]["top_k"] == 1 and written["model"]["router"] == "softmax"
+
+  rows = list(csv.DictReader(open(results / "pair_tiny" / "results.csv")))
+  assert [r["member"] for r in rows] == ["top2", "top1_softmax"]
+  for row in rows:
+    assert row["status"] == "finished" and row["steps"] == "6"
+    for key in ("validation_loss", "best_validation_loss", "validation_bits_per_byte",
+                "validation_max_violation", "train_max_violation", "dropped_fraction"):
+      assert math.isfinite(float(row[key])), key
+    assert float(row["best_validation_loss"]) <= float(row["validation_loss"])
+  assert int(rows[1]["active_params"]) < int(rows[0]["active_params"])   # top-1 uses fewer
+  table = (results / "pair_tiny" / "results.md").read_text()
+  assert "| top1_softmax | top_k=1 router=softmax |" in table and "- command: `" in table
+  for plot in ("validation_loss.png", "max_violation.png", "expert_load.png"):
+    assert (results / "pair_tiny" / plot).stat().st_size > 10_000, plot
+
+  # A second invocation skips both members.
+  finished_at = (runs / "pair_tiny" / "top2" / "final_metrics.json").stat().st_mtime
+  assert sweep.main(args) == 0
+  out = capsys.readouterr().out
+  assert out.count("finished earlier, skipped") == 2
+  assert (runs / "pair_tiny" / "top2" / "final_metrics.json").stat().st_mtime == finished_at
+
+
+def test_print_commands_gives_one_launch_line_per_member(pair_file, tmp_path, capsys,
+                                                         monkeypatch):
+  monkeypatch.chdir(ROOT)
+  assert sweep.main([f"{pair_file}:tiny", f"--workdir_root={tmp_path}", "--print_commands"]) == 0
+  lines = [l for l in capsys.readouterr().out.splitlines() if "moe_jax.main" in l]
+  assert len(lines) == 2
+  assert "--config.model.top_k=1 --config.model.router=softmax" in lines[1]
+  assert f"--workdir={tmp_path / 'pair_tiny' / 'top1_softmax'}" in lines[1]
+  assert not (tmp_path / "pair_tiny" / "top2").exists()
+
+
+def test_a_bad_member_stops_the_sweep_before_anything_runs(pair_file, tmp_path, capsys,
+                                                           monkeypatch):
+  monkeypatch.chdir(ROOT)
+  pair_file.write_text(TWO_MEMBERS.replace('"model.top_k": 1', '"model.top_kk": 1'))
+  assert sweep.main([f"{pair_file}:tiny", f"--workdir_root={tmp_path}"]) == 2
+  err = capsys.readouterr().err
+  assert "member 'top1_softmax': cannot set model.top_kk=1" in err
+  assert not (tmp_path / "pair_tiny" / "top2").exists()
+  pair_file.write_text(TWO_MEMBERS.replace('"model.top_k": 1', '"model.top_k": 99'))
+  assert sweep.main([f"{pair_file}:tiny", f"--workdir_root={tmp_path}"]) == 2
+  assert "top1_softmax: invalid config:\n  - model.top_k=99 is larger" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("study", ["load_balancing", "granularity"])
+@pytest.mark.parametrize("size", ["tiny", "gpu"])
+def test_shipped_studies_are_valid(study, size, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  loaded, _ = sweep.load_sweep(f"experiments/{study}.py:{size}")
+  assert len(loaded.members) >= 8
+  for member in loaded.members:
+    validate_config(sweep.member_config(loaded, member), 8, backend="gpu" if size == "gpu" else "cpu")
+
+
+def test_granularity_members_use_equal_active_parameters(monkeypatch):
+  from moe_jax.model import ModelSpec, parameter_counts
+  monkeypatch.chdir(ROOT)
+  loaded, _ = sweep.load_sweep("experiments/granularity.py:tiny")
+  active = [parameter_counts(ModelSpec.from_config(sweep.member_config(loaded, m).model))["active"]
+            for m in loaded.members]
+  assert max(active) / min(active) < 1.02, active
