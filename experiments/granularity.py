@@ -11,7 +11,7 @@ of width ACTIVE / k, or, with a shared expert, k + 1 experts of width ACTIVE / (
 from experiments.sizes import size
 from moe_jax.sweep import Sweep
 
-ACTIVE = {"tiny": 128, "gpu": 1536}   # expert hidden width each token uses
+ACTIVE = {"tiny": 144, "gpu": 1536}   # expert hidden width each token uses
 SHAPES = [(8, 1), (16, 2), (32, 4), (64, 8)]   # (routed experts, top-k)
 
 

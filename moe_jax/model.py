@@ -117,19 +117,21 @@ ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
 def parameter_counts(spec: ModelSpec) -> dict[str, int]:
-  """Total parameters, those a token uses (routed experts count top_k / E of theirs), and the
-  embedding and output matrices among them; computed from shapes alone."""
+  """Parameter counts from shapes alone: total; active (what one token uses: routed experts
+  count top_k / E of theirs); active_experts (the routed and shared expert weights one token
+  uses); embedding (the input and output matrices)."""
   params = nnx.state(nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=0))), nnx.Param)
-  total = active = embedding = 0
+  counts = dict.fromkeys(("total", "active", "active_experts", "embedding"), 0)
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     size = int(np.prod(leaf.shape))
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     names = [n for n in names if n != "value"]   # the Variable's own field
-    total += size
-    if names[-1] in ROUTED_EXPERT_WEIGHTS and leaf.ndim == 3:
-      active += size * spec.top_k // spec.num_routed_experts
-    else:
-      active += size
+    routed = names[-1] in ROUTED_EXPERT_WEIGHTS and leaf.ndim == 3
+    used = size * spec.top_k // spec.num_routed_experts if routed else size
+    counts["total"] += size
+    counts["active"] += used
+    if routed or "shared" in names:
+      counts["active_experts"] += used
     if names[-1] in ("embed", "unembed"):
-      embedding += size
-  return {"total": total, "active": active, "embedding": embedding}
+      counts["embedding"] += size
+  return counts

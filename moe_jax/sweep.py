@@ -190,7 +190,8 @@ def member_result(sweep: Sweep, member: str, workdir: Path) -> dict:
       "overrides": " ".join(f"{k.split('.')[-1]}={_flag_value(v)}"
                             for k, v in sweep.members[member].items()),
       "steps": train[-1]["step"] if train else 0,
-      "active_params": counts["active"], "total_params": counts["total"],
+      "active_params": counts["active"], "active_expert_params": counts["active_experts"],
+      "total_params": counts["total"],
       "validation_loss": evals[-1]["validation_loss"] if evals else None,
       "best_validation_loss": min(r["validation_loss"] for r in evals) if evals else None,
       "validation_bits_per_byte": evals[-1].get("validation_bits_per_byte") if evals else None,
@@ -209,6 +210,7 @@ COLUMNS = [  # (key, header, format)
     ("validation_max_violation", "val MaxVio", "{:.3f}"),
     ("train_max_violation", "train MaxVio/batch", "{:.3f}"),
     ("dropped_fraction", "dropped", "{:.4f}"), ("active_params", "active params", "{:,}"),
+    ("active_expert_params", "active expert params", "{:,}"),
     ("total_params", "total params", "{:,}"), ("steps", "steps", "{}"), ("status", "status", "{}"),
 ]
 
