@@ -9,7 +9,7 @@ import numpy as np
 
 class MetricWriter:
   """Writes scalars to `metrics.jsonl` and TensorBoard event files, and per-layer routing
-  details (expert loads, co-activation) to `routing.jsonl`, in the workdir (process 0)."""
+  details (expert loads, co-activation, balancing bias) to `routing.jsonl`, in the workdir (process 0)."""
 
   def __init__(self, workdir: Path, enabled: bool = True):
     self.enabled = enabled

@@ -74,12 +74,19 @@ class Block(nnx.Module):
     else:
       self.mlp = SwiGLU(spec.d_model, spec.dense_mlp_dim, dtype, rngs)
 
-  def __call__(self, x, positions):
-    x = x + self.attention(self.attention_norm(x), positions).astype(x.dtype)
+  def attend(self, x, positions):
+    """The first half of the block: x plus attention over its normalised input."""
+    return x + self.attention(self.attention_norm(x), positions).astype(x.dtype)
+
+  def feed_forward(self, x):
+    """The second half: x plus the dense MLP or MoE of its normalised input, and MoE stats."""
     if isinstance(self.mlp, MoE):
       y, stats = self.mlp(self.mlp_norm(x))
       return x + y.astype(x.dtype), stats
     return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), None
+
+  def __call__(self, x, positions):
+    return self.feed_forward(self.attend(x, positions))
 
 
 class Transformer(nnx.Module):
@@ -94,13 +101,16 @@ class Transformer(nnx.Module):
                                                          (spec.d_model, spec.vocab_size)))
     self.dtype = DTYPES[spec.compute_dtype]
 
+  def embed_tokens(self, tokens: Int[Array, "B S"]) -> Float[Array, "B S D"]:
+    return self.embed[...][tokens].astype(self.dtype)
+
   def moe_layers(self) -> list[MoE]:
     return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
 
   def __call__(self, tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S V"], MoEStats]:
     """Logits in float32 and the MoE blocks' statistics stacked along a leading layer axis."""
     positions = jnp.arange(tokens.shape[1])
-    x = self.embed[...][tokens].astype(self.dtype)
+    x = self.embed_tokens(tokens)
     all_stats = []
     for block in self.blocks:
       x, stats = block(x, positions)

@@ -8,7 +8,8 @@ A sweep file (experiments/*.py) defines `get_sweep(size) -> Sweep`. Then
 
 Each member is an ordinary `moe_jax.main` run in its own workdir (<workdir_root>/<sweep>_<size>/
 <member>), so a member that finished (final_metrics.json) is skipped and one that stopped
-resumes from its checkpoint. The results directory receives results.csv, results.md and
+resumes from its checkpoint. The results directory receives results.csv, results.md, the
+curves and validation expert counts behind the plots (curves.json, expert_loads.json), and
 three plots (validation loss, training MaxVio, per-layer validation expert load).
 """
 
@@ -245,18 +246,20 @@ def collect(sweep: Sweep, size: str, root: Path, results: Path, invocation: str)
             f"{platform.python_version()}, jax {jax.__version__}\n"
             f"- date: {datetime.date.today().isoformat()}\n\n")
   (results / "results.md").write_text(header + markdown_table(rows))
-  curves = {m: _records(root / m) for m in sweep.members}
-  metrics.plot_curves({m: [(r["step"], r["validation_loss"]) for r in rs if "validation_loss" in r]
-                       for m, rs in curves.items()}, "validation loss (nats/token)",
+  records = {m: _records(root / m) for m in sweep.members}
+  curve = lambda key: {m: [(r["step"], r[key]) for r in rs if key in r] for m, rs in records.items()}
+  curves = {"validation_loss": curve("validation_loss"), "max_violation": curve("max_violation")}
+  (results / "curves.json").write_text(json.dumps(curves))
+  metrics.plot_curves(curves["validation_loss"], "validation loss (nats/token)",
                       results / "validation_loss.png", f"{sweep.name}: validation loss")
-  metrics.plot_curves({m: [(r["step"], r["max_violation"]) for r in rs if "max_violation" in r]
-                       for m, rs in curves.items()}, "MaxVio per batch (mean over MoE layers)",
+  metrics.plot_curves(curves["max_violation"], "MaxVio per batch (mean over MoE layers)",
                       results / "max_violation.png", f"{sweep.name}: training MaxVio", log_y=True)
   loads = {}
   for member in sweep.members:
     path = root / member / "expert_load.json"
     if path.is_file():
       loads[member] = json.loads(path.read_text())["counts"]
+  (results / "expert_loads.json").write_text(json.dumps(loads))
   if loads:
     metrics.plot_load_grid(loads, results / "expert_load.png",
                            f"{sweep.name}: validation expert load / mean, per MoE layer")

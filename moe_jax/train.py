@@ -294,6 +294,8 @@ class TrainingLoop:
     if "routing" in fetched[-1]:
       routing_scalars, details = summarize_routing([f["routing"] for f in fetched],
                                                    self.tokens_per_step * len(fetched))
+      details["bias"] = np.asarray(jax.device_get(jax.tree.leaves(self.state.biases)),
+                                   np.float64).round(7).tolist()
       scalars.update(routing_scalars)
       self.writer.write_details(self.step, details)
       if self.live:

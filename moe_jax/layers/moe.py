@@ -101,14 +101,21 @@ class MoE(nnx.Module):
         coactivation=routing.coactivation(chosen_BxSxE.reshape(-1, self.num_experts)))
     return y, stats
 
-  def _token_choice(self, x, logits):
+  def route(self, logits_BxSxE) -> routing.Routing:
+    """The token-choice decision per sequence (expert_ids [B,S,K], gates, probs, counts [B,E])."""
     s = self.settings
+    if s.router == "expert_choice":
+      raise ValueError("route() is for token-choice routers; expert choice decides per expert")
     bias = jax.lax.stop_gradient(self.balancing_bias[...])
     route = lambda l: routing.topk_route(
         l, bias, top_k=s.top_k, score_function=s.router, normalize=s.normalize,
         route_scale=s.route_scale, num_groups=s.num_groups, topk_groups=s.topk_groups,
         group_score=s.group_score)
-    decision = jax.vmap(route)(logits)
+    return jax.vmap(route)(logits_BxSxE)
+
+  def _token_choice(self, x, logits):
+    s = self.settings
+    decision = self.route(logits)
     experts = self._experts()
     if s.expert_parallel != "none":   # each device's tokens form one group
       y, dropped = expert_parallel_dispatch(s.expert_parallel, x, decision.expert_ids,

@@ -1,0 +1,280 @@
+"""Routing analysis for notebooks: load a run, trace each MoE layer's decisions on a batch,
+and the statistics the notebooks plot. Everything here is plain functions over arrays, tested
+in tests/test_analysis.py; the notebooks only call and plot them.
+
+Shape letters: L MoE layers, B batch, S sequence, E routed experts, K experts per token,
+C token categories, N checkpoints.
+"""
+
+import dataclasses
+import io
+import json
+import keyword
+import tokenize
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from moe_jax import data, routing, steps
+from moe_jax.checkpoint import Checkpointer, abstract_like
+from moe_jax.layers.moe import MoE
+from moe_jax.model import ModelSpec
+
+# ---- runs ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run's model at one checkpoint, on one device."""
+
+  workdir: Path
+  config: ml_collections.ConfigDict
+  step: int
+  graphdef: object
+  params: nnx.State
+  biases: nnx.State
+
+  @property
+  def spec(self) -> ModelSpec:
+    return ModelSpec.from_config(self.config.model)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps of the run's kept checkpoints, oldest first."""
+  checkpointer = Checkpointer(Path(workdir) / "checkpoints", keep=1_000_000)
+  try:
+    return list(checkpointer.manager.all_steps())
+  finally:
+    checkpointer.close()
+
+
+def load_run(workdir, step: int | None = None) -> Run:
+  """The run in `workdir` at checkpoint `step` (default: the newest), on the first device."""
+  workdir = Path(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  config.model.expert_parallel = "none"   # one device here, whatever the run used
+  spec = ModelSpec.from_config(config.model)
+  o = config.optimizer
+  tx = steps.make_optimizer(steps.make_schedule(o.learning_rate, o.warmup_steps,
+                                                config.train.steps, o.final_lr_fraction),
+                            o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
+  graphdef, abstract = steps.abstract_state(spec, tx, config.seed)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    state, _, _ = checkpointer.restore(step, abstract_like(abstract, jax.tree.map(
+        lambda _: device, abstract)))
+  finally:
+    checkpointer.close()
+  return Run(workdir, config, step, graphdef, state.params, state.biases)
+
+
+def train_tiny(workdir, arg: str = "tiny", **train_overrides) -> Path:
+  """Trains configs/default.py:`arg` in `workdir` unless a finished run is there already."""
+  from configs.default import get_config
+  from moe_jax.train import train_and_evaluate
+  workdir = Path(workdir)
+  if not (workdir / "final_metrics.json").exists():
+    config = get_config(arg)
+    config.train.update(train_overrides)
+    train_and_evaluate(config, workdir)
+  return workdir
+
+
+def validation_batches(run: Run, num_batches: int, batch_size: int | None = None) -> np.ndarray:
+  """[num_batches * batch, S + 1] token windows from the start of the run's validation split."""
+  d = run.config.data
+  corpus = data.load_corpus(d.source, d.path, d.token_dtype, d.validation_percent,
+                            run.config.model.vocab_size)
+  windows = data.Windows(corpus.validation, d.seq_len, "validation")
+  return np.concatenate(list(data.evaluation_batches(windows, num_batches, batch_size or d.batch_size,
+                                                     0, 1)))
+
+
+# ---- routing decisions ---------------------------------------------------------------------
+
+
+def _trace(graphdef, params, biases, tokens_BxS):
+  model = nnx.merge(graphdef, params, biases)
+  positions = jnp.arange(tokens_BxS.shape[1])
+  x = model.embed_tokens(tokens_BxS)
+  decisions = []
+  for block in model.blocks:
+    x = block.attend(x, positions)
+    if isinstance(block.mlp, MoE):
+      decisions.append(block.mlp.route(block.mlp.router_logits(block.mlp_norm(x))))
+    x, _ = block.feed_forward(x)
+  return decisions
+
+
+_trace_jit = jax.jit(_trace, static_argnums=0)
+
+
+def routing_trace(run: Run, tokens_BxS) -> list[routing.Routing]:
+  """Each MoE layer's token-choice decision on `tokens` (inputs, no shifted target): expert_ids
+  [B, S, K], gates [B, S, K], probs [B, S, E] and counts [B, E], as numpy arrays."""
+  decisions = _trace_jit(run.graphdef, run.params, run.biases, jnp.asarray(tokens_BxS))
+  return [routing.Routing(*(np.asarray(a) for a in d)) for d in decisions]
+
+
+def expert_ids(decisions: list[routing.Routing]) -> np.ndarray:
+  """[L, B, S, K] chosen experts of every layer."""
+  return np.stack([d.expert_ids for d in decisions])
+
+
+def expert_load(expert_ids_LxBxSxK: np.ndarray, num_experts: int) -> np.ndarray:
+  """[L, E] share of each layer's assignments that each expert received (rows sum to 1)."""
+  layers = expert_ids_LxBxSxK.reshape(len(expert_ids_LxBxSxK), -1)
+  counts = np.stack([np.bincount(ids, minlength=num_experts) for ids in layers]).astype(np.float64)
+  return counts / counts.sum(axis=1, keepdims=True)
+
+
+def max_violation(load_LxE: np.ndarray) -> np.ndarray:
+  """[L] MaxVio of each layer's load: max over experts of load / mean load - 1."""
+  return np.asarray(routing.max_violation(jnp.asarray(load_LxE)))
+
+
+# ---- histories from a run's logs -----------------------------------------------------------
+
+
+def _jsonl(path: Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metric_history(workdir, key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of one metrics.jsonl key, e.g. "max_violation" or "validation_loss"."""
+  records = [r for r in _jsonl(Path(workdir) / "metrics.jsonl") if key in r]
+  return np.array([r["step"] for r in records]), np.array([r[key] for r in records])
+
+
+def bias_history(workdir) -> tuple[np.ndarray, np.ndarray]:
+  """(steps [T], balancing bias [T, L, E]) as logged in routing.jsonl."""
+  records = [r for r in _jsonl(Path(workdir) / "routing.jsonl") if "bias" in r]
+  return np.array([r["step"] for r in records]), np.array([r["bias"] for r in records])
+
+
+# ---- what kinds of tokens go where ---------------------------------------------------------
+
+CATEGORIES = ("keyword", "identifier", "whitespace", "string", "comment", "number",
+              "punctuation", "other")
+_CATEGORY = {name: i for i, name in enumerate(CATEGORIES)}
+
+
+def _fallback_categories(text: bytes) -> np.ndarray:
+  """Character classes, for files Python's tokenizer rejects."""
+  out = np.full(len(text), _CATEGORY["other"], np.int8)
+  for i, byte in enumerate(text):
+    char = chr(byte)
+    if char.isspace():
+      out[i] = _CATEGORY["whitespace"]
+    elif char.isdigit():
+      out[i] = _CATEGORY["number"]
+    elif char.isalpha() or char == "_" or byte >= 128:
+      out[i] = _CATEGORY["identifier"]
+    elif char in "#":
+      out[i] = _CATEGORY["comment"]
+    else:
+      out[i] = _CATEGORY["punctuation"]
+  return out
+
+
+def python_byte_categories(source: bytes) -> np.ndarray:
+  """The category (index into CATEGORIES) of every byte of a Python source file, from Python's
+  own tokenizer: keywords, identifiers, string literals (f-strings included), comments, number
+  literals, operators and brackets; bytes outside tokens (indentation, spaces, newlines) are
+  whitespace. Files the tokenizer rejects fall back to character classes."""
+  categories = np.full(len(source), _CATEGORY["whitespace"], np.int8)
+  line_starts = np.concatenate([[0], np.cumsum([len(l) for l in source.splitlines(True)])])
+  lines = source.splitlines(True)
+
+  def offset(row: int, col: int) -> int:   # tokenize counts columns in characters
+    line = lines[row - 1] if row - 1 < len(lines) else b""
+    return int(line_starts[row - 1]) + len(line.decode("utf-8", "replace")[:col].encode())
+
+  try:
+    tokens = list(tokenize.tokenize(io.BytesIO(source).readline))
+  except (tokenize.TokenError, SyntaxError, UnicodeDecodeError, IndentationError):
+    return _fallback_categories(source)
+  kinds = {tokenize.STRING: "string", tokenize.COMMENT: "comment", tokenize.NUMBER: "number",
+           tokenize.OP: "punctuation"}
+  for name in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END"):
+    if hasattr(tokenize, name):
+      kinds[getattr(tokenize, name)] = "string"
+  for token in tokens:
+    if token.type == tokenize.NAME:
+      kind = "keyword" if keyword.iskeyword(token.string) or keyword.issoftkeyword(token.string) \
+          else "identifier"
+    else:
+      kind = kinds.get(token.type)
+    if kind is None or token.start[0] < 1:
+      continue
+    start, end = offset(*token.start), offset(*token.end)
+    categories[start:end] = _CATEGORY[kind]
+  return categories
+
+
+def stream_categories(tokens: np.ndarray) -> np.ndarray:
+  """Categories aligned with a byte-token stream of Python files, each starting with BOS
+  (the stdlib corpus); BOS and other special ids are "other"."""
+  tokens = np.asarray(tokens)
+  out = np.full(len(tokens), _CATEGORY["other"], np.int8)
+  starts = np.flatnonzero(tokens == data.BOS_ID)
+  bounds = list(starts) + [len(tokens)]
+  if len(starts) == 0 or starts[0] != 0:
+    bounds = [-1] + bounds     # the stream starts in the middle of a file
+  for begin, end in zip(bounds[:-1], bounds[1:]):
+    piece = tokens[begin + 1:end]
+    if len(piece) and piece.max() < data.NUM_BYTE_IDS:
+      out[begin + 1:end] = python_byte_categories(piece.astype(np.uint8).tobytes())
+  return out
+
+
+def category_expert_shares(categories_BxS: np.ndarray, expert_ids_BxSxK: np.ndarray,
+                           num_experts: int) -> np.ndarray:
+  """[C, E]: of the assignments made for tokens of each category, the share each expert got
+  (rows sum to 1; a category with no tokens is all zeros)."""
+  num_categories, k = len(CATEGORIES), expert_ids_BxSxK.shape[-1]
+  pairs = np.repeat(categories_BxS.reshape(-1), k) * num_experts + expert_ids_BxSxK.reshape(-1)
+  counts = np.bincount(pairs, minlength=num_categories * num_experts).reshape(
+      num_categories, num_experts).astype(np.float64)
+  return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+
+
+def consecutive_overlap(expert_ids_BxSxK: np.ndarray) -> float:
+  """How often a token keeps its predecessor's experts: the mean over adjacent pairs of
+  |experts(t) & experts(t-1)| / K (1 = always the same set; about K / E at random)."""
+  current, previous = expert_ids_BxSxK[:, 1:, :], expert_ids_BxSxK[:, :-1, :]
+  shared = (current[..., :, None] == previous[..., None, :]).any(axis=-1).sum(axis=-1)
+  return float(shared.mean() / expert_ids_BxSxK.shape[-1])
+
+
+def topk_agreement(ids_a_BxSxK: np.ndarray, ids_b_BxSxK: np.ndarray) -> float:
+  """The mean share of a token's top-k experts that two routings have in common."""
+  shared = (ids_a_BxSxK[..., :, None] == ids_b_BxSxK[..., None, :]).any(axis=-1).sum(axis=-1)
+  return float(shared.mean() / ids_a_BxSxK.shape[-1])
+
+
+# ---- committed sweep results ---------------------------------------------------------------
+
+
+def sweep_results(results_dir) -> dict:
+  """A sweep's results directory as Python values: rows (results.csv), curves and loads."""
+  import csv
+  results_dir = Path(results_dir)
+  rows = list(csv.DictReader(open(results_dir / "results.csv")))
+  number = lambda v: float(v) if v not in ("", "None") else None
+  for row in rows:
+    for key, value in row.items():
+      if key not in ("member", "overrides", "status"):
+        row[key] = number(value)
+  loads_path = results_dir / "expert_loads.json"
+  return {"rows": rows,
+          "curves": json.loads((results_dir / "curves.json").read_text()),
+          "loads": json.loads(loads_path.read_text()) if loads_path.exists() else {}}
