@@ -236,6 +236,22 @@ def stream_categories(tokens: np.ndarray) -> np.ndarray:
   return out
 
 
+def categorized_validation(run: Run, num_windows: int) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [N, S], categories [N, S]): the first validation windows' inputs and the category
+  of each of their bytes (a Python byte corpus, like the default stdlib one)."""
+  d = run.config.data
+  corpus = data.load_corpus(d.source, d.path, d.token_dtype, d.validation_percent,
+                            run.config.model.vocab_size)
+  if not corpus.is_bytes:
+    raise ValueError("token categories need a byte corpus of Python files (data.source 'stdlib')")
+  categories = stream_categories(corpus.validation)
+  windows = data.Windows(corpus.validation, d.seq_len, "validation")
+  count = min(num_windows, len(windows))
+  starts = np.arange(count) * d.seq_len
+  take = lambda a: np.stack([np.asarray(a[i:i + d.seq_len]) for i in starts])
+  return take(corpus.validation).astype(np.int32), take(categories)
+
+
 def category_expert_shares(categories_BxS: np.ndarray, expert_ids_BxSxK: np.ndarray,
                            num_experts: int) -> np.ndarray:
   """[C, E]: of the assignments made for tokens of each category, the share each expert got

@@ -64,11 +64,10 @@ class MetricWriter:
       self.tensorboard.close()
 
 
-def _pyplot():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
+def _figure(width: float, height: float):
+  """A figure outside pyplot: saving it needs no display and leaves a notebook's backend alone."""
+  from matplotlib.figure import Figure
+  return Figure(figsize=(width, height))
 
 
 def relative_load(counts_LxE) -> np.ndarray:
@@ -88,38 +87,41 @@ def _load_heatmap(ax, counts_LxE, title: str, vmax: float | None = None):
 
 def plot_expert_load(counts_LxE: np.ndarray, path: Path, title: str) -> None:
   """Heatmap of each MoE layer's load per expert, relative to the mean (1.0 = balanced)."""
-  plt = _pyplot()
   rows, cols = np.shape(counts_LxE)
-  fig, ax = plt.subplots(figsize=(max(4, 0.35 * cols + 2), 0.6 * rows + 1.6))
+  fig = _figure(max(4, 0.35 * cols + 2), 0.6 * rows + 1.6)
+  ax = fig.subplots()
   fig.colorbar(_load_heatmap(ax, counts_LxE, title), ax=ax, label="load / mean load")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
-def plot_load_grid(counts_by_name: dict[str, list], path: Path, title: str) -> None:
-  """Side-by-side load heatmaps (one panel per run) on one colour scale."""
-  plt = _pyplot()
+def load_grid_figure(counts_by_name: dict[str, list], title: str):
+  """Side-by-side load heatmaps (one panel per run) on one colour scale; a notebook shows the
+  returned figure with `display(fig)`."""
   names = list(counts_by_name)
   cols = min(3, len(names))
   rows = -(-len(names) // cols)
   vmax = max(float(relative_load(c).max()) for c in counts_by_name.values())
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 1.9 * rows + 0.8), squeeze=False)
+  fig = _figure(4.2 * cols, 1.9 * rows + 0.8)
+  axes = fig.subplots(rows, cols, squeeze=False)
   for ax, name in zip(axes.flat, names):
     image = _load_heatmap(ax, counts_by_name[name], name, vmax)
   for ax in axes.flat[len(names):]:
     ax.axis("off")
   fig.colorbar(image, ax=axes, label="load / mean load", shrink=0.8)
   fig.suptitle(title, fontsize=10)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
+
+
+def plot_load_grid(counts_by_name: dict[str, list], path: Path, title: str) -> None:
+  load_grid_figure(counts_by_name, title).savefig(path, dpi=110)
 
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], ylabel: str, path: Path, title: str,
                 log_y: bool = False) -> None:
   """One line per run of (step, value) points."""
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.2))
+  fig = _figure(7, 4.2)
+  ax = fig.subplots()
   for name, points in curves.items():
     if points:
       steps, values = zip(*points)
@@ -133,7 +135,6 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], ylabel: str, path: P
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def summarize_routing(window: list[dict], tokens: int) -> tuple[dict[str, float], dict]:
