@@ -1,0 +1,249 @@
+"""MoE layer benchmark: forward+backward time of each dispatcher against a dense MLP of the same
+FLOPs, timed in the same run, on one accelerator.
+
+  python scripts/bench_moe.py                      # shapes a, b, c; 16K tokens; balanced, skewed
+  python scripts/bench_moe.py --shapes=a --tokens=16384,65536 --routing=skewed
+  python scripts/bench_moe.py --check              # kernels against jax.lax.ragged_dot first
+
+The layer is the routed part of moe_jax's MoE block (router, dispatch, SwiGLU experts; shared
+experts are a dense MLP and are left out) in bfloat16 with float32 parameters, as in training.
+Useful TFLOP/s counts only the rows actually computed for routed tokens: 3 matmuls of
+2*D*F FLOPs each per (token, expert) assignment, times 3 for forward+backward. The dense
+reference runs all T*K rows through one SwiGLU of width F: the same FLOPs in plain matmuls.
+Skewed routing adds a Zipf-shaped bias (expert of rank r gets -ZIPF*log r) to the router's
+choice scores. Each time is the median of --repeats runs after --warmup runs.
+"""
+
+import argparse
+import datetime
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moe_jax.kernels import grouped_matmul as gm   # noqa: E402
+from moe_jax.layers.mlp import SwiGLU   # noqa: E402
+from moe_jax.layers.moe import LossWeights, MoE, RouterSettings   # noqa: E402
+
+SHAPES = {   # name: (D, routed experts E, expert width F, top-k, what it is)
+    "a": (2048, 64, 1408, 6, "DeepSeek-V2-Lite layer (its 2 shared experts left out)"),
+    "b": (7168, 64, 2048, 8, "DeepSeek-V3-like layer scaled to one GPU (shared left out)"),
+    "c": (4096, 8, 14336, 2, "Mixtral-like coarse layer"),
+    "tiny": (64, 8, 32, 2, "a smoke test of this script on CPU"),
+}
+ZIPF = 0.6
+DISPATCHERS = {   # name: (dispatcher, grouped matmul implementation)
+    "capacity": ("capacity", "auto"),
+    "dropless": ("dropless", "auto"),
+    "dropless_xla": ("dropless", "xla"),
+}
+
+
+def median_ms(fn, *args, warmup: int, repeats: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def moe_layer(d, e, f, k, dispatcher, skew: bool, seed=0):
+  settings = RouterSettings("sigmoid", k, True, 1.0, 1, 1, "top2_sum", dispatcher, 1.25)
+  layer = MoE(d, e, f, 0, settings, LossWeights(), jnp.bfloat16, nnx.Rngs(params=seed))
+  if skew:
+    ranks = np.random.default_rng(seed).permutation(e) + 1
+    layer.balancing_bias[...] = jnp.asarray(-ZIPF * np.log(ranks), jnp.float32)
+  return layer
+
+
+def layer_step(layer):
+  """jit(forward+backward) of the layer wrt its input and parameters; returns the step and
+  a function giving the routed load's MaxVio and the dropped fraction."""
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def loss(params, x):
+    y, stats = nnx.merge(graphdef, params, rest)(x)
+    return jnp.sum(y.astype(jnp.float32) ** 2) * 1e-6, stats
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+  return grad, params
+
+
+def dense_step(d, f, rows, seed=0):
+  mlp = SwiGLU(d, f, jnp.bfloat16, nnx.Rngs(params=seed))
+  graphdef, params = nnx.split(mlp, nnx.Param)
+
+  def loss(params, x):
+    return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) ** 2) * 1e-6
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), params
+
+
+def check_kernels(interpret: bool) -> None:
+  """The kernels against jax.lax.ragged_dot (float32 reference), fresh random inputs, skewed
+  groups with empty ones, forward and both gradients; prints relative errors."""
+  rng = np.random.default_rng(int(time.time()))
+  print("kernel check (relative error against float32 ragged_dot):")
+  cases = [(4096, 256, 512, 16), (20000, 2048, 1408, 64), (3000, 512, 256, 8)]
+  if interpret:   # Pallas interpret mode runs the kernels op by op: keep it small
+    cases = [(300, 64, 96, 8), (200, 32, 64, 5)]
+  for n, k_dim, f_dim, e in cases:
+    sizes = rng.multinomial(n - 37, rng.dirichlet(np.full(e, 0.3)))
+    sizes[rng.integers(e)] = 0
+    rows = jnp.asarray(rng.normal(size=(n, k_dim)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(e, k_dim, f_dim)) / math.sqrt(k_dim), jnp.bfloat16)
+    cotangent = jnp.asarray(rng.normal(size=(n, f_dim)), jnp.float32)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    blocks = gm.Blocks() if not interpret else gm.Blocks(m=16, n=32, k=32)
+
+    def fast(rows, w):
+      return gm.grouped_matmul(rows, w, group_sizes, blocks=blocks, interpret=interpret)
+
+    def reference(rows, w):
+      return jax.lax.ragged_dot(rows.astype(jnp.float32), w.astype(jnp.float32), group_sizes)
+
+    def with_grads(fn):
+      out, vjp = jax.vjp(fn, rows, w)
+      return (out, *vjp(cotangent.astype(out.dtype)))
+
+    got = jax.jit(lambda: with_grads(fast))()
+    want = jax.jit(lambda: with_grads(reference))()
+    errors = [float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+              for a, b in zip(got, want)]
+    finite = all(bool(jnp.isfinite(a.astype(jnp.float32)).all()) for a in got)
+    print(f"  N={n} K={k_dim} F={f_dim} E={e} sizes min/max {sizes.min()}/{sizes.max()}: "
+          f"out {errors[0]:.1e}  d_rows {errors[1]:.1e}  d_w {errors[2]:.1e}  finite={finite}")
+    assert finite and max(errors) < 2e-2, errors
+
+
+TUNE_BLOCKS = [gm.Blocks(128, 128, 64, 4, 4), gm.Blocks(128, 128, 64, 8, 3),
+               gm.Blocks(128, 256, 64, 8, 3), gm.Blocks(64, 128, 64, 4, 4),
+               gm.Blocks(128, 128, 32, 4, 4), gm.Blocks(256, 128, 64, 8, 3),
+               gm.Blocks(128, 64, 64, 4, 4)]
+
+
+def tune(shapes, tokens, warmup, repeats) -> None:
+  """Forward and forward+backward TFLOP/s of one grouped matmul (rows [T*K, D] times [E, D, F])
+  for each tile configuration, against a dense [T*K, D] x [D, F] matmul."""
+  for shape in shapes:
+    d, e, f, k, _ = SHAPES[shape]
+    n = tokens * k
+    key = jax.random.key(0)
+    rows = jax.random.normal(key, (n, d), jnp.bfloat16)
+    w = jax.random.normal(key, (e, d, f), jnp.bfloat16) * 0.02
+    sizes = jnp.asarray(np.random.default_rng(0).multinomial(n, np.full(e, 1 / e)), jnp.int32)
+    dense_w = w[0]
+    flops = 2 * n * d * f
+    dense = median_ms(jax.jit(lambda a, b: a @ b), rows, dense_w, warmup=warmup, repeats=repeats)
+    dense_grad = jax.jit(jax.grad(lambda a, b: jnp.sum((a @ b).astype(jnp.float32)), (0, 1)))
+    dense_bwd = median_ms(dense_grad, rows, dense_w, warmup=warmup, repeats=repeats)
+    print(f"tune {shape}: rows {n} x {d} -> {f}, E={e}: dense fwd {flops / dense / 1e9:.0f} "
+          f"TFLOP/s, fwd+bwd {3 * flops / (dense + dense_bwd) / 1e9:.0f}", flush=True)
+    for blocks in TUNE_BLOCKS:
+      fwd = jax.jit(lambda r, w, b=blocks: gm.grouped_matmul(r, w, sizes, blocks=b))
+      grad = jax.jit(jax.grad(lambda r, w, b=blocks: jnp.sum(
+          gm.grouped_matmul(r, w, sizes, blocks=b).astype(jnp.float32)), (0, 1)))
+      try:
+        t_fwd = median_ms(fwd, rows, w, warmup=warmup, repeats=repeats)
+        t_grad = median_ms(grad, rows, w, warmup=warmup, repeats=repeats)
+      except Exception as error:
+        print(f"  {blocks}: failed: {str(error).splitlines()[0][:160]}", flush=True)
+        continue
+      print(f"  {tuple(blocks)}: fwd {t_fwd:.2f} ms {flops / t_fwd / 1e9:.0f} TFLOP/s; "
+            f"fwd+bwd {t_fwd + t_grad:.2f} ms {3 * flops / (t_grad) / 1e9:.0f} TFLOP/s (grad only "
+            f"timed: it includes the forward)", flush=True)
+
+
+def run(shapes, token_counts, routings, dispatchers, warmup, repeats):
+  rows_out = []
+  for shape in shapes:
+    d, e, f, k, what = SHAPES[shape]
+    for tokens in token_counts:
+      x = jax.random.normal(jax.random.key(1), (tokens, 1, d), jnp.bfloat16)   # B=T, S=1
+      x = x.reshape(1, tokens, d)   # one sequence: capacity is per sequence, like EP per device
+      dense_fn, dense_params = dense_step(d, f, tokens * k)
+      dense_x = jax.random.normal(jax.random.key(2), (tokens * k, d), jnp.bfloat16)
+      dense_ms = median_ms(dense_fn, dense_params, dense_x, warmup=warmup, repeats=repeats)
+      useful = lambda rows: 3 * 3 * 2 * rows * d * f    # fwd+bwd FLOPs of the computed rows
+      dense_tflops = useful(tokens * k) / dense_ms / 1e9
+      rows_out.append((shape, tokens, "-", "dense MLP (reference)", dense_ms, dense_tflops, 100.0, 0.0, 0.0))
+      print(f"{shape} T={tokens}: dense MLP {dense_ms:.2f} ms {dense_tflops:.0f} TFLOP/s", flush=True)
+      for routing in routings:
+        for name in dispatchers:
+          dispatcher, implementation = DISPATCHERS[name]
+          if name == "dropless_xla" and e > 16:
+            rows_out.append((shape, tokens, routing, name, None, None, None, None, None))
+            continue   # XLA's ragged_dot is a dense product over all E groups: out of memory
+          layer = moe_layer(d, e, f, k, dispatcher, routing == "skewed")
+          with gm.implementation(implementation):
+            fn, params = layer_step(layer)
+            try:
+              (_, _), stats = fn(params, x)
+              ms = median_ms(fn, params, x, warmup=warmup, repeats=repeats)
+            except Exception as error:   # e.g. out of memory: report and go on
+              print(f"  {name} {routing}: failed: {str(error).splitlines()[0][:160]}", flush=True)
+              rows_out.append((shape, tokens, routing, name, None, None, None, None, None))
+              continue
+          dropped = float(stats.dropped_fraction)
+          counts = np.asarray(stats.counts, np.float64)
+          max_violation = float(counts.max() / counts.mean() - 1)
+          tflops = useful(tokens * k * (1 - dropped)) / ms / 1e9
+          rows_out.append((shape, tokens, routing, name, ms, tflops, 100 * tflops / dense_tflops,
+                           dropped, max_violation))
+          print(f"  {name} {routing}: {ms:.2f} ms {tflops:.0f} TFLOP/s "
+                f"({100 * tflops / dense_tflops:.0f}% of dense), dropped {dropped:.4f}, "
+                f"MaxVio {max_violation:.2f}", flush=True)
+  return rows_out
+
+
+def table(rows) -> str:
+  fmt = lambda v, f: "-" if v is None else f.format(v)
+  lines = ["| shape | tokens | routing | layer | ms | useful TFLOP/s | % of dense | dropped | load MaxVio |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for shape, tokens, routing, name, ms, tflops, percent, dropped, vio in rows:
+    lines.append(f"| {shape} | {tokens} | {routing} | {name} | {fmt(ms, '{:.2f}')} | "
+                 f"{fmt(tflops, '{:.0f}')} | {fmt(percent, '{:.0f}%')} | {fmt(dropped, '{:.4f}')} | "
+                 f"{fmt(vio, '{:.2f}')} |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--shapes", default="a,b,c")
+  parser.add_argument("--tokens", default="16384")
+  parser.add_argument("--routing", default="balanced,skewed")
+  parser.add_argument("--dispatchers", default="capacity,dropless,dropless_xla")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--check", action="store_true", help="check the kernels first")
+  parser.add_argument("--tune", action="store_true",
+                      help="time the grouped matmul's tile configurations instead")
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  print(f"{device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"{datetime.date.today().isoformat()}", flush=True)
+  if args.check:
+    check_kernels(interpret=jax.default_backend() != "gpu")
+  if args.tune:
+    tune(args.shapes.split(","), int(args.tokens.split(",")[0]), args.warmup, args.repeats)
+    return
+  rows = run(args.shapes.split(","), [int(t) for t in args.tokens.split(",")],
+             args.routing.split(","), args.dispatchers.split(","), args.warmup, args.repeats)
+  print()
+  print("command: python scripts/bench_moe.py " + " ".join(sys.argv[1:]))
+  print(table(rows))
+
+
+if __name__ == "__main__":
+  main()
