@@ -42,8 +42,9 @@ SHAPES = {   # name: (D, routed experts E, expert width F, top-k, what it is)
 ZIPF = 0.6
 DISPATCHERS = {   # name: (dispatcher, grouped matmul implementation)
     "capacity": ("capacity", "auto"),
-    "dropless": ("dropless", "auto"),
-    "dropless_xla": ("dropless", "xla"),
+    "dropless": ("dropless", "auto"),           # mosaic on Hopper, pallas on other GPUs
+    "dropless_pallas": ("dropless", "pallas"),  # this repository's Triton kernels
+    "dropless_xla": ("dropless", "xla"),        # jax.lax.ragged_dot
 }
 
 
@@ -68,8 +69,8 @@ def moe_layer(d, e, f, k, dispatcher, skew: bool, seed=0):
 
 
 def layer_step(layer):
-  """jit(forward+backward) of the layer wrt its input and parameters; returns the step and
-  a function giving the routed load's MaxVio and the dropped fraction."""
+  """jit(forward+backward) of the layer wrt its parameters and input (returning the layer's
+  routing statistics too), and the parameters."""
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
   def loss(params, x):
@@ -107,8 +108,11 @@ def check_kernels(interpret: bool) -> None:
     group_sizes = jnp.asarray(sizes, jnp.int32)
     blocks = gm.Blocks() if not interpret else gm.Blocks(m=16, n=32, k=32)
 
-    def fast(rows, w):
+    def pallas(rows, w):
       return gm.grouped_matmul(rows, w, group_sizes, blocks=blocks, interpret=interpret)
+
+    def mosaic(rows, w):
+      return gm.mosaic_grouped_matmul(rows, w, group_sizes)
 
     def reference(rows, w):
       return jax.lax.ragged_dot(rows.astype(jnp.float32), w.astype(jnp.float32), group_sizes)
@@ -117,20 +121,22 @@ def check_kernels(interpret: bool) -> None:
       out, vjp = jax.vjp(fn, rows, w)
       return (out, *vjp(cotangent.astype(out.dtype)))
 
-    got = jax.jit(lambda: with_grads(fast))()
     want = jax.jit(lambda: with_grads(reference))()
-    errors = [float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
-              for a, b in zip(got, want)]
-    finite = all(bool(jnp.isfinite(a.astype(jnp.float32)).all()) for a in got)
-    print(f"  N={n} K={k_dim} F={f_dim} E={e} sizes min/max {sizes.min()}/{sizes.max()}: "
-          f"out {errors[0]:.1e}  d_rows {errors[1]:.1e}  d_w {errors[2]:.1e}  finite={finite}")
-    assert finite and max(errors) < 2e-2, errors
+    for name, fast in [("pallas", pallas)] + ([("mosaic", mosaic)] if gm.hopper() else []):
+      got = jax.jit(lambda: with_grads(fast))()
+      errors = [float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+                for a, b in zip(got, want)]
+      finite = all(bool(jnp.isfinite(a.astype(jnp.float32)).all()) for a in got)
+      print(f"  {name}: N={n} K={k_dim} F={f_dim} E={e} sizes min/max {sizes.min()}/{sizes.max()}: "
+            f"out {errors[0]:.1e}  d_rows {errors[1]:.1e}  d_w {errors[2]:.1e}  finite={finite}")
+      assert finite and max(errors) < 2e-2, errors
 
 
-TUNE_BLOCKS = [gm.Blocks(128, 128, 64, 4, 4), gm.Blocks(128, 128, 64, 8, 3),
-               gm.Blocks(128, 256, 64, 8, 3), gm.Blocks(64, 128, 64, 4, 4),
-               gm.Blocks(128, 128, 32, 4, 4), gm.Blocks(256, 128, 64, 8, 3),
-               gm.Blocks(128, 64, 64, 4, 4)]
+TUNE_BLOCKS = [gm.Blocks(128, 128, 64, 4, 4), gm.Blocks(64, 128, 64, 4, 4),
+               gm.Blocks(128, 128, 64, 8, 4), gm.Blocks(128, 256, 64, 8, 2),
+               gm.MosaicBlocks(128, 128, 64, 4, 1), gm.MosaicBlocks(128, 128, 64, 4, 4),
+               gm.MosaicBlocks(128, 128, 64, 6, 2), gm.MosaicBlocks(64, 128, 64, 4, 1),
+               gm.MosaicBlocks(128, 256, 64, 3, 1), gm.MosaicBlocks(128, 192, 64, 4, 1)]
 
 
 def tune(shapes, tokens, warmup, repeats) -> None:
@@ -146,23 +152,30 @@ def tune(shapes, tokens, warmup, repeats) -> None:
     dense_w = w[0]
     flops = 2 * n * d * f
     dense = median_ms(jax.jit(lambda a, b: a @ b), rows, dense_w, warmup=warmup, repeats=repeats)
-    dense_grad = jax.jit(jax.grad(lambda a, b: jnp.sum((a @ b).astype(jnp.float32)), (0, 1)))
-    dense_bwd = median_ms(dense_grad, rows, dense_w, warmup=warmup, repeats=repeats)
+    dense_grad = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum((a @ b).astype(jnp.float32)),
+                                            (0, 1)))
+    dense_both = median_ms(dense_grad, rows, dense_w, warmup=warmup, repeats=repeats)
     print(f"tune {shape}: rows {n} x {d} -> {f}, E={e}: dense fwd {flops / dense / 1e9:.0f} "
-          f"TFLOP/s, fwd+bwd {3 * flops / (dense + dense_bwd) / 1e9:.0f}", flush=True)
+          f"TFLOP/s, fwd+bwd {3 * flops / dense_both / 1e9:.0f}", flush=True)
     for blocks in TUNE_BLOCKS:
-      fwd = jax.jit(lambda r, w, b=blocks: gm.grouped_matmul(r, w, sizes, blocks=b))
-      grad = jax.jit(jax.grad(lambda r, w, b=blocks: jnp.sum(
-          gm.grouped_matmul(r, w, sizes, blocks=b).astype(jnp.float32)), (0, 1)))
+      if isinstance(blocks, gm.MosaicBlocks):
+        if not gm.hopper():
+          continue
+        matmul = lambda r, w, b=blocks: gm.mosaic_grouped_matmul(r, w, sizes, b)
+      else:
+        matmul = lambda r, w, b=blocks: gm.grouped_matmul(r, w, sizes, blocks=b)
+      fwd = jax.jit(matmul)
+      # value_and_grad: the forward result is used, so the forward kernel cannot be dropped
+      grad = jax.jit(jax.value_and_grad(lambda r, w, f=matmul: jnp.sum(f(r, w).astype(jnp.float32)),
+                                        (0, 1)))
       try:
         t_fwd = median_ms(fwd, rows, w, warmup=warmup, repeats=repeats)
         t_grad = median_ms(grad, rows, w, warmup=warmup, repeats=repeats)
       except Exception as error:
         print(f"  {blocks}: failed: {str(error).splitlines()[0][:160]}", flush=True)
         continue
-      print(f"  {tuple(blocks)}: fwd {t_fwd:.2f} ms {flops / t_fwd / 1e9:.0f} TFLOP/s; "
-            f"fwd+bwd {t_fwd + t_grad:.2f} ms {3 * flops / (t_grad) / 1e9:.0f} TFLOP/s (grad only "
-            f"timed: it includes the forward)", flush=True)
+      print(f"  {type(blocks).__name__}{tuple(blocks)}: fwd {t_fwd:.2f} ms {flops / t_fwd / 1e9:.0f} "
+            f"TFLOP/s; fwd+bwd {t_grad:.2f} ms {3 * flops / t_grad / 1e9:.0f} TFLOP/s", flush=True)
 
 
 def run(shapes, token_counts, routings, dispatchers, warmup, repeats):
@@ -223,7 +236,7 @@ def main():
   parser.add_argument("--shapes", default="a,b,c")
   parser.add_argument("--tokens", default="16384")
   parser.add_argument("--routing", default="balanced,skewed")
-  parser.add_argument("--dispatchers", default="capacity,dropless,dropless_xla")
+  parser.add_argument("--dispatchers", default="capacity,dropless,dropless_pallas,dropless_xla")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--check", action="store_true", help="check the kernels first")

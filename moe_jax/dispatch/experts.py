@@ -38,6 +38,9 @@ class SwiGLUExperts(NamedTuple):
     if choice == "xla":
       dot = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
       return dot(jax.nn.silu(dot(rows, self.w_gate)) * dot(rows, self.w_up), self.w_down)
+    if choice == "mosaic":   # ragged groups as they are
+      dot = lambda a, w: grouped_matmul.mosaic_grouped_matmul(a, w, group_sizes)
+      return dot(jax.nn.silu(dot(rows, self.w_gate)) * dot(rows, self.w_up), self.w_down)
     blocks = grouped_matmul.Blocks()
     if choice == "interpret":
       blocks = grouped_matmul.Blocks(m=16, n=32, k=32)   # small tiles: interpret mode is slow

@@ -203,17 +203,77 @@ def grouped_matmul(rows: Float[Array, "N K"], w: Float[Array, "E K F"], group_si
   return jnp.concatenate([out, jnp.zeros((1, out.shape[1]), out.dtype)])[layout.padded_row]
 
 
+# ---- Hopper: jax's Mosaic GPU ragged-dot kernels (wgmma), wrapped with their gradients ----
+
+
+class MosaicBlocks(NamedTuple):
+  """Tile sizes of jax's Mosaic GPU ragged_dot / transposed_ragged_dot kernels."""
+
+  m: int = 128
+  n: int = 128
+  k: int = 64
+  steps: int = 4          # pipeline depth (max_concurrent_steps)
+  grid_block_n: int = 4   # column blocks one SM walks before the next row block
+
+
+def _mosaic_kernels():
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+  return ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot
+
+
+def _mosaic_ragged(rows, w, group_sizes, blocks: MosaicBlocks, transpose_rhs: bool):
+  ragged_dot, _ = _mosaic_kernels()
+  contraction, width = (w.shape[2], w.shape[1]) if transpose_rhs else (w.shape[1], w.shape[2])
+  out = ragged_dot(rows, w, group_sizes=group_sizes, block_m=blocks.m,
+                   block_n=_block(width, blocks.n), block_k=_block(contraction, blocks.k),
+                   max_concurrent_steps=blocks.steps, grid_block_n=blocks.grid_block_n,
+                   transpose_rhs=transpose_rhs)
+  inside = jnp.arange(rows.shape[0]) < jnp.sum(group_sizes)   # the kernel skips other rows
+  return jnp.where(inside[:, None], out, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def mosaic_grouped_matmul(rows, w, group_sizes, blocks: MosaicBlocks = MosaicBlocks()):
+  """ragged_dot(rows, w, group_sizes) on Hopper GPUs (rows past the groups give 0)."""
+  return _mosaic_ragged(rows, w, group_sizes, blocks, transpose_rhs=False)
+
+
+def _mosaic_forward(rows, w, group_sizes, blocks):
+  return mosaic_grouped_matmul(rows, w, group_sizes, blocks), (rows, w, group_sizes)
+
+
+def _mosaic_backward(blocks, residuals, dy):
+  rows, w, group_sizes = residuals
+  dy = dy.astype(rows.dtype)
+  dx = _mosaic_ragged(dy, w, group_sizes, blocks, transpose_rhs=True)
+  _, transposed_ragged_dot = _mosaic_kernels()
+  dw = transposed_ragged_dot(rows, dy, group_sizes=group_sizes, block_m=_block(w.shape[1], blocks.m),
+                             block_n=_block(w.shape[2], blocks.n), block_k=blocks.k,
+                             max_concurrent_steps=blocks.steps, grid_block_n=blocks.grid_block_n)
+  return dx, dw.astype(w.dtype), None
+
+
+mosaic_grouped_matmul.defvjp(_mosaic_forward, _mosaic_backward)
+
+
+def hopper() -> bool:
+  """A GPU of compute capability 9.x (H100, H200), where the Mosaic GPU kernels run."""
+  device = jax.devices()[0]
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
 # ---- which implementation the experts use --------------------------------------------------
 
-IMPLEMENTATIONS = ("auto", "pallas", "interpret", "xla")
+IMPLEMENTATIONS = ("auto", "mosaic", "pallas", "interpret", "xla")
 _choice = ["auto"]
 
 
 @contextlib.contextmanager
 def implementation(name: str):
-  """Within this block, ragged expert matmuls use `name`: "pallas" (the GPU kernels),
-  "interpret" (the same kernels in Pallas interpret mode, any backend), "xla"
-  (`jax.lax.ragged_dot`) or "auto" (pallas on GPU, xla elsewhere). Read at trace time."""
+  """Within this block, ragged expert matmuls use `name`: "mosaic" (jax's Mosaic GPU kernels,
+  Hopper), "pallas" (this module's Triton kernels, any CUDA GPU), "interpret" (those in Pallas
+  interpret mode, any backend), "xla" (`jax.lax.ragged_dot`) or "auto" (mosaic on Hopper,
+  pallas on other GPUs, xla elsewhere). Read at trace time."""
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"unknown grouped matmul {name!r}; choose from {IMPLEMENTATIONS}")
   previous, _choice[0] = _choice[0], name
@@ -227,7 +287,7 @@ def chosen_implementation(k_dim: int, f_dim: int) -> str:
   """"pallas", "interpret" or "xla" for experts of these widths, on this backend."""
   name = _choice[0]
   if name == "auto":
-    name = "pallas" if jax.default_backend() == "gpu" else "xla"
+    name = ("mosaic" if hopper() else "pallas") if jax.default_backend() == "gpu" else "xla"
   if name != "xla" and not supported(k_dim, f_dim):
     return "xla"
   return name
