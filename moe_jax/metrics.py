@@ -64,10 +64,10 @@ class MetricWriter:
       self.tensorboard.close()
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, layout: str | None = None):
   """A figure outside pyplot: saving it needs no display and leaves a notebook's backend alone."""
   from matplotlib.figure import Figure
-  return Figure(figsize=(width, height))
+  return Figure(figsize=(width, height), layout=layout)
 
 
 def relative_load(counts_LxE) -> np.ndarray:
@@ -102,12 +102,16 @@ def load_grid_figure(counts_by_name: dict[str, list], title: str):
   cols = min(3, len(names))
   rows = -(-len(names) // cols)
   vmax = max(float(relative_load(c).max()) for c in counts_by_name.values())
-  fig = _figure(4.2 * cols, 1.9 * rows + 0.8)
-  axes = fig.subplots(rows, cols, squeeze=False)
+  fig = _figure(4.2 * cols + 1, 2.2 * rows + 0.6, layout="constrained")
+  axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
   for ax, name in zip(axes.flat, names):
     image = _load_heatmap(ax, counts_by_name[name], name, vmax)
   for ax in axes.flat[len(names):]:
     ax.axis("off")
+  for ax in axes[:, 1:].flat:
+    ax.set_ylabel("")
+  for ax in axes[:-1, :].flat:
+    ax.set_xlabel("")
   fig.colorbar(image, ax=axes, label="load / mean load", shrink=0.8)
   fig.suptitle(title, fontsize=10)
   return fig

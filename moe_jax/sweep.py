@@ -283,7 +283,8 @@ def main(argv=None) -> int:
     if not args.collect_only:
       run_sweep(sweep, size, root, args.print_commands)
     if not args.print_commands:
-      invocation = "python -m moe_jax.sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+      invocation = f"python -m moe_jax.sweep {args.sweep}" + (
+          f" --workdir_root={args.workdir_root}" if args.workdir_root != "runs/sweeps" else "")
       rows = collect(sweep, size, root, Path(args.results) / label, invocation)
       print(markdown_table(rows))
       print(f"Results in {Path(args.results) / label}")
