@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +179,63 @@ def tune(shapes, tokens, warmup, repeats) -> None:
             f"TFLOP/s; fwd+bwd {t_grad:.2f} ms {3 * flops / t_grad / 1e9:.0f} TFLOP/s", flush=True)
 
 
+def _fused_experts(rows, experts, sizes):
+  """The SwiGLU experts with w_gate and w_up concatenated: one grouped matmul of width 2F."""
+  width = experts.w_gate.shape[2]
+  both = gm.mosaic_grouped_matmul(rows, jnp.concatenate([experts.w_gate, experts.w_up], axis=2), sizes)
+  hidden = jax.nn.silu(both[:, :width]) * both[:, width:]
+  return gm.mosaic_grouped_matmul(hidden, experts.w_down, sizes)
+
+
+def breakdown(shapes, tokens, warmup, repeats) -> None:
+  """Where the dropless layer's forward+backward time goes: routing, the permutation round trip
+  (sort, gather, un-permute, combine) with identity experts, the experts alone on sorted rows,
+  and the whole layer."""
+  from moe_jax import routing
+  from moe_jax.dispatch import SwiGLUExperts, dropless_dispatch
+  for shape in shapes:
+    d, e, f, k, _ = SHAPES[shape]
+    key = jax.random.split(jax.random.key(3), 6)
+    x = jax.random.normal(key[0], (tokens, d), jnp.bfloat16)
+    router = jax.random.normal(key[1], (d, e), jnp.float32) * d ** -0.5
+    experts = SwiGLUExperts(*(jax.random.normal(key[i], shp, jnp.bfloat16) * 0.02 for i, shp in
+                              [(2, (e, d, f)), (3, (e, d, f)), (4, (e, f, d))]))
+    rows = jax.random.normal(key[5], (tokens * k, d), jnp.bfloat16)
+    sizes = jnp.asarray(np.random.default_rng(0).multinomial(tokens * k, np.full(e, 1 / e)), jnp.int32)
+
+    def route(x, router):
+      logits = x.astype(jnp.float32) @ router
+      decision = routing.topk_route(logits, jnp.zeros((e,)), top_k=k, score_function="sigmoid")
+      return decision
+
+    class Identity(NamedTuple):
+      num_experts: int
+
+      def ragged(self, rows, group_sizes):
+        return rows
+
+    parts = {
+        "routing (router matmul, scores, top-k)": (
+            lambda x, router: jnp.sum(route(x, router).gates ** 2), (x, router)),
+        "sort + gather + un-permute + combine": (
+            lambda x, router: jnp.sum(dropless_dispatch(
+                x, *route(x, router)[:2], Identity(e)).output.astype(jnp.float32) ** 2), (x, router)),
+        "experts on sorted rows (3 grouped matmuls, SwiGLU)": (
+            lambda rows, experts: jnp.sum(experts.ragged(rows, sizes).astype(jnp.float32) ** 2),
+            (rows, experts)),
+        "experts, gate and up fused into one matmul (mosaic)": (
+            lambda rows, experts: jnp.sum(_fused_experts(rows, experts, sizes).astype(jnp.float32) ** 2),
+            (rows, experts)),
+        "whole layer": (
+            lambda x, experts: jnp.sum(dropless_dispatch(
+                x, *route(x, router)[:2], experts).output.astype(jnp.float32) ** 2), (x, experts)),
+    }
+    print(f"breakdown {shape} T={tokens} (fwd+bwd, dropless):", flush=True)
+    for name, (fn, args) in parts.items():
+      step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+      print(f"  {name}: {median_ms(step, *args, warmup=warmup, repeats=repeats):.2f} ms", flush=True)
+
+
 def run(shapes, token_counts, routings, dispatchers, warmup, repeats):
   rows_out = []
   for shape in shapes:
@@ -240,6 +298,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--check", action="store_true", help="check the kernels first")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="time the parts of the dropless layer instead")
   parser.add_argument("--tune", action="store_true",
                       help="time the grouped matmul's tile configurations instead")
   args = parser.parse_args()
@@ -250,6 +310,9 @@ def main():
     check_kernels(interpret=jax.default_backend() != "gpu")
   if args.tune:
     tune(args.shapes.split(","), int(args.tokens.split(",")[0]), args.warmup, args.repeats)
+    return
+  if args.breakdown:
+    breakdown(args.shapes.split(","), int(args.tokens.split(",")[0]), args.warmup, args.repeats)
     return
   rows = run(args.shapes.split(","), [int(t) for t in args.tokens.split(",")],
              args.routing.split(","), args.dispatchers.split(","), args.warmup, args.repeats)

@@ -7,8 +7,10 @@ y[T, D] = sum_k gate_k * expert_{id_k}(x) and the number of (token, slot) assign
 dropped for lack of capacity.
 """
 
+import functools
 from typing import NamedTuple, Protocol
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -35,10 +37,43 @@ class Dispatcher(Protocol):
                gates: Float[Array, "T K"], experts: Experts, capacity_factor: float) -> Dispatched: ...
 
 
+def inverse_permutation(order: Int[Array, "N"]) -> Int[Array, "N"]:
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+@jax.custom_vjp
+def permute_rows(rows: Float[Array, "N D"], index: Int[Array, "N"], inverse: Int[Array, "N"]):
+  """rows[index] for a permutation `index` with inverse `inverse`. Its gradient is a gather by
+  the inverse rather than XLA's generic scatter-add (slow on GPU)."""
+  return rows[index]
+
+
+permute_rows.defvjp(lambda rows, index, inverse: (rows[index], inverse),
+                    lambda inverse, d: (d[inverse], None, None))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_assignments(x: Float[Array, "T D"], order: Int[Array, "N"], inverse: Int[Array, "N"],
+                       top_k: int) -> Float[Array, "N D"]:
+  """x[order // K]: the token of each assignment, in `order` (a permutation of the T * K flat
+  assignments t * K + k). The gradient gathers by `inverse` and sums each token's K rows."""
+  return x[order // top_k]
+
+
+def _gather_assignments_backward(top_k, inverse, d):
+  per_assignment = d[inverse].reshape(inverse.shape[0] // top_k, top_k, -1)
+  return per_assignment.sum(axis=1, dtype=jnp.float32).astype(d.dtype), None, None
+
+
+gather_assignments.defvjp(lambda x, order, inverse, top_k: (x[order // top_k], inverse),
+                          _gather_assignments_backward)
+
+
 def combine_sorted(sorted_rows: Float[Array, "N D"], order: Int[Array, "N"],
-                   gates: Float[Array, "T K"]) -> Float[Array, "T D"]:
+                   gates: Float[Array, "T K"], inverse: Int[Array, "N"] | None = None
+                   ) -> Float[Array, "T D"]:
   """Rows in expert-sorted order (row i belongs to flat assignment order[i] = t * K + k) ->
   y[t] = sum_k gates[t, k] * row of (t, k), in float32."""
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
-  rows_TxKxD = sorted_rows[inverse].reshape(*gates.shape, -1)
+  inverse = inverse_permutation(order) if inverse is None else inverse
+  rows_TxKxD = permute_rows(sorted_rows, inverse, order).reshape(*gates.shape, -1)
   return jnp.einsum("tkd,tk->td", rows_TxKxD.astype(jnp.float32), gates.astype(jnp.float32))

@@ -7,7 +7,8 @@ separate work).
 
 import jax.numpy as jnp
 
-from moe_jax.dispatch.base import Dispatched, combine_sorted
+from moe_jax.dispatch.base import (Dispatched, combine_sorted, gather_assignments,
+                                   inverse_permutation)
 
 
 def dropless_dispatch(x, expert_ids, gates, experts, capacity_factor=None):
@@ -16,6 +17,7 @@ def dropless_dispatch(x, expert_ids, gates, experts, capacity_factor=None):
   flat_experts = expert_ids.reshape(-1).astype(jnp.int32)
   order = jnp.argsort(flat_experts, stable=True)
   group_sizes = jnp.bincount(flat_experts, length=experts.num_experts).astype(jnp.int32)
-  sorted_out = experts.ragged(x[order // top_k], group_sizes)
-  y = combine_sorted(sorted_out, order, gates)
+  inverse = inverse_permutation(order)
+  sorted_out = experts.ragged(gather_assignments(x, order, inverse, top_k), group_sizes)
+  y = combine_sorted(sorted_out, order, gates, inverse)
   return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
