@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_jax import steps   # noqa: E402
 from moe_jax.model import ModelSpec, parameter_counts   # noqa: E402
 
-# About 1.1B parameters, about 0.2B used per token: 16 blocks of width 1024 (the first dense),
-# 64 routed experts of width 352 top-6 plus 2 shared, a 32K vocabulary.
+# About 1.3B parameters, about 0.26B used per token: 16 blocks of width 1024 (the first dense),
+# 64 routed experts of width 384 top-6 plus 2 shared, a 32K vocabulary.
 SPEC = ModelSpec(
     vocab_size=32768, d_model=1024, num_layers=16, num_dense_layers=1, num_heads=16,
     num_kv_heads=4, head_dim=64, rope_theta=10_000.0, dense_mlp_dim=4096, norm_eps=1e-6,
-    compute_dtype="bfloat16", num_routed_experts=64, num_shared_experts=2, expert_dim=352,
+    compute_dtype="bfloat16", num_routed_experts=64, num_shared_experts=2, expert_dim=384,
     top_k=6, router="sigmoid", route_scale=1.0, norm_topk_prob=True, num_groups=1,
     topk_groups=1, group_score="top2_sum", dispatcher="capacity", capacity_factor=1.25,
     expert_parallel="none", switch_loss_alpha=0.0, sequence_loss_alpha=1e-4, z_loss_coef=0.0)

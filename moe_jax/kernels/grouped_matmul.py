@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-MIN_BLOCK = 16   # the smallest dot Triton takes
+MIN_BLOCK = 16          # the smallest dot Triton takes
+MOSAIC_MIN_BLOCK = 64   # the Mosaic GPU kernels' smallest tile (128-byte swizzle of bf16)
 
 
 class Blocks(NamedTuple):
@@ -288,6 +289,8 @@ def chosen_implementation(k_dim: int, f_dim: int) -> str:
   name = _choice[0]
   if name == "auto":
     name = ("mosaic" if hopper() else "pallas") if jax.default_backend() == "gpu" else "xla"
+  if name == "mosaic" and (k_dim % MOSAIC_MIN_BLOCK or f_dim % MOSAIC_MIN_BLOCK):
+    name = "pallas"   # its swizzled tiles need widths in multiples of 64
   if name != "xla" and not supported(k_dim, f_dim):
     return "xla"
   return name
