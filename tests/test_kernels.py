@@ -1,0 +1,86 @@
+"""The grouped-matmul kernels in Pallas interpret mode against jax.lax.ragged_dot."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax.dispatch import SwiGLUExperts, dropless_dispatch, reference_dispatch
+from moe_jax.kernels import grouped_matmul as gm
+
+SMALL = gm.Blocks(m=16, n=16, k=16)
+
+
+def test_layout_pads_each_group_to_the_row_tile_by_hand():
+  layout = gm.group_layout(jnp.array([3, 0, 17, 1]), num_rows=22, block_m=16)
+  # Groups of 3, 0, 17, 1 rows -> 16, 0, 32, 16 padded rows: tiles 0 | - | 1, 2 | 3, then spare.
+  assert gm.padded_rows(22, 4, 16) == 96
+  np.testing.assert_array_equal(layout.tile_group, [0, 2, 2, 3, 4, 4])
+  np.testing.assert_array_equal(layout.group_tile_start, [0, 1, 1, 3, 4])
+  np.testing.assert_array_equal(layout.padded_row[:4], [0, 1, 2, 16])
+  np.testing.assert_array_equal(layout.padded_row[20:], [48, 96])   # row 21 is in no group
+  assert layout.padded_source[3] == 22 and layout.padded_source[48] == 20
+
+
+@pytest.mark.parametrize("sizes", [
+    [30, 0, 45, 1, 20],          # an empty expert, a single row, rows past the groups
+    [0, 0, 100, 0, 0],           # everything on one expert
+    [20, 20, 20, 20, 20],        # balanced
+], ids=["mixed", "one_expert", "balanced"])
+def test_kernels_match_ragged_dot_with_gradients(sizes):
+  rng = np.random.default_rng(sum(sizes))
+  rows = jnp.asarray(rng.normal(size=(100, 32)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(5, 32, 48)), jnp.float32)
+  group_sizes = jnp.asarray(sizes, jnp.int32)
+  cotangent = jnp.asarray(rng.normal(size=(100, 48)), jnp.float32)
+
+  def with_grads(fn):
+    out, vjp = jax.vjp(fn, rows, w)
+    return (out, *vjp(cotangent))
+
+  got = with_grads(lambda r, w: gm.grouped_matmul(r, w, group_sizes, blocks=SMALL, interpret=True))
+  want = with_grads(lambda r, w: jax.lax.ragged_dot(r, w, group_sizes))
+  for name, a, b in zip(("out", "d_rows", "d_w"), got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_bf16_inputs_accumulate_in_float32():
+  rng = np.random.default_rng(0)
+  rows = jnp.asarray(rng.normal(size=(64, 256)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(2, 256, 32)) / 16, jnp.bfloat16)
+  sizes = jnp.array([40, 24])
+  got = gm.grouped_matmul(rows, w, sizes, blocks=SMALL, interpret=True).astype(jnp.float32)
+  want = jax.lax.ragged_dot(rows.astype(jnp.float32), w.astype(jnp.float32), sizes)
+  assert got.dtype == jnp.float32 and float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2
+
+
+def test_dropless_dispatch_through_the_kernels_matches_the_reference():
+  rng = np.random.default_rng(1)
+  tokens, width, hidden, experts, k = 48, 32, 48, 8, 2
+  x = jnp.asarray(rng.normal(size=(tokens, width)), jnp.float32)
+  weights = SwiGLUExperts(*(jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32) for s in
+                            [(experts, width, hidden), (experts, width, hidden),
+                             (experts, hidden, width)]))
+  ids = jnp.asarray(rng.choice(3, (tokens, k)), jnp.int32)   # very skewed: 3 of 8 experts used
+  ids = ids.at[:, 1].set((ids[:, 0] + 1) % 3)
+  gates = jnp.asarray(rng.random((tokens, k)), jnp.float32)
+  loss = lambda fn: lambda x, w: jnp.sum(jnp.sin(fn(x, ids, gates, w).output))
+  with gm.implementation("interpret"):
+    assert gm.chosen_implementation(width, hidden) == "interpret"
+    got = jax.value_and_grad(loss(dropless_dispatch), (0, 1))(x, weights)
+  want = jax.value_and_grad(loss(reference_dispatch), (0, 1))(x, weights)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_implementation_choice():
+  assert gm.chosen_implementation(64, 128) == "xla"          # auto on CPU
+  with gm.implementation("pallas"):
+    assert gm.chosen_implementation(64, 128) == "pallas"
+    assert gm.chosen_implementation(64, 100) == "xla"        # not a multiple of 16
+  with gm.implementation("mosaic"):
+    assert gm.chosen_implementation(1024, 384) == "mosaic"
+    assert gm.chosen_implementation(1024, 352) == "pallas"   # mosaic tiles need multiples of 64
+  with pytest.raises(ValueError, match="unknown grouped matmul 'cuda'"):
+    with gm.implementation("cuda"):
+      pass
