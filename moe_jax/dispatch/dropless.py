@@ -1,8 +1,9 @@
 """Dropless dispatch: assignments sorted by expert, one grouped matmul over ragged groups.
 
-Nothing is dropped and no capacity is padded. The grouped matmul is `jax.lax.ragged_dot`,
-which runs everywhere (on GPU, XLA lowers it to a slow dense product; a fast kernel is
-separate work).
+Nothing is dropped and no capacity is padded. The grouped matmuls are the experts' `ragged`
+method: GPU kernels on GPU (moe_jax/kernels/grouped_matmul.py), `jax.lax.ragged_dot`
+elsewhere. The permutation into expert order and back are gathers whose gradients are gathers
+too (dispatch/base.py), not scatter-adds.
 """
 
 import jax.numpy as jnp
