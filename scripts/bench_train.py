@@ -92,6 +92,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--peak_tflops", type=float, default=989.0)
+  parser.add_argument("--dense_reference", action="store_true",
+                      help="also time a dense model of the same FLOPs per token")
   args = parser.parse_args()
   counts = parameter_counts(SPEC)
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {datetime.date.today()}: "
@@ -100,10 +102,14 @@ def main():
         f"{args.seq} tokens", flush=True)
   ceiling = matmul_ceiling()
   print(f"bf16 8192^3 matmul: {ceiling:.0f} TFLOP/s", flush=True)
+  variants = [(d, SPEC._replace(dispatcher=d)) for d in args.dispatchers.split(",") if d]
+  if args.dense_reference:   # every block dense, as wide as the experts a token uses
+    width = (SPEC.top_k + SPEC.num_shared_experts) * SPEC.expert_dim
+    variants.append((f"dense model, MLP width {width} (same FLOPs per token)",
+                     SPEC._replace(num_dense_layers=SPEC.num_layers, dense_mlp_dim=width)))
   rows = []
-  for dispatcher in args.dispatchers.split(","):
-    result = bench(SPEC._replace(dispatcher=dispatcher), args.batch, args.seq, args.warmup,
-                   args.repeats)
+  for dispatcher, spec in variants:
+    result = bench(spec, args.batch, args.seq, args.warmup, args.repeats)
     rows.append((dispatcher, result))
     print(f"  {dispatcher}: {result['seconds'] * 1e3:.1f} ms/step, "
           f"{result['tokens_per_second']:,.0f} tokens/s, {result['model_tflops']:.0f} TFLOP/s", flush=True)
