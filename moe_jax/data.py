@@ -208,22 +208,28 @@ class Windows:
 
 def train_dataset(windows: Windows, batch_per_process: int, seed: int, process_index: int,
                   process_count: int) -> grain.IterDataset:
-  """Shuffled (a new order every epoch), endless batches of this process's share of windows."""
-  mine = grain.MapDataset.source(windows)[process_index::process_count]
-  if len(mine) < batch_per_process:
+  """Shuffled (a new order every epoch), endless batches: this process's contiguous share of
+  each global batch. The global batches do not depend on the number of processes, so a run
+  on N hosts sees the same data in the same order as on one."""
+  global_batch = batch_per_process * process_count
+  if len(windows) < global_batch:
     raise DataError(f"the train split has {len(windows)} windows, fewer than one batch "
-                    f"({batch_per_process * process_count}): lower data.batch_size or add data")
-  return (mine.shuffle(seed=seed).repeat(None)
-          .batch(batch_per_process, drop_remainder=True).to_iter_dataset())
+                    f"({global_batch}): lower data.batch_size or add data")
+  first = process_index * batch_per_process
+  mine = lambda indices: np.stack([windows[i] for i in indices[first:first + batch_per_process]])
+  return (grain.MapDataset.range(len(windows)).shuffle(seed=seed).repeat(None)
+          .batch(global_batch, drop_remainder=True).map(mine).to_iter_dataset())
 
 
 def evaluation_batches(windows: Windows, num_batches: int, batch_per_process: int,
                        process_index: int, process_count: int) -> Iterator[np.ndarray]:
-  """The same validation batches every time: the first windows in order, wrapping if short."""
+  """The same validation batches every time: the first windows in order, wrapping if short;
+  each process takes its contiguous share of each global batch."""
   global_batch = batch_per_process * process_count
+  first = process_index * batch_per_process
   for b in range(num_batches):
     indices = (np.arange(global_batch) + b * global_batch) % len(windows)
-    yield np.stack([windows[i] for i in indices[process_index::process_count]])
+    yield np.stack([windows[i] for i in indices[first:first + batch_per_process]])
 
 
 def decode_bytes(ids) -> str:

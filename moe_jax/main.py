@@ -4,7 +4,8 @@ A config, data or checkpoint mistake prints one clear message and exits with sta
 traceback; a run stopped by SIGTERM/SIGINT saves a checkpoint and exits with 128 + the signal
 number (143, 130); a run that keeps producing bad numbers exits with 3.
 Launched as one process of many (--distributed), it joins the others through
-jax.distributed.initialize, which reads the cluster from SLURM, TPU metadata or JAX_* variables.
+jax.distributed.initialize, which reads the cluster from SLURM, Open MPI, Kubernetes or TPU
+metadata, or from --coordinator_address, --num_processes and --process_id.
 """
 
 import sys
@@ -16,7 +17,12 @@ config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment conf
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.",
                     required=True)
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process runs).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process runs); "
+                  "on SLURM, Open MPI, Kubernetes and TPU VMs it finds the other processes itself.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--distributed, when "
+                    "the cluster is not detected).")
+flags.DEFINE_integer("num_processes", None, "How many processes (--distributed, undetected cluster).")
+flags.DEFINE_integer("process_id", None, "This process's index (--distributed, undetected cluster).")
 FLAGS = flags.FLAGS
 
 
@@ -25,7 +31,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)   # orbax logs every save step at INFO
   if FLAGS.distributed:
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   sys.exit(run(FLAGS.config, FLAGS.workdir))
 
 
