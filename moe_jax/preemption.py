@@ -1,11 +1,10 @@
 """Preemption: SIGTERM or SIGINT asks the run to checkpoint at the next step boundary and exit.
 
-One process: `StopSignals` catches the first SIGTERM/SIGINT and only records it; the loop
-checks `requested` after each step, saves, and raises `Preempted`. A second SIGINT aborts at
-once (Ctrl-C twice). Several processes: the stop step must be the same everywhere, so the
-loop asks jax's preemption service (`multihost_utils.reached_preemption_sync_point`, on once
-`jax.distributed.initialize` has run), which turns the scheduler's SIGTERM into a step that
-every process agrees on; no Python handler is installed then.
+`StopSignals` catches the first SIGTERM/SIGINT and only records it; the loop checks it after
+each step, saves, and raises `Preempted`. A second SIGINT aborts at once (Ctrl-C twice).
+Several processes must stop at the same step: the loop gathers every process's record at log,
+evaluation and checkpoint steps (`multihost_utils.process_allgather`), so a signal to any one
+process stops them all there.
 """
 
 import signal

@@ -8,6 +8,7 @@ sample.txt and expert_load.png. A step with bad numbers rolls back to the newest
 
 import functools
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -158,7 +159,6 @@ class TrainingLoop:
     self.unchecked, self.pending = [], []    # (step, metrics) not yet checked / not yet logged
     self.last_eval, self.eval_counts, self.last_eval_step = {}, None, 0
     self.state, self.step = None, 0
-    self.iterations = 0   # steps run by this process, rolled-back ones included: only grows
 
   def say(self, message: str) -> None:
     if self.is_chief:
@@ -204,13 +204,13 @@ class TrainingLoop:
         batch = parallel.global_batch(next(self.data_iterator), self.mesh, self.batch_axes)
         self.state, metrics = self.train_fn(self.state, batch)
         self.step += 1
-        self.iterations += 1
         self.bar.update(1)
         self.unchecked.append((self.step, metrics))
-        preempted_by = self.preemption_signal(signals)
-        stopping = preempted_by or self.step == stop_after_step
         due = lambda every: self.step % every == 0 or self.step == t.steps
-        boundary = stopping or due(t.log_every) or due(t.eval_every) or due(t.checkpoint_every)
+        boundary = due(t.log_every) or due(t.eval_every) or due(t.checkpoint_every)
+        preempted_by = self.preemption_signal(signals, boundary)
+        stopping = preempted_by or self.step == stop_after_step
+        boundary = boundary or stopping
         if not self.check(keep_last=0 if boundary else 1):
           continue   # rolled back
         if self.step == start_step + 1:   # keep compilation out of tokens/s
@@ -232,13 +232,18 @@ class TrainingLoop:
           return False
     return True
 
-  def preemption_signal(self, signals: StopSignals) -> str | None:
-    """The name of the signal that asks to stop after this step, if any."""
-    if jax.process_count() > 1:   # every process must stop at the same step
-      from jax.experimental import multihost_utils
-      reached = multihost_utils.reached_preemption_sync_point(self.iterations)
-      return "SIGTERM" if reached else None
-    return signals.received.name if signals.requested else None
+  def preemption_signal(self, signals: StopSignals, boundary: bool) -> str | None:
+    """The name of the signal that asks to stop after this step, if any. Several processes
+    must stop at the same step: they agree at log, evaluation and checkpoint steps (a signal
+    to any one of them stops all)."""
+    if jax.process_count() == 1:
+      return signals.received.name if signals.requested else None
+    if not boundary:
+      return None
+    from jax.experimental import multihost_utils
+    received = np.int32(int(signals.received) if signals.requested else 0)
+    agreed = int(np.max(multihost_utils.process_allgather(received)))
+    return signal.Signals(agreed).name if agreed else None
 
   def check(self, keep_last: int) -> bool:
     """Checks the losses of all unchecked steps but the newest `keep_last`; on a bad one rolls

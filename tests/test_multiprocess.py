@@ -71,3 +71,27 @@ def test_two_processes_match_one_and_resume_across_processes(tmp_path):
   final_one = json.loads((one / "final_metrics.json").read_text())["validation_loss"]
   final_two = json.loads((two / "final_metrics.json").read_text())["validation_loss"]
   np.testing.assert_allclose(final_two, final_one, rtol=1e-4)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  import signal
+  import time
+  port = _free_port()
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "moe_jax.main", *ARGS, "--config.train.steps=5000",
+       "--config.train.checkpoint_every=5000", "--config.train.log_every=2",
+       f"--workdir={tmp_path}", "--distributed", f"--coordinator_address=localhost:{port}",
+       "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  deadline = time.time() + 300
+  while not (tmp_path / "metrics.jsonl").exists() or len(_losses(tmp_path)) < 2:
+    assert time.time() < deadline and all(p.poll() is None for p in processes)
+    time.sleep(0.5)
+  processes[1].send_signal(signal.SIGTERM)   # a scheduler may signal any one of them
+  outputs = [p.communicate(timeout=120)[0] for p in processes]
+  assert [p.returncode for p in processes] == [143, 143], [o[-2000:] for o in outputs]
+  stops = {line for o in outputs for line in o.splitlines() if line.startswith("stopped by SIGTERM")}
+  assert len(stops) == 1, stops                # the same step in both processes
+  step = int(stops.pop().split("after step ")[1].split(":")[0])
+  assert step % 2 == 0 and sorted(os.listdir(tmp_path / "checkpoints")) == [str(step)]
