@@ -66,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.expert_parallel = "none"  # experts sharded over mesh.expert: "all_to_all" (padded,
                                     # capacity) | "all_gather" (dropless) | "ragged_all_to_all"
                                     # (GPU/TPU); "none" replicates them
+  c.model.expert_parallel_chunks = 1  # >1: each device's tokens in this many slices, so one
+                                      # slice's exchange can overlap another's expert compute
   # balancing
   c.model.bias_update_rate = 1e-2   # gamma of the aux-loss-free bias update (0 turns it off);
                                     # DeepSeek-V3 used 1e-3 over far longer runs

@@ -101,6 +101,11 @@ def _sharding_problems(config, mesh_sizes: dict[str, int]) -> list[str]:
   if m.num_routed_experts % size("experts"):
     problems.append(f"model.num_routed_experts={m.num_routed_experts} is not divisible by the "
                     f"{size('experts')} devices of sharding.experts={config.sharding.experts!r}")
+  per_device = d.batch_size * d.seq_len // max(size("batch"), 1)
+  if m.expert_parallel != "none" and m.expert_parallel_chunks >= 1 and (
+      per_device % m.expert_parallel_chunks):
+    problems.append(f"model.expert_parallel_chunks={m.expert_parallel_chunks} does not divide the "
+                    f"{per_device} tokens of each device")
   if m.expert_parallel != "none" and (rules.get("experts") != ("expert",)
                                       or rules.get("batch") != parallel.BATCH_AXES):
     problems.append(f"model.expert_parallel={m.expert_parallel!r} needs sharding.experts='expert' "
@@ -181,6 +186,8 @@ def _problems(config, num_devices: int, backend: str) -> list[str]:
   need(m.compute_dtype in DTYPES,
        f"model.compute_dtype={m.compute_dtype!r} is unknown; choose from {sorted(DTYPES)}")
   need(m.capacity_factor > 0, f"model.capacity_factor={m.capacity_factor} must be > 0")
+  need(m.expert_parallel_chunks >= 1,
+       f"model.expert_parallel_chunks={m.expert_parallel_chunks} must be >= 1")
   need(m.route_scale > 0, f"model.route_scale={m.route_scale} must be > 0")
   need(m.bias_update_rate >= 0, f"model.bias_update_rate={m.bias_update_rate} must be >= 0")
   for name in ("switch_loss_alpha", "sequence_loss_alpha", "z_loss_coef"):

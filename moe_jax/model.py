@@ -47,6 +47,7 @@ class ModelSpec(NamedTuple):
   dispatcher: str
   capacity_factor: float
   expert_parallel: str
+  expert_parallel_chunks: int
   switch_loss_alpha: float
   sequence_loss_alpha: float
   z_loss_coef: float
@@ -67,7 +68,8 @@ class Block(nnx.Module):
     if use_moe:
       settings = RouterSettings(spec.router, spec.top_k, spec.norm_topk_prob, spec.route_scale,
                                 spec.num_groups, spec.topk_groups, spec.group_score,
-                                spec.dispatcher, spec.capacity_factor, spec.expert_parallel)
+                                spec.dispatcher, spec.capacity_factor, spec.expert_parallel,
+                                spec.expert_parallel_chunks)
       weights = LossWeights(spec.switch_loss_alpha, spec.sequence_loss_alpha, spec.z_loss_coef)
       self.mlp = MoE(spec.d_model, spec.num_routed_experts, spec.expert_dim,
                      spec.num_shared_experts, settings, weights, dtype, rngs)

@@ -43,6 +43,7 @@ BAD = [
     ("model.z_loss_coef", -1.0, "model.z_loss_coef=-1.0 must be >= 0"),
     ("train.metrics_port", 70000, "train.metrics_port=70000 must be 0 (off) or a port"),
     ("model.expert_parallel", "magic", "model.expert_parallel='magic' is unknown"),
+    ("model.expert_parallel_chunks", 0, "model.expert_parallel_chunks=0 must be >= 1"),
     ("sharding.embed", "tensor", "sharding.embed=tensor: unknown mesh axis"),
     ("sharding.mlp", "expert", "sharding: parameter 'w_gate' (experts, embed, mlp) would use"),
     ("model.expert_parallel", "ragged_all_to_all",
@@ -121,6 +122,15 @@ def test_command_line_reports_bad_overrides(tmp_path, override, message):
       [sys.executable, "-m", "moe_jax.main", "--config=configs/default.py:tiny", override,
        f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_expert_parallel_chunks_divide_each_devices_tokens():
+  config = get_config("tiny,ep=all_to_all")        # 8 x 64 tokens over 8 devices: 64 each
+  config.model.expert_parallel_chunks = 4
+  validate_config(config, num_devices=8)
+  config.model.expert_parallel_chunks = 3
+  with pytest.raises(ConfigError, match="expert_parallel_chunks=3 does not divide the 64 tokens"):
+    validate_config(config, num_devices=8)
 
 
 def test_expert_parallelism_needs_the_expert_rules():

@@ -116,15 +116,30 @@ _VARIANT_FUNCTIONS = {"all_to_all": _all_to_all, "all_gather": _all_gather,
                       "ragged_all_to_all": _ragged_all_to_all}
 
 
+def _in_chunks(function, chunks: int):
+  """`function` over `chunks` equal slices of the device's tokens, one after another in the
+  program. The slices do not depend on each other, so the compiler may run one slice's
+  exchange while another's experts compute (overlap). Capacity applies per slice."""
+  if chunks == 1:
+    return function
+
+  def run(x, expert_ids, gates, local_experts, capacity_factor):
+    split = lambda a: jnp.split(a, chunks)
+    outs = [function(*piece, local_experts, capacity_factor)
+            for piece in zip(split(x), split(expert_ids), split(gates))]
+    return Dispatched(jnp.concatenate([o.output for o in outs]), sum(o.dropped for o in outs))
+  return run
+
+
 def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSxK,
-                             experts: SwiGLUExperts, capacity_factor: float):
+                             experts: SwiGLUExperts, capacity_factor: float, chunks: int = 1):
   """Runs one expert-parallel variant over the context mesh (`jax.set_mesh`).
 
   Takes global arrays: tokens split over ("data", "expert"), expert weights over "expert".
-  Each device dispatches all of its tokens as one group. Returns the output [B, S, D] and
-  the number of dropped assignments.
+  Each device dispatches its tokens as one group, or as `chunks` groups of equal size
+  (see `_in_chunks`). Returns the output [B, S, D] and the number of dropped assignments.
   """
-  function = _VARIANT_FUNCTIONS[variant]
+  function = _in_chunks(_VARIANT_FUNCTIONS[variant], chunks)
 
   def per_device(x, ids, gates, w_gate, w_up, w_down):
     batch, seq, width = x.shape

@@ -39,6 +39,7 @@ class RouterSettings(NamedTuple):
   dispatcher: str
   capacity_factor: float
   expert_parallel: str = "none"  # "none" | "all_to_all" | "all_gather" | "ragged_all_to_all"
+  expert_parallel_chunks: int = 1  # slices of each device's tokens dispatched separately
 
 
 class MoEStats(NamedTuple):
@@ -120,7 +121,7 @@ class MoE(nnx.Module):
     if s.expert_parallel != "none":   # each device's tokens form one group
       y, dropped = expert_parallel_dispatch(s.expert_parallel, x, decision.expert_ids,
                                             decision.gates.astype(self.dtype), experts,
-                                            s.capacity_factor)
+                                            s.capacity_factor, s.expert_parallel_chunks)
     elif s.dispatcher in UNGROUPED:   # nothing drops: all tokens at once
       batch, seq, width = x.shape
       flat = lambda a: a.reshape(batch * seq, a.shape[-1])
