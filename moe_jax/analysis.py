@@ -45,7 +45,7 @@ class Run:
 
 def checkpoint_steps(workdir) -> list[int]:
   """The steps of the run's kept checkpoints, oldest first."""
-  checkpointer = Checkpointer(Path(workdir) / "checkpoints", keep=1_000_000)
+  checkpointer = Checkpointer(Path(workdir) / "checkpoints", keep=1_000_000, read_only=True)
   try:
     return list(checkpointer.manager.all_steps())
   finally:
@@ -64,7 +64,8 @@ def load_run(workdir, step: int | None = None) -> Run:
                             o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
   graphdef, abstract = steps.abstract_state(spec, tx, config.seed)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
+  checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep,
+                              read_only=True)
   try:
     step = checkpointer.latest_step() if step is None else step
     if step is None:

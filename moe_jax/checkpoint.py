@@ -17,9 +17,12 @@ class CheckpointMismatch(ValueError):
 
 class Checkpointer:
 
-  def __init__(self, directory: Path, keep: int):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           cleanup_tmp_directories=True)
+  def __init__(self, directory: Path, keep: int, read_only: bool = False):
+    """`read_only` opens another process's checkpoints (analysis) without touching them: no
+    directory made, no partial checkpoint of a run still saving removed."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                           cleanup_tmp_directories=not read_only,
+                                           read_only=read_only)
     self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
   def latest_step(self) -> int | None:

@@ -100,3 +100,14 @@ def test_bias_history_ends_at_the_final_bias(tiny_run):
   assert np.abs(bias[-1]).sum() > 0
   metric_steps, values = analysis.metric_history(tiny_run, "max_violation")
   assert list(metric_steps) == [4, 8, 12] and np.all(values >= 0)
+
+
+def test_reading_a_run_leaves_a_checkpoint_being_written_alone(tiny_run):
+  partial = tiny_run / "checkpoints" / "18.orbax-checkpoint-tmp"   # as a run still saving has
+  partial.mkdir()
+  try:
+    assert analysis.checkpoint_steps(tiny_run) == [6, 12]
+    assert analysis.load_run(tiny_run).step == 12
+    assert partial.is_dir()
+  finally:
+    partial.rmdir()
