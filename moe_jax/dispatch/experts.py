@@ -21,33 +21,30 @@ class SwiGLUExperts(NamedTuple):
   def num_experts(self) -> int:
     return self.w_gate.shape[0]
 
+  def swiglu(self, x, dot):
+    """The three products of every expert's SwiGLU through `dot(x, w)` (w one of the [E, ., .]
+    weights): batched, ragged or padded-grouped, the same function."""
+    return dot(jax.nn.silu(dot(x, self.w_gate)) * dot(x, self.w_up), self.w_down)
+
   def __call__(self, buffer: Float[Array, "E C D"]) -> Float[Array, "E C D"]:
     """Expert e on buffer[e]: one batched matmul per weight."""
-    hidden = (jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer, self.w_gate))
-              * jnp.einsum("ecd,edf->ecf", buffer, self.w_up))
-    return jnp.einsum("ecf,efd->ecd", hidden, self.w_down)
+    return self.swiglu(buffer, lambda x, w: jnp.einsum("eci,eio->eco", x, w))
 
   def ragged(self, rows: Float[Array, "N D"], group_sizes: Int[Array, "E"]) -> Float[Array, "N D"]:
     """Rows sorted by expert, group_sizes[e] of them for expert e; rows past the groups give 0.
 
-    On GPU the grouped matmuls are the Pallas kernels of moe_jax/kernels (rows padded once
-    per group to the kernels' row tile); elsewhere `jax.lax.ragged_dot`.
+    On GPU the grouped matmuls are kernels (moe_jax/kernels): jax's Mosaic GPU ones on ragged
+    groups (Hopper), or this repository's Pallas ones with rows padded once per group to the
+    row tile; elsewhere `jax.lax.ragged_dot`.
     """
-    width, hidden = self.w_gate.shape[1], self.w_gate.shape[2]
-    choice = grouped_matmul.chosen_implementation(width, hidden)
+    choice = grouped_matmul.chosen_implementation(self.w_gate.shape[1], self.w_gate.shape[2])
     if choice == "xla":
-      dot = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
-      return dot(jax.nn.silu(dot(rows, self.w_gate)) * dot(rows, self.w_up), self.w_down)
-    if choice == "mosaic":   # ragged groups as they are
-      dot = lambda a, w: grouped_matmul.mosaic_grouped_matmul(a, w, group_sizes)
-      return dot(jax.nn.silu(dot(rows, self.w_gate)) * dot(rows, self.w_up), self.w_down)
-    blocks = grouped_matmul.Blocks()
-    if choice == "interpret":
-      blocks = grouped_matmul.Blocks(m=16, n=32, k=32)   # small tiles: interpret mode is slow
+      return self.swiglu(rows, lambda x, w: jax.lax.ragged_dot(x, w, group_sizes))
+    if choice == "mosaic":
+      return self.swiglu(rows, lambda x, w: grouped_matmul.mosaic_grouped_matmul(x, w, group_sizes))
+    interpret = choice == "interpret"
+    # Interpret mode runs the kernels op by op: small tiles keep it quick.
+    blocks = grouped_matmul.Blocks(m=16, n=32, k=32) if interpret else grouped_matmul.Blocks()
     layout = grouped_matmul.group_layout(group_sizes, rows.shape[0], blocks.m)
-    padded = jnp.concatenate([rows, jnp.zeros_like(rows[:1])])[layout.padded_source]
-    dot = lambda a, w: grouped_matmul.gmm(
-        a, w, layout.tile_group, layout.group_tile_start,
-        grouped_matmul.fit_blocks(blocks, w.shape[1], w.shape[2]), choice == "interpret")
-    out = dot(jax.nn.silu(dot(padded, self.w_gate)) * dot(padded, self.w_up), self.w_down)
-    return jnp.concatenate([out, jnp.zeros_like(out[:1])])[layout.padded_row]
+    dot = grouped_matmul.padded_dot(layout, blocks, interpret)
+    return grouped_matmul.unpad(self.swiglu(grouped_matmul.pad(rows, layout), dot), layout)

@@ -194,14 +194,27 @@ def fit_blocks(blocks: Blocks, k_dim: int, f_dim: int) -> Blocks:
   return blocks._replace(n=_block(f_dim, blocks.n), k=_block(k_dim, blocks.k))
 
 
+def pad(rows: Float[Array, "N K"], layout: GroupLayout) -> Float[Array, "M K"]:
+  """Rows into the layout's block-padded order (padding rows are zero)."""
+  return jnp.concatenate([rows, jnp.zeros_like(rows[:1])])[layout.padded_source]
+
+
+def unpad(padded: Float[Array, "M F"], layout: GroupLayout) -> Float[Array, "N F"]:
+  """Back to the rows' order; rows that were in no group come back as zeros."""
+  return jnp.concatenate([padded, jnp.zeros_like(padded[:1])])[layout.padded_row]
+
+
+def padded_dot(layout: GroupLayout, blocks: Blocks, interpret: bool):
+  """(x [M, K], w [E, K, F]) -> gmm over the layout, tiles fitted to w's widths."""
+  return lambda x, w: gmm(x, w, layout.tile_group, layout.group_tile_start,
+                          fit_blocks(blocks, w.shape[1], w.shape[2]), interpret)
+
+
 def grouped_matmul(rows: Float[Array, "N K"], w: Float[Array, "E K F"], group_sizes: Int[Array, "E"],
                    *, blocks: Blocks = Blocks(), interpret: bool = False) -> Float[Array, "N F"]:
   """`jax.lax.ragged_dot(rows, w, group_sizes)` through the kernels: pad, multiply, un-pad."""
   layout = group_layout(group_sizes, rows.shape[0], blocks.m)
-  padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[1]), rows.dtype)])[layout.padded_source]
-  out = gmm(padded, w, layout.tile_group, layout.group_tile_start,
-            fit_blocks(blocks, w.shape[1], w.shape[2]), interpret)
-  return jnp.concatenate([out, jnp.zeros((1, out.shape[1]), out.dtype)])[layout.padded_row]
+  return unpad(padded_dot(layout, blocks, interpret)(pad(rows, layout), w), layout)
 
 
 # ---- Hopper: jax's Mosaic GPU ragged-dot kernels (wgmma), wrapped with their gradients ----
