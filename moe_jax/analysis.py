@@ -23,6 +23,7 @@ from moe_jax import data, routing, steps
 from moe_jax.checkpoint import Checkpointer, abstract_like
 from moe_jax.layers.moe import MoE
 from moe_jax.model import ModelSpec
+from moe_jax.train import optimizer_from_config, train_and_evaluate
 
 # ---- runs ----------------------------------------------------------------------------------
 
@@ -58,10 +59,7 @@ def load_run(workdir, step: int | None = None) -> Run:
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   config.model.expert_parallel = "none"   # one device here, whatever the run used
   spec = ModelSpec.from_config(config.model)
-  o = config.optimizer
-  tx = steps.make_optimizer(steps.make_schedule(o.learning_rate, o.warmup_steps,
-                                                config.train.steps, o.final_lr_fraction),
-                            o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
+  _, tx = optimizer_from_config(config)   # the optimizer state's layout is in the checkpoint
   graphdef, abstract = steps.abstract_state(spec, tx, config.seed)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep,
@@ -80,7 +78,6 @@ def load_run(workdir, step: int | None = None) -> Run:
 def train_tiny(workdir, arg: str = "tiny", **train_overrides) -> Path:
   """Trains configs/default.py:`arg` in `workdir` unless a finished run is there already."""
   from configs.default import get_config
-  from moe_jax.train import train_and_evaluate
   workdir = Path(workdir)
   if not (workdir / "final_metrics.json").exists():
     config = get_config(arg)

@@ -30,7 +30,6 @@ FIELDS: dict[str, dict[str, type]] = {
     "sharding": {name: str for name in parallel.LOGICAL_AXES},
 }
 TOP_LEVEL = {"seed": int}
-SECTIONS = tuple(FIELDS)
 
 
 class ConfigError(ValueError):

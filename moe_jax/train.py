@@ -29,10 +29,12 @@ from moe_jax.preemption import Preempted, StopSignals
 from moe_jax.sample import sample_text
 
 
-def _schedule(config):
+def optimizer_from_config(config) -> tuple:
+  """(learning-rate schedule, optax optimizer) of a validated config."""
   o = config.optimizer
-  return steps.make_schedule(o.learning_rate, o.warmup_steps, config.train.steps,
-                             o.final_lr_fraction)
+  schedule = steps.make_schedule(o.learning_rate, o.warmup_steps, config.train.steps,
+                                 o.final_lr_fraction)
+  return schedule, steps.make_optimizer(schedule, o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
 
 
 def evaluate(eval_fn, state, corpus_windows, num_batches, batch_per_process, mesh, batch_axes,
@@ -72,13 +74,12 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
   train_data = data.train_dataset(train_windows, batch_per_process, config.data.shuffle_seed,
                                   jax.process_index(), jax.process_count())
   spec = ModelSpec.from_config(config.model)
-  o = config.optimizer
-  schedule = _schedule(config)
-  tx = steps.make_optimizer(schedule, o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
+  schedule, tx = optimizer_from_config(config)
   graphdef, abstract_state = steps.abstract_state(spec, tx, config.seed)
   rules = parallel.parse_rules(config.sharding)
   try:
-    shardings = parallel.state_shardings(abstract_state, mesh, rules, o.shard_over_data)
+    shardings = parallel.state_shardings(abstract_state, mesh, rules,
+                                         config.optimizer.shard_over_data)
   except parallel.LayoutError as error:
     raise ConfigError(f"invalid config:\n  - {error}") from None
 
