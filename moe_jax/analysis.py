@@ -22,6 +22,7 @@ from flax import nnx
 from moe_jax import data, routing, steps
 from moe_jax.checkpoint import Checkpointer, abstract_like
 from moe_jax.layers.moe import MoE
+from moe_jax.metrics import read_jsonl
 from moe_jax.model import ModelSpec
 from moe_jax.train import optimizer_from_config, train_and_evaluate
 
@@ -142,19 +143,15 @@ def max_violation(load_LxE: np.ndarray) -> np.ndarray:
 # ---- histories from a run's logs -----------------------------------------------------------
 
 
-def _jsonl(path: Path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def metric_history(workdir, key: str) -> tuple[np.ndarray, np.ndarray]:
   """(steps, values) of one metrics.jsonl key, e.g. "max_violation" or "validation_loss"."""
-  records = [r for r in _jsonl(Path(workdir) / "metrics.jsonl") if key in r]
+  records = [r for r in read_jsonl(Path(workdir) / "metrics.jsonl") if key in r]
   return np.array([r["step"] for r in records]), np.array([r[key] for r in records])
 
 
 def bias_history(workdir) -> tuple[np.ndarray, np.ndarray]:
   """(steps [T], balancing bias [T, L, E]) as logged in routing.jsonl."""
-  records = [r for r in _jsonl(Path(workdir) / "routing.jsonl") if "bias" in r]
+  records = [r for r in read_jsonl(Path(workdir) / "routing.jsonl") if "bias" in r]
   return np.array([r["step"] for r in records]), np.array([r["bias"] for r in records])
 
 

@@ -7,6 +7,14 @@ from pathlib import Path
 import numpy as np
 
 
+def read_jsonl(path: Path) -> list[dict]:
+  """The records of a JSONL file (metrics.jsonl, routing.jsonl); [] if there is none."""
+  path = Path(path)
+  if not path.is_file():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricWriter:
   """Writes scalars to `metrics.jsonl` and TensorBoard event files, and per-layer routing
   details (expert loads, co-activation, balancing bias) to `routing.jsonl`, in the workdir (process 0)."""
@@ -35,7 +43,7 @@ class MetricWriter:
       handle = getattr(self, attribute)
       handle.close()
       path = Path(handle.name)
-      records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+      records = read_jsonl(path)
       kept = [r for r in records if r.get("step", 0) <= step or "event" in r]
       if len(kept) < len(records):
         temporary = path.with_suffix(".jsonl.tmp")

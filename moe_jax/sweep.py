@@ -170,17 +170,10 @@ def run_sweep(sweep: Sweep, size: str, root: Path, print_commands: bool = False)
 # Collecting
 
 
-def _records(workdir: Path) -> list[dict]:
-  path = workdir / "metrics.jsonl"
-  if not path.is_file():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def member_result(sweep: Sweep, member: str, workdir: Path) -> dict:
   """One table row: final and best validation numbers and training routing statistics."""
   from moe_jax.model import ModelSpec, parameter_counts
-  records = _records(workdir)
+  records = metrics.read_jsonl(workdir / "metrics.jsonl")
   train = [r for r in records if "loss" in r]
   evals = [r for r in records if "validation_loss" in r]
   counts = parameter_counts(ModelSpec.from_config(member_config(sweep, member).model))
@@ -246,7 +239,7 @@ def collect(sweep: Sweep, size: str, root: Path, results: Path, invocation: str)
             f"{platform.python_version()}, jax {jax.__version__}\n"
             f"- date: {datetime.date.today().isoformat()}\n\n")
   (results / "results.md").write_text(header + markdown_table(rows))
-  records = {m: _records(root / m) for m in sweep.members}
+  records = {m: metrics.read_jsonl(root / m / "metrics.jsonl") for m in sweep.members}
   curve = lambda key: {m: [(r["step"], r[key]) for r in rs if key in r] for m, rs in records.items()}
   curves = {"validation_loss": curve("validation_loss"), "max_violation": curve("max_violation")}
   (results / "curves.json").write_text(json.dumps(curves))
