@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.dispatch.base import Dispatched, combine_sorted
+from moe_jax.dispatch.base import (Dispatched, combine_sorted, gather_assignments,
+                                   inverse_permutation)
 from moe_jax.dispatch.capacity import capacity_dispatch
 from moe_jax.dispatch.experts import SwiGLUExperts
 
@@ -66,9 +67,11 @@ def _all_gather(x, expert_ids, gates, local_experts, capacity_factor):
   mine = (local_ids >= 0) & (local_ids < local)
   key = jnp.where(mine, local_ids, local)                       # others sort last, in no group
   order = jnp.argsort(key, stable=True)
+  inverse = inverse_permutation(order)
   group_sizes = jnp.bincount(key, length=local + 1)[:local].astype(jnp.int32)
-  sorted_out = local_experts.ragged(x_all[order // top_k], group_sizes)
-  partial = combine_sorted(jnp.where(mine[order][:, None], sorted_out, 0), order, gates_all)
+  sorted_out = local_experts.ragged(gather_assignments(x_all, order, inverse, top_k), group_sizes)
+  partial = combine_sorted(jnp.where(mine[order][:, None], sorted_out, 0), order, gates_all,
+                           inverse)
   y = jax.lax.psum_scatter(partial, EXPERT_AXIS, scatter_dimension=0, tiled=True)
   return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
 
@@ -81,7 +84,8 @@ def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
   rows = num_tokens * top_k
   flat = expert_ids.reshape(-1).astype(jnp.int32)
   order = jnp.argsort(flat, stable=True)                        # grouped by owner, then expert
-  send = x[order // top_k]
+  inverse = inverse_permutation(order)
+  send = gather_assignments(x, order, inverse, top_k)
   per_expert = jnp.bincount(flat, length=peers * local).astype(jnp.int32)
   send_sizes = per_expert.reshape(peers, local).sum(axis=1)
   input_offsets = jnp.cumsum(send_sizes) - send_sizes
@@ -108,7 +112,7 @@ def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
   returned = jax.lax.ragged_all_to_all(out, jnp.zeros((rows, x.shape[1]), x.dtype),
                                        jnp.cumsum(recv_sizes) - recv_sizes, recv_sizes,
                                        back_offsets, send_sizes, axis_name=EXPERT_AXIS)
-  y = combine_sorted(returned, order, gates)
+  y = combine_sorted(returned, order, gates, inverse)
   return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
 
 
