@@ -13,6 +13,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from moe_jax.layers.attention import Attention
+from moe_jax.layers.logits import output_logits
 from moe_jax.layers.mlp import SwiGLU, scaled_normal
 from moe_jax.layers.moe import LossWeights, MoE, MoEStats, RouterSettings
 from moe_jax.layers.norms import RMSNorm
@@ -78,14 +79,17 @@ class Block(nnx.Module):
 
   def attend(self, x, positions):
     """The first half of the block: x plus attention over its normalised input."""
-    return x + self.attention(self.attention_norm(x), positions).astype(x.dtype)
+    with jax.named_scope("attention"):
+      return x + self.attention(self.attention_norm(x), positions).astype(x.dtype)
 
   def feed_forward(self, x):
     """The second half: x plus the dense MLP or MoE of its normalised input, and MoE stats."""
     if isinstance(self.mlp, MoE):
-      y, stats = self.mlp(self.mlp_norm(x))
-      return x + y.astype(x.dtype), stats
-    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), None
+      with jax.named_scope("moe"):
+        y, stats = self.mlp(self.mlp_norm(x))
+        return x + y.astype(x.dtype), stats
+    with jax.named_scope("mlp"):
+      return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), None
 
   def __call__(self, x, positions):
     return self.feed_forward(self.attend(x, positions))
@@ -112,15 +116,16 @@ class Transformer(nnx.Module):
   def __call__(self, tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S V"], MoEStats]:
     """Logits in float32 and the MoE blocks' statistics stacked along a leading layer axis."""
     positions = jnp.arange(tokens.shape[1])
-    x = self.embed_tokens(tokens)
+    with jax.named_scope("embed"):
+      x = self.embed_tokens(tokens)
     all_stats = []
     for block in self.blocks:
       x, stats = block(x, positions)
       if stats is not None:
         all_stats.append(stats)
-    x = self.final_norm(x)
-    logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+    with jax.named_scope("output"):
+      x = self.final_norm(x)
+      logits = output_logits(x, self.unembed[...].astype(self.dtype))
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *all_stats) if all_stats else None
     return logits, stacked
 

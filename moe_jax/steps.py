@@ -69,7 +69,8 @@ def loss_fn(params, biases, graphdef, tokens):
   """Mean next-token cross-entropy plus the MoE layers' auxiliary losses (weights inside)."""
   inputs, targets = split_batch(tokens)
   logits, stats = forward(graphdef, params, biases, inputs)
-  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  with jax.named_scope("cross_entropy"):
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
   aux = jnp.zeros(())
   if stats is not None:
     aux = jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss)
@@ -102,9 +103,10 @@ def train_step(state: TrainState, tokens, *, graphdef, tx, bias_update_rate: flo
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (cross_entropy, stats)), grads = grad_fn(state.params, state.biases, graphdef, tokens)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "cross_entropy": cross_entropy, "grad_norm": optax.tree.norm(grads)}
+  with jax.named_scope("optimizer"):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "cross_entropy": cross_entropy, "grad_norm": optax.tree.norm(grads)}
   biases = state.biases
   if stats is not None:
     if bias_update_rate > 0:

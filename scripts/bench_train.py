@@ -14,8 +14,13 @@ also over a bf16 matmul measured in the same run.
 """
 
 import argparse
+import collections
 import datetime
 import functools
+import gzip
+import itertools
+import json
+import re
 import statistics
 import sys
 import time
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_jax import steps   # noqa: E402
+from moe_jax.layers import attention   # noqa: E402
 from moe_jax.model import ModelSpec, parameter_counts   # noqa: E402
 
 # About 1.3B parameters, about 0.26B used per token: 16 blocks of width 1024 (the first dense),
@@ -67,12 +73,64 @@ def matmul_ceiling() -> float:
   return 2 * 8192 ** 3 / seconds / 1e12
 
 
-def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int) -> dict:
+# The model's jax.named_scope names, most specific first: an op counts toward the first found.
+SCOPES = ("experts", "expert_weights", "router", "shared_experts", "moe", "attention", "mlp",
+          "output", "cross_entropy", "embed", "optimizer")
+
+
+def hlo_scopes(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> "scope, pass" from its op metadata (pass: forward, or backward
+  for ops made by transposition)."""
+  scopes = {}
+  for name, op_name in re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = .*?op_name=\"([^\"]*)\"",
+                                  hlo_text, re.MULTILINE):
+    parts = set(re.split(r"[/()]", op_name))
+    scope = next((s for s in SCOPES if s in parts), "other")
+    scopes[name] = f"{scope}, {'backward' if 'transpose(' in op_name else 'forward'}"
+  return scopes
+
+
+def top_device_ops(trace_dir: Path, steps_traced: int, scopes: dict[str, str],
+                   count: int = 25) -> None:
+  """Prints the busiest device thread of a jax.profiler trace: its ops by time per step, and
+  the same time summed by model part (the named scope of each op's HLO)."""
+  [path] = sorted(trace_dir.rglob("perfetto_trace.json.gz"))[-1:]
+  events = json.loads(gzip.open(path).read())["traceEvents"]
+  names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
+  device_pids = {pid for (pid, tid), name in names.items()
+                 if tid is None and ("GPU" in name or "TPU" in name)}
+  device_pids = device_pids or {pid for pid, tid in names if tid is None}   # CPU: every thread
+  by_thread = collections.defaultdict(collections.Counter)
+  scopes = {name.replace(".", "_").replace("-", "_"): scope for name, scope in scopes.items()}
+  for e in events:
+    if e.get("ph") == "X" and e["pid"] in device_pids:
+      # GPU kernels name their HLO op in args (library kernels) or in their own name (fusions).
+      op = str(e.get("args", {}).get("hlo_op", e["name"]))
+      by_thread[(e["pid"], e.get("tid"))][(e["name"], op.replace(".", "_").replace("-", "_"))] += (
+          e.get("dur", 0))
+  for key, ops in sorted(by_thread.items(), key=lambda kv: -sum(kv[1].values()))[:2]:
+    total = sum(ops.values())
+    by_scope, by_kernel = collections.Counter(), collections.Counter()
+    for (kernel, op), micros in ops.items():
+      by_scope[scopes.get(op, "(not an HLO op)")] += micros
+      by_kernel[f"{kernel[:70]} [{op[:30]}: {scopes.get(op, '')}]"] += micros
+    print(f"  device thread {names.get(key, key)}: {total / steps_traced / 1e3:.1f} ms per step")
+    for title, table in (("kernel [op: model part]", by_kernel), ("model part", by_scope)):
+      print(f"    by {title}:")
+      for name, micros in table.most_common(count):
+        print(f"    {micros / steps_traced / 1e3:8.2f} ms {100 * micros / total:5.1f}%  "
+              f"{name}")
+
+
+def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
+          profile_dir: Path | None = None) -> dict:
   tx = steps.make_optimizer(steps.make_schedule(1e-3, 10, 1000, 0.1), 0.9, 0.95, 0.1, 1.0)
   graphdef, state = steps.init_state(spec, tx, 0)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                    bias_update_rate=1e-3), donate_argnums=0)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, spec.vocab_size)
+  step = step.lower(state, tokens).compile()
   holder = [state]
 
   def one_step():
@@ -80,6 +138,11 @@ def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int) 
     jax.block_until_ready(metrics["loss"])
 
   seconds = median_seconds(one_step, warmup, repeats)
+  if profile_dir is not None:
+    with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
+      for _ in range(3):
+        one_step()
+    top_device_ops(profile_dir, 3, hlo_scopes(step.as_text()))
   tokens_per_second = batch * seq_len / seconds
   return {"seconds": seconds, "tokens_per_second": tokens_per_second,
           "model_tflops": model_flops_per_token(spec, seq_len) * tokens_per_second / 1e12}
@@ -93,6 +156,10 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--peak_tflops", type=float, default=989.0)
+  parser.add_argument("--attention", default="auto",
+                      help="comma-separated attention paths to time: auto, cudnn, xla")
+  parser.add_argument("--profile", type=Path, default=None,
+                      help="trace 3 steps of each variant under this folder and print the top ops")
   parser.add_argument("--dense_reference", action="store_true",
                       help="also time a dense model of the same FLOPs per token")
   args = parser.parse_args()
@@ -109,10 +176,15 @@ def main():
     variants.append((f"dense model, MLP width {width} (same FLOPs per token)",
                      SPEC._replace(num_dense_layers=SPEC.num_layers, dense_mlp_dim=width)))
   rows = []
-  for dispatcher, spec in variants:
-    result = bench(spec, args.batch, args.seq, args.warmup, args.repeats)
-    rows.append((dispatcher, result))
-    print(f"  {dispatcher}: {result['seconds'] * 1e3:.1f} ms/step, "
+  for (dispatcher, spec), path in itertools.product(variants, args.attention.split(",")):
+    name = dispatcher if path == "auto" else f"{dispatcher}, attention {path}"
+    profile = args.profile / name.replace(" ", "_").replace(",", "") if args.profile else None
+    with attention.implementation(path):
+      print(f"{name}: attention {attention.chosen_implementation(jnp.bfloat16, spec.head_dim)}",
+            flush=True)
+      result = bench(spec, args.batch, args.seq, args.warmup, args.repeats, profile)
+    rows.append((name, result))
+    print(f"  {name}: {result['seconds'] * 1e3:.1f} ms/step, "
           f"{result['tokens_per_second']:,.0f} tokens/s, {result['model_tflops']:.0f} TFLOP/s", flush=True)
   print("\ncommand: python scripts/bench_train.py " + " ".join(sys.argv[1:]))
   print("| dispatcher | ms / step | tokens/s | model TFLOP/s | MFU (of peak) | of measured matmul |")

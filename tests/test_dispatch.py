@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from moe_jax import routing
+from moe_jax.dispatch.base import masked_gather
 from moe_jax.dispatch import (DISPATCHERS, SwiGLUExperts, capacity_dispatch, dense_dispatch,
                               expert_capacity, expert_choice_dispatch, reference_dispatch)
 
@@ -83,19 +84,51 @@ def test_capacity_keeps_highest_gates_and_matches_reference_on_kept_tokens():
   capacity = expert_capacity(T, K, E, 0.5)
   # A token all of whose experts kept it must match the reference exactly.
   ref = _run(reference_dispatch, x, weights, decision, None)
-  kept_all = _kept_mask(np.asarray(decision.expert_ids), np.asarray(decision.gates), capacity)
+  kept_all = _kept_assignments(np.asarray(decision.expert_ids), np.asarray(decision.gates),
+                               capacity).all(axis=1)
   np.testing.assert_allclose(np.asarray(got.output)[kept_all], np.asarray(ref.output)[kept_all],
                              rtol=1e-5, atol=1e-5)
 
 
-def _kept_mask(ids, gates, capacity):
+def _kept_assignments(ids, gates, capacity):
   """Slow restatement of the drop rule: per expert, keep the `capacity` highest gates."""
   kept = np.zeros(ids.shape, bool)
   for e in range(E):
     slots = [(-gates[t, k], t * K + k) for t in range(T) for k in range(K) if ids[t, k] == e]
     for _, flat in sorted(slots)[:capacity]:
       kept[flat // K, flat % K] = True
-  return kept.all(axis=1)
+  return kept
+
+
+def test_capacity_with_drops_equals_reference_without_the_dropped_and_so_do_gradients():
+  x, weights, decision = _problem(3)
+  capacity = expert_capacity(T, K, E, 0.5)
+  kept = _kept_assignments(np.asarray(decision.expert_ids), np.asarray(decision.gates), capacity)
+  assert 0 < kept.sum() < kept.size
+  only_kept = decision._replace(gates=decision.gates * kept)
+  loss = lambda dispatch, decision, factor: lambda x, w: jnp.sum(
+      _run(dispatch, x, w, decision, factor).output ** 2)
+  np.testing.assert_allclose(loss(capacity_dispatch, decision, 0.5)(x, weights),
+                             loss(reference_dispatch, only_kept, None)(x, weights), rtol=1e-5)
+  got = jax.jit(jax.grad(loss(capacity_dispatch, decision, 0.5), argnums=(0, 1)))(x, weights)
+  expected = jax.grad(loss(reference_dispatch, only_kept, None), argnums=(0, 1))(x, weights)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_masked_gather_gradient_equals_the_scatter_add_of_plain_indexing():
+  rows = jax.random.normal(jax.random.key(0), (5, 3))
+  # Rows 0..4, each read twice (multiplicity 2) at shuffled places; rows 1 and 3 once masked.
+  reads = np.array([3, 0, 4, 1, 2, 0, 1, 4, 2, 3])
+  valid = np.ones(10, bool)
+  valid[[6, 9]] = False                         # one read of row 1 and one of row 3
+  back_index = np.argsort(reads, kind="stable")  # row r's reads at back_index[2r], [2r + 1]
+  back_valid = valid[back_index]
+  cotangent = jax.random.normal(jax.random.key(1), (10, 3))
+  fast = lambda r: jnp.sum(masked_gather(r, reads, valid, back_index, back_valid, 2) * cotangent)
+  plain = lambda r: jnp.sum(jnp.where(valid[:, None], r[reads], 0) * cotangent)
+  np.testing.assert_allclose(fast(rows), plain(rows), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(fast)(rows), jax.grad(plain)(rows), rtol=1e-6, atol=1e-6)
 
 
 def test_expert_choice_dispatch_matches_reference():

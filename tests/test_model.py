@@ -3,8 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
+from moe_jax.layers import attention
+from moe_jax.layers.logits import output_logits
 from moe_jax.layers.moe import BalancingBias
 from moe_jax.model import ModelSpec, Transformer
 
@@ -58,3 +61,39 @@ def test_grouped_query_attention_and_dense_only_model(tiny_config):
   model = _model(tiny_config, num_heads=4, num_kv_heads=2, num_dense_layers=2)
   logits, stats = model(jnp.zeros((1, 8), jnp.int32))
   assert logits.shape[:2] == (1, 8) and stats is None
+
+
+def test_output_logits_are_float32_and_backward_products_take_a_16_bit_cotangent():
+  keys = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(keys[0], (2, 5, 8)), jax.random.normal(keys[1], (8, 11))
+  cotangent = jax.random.normal(keys[2], (2, 5, 11))
+  plain = lambda x, w: jnp.einsum("bsd,dv->bsv", x, w, preferred_element_type=jnp.float32)
+  # float32 inputs: exactly the plain product and its gradients.
+  for fn_out, ref_out in zip(jax.vjp(output_logits, x, w)[1](cotangent),
+                             jax.vjp(plain, x, w)[1](cotangent)):
+    np.testing.assert_allclose(fn_out, ref_out, rtol=1e-5, atol=1e-6)
+  # bf16 inputs: float32 logits; gradients as if the cotangent were rounded to bf16 first.
+  x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  logits, vjp = jax.vjp(output_logits, x16, w16)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, plain(x16, w16), rtol=1e-6)
+  dx, dw = vjp(cotangent)
+  g16 = cotangent.astype(jnp.bfloat16).astype(jnp.float32)
+  x32, w32 = x16.astype(jnp.float32), w16.astype(jnp.float32)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(dx.astype(jnp.float32), jnp.einsum("bsv,dv->bsd", g16, w32),
+                             rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(dw.astype(jnp.float32), jnp.einsum("bsd,bsv->dv", x32, g16),
+                             rtol=1e-2, atol=1e-2)
+
+
+def test_attention_takes_the_xla_path_off_gpu_and_can_be_forced():
+  on_gpu = jax.default_backend() == "gpu"
+  assert attention.chosen_implementation(jnp.bfloat16, 64) == ("cudnn" if on_gpu else "xla")
+  assert attention.chosen_implementation(jnp.float32, 64) == "xla"
+  with attention.implementation("cudnn"):
+    assert attention.chosen_implementation(jnp.float32, 64) == "cudnn"
+  assert attention.chosen_implementation(jnp.float32, 64) == "xla"
+  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+    with attention.implementation("flash"):
+      pass

@@ -12,7 +12,7 @@ from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 
 
@@ -41,32 +41,50 @@ def inverse_permutation(order: Int[Array, "N"]) -> Int[Array, "N"]:
   return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def masked_gather(rows: Float[Array, "R D"], index: Int[Array, "N"], valid: Bool[Array, "N"] | None,
+                  back_index: Int[Array, "R*M"], back_valid: Bool[Array, "R*M"] | None,
+                  multiplicity: int = 1) -> Float[Array, "N D"]:
+  """out[n] = rows[index[n]] where valid[n] (else 0), with a gather for a gradient.
+
+  XLA differentiates a gather into a scatter-add, slow on GPU. Dispatch gathers are
+  one-to-one maps (or each row read `multiplicity` times), so the transpose is a gather too:
+  row r's gradient is the sum over j < M of d[back_index[r * M + j]] where back_valid.
+  The caller guarantees that {n : valid[n], index[n] = r} = {back_index[r * M + j] : valid}.
+  None for a mask means all valid.
+  """
+  out = rows[index]
+  return out if valid is None else jnp.where(valid[:, None], out, 0)
+
+
+def _masked_gather_forward(rows, index, valid, back_index, back_valid, multiplicity):
+  return masked_gather(rows, index, valid, back_index, back_valid, multiplicity), (
+      back_index, back_valid)
+
+
+def _masked_gather_backward(multiplicity, residuals, d):
+  back_index, back_valid = residuals
+  d_rows = d[back_index]
+  if back_valid is not None:
+    d_rows = jnp.where(back_valid[:, None], d_rows, 0)
+  if multiplicity > 1:
+    d_rows = d_rows.reshape(-1, multiplicity, d.shape[-1]).sum(axis=1, dtype=jnp.float32)
+  return d_rows.astype(d.dtype), None, None, None, None
+
+
+masked_gather.defvjp(_masked_gather_forward, _masked_gather_backward)
+
+
 def permute_rows(rows: Float[Array, "N D"], index: Int[Array, "N"], inverse: Int[Array, "N"]):
-  """rows[index] for a permutation `index` with inverse `inverse`. Its gradient is a gather by
-  the inverse rather than XLA's generic scatter-add (slow on GPU)."""
-  return rows[index]
+  """rows[index] for a permutation `index` with inverse `inverse` (gradient: a gather)."""
+  return masked_gather(rows, index, None, inverse, None)
 
 
-permute_rows.defvjp(lambda rows, index, inverse: (rows[index], inverse),
-                    lambda inverse, d: (d[inverse], None, None))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def gather_assignments(x: Float[Array, "T D"], order: Int[Array, "N"], inverse: Int[Array, "N"],
                        top_k: int) -> Float[Array, "N D"]:
   """x[order // K]: the token of each assignment, in `order` (a permutation of the T * K flat
   assignments t * K + k). The gradient gathers by `inverse` and sums each token's K rows."""
-  return x[order // top_k]
-
-
-def _gather_assignments_backward(top_k, inverse, d):
-  per_assignment = d[inverse].reshape(inverse.shape[0] // top_k, top_k, -1)
-  return per_assignment.sum(axis=1, dtype=jnp.float32).astype(d.dtype), None, None
-
-
-gather_assignments.defvjp(lambda x, order, inverse, top_k: (x[order // top_k], inverse),
-                          _gather_assignments_backward)
+  return masked_gather(x, order // top_k, None, inverse, None, top_k)
 
 
 def combine_sorted(sorted_rows: Float[Array, "N D"], order: Int[Array, "N"],

@@ -4,15 +4,17 @@
    expert, by falling gate, so that when an expert is over capacity its lowest gates drop.
 2. Slot c of expert e reads the assignment at sorted position start_e + c, if c < count_e:
    a gather, no scatter. Empty slots read zeros.
-3. One batched matmul over experts (`experts`), then each kept assignment reads its result
-   back from (e, rank) and the inverse permutation restores token order.
+3. One batched matmul over experts (`experts`), then each kept assignment, in token order,
+   reads its result back from slot (e, rank).
+Both gathers are one-to-one between filled slots and kept assignments, so their gradients are
+gathers the other way (`masked_gather`), not scatter-adds.
 """
 
 import math
 
 import jax.numpy as jnp
 
-from moe_jax.dispatch.base import Dispatched, combine_sorted
+from moe_jax.dispatch.base import Dispatched, inverse_permutation, masked_gather
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -38,14 +40,17 @@ def capacity_dispatch(x, expert_ids, gates, experts, capacity_factor):
   kept = rank < capacity
 
   slot_c = jnp.arange(capacity)
-  source_ExC = jnp.minimum(starts_E[:, None] + slot_c[None, :], order.shape[0] - 1)
-  filled_ExC = slot_c[None, :] < counts_E[:, None]
-  buffer_ExCxD = jnp.where(filled_ExC[..., None], x[sorted_tokens[source_ExC]], 0)
+  source_S = (jnp.minimum(starts_E[:, None] + slot_c[None, :], order.shape[0] - 1)).reshape(-1)
+  filled_S = (slot_c[None, :] < counts_E[:, None]).reshape(-1)     # S = E * C slots
+  slot_of_sorted = sorted_experts * capacity + jnp.minimum(rank, capacity - 1)
+  inverse = inverse_permutation(order)                              # token order t * K + k
+  slot_of_assignment, kept_assignment = slot_of_sorted[inverse], kept[inverse]
 
-  out_ExCxD = experts(buffer_ExCxD)
-
-  safe_rank = jnp.minimum(rank, capacity - 1)
-  sorted_out = jnp.where(kept[:, None], out_ExCxD[sorted_experts, safe_rank], 0)
-  y = combine_sorted(sorted_out, order, gates)
+  buffer_SxD = masked_gather(x, sorted_tokens[source_S], filled_S, slot_of_assignment,
+                             kept_assignment, top_k)
+  out_SxD = experts(buffer_SxD.reshape(num_experts, capacity, -1)).reshape(buffer_SxD.shape)
+  rows_NxD = masked_gather(out_SxD, slot_of_assignment, kept_assignment, order[source_S], filled_S)
+  rows_TxKxD = rows_NxD.reshape(num_tokens, top_k, -1)
+  y = jnp.einsum("tkd,tk->td", rows_TxKxD.astype(jnp.float32), gates.astype(jnp.float32))
   dropped = jnp.sum(jnp.maximum(counts_E - capacity, 0)).astype(jnp.float32)
   return Dispatched(y.astype(x.dtype), dropped)

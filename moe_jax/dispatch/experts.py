@@ -24,7 +24,8 @@ class SwiGLUExperts(NamedTuple):
   def swiglu(self, x, dot):
     """The three products of every expert's SwiGLU through `dot(x, w)` (w one of the [E, ., .]
     weights): batched, ragged or padded-grouped, the same function."""
-    return dot(jax.nn.silu(dot(x, self.w_gate)) * dot(x, self.w_up), self.w_down)
+    with jax.named_scope("experts"):
+      return dot(jax.nn.silu(dot(x, self.w_gate)) * dot(x, self.w_up), self.w_down)
 
   def __call__(self, buffer: Float[Array, "E C D"]) -> Float[Array, "E C D"]:
     """Expert e on buffer[e]: one batched matmul per weight."""

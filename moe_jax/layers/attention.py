@@ -3,11 +3,42 @@
 Shape letters: B batch, S sequence, D model width, N query heads, G key/value heads, H head dim.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.layers.mlp import scaled_normal
+
+IMPLEMENTATIONS = ("auto", "cudnn", "xla")
+_choice = ["auto"]
+
+
+@contextlib.contextmanager
+def implementation(name: str):
+  """Within this block attention uses `name`: "cudnn" (fused flash attention, NVIDIA GPUs,
+  bf16/fp16), "xla" (scores materialised; any backend) or "auto" (cudnn where it applies, xla
+  elsewhere). Read at trace time."""
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {name!r}; choose from {IMPLEMENTATIONS}")
+  previous, _choice[0] = _choice[0], name
+  try:
+    yield
+  finally:
+    _choice[0] = previous
+
+
+def chosen_implementation(dtype, head_dim: int) -> str:
+  """The path `jax.nn.dot_product_attention` takes: cuDNN's fused kernel on a GPU for 16-bit
+  inputs and head dims it supports (jax's own default is the XLA path, which writes the
+  [B, N, S, S] scores to memory several times in each pass)."""
+  if _choice[0] != "auto":
+    return _choice[0]
+  fused = (jax.default_backend() == "gpu" and "rocm" not in jax.devices()[0].client.platform_version
+           and jnp.dtype(dtype).itemsize == 2
+           and head_dim % 8 == 0 and head_dim <= 128)
+  return "cudnn" if fused else "xla"
 
 
 def rotary(x_BxSxNxH, positions_S, theta: float):
@@ -39,5 +70,6 @@ class Attention(nnx.Module):
     q = rotary(jnp.einsum("bsd,dnh->bsnh", x, cast(self.w_q)), positions_S, self.rope_theta)
     k = rotary(jnp.einsum("bsd,dgh->bsgh", x, cast(self.w_k)), positions_S, self.rope_theta)
     v = jnp.einsum("bsd,dgh->bsgh", x, cast(self.w_v))
-    out_BxSxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    out_BxSxNxH = jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation=chosen_implementation(q.dtype, q.shape[-1]))
     return jnp.einsum("bsnh,nhd->bsd", out_BxSxNxH, cast(self.w_o))

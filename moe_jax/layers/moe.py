@@ -79,18 +79,21 @@ class MoE(nnx.Module):
 
   def _experts(self) -> SwiGLUExperts:
     cast = lambda w: w[...].astype(self.dtype)
-    return SwiGLUExperts(cast(self.w_gate), cast(self.w_up), cast(self.w_down))
+    with jax.named_scope("expert_weights"):
+      return SwiGLUExperts(cast(self.w_gate), cast(self.w_up), cast(self.w_down))
 
   def __call__(self, x_BxSxD) -> tuple[Float[Array, "B S D"], MoEStats]:
     s, w = self.settings, self.loss_weights
-    logits = self.router_logits(x_BxSxD)
+    with jax.named_scope("router"):
+      logits = self.router_logits(x_BxSxD)
     x = x_BxSxD.astype(self.dtype)
     if s.router == "expert_choice":
       y, probs, counts_BxE, chosen_BxSxE, dropped_fraction = self._expert_choice(x, logits)
     else:
       y, probs, counts_BxE, chosen_BxSxE, dropped_fraction = self._token_choice(x, logits)
     if self.shared is not None:
-      y = y + self.shared(x_BxSxD)
+      with jax.named_scope("shared_experts"):
+        y = y + self.shared(x_BxSxD)
     counts = jnp.sum(counts_BxE, axis=0)
     probs_TxE = probs.reshape(-1, self.num_experts)
     stats = MoEStats(
@@ -116,7 +119,8 @@ class MoE(nnx.Module):
 
   def _token_choice(self, x, logits):
     s = self.settings
-    decision = self.route(logits)
+    with jax.named_scope("router"):
+      decision = self.route(logits)
     experts = self._experts()
     if s.expert_parallel != "none":   # each device's tokens form one group
       y, dropped = expert_parallel_dispatch(s.expert_parallel, x, decision.expert_ids,
