@@ -9,7 +9,8 @@ import math
 from moe_jax import data, parallel
 from moe_jax.dispatch import DISPATCHERS
 from moe_jax.dispatch.expert_parallel import VARIANTS as EP_VARIANTS
-from moe_jax.model import DTYPES, ModelSpec
+from moe_jax.layers.rope import SCALINGS
+from moe_jax.model import ATTENTIONS, DTYPES, ModelSpec
 from moe_jax.routing import BIAS_RULES, GROUP_SCORES, ROUTERS
 
 # Every field the code reads, with its type: the contract of a config file. A field outside it
@@ -160,6 +161,31 @@ def _schema_problems(config) -> list[str]:
   return problems
 
 
+def _attention_problems(m) -> list[str]:
+  """MLA's widths and YaRN's settings."""
+  problems = []
+  need = lambda ok, message: ok or problems.append(message)
+  need(m.attention in ATTENTIONS,
+       f"model.attention={m.attention!r} is unknown; choose from {list(ATTENTIONS)}")
+  if m.attention == "mla":
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+      need(m[name] >= 1, f"model.{name}={m[name]} must be >= 1 with model.attention='mla'")
+    need(m.q_lora_rank >= 0, f"model.q_lora_rank={m.q_lora_rank} must be >= 0 (0: no query latent)")
+    need(m.qk_rope_head_dim % 2 == 0,
+         f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even (rotary embeddings)")
+  need(m.rope_theta > 1, f"model.rope_theta={m.rope_theta} must be > 1")
+  need(m.rope_scaling in SCALINGS,
+       f"model.rope_scaling={m.rope_scaling!r} is unknown; choose from {list(SCALINGS)}")
+  if m.rope_scaling == "yarn":
+    need(m.rope_factor >= 1, f"model.rope_factor={m.rope_factor} must be >= 1 for YaRN")
+    need(m.rope_original_max_len >= 1,
+         f"model.rope_original_max_len={m.rope_original_max_len} must be >= 1")
+    need(m.yarn_beta_fast > m.yarn_beta_slow > 0,
+         f"model.yarn_beta_fast={m.yarn_beta_fast} must exceed model.yarn_beta_slow="
+         f"{m.yarn_beta_slow} > 0")
+  return problems
+
+
 def _problems(config, num_devices: int, backend: str) -> list[str]:
   problems = _schema_problems(config)
   if problems:   # the value checks below assume every field is there with its type
@@ -179,6 +205,7 @@ def _problems(config, num_devices: int, backend: str) -> list[str]:
   need(m.num_kv_heads >= 1 and m.num_heads % max(m.num_kv_heads, 1) == 0,
        f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
   need(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even (rotary embeddings)")
+  problems.extend(_attention_problems(m))
   need(m.router in ROUTERS, f"model.router={m.router!r} is unknown; choose from {sorted(ROUTERS)}")
   need(m.dispatcher in DISPATCHERS,
        f"model.dispatcher={m.dispatcher!r} is unknown; choose from {sorted(DISPATCHERS)}")

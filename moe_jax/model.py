@@ -14,11 +14,14 @@ from jaxtyping import Array, Float, Int
 
 from moe_jax.layers.attention import Attention
 from moe_jax.layers.logits import output_logits
+from moe_jax.layers.mla import LatentAttention
 from moe_jax.layers.mlp import SwiGLU, scaled_normal
 from moe_jax.layers.moe import LossWeights, MoE, MoEStats, RouterSettings
 from moe_jax.layers.norms import RMSNorm
+from moe_jax.layers.rope import Rope
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTIONS = ("gqa", "mla")
 
 
 class ModelSpec(NamedTuple):
@@ -28,10 +31,23 @@ class ModelSpec(NamedTuple):
   d_model: int
   num_layers: int
   num_dense_layers: int
+  attention: str
   num_heads: int
   num_kv_heads: int
   head_dim: int
+  q_lora_rank: int
+  kv_lora_rank: int
+  qk_nope_head_dim: int
+  qk_rope_head_dim: int
+  v_head_dim: int
   rope_theta: float
+  rope_scaling: str
+  rope_factor: float
+  rope_original_max_len: int
+  yarn_beta_fast: float
+  yarn_beta_slow: float
+  yarn_mscale: float
+  yarn_mscale_all_dim: float
   dense_mlp_dim: int
   norm_eps: float
   compute_dtype: str
@@ -57,14 +73,28 @@ class ModelSpec(NamedTuple):
   def from_config(cls, model_config) -> "ModelSpec":
     return cls(**{name: model_config[name] for name in cls._fields})
 
+  @property
+  def rope(self) -> Rope:
+    return Rope(self.rope_theta, self.rope_scaling, self.rope_factor, self.rope_original_max_len,
+                self.yarn_beta_fast, self.yarn_beta_slow, self.yarn_mscale, self.yarn_mscale_all_dim)
+
+
+def make_attention(spec: ModelSpec, dtype, rngs: nnx.Rngs) -> Attention | LatentAttention:
+  """Grouped-query attention or DeepSeek's multi-head latent attention, as the spec says."""
+  if spec.attention == "mla":
+    return LatentAttention(spec.d_model, spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank,
+                           spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim,
+                           spec.rope, spec.norm_eps, dtype, rngs)
+  return Attention(spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rope,
+                   dtype, rngs)
+
 
 class Block(nnx.Module):
 
   def __init__(self, spec: ModelSpec, use_moe: bool, rngs: nnx.Rngs):
     dtype = DTYPES[spec.compute_dtype]
     self.attention_norm = RMSNorm(spec.d_model, spec.norm_eps)
-    self.attention = Attention(spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                               spec.rope_theta, dtype, rngs)
+    self.attention = make_attention(spec, dtype, rngs)
     self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps)
     if use_moe:
       settings = RouterSettings(spec.router, spec.top_k, spec.norm_topk_prob, spec.route_scale,

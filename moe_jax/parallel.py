@@ -42,6 +42,12 @@ PARAM_LOGICAL_AXES = {
     ("w_k", 3): ("embed", "kv_heads", "head_dim"),
     ("w_v", 3): ("embed", "kv_heads", "head_dim"),
     ("w_o", 3): ("heads", "head_dim", "embed"),
+    ("w_q_down", 2): ("embed", "latent"),
+    ("q_norm_scale", 1): ("latent",),
+    ("w_q_up", 3): ("latent", "heads", "head_dim"),
+    ("w_kv_down", 2): ("embed", "latent"),
+    ("kv_norm_scale", 1): ("latent",),
+    ("w_kv_up", 3): ("latent", "heads", "head_dim"),
     ("router_kernel", 2): ("embed", "router"),
     ("balancing_bias", 1): ("router",),
     ("w_gate", 3): ("experts", "embed", "mlp"),
@@ -53,7 +59,7 @@ PARAM_LOGICAL_AXES = {
     ("scale", 1): ("embed",),
 }
 LOGICAL_AXES = ("batch", "experts", "router", "embed", "mlp", "heads", "kv_heads", "head_dim",
-                "vocab")
+                "latent", "vocab")
 DEFAULT_RULES = {"batch": BATCH_AXES, "experts": ("expert",)}
 
 

@@ -48,7 +48,28 @@ BAD = [
     ("sharding.mlp", "expert", "sharding: parameter 'w_gate' (experts, embed, mlp) would use"),
     ("model.expert_parallel", "ragged_all_to_all",
      "model.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend"),
+    ("model.attention", "flash", "model.attention='flash' is unknown; choose from ['gqa', 'mla']"),
+    ("model.rope_scaling", "ntk", "model.rope_scaling='ntk' is unknown"),
 ]
+
+
+MLA_BAD = [
+    ({"qk_rope_head_dim": 7}, "model.qk_rope_head_dim=7 must be even"),
+    ({"kv_lora_rank": 0}, "model.kv_lora_rank=0 must be >= 1 with model.attention='mla'"),
+    ({"q_lora_rank": -1}, "model.q_lora_rank=-1 must be >= 0"),
+    ({"rope_scaling": "yarn", "rope_factor": 0.5}, "model.rope_factor=0.5 must be >= 1 for YaRN"),
+    ({"rope_scaling": "yarn", "yarn_beta_slow": 40.0},
+     "model.yarn_beta_fast=32.0 must exceed model.yarn_beta_slow=40.0 > 0"),
+]
+
+
+@pytest.mark.parametrize("changes, message", MLA_BAD, ids=[m[1][:30] for m in MLA_BAD])
+def test_bad_latent_attention_and_yarn_settings_are_named(changes, message):
+  config = get_config("tiny")
+  config.model.attention = "mla"
+  config.model.update(changes)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate_config(config, num_devices=8)
 
 
 @pytest.mark.parametrize("field, value, message", BAD, ids=[b[0] for b in BAD])

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.layers import rope as rope_lib
 from moe_jax.layers.mlp import scaled_normal
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla")
@@ -41,35 +42,39 @@ def chosen_implementation(dtype, head_dim: int) -> str:
   return "cudnn" if fused else "xla"
 
 
-def rotary(x_BxSxNxH, positions_S, theta: float):
-  """Rotates channel pairs (i, i + H/2) by position * theta^(-2i/H) (RoPE, half-split layout)."""
-  half = x_BxSxNxH.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_SxH = positions_S.astype(jnp.float32)[:, None] * inv_freq[None, :]
-  sin, cos = jnp.sin(angle_SxH)[:, None, :], jnp.cos(angle_SxH)[:, None, :]
-  x1, x2 = jnp.split(x_BxSxNxH.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxSxNxH.dtype)
+def attend(q_BxSxNxH, k_BxSxGxH, v_BxSxGxV, scale: float | None = None):
+  """Causal softmax attention (grouped-query when G < N) through the chosen implementation.
+  Values narrower than the query/key heads (MLA) are zero-padded for the fused kernels,
+  which take one head width, and the padding is cut from the output."""
+  width, v_width = q_BxSxNxH.shape[-1], v_BxSxGxV.shape[-1]
+  if v_width < width:
+    v_BxSxGxV = jnp.pad(v_BxSxGxV, [(0, 0)] * 3 + [(0, width - v_width)])
+  out = jax.nn.dot_product_attention(
+      q_BxSxNxH, k_BxSxGxH, v_BxSxGxV, scale=scale, is_causal=True,
+      implementation=chosen_implementation(q_BxSxNxH.dtype, width))
+  return out[..., :v_width]
 
 
 class Attention(nnx.Module):
 
+  """Grouped-query attention: N query heads share G key/value heads; half-split RoPE."""
+
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-               rope_theta: float, dtype, rngs: nnx.Rngs):
+               rope: rope_lib.Rope, dtype, rngs: nnx.Rngs):
     init = scaled_normal(d_model)
     self.w_q = nnx.Param(init(rngs.params(), (d_model, num_heads, head_dim)))
     self.w_k = nnx.Param(init(rngs.params(), (d_model, num_kv_heads, head_dim)))
     self.w_v = nnx.Param(init(rngs.params(), (d_model, num_kv_heads, head_dim)))
     self.w_o = nnx.Param(scaled_normal(num_heads * head_dim)(
         rngs.params(), (num_heads, head_dim, d_model)))
-    self.rope_theta, self.dtype = rope_theta, dtype
+    self.rope, self.dtype = rope, dtype
 
   def __call__(self, x_BxSxD, positions_S):
     x = x_BxSxD.astype(self.dtype)
     cast = lambda w: w[...].astype(self.dtype)
-    q = rotary(jnp.einsum("bsd,dnh->bsnh", x, cast(self.w_q)), positions_S, self.rope_theta)
-    k = rotary(jnp.einsum("bsd,dgh->bsgh", x, cast(self.w_k)), positions_S, self.rope_theta)
+    inv_freq = rope_lib.inverse_frequencies(self.w_q.shape[-1], self.rope)
+    rotate = lambda t: rope_lib.rotate(t, positions_S, inv_freq, rope_lib.rotation_scale(self.rope))
+    q = rotate(jnp.einsum("bsd,dnh->bsnh", x, cast(self.w_q)))
+    k = rotate(jnp.einsum("bsd,dgh->bsgh", x, cast(self.w_k)))
     v = jnp.einsum("bsd,dgh->bsgh", x, cast(self.w_v))
-    out_BxSxNxH = jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=chosen_implementation(q.dtype, q.shape[-1]))
-    return jnp.einsum("bsnh,nhd->bsd", out_BxSxNxH, cast(self.w_o))
+    return jnp.einsum("bsnh,nhd->bsd", attend(q, k, v), cast(self.w_o))

@@ -5,6 +5,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def rms_norm(x, scale, eps: float):
+  """x / rms(x) * scale over the last axis, in float32, returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (normed * scale).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale, computed in float32 and returned in the input's dtype."""
 
@@ -13,6 +20,4 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (normed * self.scale[...]).astype(x.dtype)
+    return rms_norm(x, self.scale[...], self.eps)
