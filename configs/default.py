@@ -89,6 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.switch_loss_alpha = 0.0   # Switch balance loss alpha*E*sum f_i P_i
   c.model.sequence_loss_alpha = 1e-4  # DeepSeek-V3 sequence-wise balance loss (V3 used 1e-4)
   c.model.z_loss_coef = 0.0         # router z-loss (ST-MoE used 1e-3)
+  # multi-token prediction (DeepSeek-V3): depth-k modules predict token i + k + 1
+  c.model.mtp_depth = 1             # MTP modules D (0: off); V3 used 1
+  c.model.mtp_loss_weight = 0.3     # lambda: the MTP loss is lambda / D x the sum over depths...
+  c.model.mtp_loss_weight_final = 0.1   # ...and this after mtp_weight_switch_fraction of the
+  c.model.mtp_weight_switch_fraction = 0.68  # steps (V3: 0.3 for 10T tokens, then 0.1 for 4.8T)
 
   # ---- optimizer (AdamW, linear warmup then cosine decay, global-norm clipping) ------------
   c.optimizer = ml_collections.ConfigDict()
@@ -147,6 +152,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dense_mlp_dim = 128
     c.model.num_routed_experts = 8
     c.model.expert_dim = 32
+    c.model.mtp_depth = 0           # the tests' runs stay fast; test_mtp turns it on
     c.data.seq_len = 64
     c.data.batch_size = 8
     c.train.steps = 40

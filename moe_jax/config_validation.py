@@ -15,7 +15,9 @@ from moe_jax.routing import BIAS_RULES, GROUP_SCORES, ROUTERS
 
 # Every field the code reads, with its type: the contract of a config file. A field outside it
 # is a typo or a setting that does nothing, so it is refused with the closest known name.
-_MODEL_EXTRA = {"bias_update_rate": float, "bias_update_rule": str, "bias_freeze_step": int}
+_MODEL_EXTRA = {"bias_update_rate": float, "bias_update_rule": str, "bias_freeze_step": int,
+                "mtp_loss_weight": float, "mtp_loss_weight_final": float,
+                "mtp_weight_switch_fraction": float}
 FIELDS: dict[str, dict[str, type]] = {
     "data": {"source": str, "path": str, "token_dtype": str, "validation_percent": int,
              "seq_len": int, "batch_size": int, "shuffle_seed": int},
@@ -206,6 +208,13 @@ def _problems(config, num_devices: int, backend: str) -> list[str]:
        f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
   need(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even (rotary embeddings)")
   problems.extend(_attention_problems(m))
+  need(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0 (0: no multi-token prediction)")
+  need(m.mtp_depth < config.data.seq_len,
+       f"model.mtp_depth={m.mtp_depth} must be below data.seq_len={config.data.seq_len}")
+  for name in ("mtp_loss_weight", "mtp_loss_weight_final"):
+    need(m[name] >= 0, f"model.{name}={m[name]} must be >= 0")
+  need(0 <= m.mtp_weight_switch_fraction <= 1,
+       f"model.mtp_weight_switch_fraction={m.mtp_weight_switch_fraction} must be in [0, 1]")
   need(m.router in ROUTERS, f"model.router={m.router!r} is unknown; choose from {sorted(ROUTERS)}")
   need(m.dispatcher in DISPATCHERS,
        f"model.dispatcher={m.dispatcher!r} is unknown; choose from {sorted(DISPATCHERS)}")

@@ -68,6 +68,7 @@ class ModelSpec(NamedTuple):
   switch_loss_alpha: float
   sequence_loss_alpha: float
   z_loss_coef: float
+  mtp_depth: int
 
   @classmethod
   def from_config(cls, model_config) -> "ModelSpec":
@@ -124,6 +125,42 @@ class Block(nnx.Module):
   def __call__(self, x, positions):
     return self.feed_forward(self.attend(x, positions))
 
+  def decode(self, x, positions, cache, start):
+    """The block for new tokens against its attention cache: (x, new cache)."""
+    y, cache = self.attention.decode(self.attention_norm(x), positions, cache, start)
+    return self.feed_forward(x + y.astype(x.dtype))[0], cache
+
+
+class MTPModule(nnx.Module):
+  """One depth of DeepSeek-V3's multi-token prediction.
+
+  At position i it joins RMSNorm(embedding of token i + k) with RMSNorm(the previous depth's
+  hidden state at i) through a 2D -> D projection, runs one Transformer block, and (through
+  its own final norm and the model's shared output projection) predicts token i + k + 1.
+  The concatenation puts the embedding first, as in the released weights (`eh_proj`); the
+  paper writes the hidden state first.
+  """
+
+  def __init__(self, spec: ModelSpec, use_moe: bool, rngs: nnx.Rngs):
+    self.embed_norm = RMSNorm(spec.d_model, spec.norm_eps)
+    self.hidden_norm = RMSNorm(spec.d_model, spec.norm_eps)
+    self.w_proj = nnx.Param(scaled_normal(2 * spec.d_model)(rngs.params(),
+                                                            (2 * spec.d_model, spec.d_model)))
+    self.block = Block(spec, use_moe, rngs)
+    self.final_norm = RMSNorm(spec.d_model, spec.norm_eps)
+    self.dtype = DTYPES[spec.compute_dtype]
+
+  def join(self, hidden_BxSxD, embedded_BxSxD):
+    joined = jnp.concatenate([self.embed_norm(embedded_BxSxD), self.hidden_norm(hidden_BxSxD)], -1)
+    return joined.astype(self.dtype) @ self.w_proj[...].astype(self.dtype)
+
+  def __call__(self, hidden_BxSxD, embedded_BxSxD, positions_S):
+    return self.block(self.join(hidden_BxSxD, embedded_BxSxD), positions_S)
+
+
+def _stack(all_stats: list) -> MoEStats | None:
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *all_stats) if all_stats else None
+
 
 class Transformer(nnx.Module):
 
@@ -135,16 +172,21 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(spec.d_model, spec.norm_eps)
     self.unembed = nnx.Param(scaled_normal(spec.d_model)(rngs.params(),
                                                          (spec.d_model, spec.vocab_size)))
+    # The MTP blocks are built like the last main block (MoE when the model has MoE blocks).
+    self.mtp = nnx.List([MTPModule(spec, spec.num_dense_layers < spec.num_layers, rngs)
+                         for _ in range(spec.mtp_depth)])
     self.dtype = DTYPES[spec.compute_dtype]
 
   def embed_tokens(self, tokens: Int[Array, "B S"]) -> Float[Array, "B S D"]:
     return self.embed[...][tokens].astype(self.dtype)
 
   def moe_layers(self) -> list[MoE]:
-    return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+    """Every MoE layer: the main blocks' in order, then the MTP modules' blocks'."""
+    blocks = [*self.blocks, *(m.block for m in self.mtp)]
+    return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
 
-  def __call__(self, tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S V"], MoEStats]:
-    """Logits in float32 and the MoE blocks' statistics stacked along a leading layer axis."""
+  def hidden_states(self, tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S D"], list]:
+    """The last block's output (before the final norm) and each MoE block's statistics."""
     positions = jnp.arange(tokens.shape[1])
     with jax.named_scope("embed"):
       x = self.embed_tokens(tokens)
@@ -153,11 +195,61 @@ class Transformer(nnx.Module):
       x, stats = block(x, positions)
       if stats is not None:
         all_stats.append(stats)
+    return x, all_stats
+
+  def logits(self, normed_BxSxD) -> Float[Array, "B S V"]:
+    """The shared output projection, float32 logits."""
     with jax.named_scope("output"):
-      x = self.final_norm(x)
-      logits = output_logits(x, self.unembed[...].astype(self.dtype))
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *all_stats) if all_stats else None
-    return logits, stacked
+      return output_logits(normed_BxSxD, self.unembed[...].astype(self.dtype))
+
+  def __call__(self, tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S V"], MoEStats]:
+    """Logits in float32 and the MoE blocks' statistics stacked along a leading layer axis."""
+    x, all_stats = self.hidden_states(tokens)
+    return self.logits(self.final_norm(x)), _stack(all_stats)
+
+  def init_cache(self, batch: int, max_len: int) -> tuple[list, list]:
+    """Empty decoding caches: one per main block, one per MTP module."""
+    return ([b.attention.init_cache(batch, max_len) for b in self.blocks],
+            [m.block.attention.init_cache(batch, max_len) for m in self.mtp])
+
+  def decode(self, tokens_BxT, caches: list, start):
+    """The main model on T new tokens at positions start .. start + T - 1, reading and
+    extending the blocks' caches: (float32 logits, last hidden states, new caches)."""
+    positions = start + jnp.arange(tokens_BxT.shape[1])
+    x, new_caches = self.embed_tokens(tokens_BxT), []
+    for block, cache in zip(self.blocks, caches):
+      x, cache = block.decode(x, positions, cache, start)
+      new_caches.append(cache)
+    return self.logits(self.final_norm(x)), x, new_caches
+
+  def mtp_decode(self, depth: int, hidden_BxTxD, next_tokens_BxT, cache, start):
+    """MTP module `depth` (1-based) on T positions from `start`, joining the previous depth's
+    hidden states with the embeddings of the tokens `depth` places ahead: (logits, hidden,
+    new cache)."""
+    module = self.mtp[depth - 1]
+    positions = start + jnp.arange(hidden_BxTxD.shape[1])
+    x = module.join(hidden_BxTxD, self.embed_tokens(next_tokens_BxT))
+    hidden, cache = module.block.decode(x, positions, cache, start)
+    return self.logits(module.final_norm(hidden)), hidden, cache
+
+  def with_mtp(self, tokens: Int[Array, "B S"]):
+    """(logits, statistics of every MoE layer incl. the MTP blocks', MTP logits per depth).
+
+    Depth k's logits [B, S - k, V] at position i predict token i + k + 1 of the window that
+    `tokens` starts (the main logits predict i + 1).
+    """
+    hidden, all_stats = self.hidden_states(tokens)
+    logits = self.logits(self.final_norm(hidden))
+    mtp_logits = []
+    with jax.named_scope("mtp"):
+      for depth, module in enumerate(self.mtp, start=1):
+        length = tokens.shape[1] - depth
+        hidden, stats = module(hidden[:, :length], self.embed_tokens(tokens[:, depth:]),
+                               jnp.arange(length))
+        if stats is not None:
+          all_stats.append(stats)
+        mtp_logits.append(self.logits(module.final_norm(hidden)))
+    return logits, _stack(all_stats), tuple(mtp_logits)
 
 
 ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")

@@ -3,9 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from moe_jax import data
+from moe_jax.generate import decoding_model
 
 
 def sample_text(graphdef, params, biases, prompt: str, num_tokens: int, context: int,
@@ -16,10 +16,7 @@ def sample_text(graphdef, params, biases, prompt: str, num_tokens: int, context:
   out of an expert, so every MoE layer gets room for all tokens (capacity = sequence length);
   a single sequence does not split over devices, so expert parallelism is off.
   """
-  model = nnx.merge(graphdef, params, biases)
-  for layer in model.moe_layers():
-    layer.settings = layer.settings._replace(
-        capacity_factor=layer.num_experts / layer.settings.top_k, expert_parallel="none")
+  model = decoding_model(graphdef, params, biases)
   prompt_ids = np.concatenate([[data.BOS_ID], data.encode_bytes(prompt)]).astype(np.int32)
   length = min(context, len(prompt_ids) + num_tokens)
   prompt_ids = prompt_ids[:length - 1]

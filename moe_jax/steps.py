@@ -65,16 +65,49 @@ def forward(graphdef, params, biases, inputs):
   return nnx.merge(graphdef, params, biases)(inputs)
 
 
-def loss_fn(params, biases, graphdef, tokens):
-  """Mean next-token cross-entropy plus the MoE layers' auxiliary losses (weights inside)."""
+class MTPWeights(NamedTuple):
+  """DeepSeek-V3's MTP loss weight lambda: `early` until `switch_step`, then `late`."""
+  early: float = 0.0
+  late: float = 0.0
+  switch_step: int = 0
+
+  def at(self, step):
+    return jnp.where(step < self.switch_step, self.early, self.late)
+
+
+def mtp_losses(mtp_logits, tokens):
+  """Per depth k: mean cross-entropy and top-1 accuracy of predicting token i + k + 1."""
+  losses, accuracies = [], []
+  for depth, logits in enumerate(mtp_logits, start=1):
+    targets = tokens[:, depth + 1:]
+    losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean())
+    accuracies.append(jnp.mean(jnp.argmax(logits, axis=-1) == targets))
+  return losses, accuracies
+
+
+def loss_fn(params, biases, graphdef, tokens, mtp_weight=0.0):
+  """Mean next-token cross-entropy, plus the MoE layers' auxiliary losses (weights inside),
+  plus mtp_weight / D x the MTP modules' losses when the model has them."""
   inputs, targets = split_batch(tokens)
-  logits, stats = forward(graphdef, params, biases, inputs)
+  model = nnx.merge(graphdef, params, biases)
+  mtp = {}
+  if model.mtp:
+    logits, stats, mtp_logits = model.with_mtp(inputs)
+    with jax.named_scope("mtp_loss"):
+      losses, accuracies = mtp_losses(mtp_logits, tokens)
+    for depth, (loss, accuracy) in enumerate(zip(losses, accuracies), start=1):
+      mtp[f"mtp_loss/depth{depth}"], mtp[f"mtp_accuracy/depth{depth}"] = loss, accuracy
+  else:
+    logits, stats = model(inputs)
   with jax.named_scope("cross_entropy"):
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
   aux = jnp.zeros(())
   if stats is not None:
     aux = jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss)
-  return cross_entropy + aux, (cross_entropy, stats)
+  total = cross_entropy + aux
+  if mtp:
+    total = total + mtp_weight * jnp.mean(jnp.stack(losses))
+  return total, (cross_entropy, stats, mtp)
 
 
 def updated_biases(graphdef, params, biases, counts_LxE, rate, rule: str) -> nnx.State:
@@ -95,18 +128,21 @@ def routing_metrics(stats) -> dict:
 
 
 def train_step(state: TrainState, tokens, *, graphdef, tx, bias_update_rate: float,
-               bias_update_rule: str = "sign", bias_freeze_step: int = -1):
+               bias_update_rule: str = "sign", bias_freeze_step: int = -1,
+               mtp_weights: MTPWeights = MTPWeights()):
   """One optimizer step, then the bias update from this batch's global expert counts.
 
   Returns the new state and the step's metrics: scalars plus, under "routing", per-layer
   arrays (see `routing_metrics`). Nothing here waits for the host.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (cross_entropy, stats)), grads = grad_fn(state.params, state.biases, graphdef, tokens)
+  (loss, (cross_entropy, stats, mtp)), grads = grad_fn(state.params, state.biases, graphdef,
+                                                       tokens, mtp_weights.at(state.step))
   with jax.named_scope("optimizer"):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "cross_entropy": cross_entropy, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss, "cross_entropy": cross_entropy, "grad_norm": optax.tree.norm(grads),
+               **mtp}
   biases = state.biases
   if stats is not None:
     if bias_update_rate > 0:

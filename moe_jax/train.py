@@ -108,7 +108,9 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
   m = config.model
   train_fn = jax.jit(functools.partial(
       steps.train_step, graphdef=graphdef, tx=tx, bias_update_rate=m.bias_update_rate,
-      bias_update_rule=m.bias_update_rule, bias_freeze_step=m.bias_freeze_step),
+      bias_update_rule=m.bias_update_rule, bias_freeze_step=m.bias_freeze_step,
+      mtp_weights=steps.MTPWeights(m.mtp_loss_weight, m.mtp_loss_weight_final,
+                                   round(m.mtp_weight_switch_fraction * config.train.steps))),
       out_shardings=(shardings, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
                                       byte_limit=data.NUM_BYTE_IDS if corpus.is_bytes else 2**31 - 1))

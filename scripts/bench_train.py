@@ -47,7 +47,7 @@ SPEC = ModelSpec(
     top_k=6, router="sigmoid", route_scale=1.0, norm_topk_prob=True, num_groups=1,
     topk_groups=1, group_score="top2_sum", dispatcher="capacity", capacity_factor=1.25,
     expert_parallel="none", expert_parallel_chunks=1, switch_loss_alpha=0.0,
-    sequence_loss_alpha=1e-4, z_loss_coef=0.0)
+    sequence_loss_alpha=1e-4, z_loss_coef=0.0, mtp_depth=0)
 
 
 def model_flops_per_token(spec: ModelSpec, seq_len: int) -> float:

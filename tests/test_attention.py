@@ -110,7 +110,7 @@ def _spec(**changes):
       expert_dim=16, top_k=2, router="sigmoid", route_scale=1.0, norm_topk_prob=True,
       num_groups=1, topk_groups=1, group_score="top2_sum", dispatcher="dropless",
       capacity_factor=1.0, expert_parallel="none", expert_parallel_chunks=1,
-      switch_loss_alpha=0.0, sequence_loss_alpha=0.0, z_loss_coef=0.0)
+      switch_loss_alpha=0.0, sequence_loss_alpha=0.0, z_loss_coef=0.0, mtp_depth=0)
   return ModelSpec(**{**base, **changes})
 
 

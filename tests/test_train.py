@@ -55,7 +55,7 @@ def test_bias_update_uses_global_counts_and_no_gradient(tiny_config):
   graphdef, initial = steps.init_state(ModelSpec.from_config(tiny_config.model),
                                        steps.make_optimizer(0.0, 0.9, 0.95, 0.0, 1.0), 0)
   # Counts of the whole global batch, under the initial parameters and zero biases.
-  _, (_, stats) = steps.loss_fn(initial.params, initial.biases, graphdef, jnp.asarray(batch))
+  _, (_, stats, _) = steps.loss_fn(initial.params, initial.biases, graphdef, jnp.asarray(batch))
   expected = jax.vmap(lambda c: routing.update_balancing_bias(jnp.zeros_like(c), c, 1e-2))(stats.counts)
   got = jnp.stack(jax.tree.leaves(state.biases))
   np.testing.assert_allclose(got, expected, atol=1e-7)
@@ -136,7 +136,7 @@ def test_aux_losses_add_up_with_their_coefficients(tiny_config):
   graphdef, state = steps.init_state(ModelSpec.from_config(m),
                                      steps.make_optimizer(0.0, 0.9, 0.95, 0.0, 1.0), 0)
   batch = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 33)), jnp.int32)
-  loss, (cross_entropy, stats) = steps.loss_fn(state.params, state.biases, graphdef, batch)
+  loss, (cross_entropy, stats, _) = steps.loss_fn(state.params, state.biases, graphdef, batch)
   aux = stats.switch_loss + stats.sequence_loss + stats.z_loss
   np.testing.assert_allclose(loss, cross_entropy + aux.sum(), rtol=1e-6)
   assert 0.09 < float(stats.switch_loss[0]) < 0.2     # near alpha for a near-uniform router

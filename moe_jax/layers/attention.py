@@ -55,6 +55,20 @@ def attend(q_BxSxNxH, k_BxSxGxH, v_BxSxGxV, scale: float | None = None):
   return out[..., :v_width]
 
 
+def cached_attention_weights(scores_BxNxTxS, positions_T):
+  """Softmax over cache slots, each query seeing the slots at or before its own position
+  (slots past the filled part hold stale or zero entries and stay masked)."""
+  visible_TxS = jnp.arange(scores_BxNxTxS.shape[-1])[None, :] <= positions_T[:, None]
+  scores = jnp.where(visible_TxS, scores_BxNxTxS.astype(jnp.float32), -jnp.inf)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+def write_cache(cache_BxSmaxx, new_BxTx, start):
+  """The cache with `new` written at positions start .. start + T - 1."""
+  return jax.lax.dynamic_update_slice_in_dim(cache_BxSmaxx, new_BxTx.astype(cache_BxSmaxx.dtype),
+                                             start, axis=1)
+
+
 class Attention(nnx.Module):
 
   """Grouped-query attention: N query heads share G key/value heads; half-split RoPE."""
@@ -72,9 +86,34 @@ class Attention(nnx.Module):
   def __call__(self, x_BxSxD, positions_S):
     x = x_BxSxD.astype(self.dtype)
     cast = lambda w: w[...].astype(self.dtype)
+    q, k, v = self._project(x, positions_S)
+    return jnp.einsum("bsnh,nhd->bsd", attend(q, k, v), cast(self.w_o))
+
+  def _project(self, x, positions_S):
+    cast = lambda w: w[...].astype(self.dtype)
     inv_freq = rope_lib.inverse_frequencies(self.w_q.shape[-1], self.rope)
     rotate = lambda t: rope_lib.rotate(t, positions_S, inv_freq, rope_lib.rotation_scale(self.rope))
     q = rotate(jnp.einsum("bsd,dnh->bsnh", x, cast(self.w_q)))
     k = rotate(jnp.einsum("bsd,dgh->bsgh", x, cast(self.w_k)))
     v = jnp.einsum("bsd,dgh->bsgh", x, cast(self.w_v))
-    return jnp.einsum("bsnh,nhd->bsd", attend(q, k, v), cast(self.w_o))
+    return q, k, v
+
+  def init_cache(self, batch: int, max_len: int):
+    """Keys and values [B, max_len, G, H] for decoding."""
+    _, groups, width = self.w_k.shape
+    zeros = jnp.zeros((batch, max_len, groups, width), self.dtype)
+    return zeros, zeros
+
+  def decode(self, x_BxTxD, positions_T, cache, start):
+    """Attention for T new tokens at positions start .. start + T - 1 over the cache, which
+    gets their keys and values; returns (output [B, T, D], new cache)."""
+    q, k, v = self._project(x_BxTxD.astype(self.dtype), positions_T)
+    keys, values = write_cache(cache[0], k, start), write_cache(cache[1], v, start)
+    batch, length, heads, width = q.shape
+    groups = keys.shape[2]
+    q = q.reshape(batch, length, groups, heads // groups, width)
+    scores = jnp.einsum("btgrh,bsgh->bgrts", q, keys) * width ** -0.5
+    weights = cached_attention_weights(scores.reshape(batch, heads, length, -1), positions_T)
+    weights = weights.reshape(batch, groups, heads // groups, length, -1).astype(values.dtype)
+    out = jnp.einsum("bgrts,bsgh->btgrh", weights, values).reshape(batch, length, heads, width)
+    return jnp.einsum("bsnh,nhd->bsd", out, self.w_o[...].astype(self.dtype)), (keys, values)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.layers import rope as rope_lib
-from moe_jax.layers.attention import attend
+from moe_jax.layers.attention import attend, cached_attention_weights, write_cache
 from moe_jax.layers.mlp import scaled_normal
 from moe_jax.layers.norms import rms_norm
 
@@ -87,3 +87,25 @@ class LatentAttention(nnx.Module):
     k, v = self.keys_and_values(*self.latent(x, positions_S))
     out_BxSxNxV = attend(q, k, v, self.softmax_scale)
     return jnp.einsum("bsnv,nvd->bsd", out_BxSxNxV, self._cast(self.w_o))
+
+  def init_cache(self, batch: int, max_len: int):
+    """The normalised latent [B, max_len, R] and the rotated RoPE key [B, max_len, P]."""
+    return (jnp.zeros((batch, max_len, self.kv_lora_rank), self.dtype),
+            jnp.zeros((batch, max_len, self.qk_rope_head_dim), self.dtype))
+
+  def decode(self, x_BxTxD, positions_T, cache, start):
+    """Attention for T new tokens over the latent cache, in the absorbed form: the key
+    up-projection folds into the query and the value up-projection into the output, so
+    per-head keys and values are never built. Returns (output [B, T, D], new cache)."""
+    x = x_BxTxD.astype(self.dtype)
+    q_nope, q_rope = jnp.split(self.queries(x, positions_T), [self.qk_nope_head_dim], axis=-1)
+    c_kv, k_rope = self.latent(x, positions_T)
+    c_cache, rope_cache = write_cache(cache[0], c_kv, start), write_cache(cache[1], k_rope, start)
+    w_uk, w_uv = jnp.split(self._cast(self.w_kv_up), [self.qk_nope_head_dim], axis=-1)
+    q_latent = jnp.einsum("btnc,rnc->btnr", q_nope, w_uk)
+    scores = (jnp.einsum("btnr,bsr->bnts", q_latent, c_cache)
+              + jnp.einsum("btnp,bsp->bnts", q_rope, rope_cache)) * self.softmax_scale
+    weights = cached_attention_weights(scores, positions_T).astype(c_cache.dtype)
+    out_latent = jnp.einsum("bnts,bsr->btnr", weights, c_cache)
+    out = jnp.einsum("btnr,rnv->btnv", out_latent, w_uv)
+    return jnp.einsum("btnv,nvd->btd", out, self._cast(self.w_o)), (c_cache, rope_cache)

@@ -1,0 +1,70 @@
+"""Multi-token prediction: what each depth sees and predicts, its loss weight, and a run."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from moe_jax import steps
+from moe_jax.model import ModelSpec, Transformer
+from moe_jax.train import train_and_evaluate
+
+
+def _model(config, depth):
+  config.model.mtp_depth = depth
+  config.model.dispatcher = "dropless"   # no capacity drops: positions stay independent
+  return Transformer(ModelSpec.from_config(config.model), nnx.Rngs(params=0))
+
+
+def test_depth_k_sees_tokens_up_to_i_plus_k_and_nothing_later(tiny_config):
+  model = _model(tiny_config, 2)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  logits, stats, (depth1, depth2) = model.with_mtp(tokens)
+  assert logits.shape == (2, 16, 260) and depth1.shape == (2, 15, 260) and depth2.shape == (2, 14, 260)
+  assert stats.counts.shape[0] == len(model.moe_layers()) == 1 + 2   # one main MoE block + 2 MTP
+  np.testing.assert_allclose(model(tokens)[0], logits, rtol=1e-6)
+  changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % 256)
+  _, _, (new1, new2) = model.with_mtp(changed)
+  for k, (old, new) in enumerate([(depth1, new1), (depth2, new2)], start=1):
+    first_affected = 10 - k   # position i reads token i + k
+    np.testing.assert_allclose(old[:, :first_affected], new[:, :first_affected], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(old[:, first_affected], new[:, first_affected])
+
+
+def test_loss_adds_lambda_times_the_mean_depth_loss_and_its_schedule(tiny_config):
+  tiny_config.model.sequence_loss_alpha = 0.0   # else the MTP blocks' balance loss has gradients
+  model = _model(tiny_config, 2)
+  graphdef, params, biases = nnx.split(model, nnx.Param, ...)
+  tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
+  _, _, mtp_logits = model.with_mtp(tokens[:, :-1])
+  depth_losses = [optax.softmax_cross_entropy_with_integer_labels(l, tokens[:, k + 1:]).mean()
+                  for k, l in enumerate(mtp_logits, start=1)]
+  without, _ = steps.loss_fn(params, biases, graphdef, tokens, 0.0)
+  with_mtp, (_, _, metrics) = steps.loss_fn(params, biases, graphdef, tokens, 0.3)
+  np.testing.assert_allclose(with_mtp - without, 0.3 * (depth_losses[0] + depth_losses[1]) / 2,
+                             rtol=1e-5)
+  np.testing.assert_allclose(metrics["mtp_loss/depth2"], depth_losses[1], rtol=1e-6)
+  accuracy = np.mean(np.argmax(mtp_logits[0], -1) == tokens[:, 2:])
+  np.testing.assert_allclose(metrics["mtp_accuracy/depth1"], accuracy, rtol=1e-6)
+  weights = steps.MTPWeights(0.3, 0.1, switch_step=5)
+  assert [float(weights.at(s)) for s in (0, 4, 5, 9)] == pytest.approx([0.3, 0.3, 0.1, 0.1])
+  # lambda = 0: the MTP modules get no gradient; lambda > 0: they do.
+  mtp_grad = lambda w: nnx.to_flat_state(jax.grad(
+      lambda p: steps.loss_fn(p, biases, graphdef, tokens, w)[0])(params))
+  norms = lambda grads: [float(jnp.abs(g[...]).max()) for path, g in grads if path[0] == "mtp"]
+  assert max(norms(mtp_grad(0.0))) == 0 and min(norms(mtp_grad(0.3))) > 0
+
+
+def test_a_run_with_mtp_logs_each_depths_loss_and_accuracy(tiny_config, tmp_path):
+  tiny_config.model.mtp_depth = 2
+  tiny_config.train.steps = 20
+  train_and_evaluate(tiny_config, tmp_path)
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  logged = [r for r in rows if "mtp_loss/depth2" in r]
+  assert logged and all(0 <= r["mtp_accuracy/depth1"] <= 1 for r in logged)
+  assert logged[-1]["mtp_loss/depth1"] < logged[0]["mtp_loss/depth1"]
+  assert all(np.isfinite(r["loss"]) for r in logged)
