@@ -1,0 +1,120 @@
+"""Hugging Face checkpoints: tiny random models built with `transformers` config classes
+(nothing downloaded) are saved, imported, and must match `transformers` in float32: logits
+within 1e-4 and every MoE layer's top-k expert choices; import -> export -> import is exact."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import torch
+import transformers
+
+from moe_jax import hf
+from moe_jax.generate import decoding_model
+from moe_jax.layers.moe import MoE
+from moe_jax.routing.choice import group_limited_mask
+
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+              num_attention_heads=4, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              initializer_range=0.25)   # large weights: sharp attention and routing
+FAMILIES = {
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
+                     rope_theta=1e4)),
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
+                    dict(n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+                         first_k_dense_replace=1, moe_intermediate_size=16, q_lora_rank=24,
+                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                         v_head_dim=6, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                         norm_topk_prob=True,
+                         rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                       "original_max_position_embeddings": 8, "beta_fast": 32,
+                                       "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 1.0},
+                         max_position_embeddings=32)),
+    "deepseek_v2_lite": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM,
+                         dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
+                              first_k_dense_replace=1, moe_intermediate_size=16, q_lora_rank=None,
+                              kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                              v_head_dim=8, topk_method="greedy", routed_scaling_factor=1.0,
+                              norm_topk_prob=False)),
+}
+
+
+def _hf_model(family, directory):
+  config_cls, model_cls, extra = FAMILIES[family]
+  torch.manual_seed(0)
+  model = model_cls(config_cls(**COMMON, **extra)).eval()
+  with torch.no_grad():   # make the correction bias and norms non-trivial
+    for name, p in model.named_parameters():
+      if "norm" in name or "e_score_correction_bias" in name:
+        p.add_(0.1 * torch.randn_like(p))
+    for name, buffer in model.named_buffers():
+      if "e_score_correction_bias" in name:
+        buffer.add_(0.05 * torch.randn_like(buffer))
+  model.save_pretrained(directory)
+  return model
+
+
+def _hf_choices(model, tokens):
+  """logits and each router's top-k expert ids (sorted) from transformers."""
+  choices = []
+  hooks = [m.register_forward_hook(lambda mod, args, out: choices.append(out[-1]))
+           for name, m in model.named_modules() if type(m).__name__.endswith("Router")]
+  with torch.no_grad():
+    logits = model(torch.as_tensor(np.asarray(tokens))).logits.numpy()
+  for h in hooks:
+    h.remove()
+  return logits, [np.sort(c.numpy().reshape(tokens.shape + (-1,)), -1) for c in choices]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_import_matches_transformers_and_round_trips(family, tmp_path):
+  theirs = _hf_model(family, tmp_path / "hf")
+  imported = hf.load(tmp_path / "hf")
+  tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, COMMON["vocab_size"])
+  expected_logits, expected_choices = _hf_choices(theirs, tokens)
+  model = decoding_model(imported.graphdef, imported.params, imported.biases)
+  logits, _ = model(tokens)
+  assert np.max(np.abs(np.asarray(logits) - expected_logits)) <= 1e-4
+  ours = [np.sort(np.asarray(layer.route(layer.router_logits(x)).expert_ids), -1)
+          for layer, x in zip(model.moe_layers(), _moe_inputs(model, tokens))]
+  assert len(ours) == len(expected_choices) > 0
+  for layer, (a, b) in enumerate(zip(ours, expected_choices)):
+    np.testing.assert_array_equal(a, b, err_msg=f"MoE layer {layer}")
+  # Round trip: export, import again, export again: identical tensors.
+  hf.save(tmp_path / "out", imported)
+  again = hf.load(tmp_path / "out")
+  first, second = hf.to_tensors(imported), hf.to_tensors(again)
+  assert first.keys() == second.keys()
+  for name in first:
+    np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == \
+      theirs.config.model_type
+
+
+def _moe_inputs(model, tokens):
+  """The normalised input of every MoE layer, from the model's own forward pass."""
+  inputs, positions = [], jnp.arange(tokens.shape[1])
+  x = model.embed_tokens(tokens)
+  for block in model.blocks:
+    x = block.attend(x, positions)
+    if isinstance(block.mlp, MoE):
+      inputs.append(block.mlp_norm(x))
+    x, _ = block.feed_forward(x)
+  return inputs
+
+
+def test_masked_groups_are_minus_infinity_as_in_deepseeks_code_not_zero():
+  """DeepSeek's inference code masks experts outside the chosen groups with -inf; Hugging
+  Face fills 0. They differ when every kept expert's biased score is negative: a 0-filled
+  masked expert then wins. Ours follows DeepSeek."""
+  biased = jnp.array([[-0.2, -0.3, -0.9, -0.8]])          # groups {0, 1} and {2, 3}
+  masked = group_limited_mask(biased, biased, num_groups=2, topk_groups=1, group_score="top2_sum")
+  assert np.isneginf(np.asarray(masked[0, 2:])).all()
+  ours = np.asarray(jax.lax.top_k(masked, 2)[1][0])
+  zero_filled = np.where(np.isneginf(np.asarray(masked)), 0.0, np.asarray(masked))
+  theirs = np.argsort(-zero_filled[0], kind="stable")[:2]
+  assert sorted(ours) == [0, 1] and set(theirs) == {2, 3}
