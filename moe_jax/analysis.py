@@ -76,6 +76,13 @@ def load_run(workdir, step: int | None = None) -> Run:
   return Run(workdir, config, step, graphdef, state.params, state.biases)
 
 
+def run_from_hf(imported) -> Run:
+  """A `Run` of a model imported from Hugging Face (`moe_jax.hf.load`), so that the routing
+  traces and statistics here work on pretrained models too (no workdir, step 0)."""
+  config = ml_collections.ConfigDict({"model": imported.spec._asdict()})
+  return Run(None, config, 0, imported.graphdef, imported.params, imported.biases)
+
+
 def train_tiny(workdir, arg: str = "tiny", **train_overrides) -> Path:
   """Trains configs/default.py:`arg` in `workdir` unless a finished run is there already."""
   from configs.default import get_config

@@ -1,7 +1,7 @@
 """Hugging Face MoE checkpoints in and out: config.json + *.safetensors <-> a moe_jax model.
 
 Families (`model_type`): `deepseek_v3`, `deepseek_v2` (V2 and V2-Lite) and `mixtral`.
-Import reads the safetensors files with numpy (no torch needed), builds a `ModelSpec` from
+Import reads the safetensors files into jax arrays (no torch needed; bf16 kept), builds a `ModelSpec` from
 config.json, and maps every tensor to its parameter: dense first layers, shared experts, MLA,
 the router's correction bias as the balancing bias, and the MTP modules' weights when the
 checkpoint has them (DeepSeek-V3's `model.layers.{num_hidden_layers + k}.*`). Export writes
@@ -18,7 +18,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from moe_jax.layers.moe import BalancingBias
@@ -160,7 +159,7 @@ def _attention_rules(family: str, spec: ModelSpec, prefix: str, ours: tuple) -> 
 def _stack_experts(name_fn, num_experts):
   """Per-expert torch Linears -> ours [E, in, out]; the reverse splits them again."""
   def to_ours(tensors, spec):
-    return np.stack([tensors[name_fn(e)].T for e in range(num_experts)])
+    return jnp.stack([tensors.pop(name_fn(e)).T for e in range(num_experts)])
   def to_theirs(w, spec):
     return {name_fn(e): w[e].T for e in range(num_experts)}
   return to_ours, to_theirs
@@ -226,17 +225,18 @@ def _mtp_layers_in(tensors: dict, hf: dict) -> int:
   return sum(1 for k in range(wanted) if f"model.layers.{layers + k}.eh_proj.weight" in tensors)
 
 
-def _put(flat: dict, path: tuple, value: np.ndarray, name: str):
+def _put(flat: dict, path: tuple, value, name: str, dtype):
   if path not in flat:
     raise ImportError_(f"{name}: no parameter {path} in the model built from config.json")
   expected = flat[path].shape
   if tuple(value.shape) != tuple(expected):
     raise ImportError_(f"{name}: shape {tuple(value.shape)} does not fit {path} {tuple(expected)}")
-  flat[path] = flat[path].replace(jnp.asarray(value, jnp.float32))
+  flat[path] = flat[path].replace(jnp.asarray(value, dtype))
 
 
-def from_tensors(tensors: dict[str, np.ndarray], hf: dict) -> Imported:
-  """The moe_jax model of a Hugging Face config and its tensors (name -> array)."""
+def from_tensors(tensors: dict, hf: dict, dtype=jnp.float32) -> Imported:
+  """The moe_jax model of a Hugging Face config and its tensors (name -> array), with
+  parameters stored in `dtype` (bfloat16 halves the memory of a large checkpoint)."""
   spec = spec_from_hf_config(hf, _mtp_layers_in(tensors, hf))
   family = hf["model_type"]
   model = nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=0)))
@@ -248,26 +248,27 @@ def from_tensors(tensors: dict[str, np.ndarray], hf: dict) -> Imported:
   missing = [r[0] for r in rules if r[0] not in tensors]
   if missing:
     raise ImportError_(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
+  tensors = dict(tensors)   # each tensor is dropped once converted: peak memory ~ one copy
   for name, path, to_ours, _ in rules:
-    _put(flat, path, to_ours(np.asarray(tensors[name], np.float32), spec), name)
+    _put(flat, path, to_ours(jnp.asarray(tensors.pop(name)), spec), name, dtype)
   for path, (to_ours, _) in stacks:
-    _put(flat, path, to_ours(tensors, spec), f"the experts' {path[-1]}")
+    _put(flat, path, to_ours(tensors, spec), f"the experts' {path[-1]}", dtype)
   assigned = {path for _, path, _, _ in rules} | {path for path, _ in stacks}
   for path in set(flat) - assigned:   # e.g. Mixtral and DeepSeek-V2 have no correction bias
     if path[-1] != "balancing_bias":
       raise ImportError_(f"parameter {path} got no tensor from the checkpoint")
-    flat[path] = flat[path].replace(jnp.zeros(flat[path].shape, jnp.float32))
+    flat[path] = flat[path].replace(jnp.zeros(flat[path].shape, dtype))
   model = nnx.merge(graphdef, nnx.from_flat_state(flat))
   graphdef, params, biases = nnx.split(model, nnx.Param, BalancingBias)
   return Imported(spec, graphdef, params, biases, hf)
 
 
-def to_tensors(imported: Imported) -> dict[str, np.ndarray]:
-  """The Hugging Face tensors (name -> float32 array) of a model; MTP modules included,
-  with DeepSeek's copies of the shared embedding and head in each MTP layer."""
+def to_tensors(imported: Imported) -> dict[str, jax.Array]:
+  """The Hugging Face tensors (name -> array in the parameters' dtype) of a model; MTP
+  modules included, with DeepSeek's copies of the shared embedding and head in each."""
   spec, family = imported.spec, imported.hf_config["model_type"]
   model = nnx.merge(imported.graphdef, imported.params, imported.biases)
-  flat = {path: np.asarray(v[...], np.float32) for path, v in nnx.to_flat_state(nnx.state(model))}
+  flat = {path: v[...] for path, v in nnx.to_flat_state(nnx.state(model))}
   rules, stacks = weight_rules(family, spec)
   tensors = {name: to_theirs(flat[path], spec) for name, path, _, to_theirs in rules}
   for path, (_, to_theirs) in stacks:
@@ -276,14 +277,15 @@ def to_tensors(imported: Imported) -> dict[str, np.ndarray]:
     p = f"model.layers.{spec.num_layers + k}"
     tensors[f"{p}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
     tensors[f"{p}.shared_head.head.weight"] = tensors["lm_head.weight"]
-  return {name: np.ascontiguousarray(t) for name, t in tensors.items()}
+  return tensors
 
 
 # ---- files --------------------------------------------------------------------------------
 
-def load(directory) -> Imported:
-  """A Hugging Face checkpoint directory (config.json and one or more .safetensors)."""
-  from safetensors.numpy import load_file
+def load(directory, dtype=jnp.float32) -> Imported:
+  """A Hugging Face checkpoint directory (config.json and one or more .safetensors), its
+  parameters in `dtype`."""
+  from safetensors.flax import load_file
   directory = Path(directory)
   config_path = directory / "config.json"
   if not config_path.exists():
@@ -294,12 +296,12 @@ def load(directory) -> Imported:
   tensors = {}
   for path in files:
     tensors.update(load_file(path))
-  return from_tensors(tensors, json.loads(config_path.read_text()))
+  return from_tensors(tensors, json.loads(config_path.read_text()), dtype)
 
 
 def save(directory, imported: Imported) -> None:
   """Writes config.json and model.safetensors in the checkpoint's own format."""
-  from safetensors.numpy import save_file
+  from safetensors.flax import save_file
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   hf = dict(imported.hf_config)
