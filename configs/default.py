@@ -51,6 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.qk_nope_head_dim = 32     # mla: query/key channels without RoPE, per head
   c.model.qk_rope_head_dim = 16     # mla: query/key channels with RoPE (one key part shared)
   c.model.v_head_dim = 32           # mla: value width per head
+  c.model.qkv_bias = False          # gqa: biases on the q, k, v projections (Qwen2-MoE)
+  c.model.qk_norm = "none"          # gqa: RMSNorm of q and k: "per_head" (Qwen3) | "whole" (OLMoE)
   c.model.rope_theta = 10_000.0
   c.model.rope_scaling = "none"     # "none" | "yarn" (context extension; see layers/rope.py)
   c.model.rope_factor = 1.0         # yarn: extension factor
@@ -65,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # MoE blocks
   c.model.num_routed_experts = 16   # fine-grained routed experts E
   c.model.num_shared_experts = 1    # always-on shared experts, each of width expert_dim
+  c.model.shared_expert_gate = False  # shared output x sigmoid(x . w) (Qwen2-MoE)
   c.model.expert_dim = 96           # hidden width F of one expert's SwiGLU
   c.model.top_k = 2                 # routed experts per token K
   c.model.router = "sigmoid"        # "sigmoid" (DeepSeek-V3) | "softmax" (Switch, DeepSeek-V2)

@@ -9,6 +9,7 @@ import math
 from moe_jax import data, parallel
 from moe_jax.dispatch import DISPATCHERS
 from moe_jax.dispatch.expert_parallel import VARIANTS as EP_VARIANTS
+from moe_jax.layers.attention import QK_NORMS
 from moe_jax.layers.rope import SCALINGS
 from moe_jax.model import ATTENTIONS, DTYPES, ModelSpec
 from moe_jax.routing import BIAS_RULES, GROUP_SCORES, ROUTERS
@@ -175,6 +176,7 @@ def _attention_problems(m) -> list[str]:
     need(m.q_lora_rank >= 0, f"model.q_lora_rank={m.q_lora_rank} must be >= 0 (0: no query latent)")
     need(m.qk_rope_head_dim % 2 == 0,
          f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even (rotary embeddings)")
+  need(m.qk_norm in QK_NORMS, f"model.qk_norm={m.qk_norm!r} is unknown; choose from {list(QK_NORMS)}")
   need(m.rope_theta > 1, f"model.rope_theta={m.rope_theta} must be > 1")
   need(m.rope_scaling in SCALINGS,
        f"model.rope_scaling={m.rope_scaling!r} is unknown; choose from {list(SCALINGS)}")

@@ -1,6 +1,7 @@
 """Hugging Face MoE checkpoints in and out: config.json + *.safetensors <-> a moe_jax model.
 
-Families (`model_type`): `deepseek_v3`, `deepseek_v2` (V2 and V2-Lite) and `mixtral`.
+Families (`model_type`): `deepseek_v3`, `deepseek_v2` (V2 and V2-Lite), `mixtral`,
+`qwen2_moe`, `qwen3_moe` and `olmoe`.
 Import reads the safetensors files into jax arrays (no torch needed; bf16 kept), builds a `ModelSpec` from
 config.json, and maps every tensor to its parameter: dense first layers, shared experts, MLA,
 the router's correction bias as the balancing bias, and the MTP modules' weights when the
@@ -23,7 +24,8 @@ from flax import nnx
 from moe_jax.layers.moe import BalancingBias
 from moe_jax.model import ModelSpec, Transformer
 
-FAMILIES = ("deepseek_v3", "deepseek_v2", "mixtral")
+FAMILIES = ("deepseek_v3", "deepseek_v2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+GQA_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 class ImportError_(ValueError):
@@ -65,6 +67,43 @@ def _rope_fields(hf: dict) -> dict:
   return fields
 
 
+def _dense_prefix(family: str, hf: dict) -> int:
+  """Qwen's dense layers (`mlp_only_layers`, `decoder_sparse_step`) as a leading count."""
+  if family not in ("qwen2_moe", "qwen3_moe"):
+    return 0
+  dense = sorted(hf.get("mlp_only_layers") or [])
+  if (hf.get("decoder_sparse_step") or 1) != 1 or dense != list(range(len(dense))):
+    raise ImportError_("only leading dense layers are supported (decoder_sparse_step 1, "
+                       f"mlp_only_layers 0..k-1); this config has {dense} and step "
+                       f"{hf.get('decoder_sparse_step')}")
+  return len(dense)
+
+
+def _gqa_fields(family: str, hf: dict) -> dict:
+  """The attention and MoE fields of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE."""
+  heads = hf["num_attention_heads"]
+  if hf.get("attention_bias") or hf.get("clip_qkv"):
+    raise ImportError_("attention_bias (on the output projection) and clip_qkv are not supported")
+  experts = hf.get("num_local_experts") or hf["num_experts"]   # the name varies by version
+  expert_dim = hf.get("moe_intermediate_size") or hf["intermediate_size"]
+  shared = hf.get("shared_expert_intermediate_size") or 0
+  if shared % expert_dim:
+    raise ImportError_(f"shared_expert_intermediate_size {shared} is not a multiple of "
+                       f"moe_intermediate_size {expert_dim}")
+  return dict(
+      num_dense_layers=_dense_prefix(family, hf), attention="gqa",
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      q_lora_rank=0, kv_lora_rank=0, qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0,
+      qkv_bias=family == "qwen2_moe" and hf.get("qkv_bias", True) is not False,
+      qk_norm={"qwen3_moe": "per_head", "olmoe": "whole"}.get(family, "none"),
+      dense_mlp_dim=hf["intermediate_size"], num_routed_experts=experts,
+      num_shared_experts=shared // expert_dim, shared_expert_gate=bool(shared),
+      expert_dim=expert_dim, top_k=hf["num_experts_per_tok"], router="softmax", route_scale=1.0,
+      norm_topk_prob=True if family == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+      num_groups=1, topk_groups=1, group_score="top2_sum")
+
+
 def spec_from_hf_config(hf: dict, mtp_depth: int = 0) -> ModelSpec:
   """The ModelSpec of a Hugging Face config (dict of config.json)."""
   family = hf.get("model_type")
@@ -76,22 +115,14 @@ def spec_from_hf_config(hf: dict, mtp_depth: int = 0) -> ModelSpec:
       compute_dtype="float32", capacity_factor=1.0, dispatcher="dropless",
       expert_parallel="none", expert_parallel_chunks=1, switch_loss_alpha=0.0,
       sequence_loss_alpha=0.0, z_loss_coef=0.0, mtp_depth=mtp_depth, **_rope_fields(hf))
-  if family == "mixtral":
-    heads = hf["num_attention_heads"]
-    return ModelSpec(
-        **common, num_dense_layers=0, attention="gqa",
-        num_kv_heads=hf.get("num_key_value_heads", heads),
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        q_lora_rank=0, kv_lora_rank=0, qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0,
-        dense_mlp_dim=hf["intermediate_size"], num_routed_experts=hf["num_local_experts"],
-        num_shared_experts=0, expert_dim=hf["intermediate_size"],
-        top_k=hf["num_experts_per_tok"], router="softmax", route_scale=1.0,
-        norm_topk_prob=True, num_groups=1, topk_groups=1, group_score="top2_sum")
+  if family in GQA_FAMILIES:
+    return ModelSpec(**common, **_gqa_fields(family, hf))
   is_v3 = family == "deepseek_v3"
   grouped = is_v3 or hf.get("topk_method") == "group_limited_greedy"
   return ModelSpec(
       **common, num_dense_layers=hf.get("first_k_dense_replace", 0), attention="mla",
       num_kv_heads=hf["num_attention_heads"], head_dim=hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"],
+      qkv_bias=False, qk_norm="none", shared_expert_gate=False,
       q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
       qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
       v_head_dim=hf["v_head_dim"], dense_mlp_dim=hf["intermediate_size"],
@@ -131,15 +162,27 @@ def _into_heads(shape_fn):
 SAME = (lambda w, spec: w, lambda w, spec: w)
 
 
+def _bias(shape_fn):
+  """A projection's bias [N*H] <-> ours [N, H]."""
+  return (lambda b, spec: b.reshape(shape_fn(spec)), lambda b, spec: b.reshape(-1))
+
+
 def _attention_rules(family: str, spec: ModelSpec, prefix: str, ours: tuple) -> list[Rule]:
   a = f"{prefix}.self_attn"
   if spec.attention == "gqa":
     heads = lambda n: (lambda s: (n(s), s.head_dim))
     q, kv = heads(lambda s: s.num_heads), heads(lambda s: s.num_kv_heads)
-    return [(f"{a}.q_proj.weight", ours + ("w_q",), *_linear(q)),
-            (f"{a}.k_proj.weight", ours + ("w_k",), *_linear(kv)),
-            (f"{a}.v_proj.weight", ours + ("w_v",), *_linear(kv)),
-            (f"{a}.o_proj.weight", ours + ("w_o",), *_into_heads(q))]
+    rules = [(f"{a}.q_proj.weight", ours + ("w_q",), *_linear(q)),
+             (f"{a}.k_proj.weight", ours + ("w_k",), *_linear(kv)),
+             (f"{a}.v_proj.weight", ours + ("w_v",), *_linear(kv)),
+             (f"{a}.o_proj.weight", ours + ("w_o",), *_into_heads(q))]
+    if spec.qkv_bias:
+      rules += [(f"{a}.{t}_proj.bias", ours + (f"b_{t}",), *_bias(shape))
+                for t, shape in (("q", q), ("k", kv), ("v", kv))]
+    if spec.qk_norm != "none":
+      rules += [(f"{a}.q_norm.weight", ours + ("query_norm_scale",), *SAME),
+                (f"{a}.k_norm.weight", ours + ("key_norm_scale",), *SAME)]
+    return rules
   qk = lambda s: (s.num_heads, s.qk_nope_head_dim + s.qk_rope_head_dim)
   rules = [(f"{a}.kv_a_proj_with_mqa.weight", ours + ("w_kv_down",), *_linear()),
            (f"{a}.kv_a_layernorm.weight", ours + ("kv_norm_scale",), *SAME),
@@ -181,6 +224,16 @@ def _block_rules(family: str, spec: ModelSpec, hf_index: int, ours: tuple, moe: 
           lambda e, t=theirs: f"{m}.experts.{e}.{t}.weight", spec.num_routed_experts)))
     return rules, stacks
   m = f"{p}.mlp"
+  if family in ("qwen2_moe", "qwen3_moe", "olmoe") and moe:
+    rules.append((f"{m}.gate.weight", mlp + ("router_kernel",), *_linear()))
+    if spec.num_shared_experts:
+      rules += [(f"{m}.shared_expert.{t}_proj.weight", mlp + ("shared", f"w_{t}"), *_linear())
+                for t in ("gate", "up", "down")]
+      rules.append((f"{m}.shared_expert_gate.weight", mlp + ("shared_gate",), *_linear()))
+    for t in ("gate", "up", "down"):
+      stacks.append((mlp + (f"w_{t}",), _stack_experts(
+          lambda e, t=t: f"{m}.experts.{e}.{t}_proj.weight", spec.num_routed_experts)))
+    return rules, stacks
   if not moe:
     rules += [(f"{m}.{t}_proj.weight", mlp + (f"w_{t}",), *_linear()) for t in ("gate", "up", "down")]
     return rules, stacks

@@ -40,6 +40,8 @@ class ModelSpec(NamedTuple):
   qk_nope_head_dim: int
   qk_rope_head_dim: int
   v_head_dim: int
+  qkv_bias: bool
+  qk_norm: str
   rope_theta: float
   rope_scaling: str
   rope_factor: float
@@ -53,6 +55,7 @@ class ModelSpec(NamedTuple):
   compute_dtype: str
   num_routed_experts: int
   num_shared_experts: int
+  shared_expert_gate: bool
   expert_dim: int
   top_k: int
   router: str
@@ -87,7 +90,7 @@ def make_attention(spec: ModelSpec, dtype, rngs: nnx.Rngs) -> Attention | Latent
                            spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim,
                            spec.rope, spec.norm_eps, dtype, rngs)
   return Attention(spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rope,
-                   dtype, rngs)
+                   dtype, rngs, spec.qkv_bias, spec.qk_norm, spec.norm_eps)
 
 
 class Block(nnx.Module):
@@ -104,7 +107,8 @@ class Block(nnx.Module):
                                 spec.expert_parallel_chunks)
       weights = LossWeights(spec.switch_loss_alpha, spec.sequence_loss_alpha, spec.z_loss_coef)
       self.mlp = MoE(spec.d_model, spec.num_routed_experts, spec.expert_dim,
-                     spec.num_shared_experts, settings, weights, dtype, rngs)
+                     spec.num_shared_experts, settings, weights, dtype, rngs,
+                     spec.shared_expert_gate)
     else:
       self.mlp = SwiGLU(spec.d_model, spec.dense_mlp_dim, dtype, rngs)
 

@@ -3,12 +3,12 @@
   python scripts/convert_hf.py --hf_dir=DeepSeek-V2-Lite --dtype=bfloat16
   python scripts/convert_hf.py --hf_dir=tiny_v3 --export=tiny_v3_out --check
 
-Families: deepseek_v3, deepseek_v2 (V2, V2-Lite), mixtral (see moe_jax/hf.py). Prints the
-imported model's shape and parameter memory; --export writes config.json and
-model.safetensors in the checkpoint's own format (import -> export -> import is exact);
---check runs the same random tokens through `transformers` (needs torch and transformers;
-loads a second float32 copy) and prints the largest logit difference and whether every
-MoE layer chose the same experts.
+Families: deepseek_v3, deepseek_v2 (V2, V2-Lite), mixtral, qwen2_moe, qwen3_moe, olmoe (see
+moe_jax/hf.py). Prints the imported model's shape and parameter memory; --export writes
+config.json and model.safetensors in the checkpoint's own format (import -> export -> import
+is exact); --check runs the same random tokens through `transformers` (needs torch and
+transformers; loads a second float32 copy) and prints the largest logit difference and
+whether every MoE layer chose the same experts.
 """
 
 import argparse

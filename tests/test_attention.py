@@ -103,10 +103,12 @@ def _spec(**changes):
   base = dict(
       vocab_size=64, d_model=32, num_layers=2, num_dense_layers=1, attention="mla",
       num_heads=4, num_kv_heads=4, head_dim=8, q_lora_rank=12, kv_lora_rank=10,
-      qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, rope_theta=10_000.0,
+      qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, qkv_bias=False, qk_norm="none",
+      rope_theta=10_000.0,
       rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=8, yarn_beta_fast=32.0,
       yarn_beta_slow=1.0, yarn_mscale=1.0, yarn_mscale_all_dim=1.0, dense_mlp_dim=48,
       norm_eps=1e-6, compute_dtype="float32", num_routed_experts=4, num_shared_experts=1,
+      shared_expert_gate=False,
       expert_dim=16, top_k=2, router="sigmoid", route_scale=1.0, norm_topk_prob=True,
       num_groups=1, topk_groups=1, group_score="top2_sum", dispatcher="dropless",
       capacity_factor=1.0, expert_parallel="none", expert_parallel_chunks=1,

@@ -39,6 +39,16 @@ FAMILIES = {
                               kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
                               v_head_dim=8, topk_method="greedy", routed_scaling_factor=1.0,
                               norm_topk_prob=False)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                  dict(num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+                       moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                       mlp_only_layers=[0], norm_topk_prob=False)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+                       moe_intermediate_size=16, norm_topk_prob=True, head_dim=12)),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
+              dict(num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+                   eos_token_id=1, pad_token_id=0, bos_token_id=None)),
 }
 
 
@@ -48,7 +58,7 @@ def _hf_model(family, directory):
   model = model_cls(config_cls(**COMMON, **extra)).eval()
   with torch.no_grad():   # make the correction bias and norms non-trivial
     for name, p in model.named_parameters():
-      if "norm" in name or "e_score_correction_bias" in name:
+      if "norm" in name or "e_score_correction_bias" in name or name.endswith(".bias"):
         p.add_(0.1 * torch.randn_like(p))
     for name, buffer in model.named_buffers():
       if "e_score_correction_bias" in name:

@@ -11,6 +11,7 @@ from flax import nnx
 
 from moe_jax.layers import rope as rope_lib
 from moe_jax.layers.mlp import scaled_normal
+from moe_jax.layers.norms import rms_norm
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla")
 _choice = ["auto"]
@@ -69,19 +70,38 @@ def write_cache(cache_BxSmaxx, new_BxTx, start):
                                              start, axis=1)
 
 
-class Attention(nnx.Module):
+QK_NORMS = ("none", "per_head", "whole")
 
-  """Grouped-query attention: N query heads share G key/value heads; half-split RoPE."""
+
+class Attention(nnx.Module):
+  """Grouped-query attention: N query heads share G key/value heads; half-split RoPE.
+
+  Options of released models: `qkv_bias` (biases on the q, k, v projections: Qwen2-MoE) and
+  `qk_norm`, an RMSNorm of queries and keys before RoPE, over each head ("per_head": Qwen3)
+  or over all heads together ("whole": OLMoE).
+  """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-               rope: rope_lib.Rope, dtype, rngs: nnx.Rngs):
+               rope: rope_lib.Rope, dtype, rngs: nnx.Rngs, qkv_bias: bool = False,
+               qk_norm: str = "none", norm_eps: float = 1e-6):
     init = scaled_normal(d_model)
     self.w_q = nnx.Param(init(rngs.params(), (d_model, num_heads, head_dim)))
     self.w_k = nnx.Param(init(rngs.params(), (d_model, num_kv_heads, head_dim)))
     self.w_v = nnx.Param(init(rngs.params(), (d_model, num_kv_heads, head_dim)))
     self.w_o = nnx.Param(scaled_normal(num_heads * head_dim)(
         rngs.params(), (num_heads, head_dim, d_model)))
+    if qkv_bias:
+      self.b_q = nnx.Param(jnp.zeros((num_heads, head_dim), jnp.float32))
+      self.b_k = nnx.Param(jnp.zeros((num_kv_heads, head_dim), jnp.float32))
+      self.b_v = nnx.Param(jnp.zeros((num_kv_heads, head_dim), jnp.float32))
+    if qk_norm != "none":
+      per_head = qk_norm == "per_head"
+      self.query_norm_scale = nnx.Param(
+          jnp.ones((head_dim,) if per_head else (num_heads * head_dim,), jnp.float32))
+      self.key_norm_scale = nnx.Param(
+          jnp.ones((head_dim,) if per_head else (num_kv_heads * head_dim,), jnp.float32))
     self.rope, self.dtype = rope, dtype
+    self.qkv_bias, self.qk_norm, self.norm_eps = qkv_bias, qk_norm, norm_eps
 
   def __call__(self, x_BxSxD, positions_S):
     x = x_BxSxD.astype(self.dtype)
@@ -93,10 +113,20 @@ class Attention(nnx.Module):
     cast = lambda w: w[...].astype(self.dtype)
     inv_freq = rope_lib.inverse_frequencies(self.w_q.shape[-1], self.rope)
     rotate = lambda t: rope_lib.rotate(t, positions_S, inv_freq, rope_lib.rotation_scale(self.rope))
-    q = rotate(jnp.einsum("bsd,dnh->bsnh", x, cast(self.w_q)))
-    k = rotate(jnp.einsum("bsd,dgh->bsgh", x, cast(self.w_k)))
+    q = jnp.einsum("bsd,dnh->bsnh", x, cast(self.w_q))
+    k = jnp.einsum("bsd,dgh->bsgh", x, cast(self.w_k))
     v = jnp.einsum("bsd,dgh->bsgh", x, cast(self.w_v))
-    return q, k, v
+    if self.qkv_bias:
+      q, k, v = q + cast(self.b_q), k + cast(self.b_k), v + cast(self.b_v)
+    if self.qk_norm != "none":
+      q, k = self._normalize(q, self.query_norm_scale), self._normalize(k, self.key_norm_scale)
+    return rotate(q), rotate(k), v
+
+  def _normalize(self, t_BxSxNxH, scale):
+    if self.qk_norm == "per_head":
+      return rms_norm(t_BxSxNxH, scale[...], self.norm_eps)
+    flat = t_BxSxNxH.reshape(*t_BxSxNxH.shape[:2], -1)
+    return rms_norm(flat, scale[...], self.norm_eps).reshape(t_BxSxNxH.shape)
 
   def init_cache(self, batch: int, max_len: int):
     """Keys and values [B, max_len, G, H] for decoding."""

@@ -63,7 +63,8 @@ class LossWeights(NamedTuple):
 class MoE(nnx.Module):
 
   def __init__(self, d_model: int, num_experts: int, expert_dim: int, num_shared: int,
-               settings: RouterSettings, loss_weights: LossWeights, dtype, rngs: nnx.Rngs):
+               settings: RouterSettings, loss_weights: LossWeights, dtype, rngs: nnx.Rngs,
+               shared_expert_gate: bool = False):
     self.router_kernel = nnx.Param(scaled_normal(d_model)(rngs.params(), (d_model, num_experts)))
     self.balancing_bias = BalancingBias(jnp.zeros((num_experts,), jnp.float32))
     init_in, init_out = scaled_normal(d_model), scaled_normal(expert_dim)
@@ -71,6 +72,9 @@ class MoE(nnx.Module):
     self.w_up = nnx.Param(init_in(rngs.params(), (num_experts, d_model, expert_dim)))
     self.w_down = nnx.Param(init_out(rngs.params(), (num_experts, expert_dim, d_model)))
     self.shared = SwiGLU(d_model, expert_dim * num_shared, dtype, rngs) if num_shared else None
+    if num_shared and shared_expert_gate:   # Qwen2-MoE: shared output x sigmoid(x . w)
+      self.shared_gate = nnx.Param(scaled_normal(d_model)(rngs.params(), (d_model, 1)))
+    self.has_shared_gate = bool(num_shared and shared_expert_gate)
     self.num_experts, self.settings, self.loss_weights, self.dtype = (
         num_experts, settings, loss_weights, dtype)
 
@@ -93,7 +97,11 @@ class MoE(nnx.Module):
       y, probs, counts_BxE, chosen_BxSxE, dropped_fraction = self._token_choice(x, logits)
     if self.shared is not None:
       with jax.named_scope("shared_experts"):
-        y = y + self.shared(x_BxSxD)
+        shared = self.shared(x_BxSxD)
+        if self.has_shared_gate:
+          gate = jax.nn.sigmoid(x_BxSxD.astype(jnp.float32) @ self.shared_gate[...])
+          shared = (shared * gate).astype(shared.dtype)
+        y = y + shared
     counts = jnp.sum(counts_BxE, axis=0)
     probs_TxE = probs.reshape(-1, self.num_experts)
     stats = MoEStats(
