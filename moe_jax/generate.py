@@ -48,17 +48,12 @@ class Generation(NamedTuple):
   forward_passes: int         # main-model steps after the prompt
 
 
-def _split(model: Transformer):
-  graphdef, state = nnx.split(model)
-  return graphdef, state
-
-
 def generate(model: Transformer, prompt_BxL, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0) -> Generation:
   """Continues each prompt row by `max_new_tokens`, one main-model step per token."""
   prompt = jnp.asarray(prompt_BxL, jnp.int32)
   batch, length = prompt.shape
-  graphdef, state = _split(model)
+  graphdef, state = nnx.split(model)
 
   @jax.jit
   def step(state, tokens, caches, start, key):
@@ -95,7 +90,7 @@ def speculative_generate(model: Transformer, prompt_1xL, max_new_tokens: int) ->
                      "(model.mtp_depth = 0)")
   prompt = jnp.asarray(prompt_1xL, jnp.int32)
   length = prompt.shape[1]
-  graphdef, state = _split(model)
+  graphdef, state = nnx.split(model)
   window = jnp.arange(depth + 1)
 
   @jax.jit

@@ -12,8 +12,12 @@ import pytest
 import torch
 import transformers
 
+from flax import nnx
+
 from moe_jax import analysis, hf
 from moe_jax.generate import decoding_model
+from moe_jax.layers.moe import BalancingBias
+from moe_jax.model import Transformer
 from moe_jax.routing.choice import group_limited_mask
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -128,3 +132,33 @@ def test_bfloat16_import_halves_the_parameters_and_stays_close(tmp_path):
   # bf16 weights (f32 compute) move logits a little, and flip a few routing choices of this
   # sharply routed random model, which moves those positions more: compare on average.
   assert np.mean(np.abs(np.asarray(logits(half)) - expected)) < 0.1 * np.mean(np.abs(expected))
+
+
+def test_deepseek_mtp_layers_import_export_and_transformers_ignores_them(tmp_path):
+  """DeepSeek-V3's MTP layer (`model.layers.{num_hidden_layers}`: enorm, hnorm, eh_proj, a
+  decoder layer, shared_head.norm, copies of the embedding and head) comes in as an MTP
+  module and goes out again; transformers still loads the main model from our export."""
+  theirs = _hf_model("deepseek_v3", tmp_path / "hf")
+  imported = hf.load(tmp_path / "hf")
+  assert imported.spec.mtp_depth == 0                  # transformers saved no MTP layer
+  with_mtp_spec = imported.spec._replace(mtp_depth=1)
+  model = nnx.merge(*nnx.split(Transformer(with_mtp_spec, nnx.Rngs(params=1))))
+  graphdef, params, biases = nnx.split(model, nnx.Param, BalancingBias)
+  for ours, source in ((params, imported.params), (biases, imported.biases)):
+    flat = dict(nnx.to_flat_state(ours))
+    for path, value in nnx.to_flat_state(source):   # the imported main model, MTP random
+      flat[path][...] = value[...]
+  with_mtp = hf.Imported(with_mtp_spec, graphdef, params, biases, imported.hf_config)
+  hf.save(tmp_path / "out", with_mtp)
+  layer = f"model.layers.{COMMON['num_hidden_layers']}"
+  names = set(hf.to_tensors(with_mtp))
+  assert {f"{layer}.eh_proj.weight", f"{layer}.enorm.weight", f"{layer}.shared_head.head.weight",
+          f"{layer}.mlp.gate.e_score_correction_bias"} <= names
+  again = hf.load(tmp_path / "out")
+  assert again.spec.mtp_depth == 1
+  for (path, a), (_, b) in zip(nnx.to_flat_state(with_mtp.params), nnx.to_flat_state(again.params)):
+    np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+  reloaded = type(theirs).from_pretrained(tmp_path / "out").eval()
+  tokens = jax.random.randint(jax.random.key(2), (1, 7), 0, COMMON["vocab_size"])
+  np.testing.assert_allclose(_hf_choices(reloaded, tokens)[0], _hf_choices(theirs, tokens)[0],
+                             atol=1e-6)

@@ -1,7 +1,5 @@
 """Every notebook runs top to bottom in a fresh kernel (tiny settings) and is committed clean."""
 
-import os
-
 import nbformat
 import pytest
 from nbclient import NotebookClient

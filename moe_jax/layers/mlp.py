@@ -1,7 +1,6 @@
 """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up)). Used dense and as each expert."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 
