@@ -125,7 +125,7 @@ def test_an_mla_model_is_causal_and_every_attention_weight_gets_a_gradient():
   assert not np.allclose(logits[:, 8:], changed[:, 8:])
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(tokens)[0] ** 2)
-  grads = nnx.to_flat_state(jax.grad(loss)(params))
+  grads = nnx.to_flat_state(jax.jit(jax.grad(loss))(params))
   attention_grads = {k: v for k, v in grads if "attention" in k}
   assert {k[-1] for k in attention_grads} >= {"w_q_down", "q_norm_scale", "w_q_up", "w_kv_down",
                                               "kv_norm_scale", "w_kv_up", "w_o"}

@@ -24,10 +24,13 @@ def test_cached_decoding_matches_the_full_forward_pass(tiny_config, attention):
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
   full, _ = model(tokens)
   caches = model.init_cache(2, 16)[0]
-  prefix, _, caches = model.decode(tokens[:, :5], caches, 0)             # a prompt at once
+  graphdef, state = nnx.split(model)
+  decode = jax.jit(lambda state, tokens, caches, start: nnx.merge(graphdef, state).decode(
+      tokens, caches, start))
+  prefix, _, caches = decode(state, tokens[:, :5], caches, 0)            # a prompt at once
   np.testing.assert_allclose(prefix, full[:, :5], rtol=1e-4, atol=1e-4)
   for t in range(5, 12):                                                 # then one at a time
-    logits, _, caches = model.decode(tokens[:, t:t + 1], caches, t)
+    logits, _, caches = decode(state, tokens[:, t:t + 1], caches, t)
     np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
   if attention == "mla":   # the cache holds the latent and the RoPE key, not per-head K/V
     latent, rope_key = caches[0]

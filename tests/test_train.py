@@ -143,7 +143,7 @@ def test_aux_losses_add_up_with_their_coefficients(tiny_config):
   assert 0.009 < float(stats.sequence_loss[0]) < 0.02
   assert 0 < float(stats.z_loss[0]) < 1e-2
   aux_only = lambda p: jnp.sum(sum(steps.loss_fn(p, state.biases, graphdef, batch)[1][1][2:5]))
-  grads = jax.grad(aux_only)(state.params)
+  grads = jax.jit(jax.grad(aux_only))(state.params)
   router_grads = [g for path, g in nnx.to_flat_state(grads) if path[-1] == "router_kernel"]
   assert router_grads and all(float(jnp.abs(g).max()) > 0 for g in router_grads)
 
