@@ -214,38 +214,31 @@ def _block_rules(family: str, spec: ModelSpec, hf_index: int, ours: tuple, moe: 
   rules = [(f"{p}.input_layernorm.weight", ours + ("attention_norm", "scale"), *SAME),
            (f"{p}.post_attention_layernorm.weight", ours + ("mlp_norm", "scale"), *SAME)]
   rules += _attention_rules(family, spec, p, ours + ("attention",))
-  stacks = []
   mlp = ours + ("mlp",)
-  if family == "mixtral":
+  if family == "mixtral":   # router "gate", experts w1 (gate), w3 (up), w2 (down)
     m = f"{p}.block_sparse_moe"
-    rules.append((f"{m}.gate.weight", mlp + ("router_kernel",), *_linear()))
-    for theirs, our_name in (("w1", "w_gate"), ("w3", "w_up"), ("w2", "w_down")):
-      stacks.append((mlp + (our_name,), _stack_experts(
-          lambda e, t=theirs: f"{m}.experts.{e}.{t}.weight", spec.num_routed_experts)))
-    return rules, stacks
+    names = {"gate": "w1", "up": "w3", "down": "w2"}
+    return rules + [(f"{m}.gate.weight", mlp + ("router_kernel",), *_linear())], [
+        (mlp + (f"w_{t}",), _stack_experts(lambda e, t=t: f"{m}.experts.{e}.{names[t]}.weight",
+                                           spec.num_routed_experts))
+        for t in ("gate", "up", "down")]
   m = f"{p}.mlp"
-  if family in ("qwen2_moe", "qwen3_moe", "olmoe") and moe:
-    rules.append((f"{m}.gate.weight", mlp + ("router_kernel",), *_linear()))
-    if spec.num_shared_experts:
-      rules += [(f"{m}.shared_expert.{t}_proj.weight", mlp + ("shared", f"w_{t}"), *_linear())
-                for t in ("gate", "up", "down")]
-      rules.append((f"{m}.shared_expert_gate.weight", mlp + ("shared_gate",), *_linear()))
-    for t in ("gate", "up", "down"):
-      stacks.append((mlp + (f"w_{t}",), _stack_experts(
-          lambda e, t=t: f"{m}.experts.{e}.{t}_proj.weight", spec.num_routed_experts)))
-    return rules, stacks
+  projections = ("gate", "up", "down")
   if not moe:
-    rules += [(f"{m}.{t}_proj.weight", mlp + (f"w_{t}",), *_linear()) for t in ("gate", "up", "down")]
-    return rules, stacks
+    return rules + [(f"{m}.{t}_proj.weight", mlp + (f"w_{t}",), *_linear())
+                    for t in projections], []
   rules.append((f"{m}.gate.weight", mlp + ("router_kernel",), *_linear()))
   if family == "deepseek_v3":
     rules.append((f"{m}.gate.e_score_correction_bias", mlp + ("balancing_bias",), *SAME))
-  if spec.num_shared_experts:
-    rules += [(f"{m}.shared_experts.{t}_proj.weight", mlp + ("shared", f"w_{t}"), *_linear())
-              for t in ("gate", "up", "down")]
-  for t in ("gate", "up", "down"):
-    stacks.append((mlp + (f"w_{t}",), _stack_experts(
-        lambda e, t=t: f"{m}.experts.{e}.{t}_proj.weight", spec.num_routed_experts)))
+  if spec.num_shared_experts:   # DeepSeek: "shared_experts"; Qwen2-MoE: "shared_expert" + gate
+    shared = "shared_expert" if family == "qwen2_moe" else "shared_experts"
+    rules += [(f"{m}.{shared}.{t}_proj.weight", mlp + ("shared", f"w_{t}"), *_linear())
+              for t in projections]
+    if spec.shared_expert_gate:
+      rules.append((f"{m}.shared_expert_gate.weight", mlp + ("shared_gate",), *_linear()))
+  stacks = [(mlp + (f"w_{t}",), _stack_experts(lambda e, t=t: f"{m}.experts.{e}.{t}_proj.weight",
+                                               spec.num_routed_experts))
+            for t in projections]
   return rules, stacks
 
 
