@@ -31,25 +31,17 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from configs.default import get_config   # noqa: E402
 from moe_jax import steps   # noqa: E402
 from moe_jax.layers import attention   # noqa: E402
 from moe_jax.model import ModelSpec, parameter_counts   # noqa: E402
 
 # About 1.3B parameters, about 0.26B used per token: 16 blocks of width 1024 (the first dense),
 # 64 routed experts of width 384 top-6 plus 2 shared, a 32K vocabulary.
-SPEC = ModelSpec(
-    vocab_size=32768, d_model=1024, num_layers=16, num_dense_layers=1, attention="gqa",
-    num_heads=16, num_kv_heads=4, head_dim=64, q_lora_rank=0, kv_lora_rank=0,
-    qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0, qkv_bias=False, qk_norm="none",
-    rope_theta=10_000.0,
-    rope_scaling="none", rope_factor=1.0, rope_original_max_len=4096, yarn_beta_fast=32.0,
-    yarn_beta_slow=1.0, yarn_mscale=1.0, yarn_mscale_all_dim=1.0, dense_mlp_dim=4096, norm_eps=1e-6,
-    compute_dtype="bfloat16", num_routed_experts=64, num_shared_experts=2,
-    shared_expert_gate=False, expert_dim=384,
-    top_k=6, router="sigmoid", route_scale=1.0, norm_topk_prob=True, num_groups=1,
-    topk_groups=1, group_score="top2_sum", dispatcher="capacity", capacity_factor=1.25,
-    expert_parallel="none", expert_parallel_chunks=1, switch_loss_alpha=0.0,
-    sequence_loss_alpha=1e-4, z_loss_coef=0.0, mtp_depth=0)
+SPEC = ModelSpec.from_config(get_config("").model)._replace(
+    vocab_size=32768, d_model=1024, num_layers=16, num_dense_layers=1, num_heads=16,
+    num_kv_heads=4, head_dim=64, dense_mlp_dim=4096, compute_dtype="bfloat16",
+    num_routed_experts=64, num_shared_experts=2, expert_dim=384, top_k=6, mtp_depth=0)
 
 
 def model_flops_per_token(spec: ModelSpec, seq_len: int) -> float:

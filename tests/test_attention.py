@@ -99,21 +99,14 @@ def test_latent_attention_matches_the_absorbed_reference(q_lora_rank, scaling):
     assert layer.softmax_scale == pytest.approx(8 ** -0.5 * (0.09 * math.log(4) + 1) ** 2)
 
 
-def _spec(**changes):
-  base = dict(
-      vocab_size=64, d_model=32, num_layers=2, num_dense_layers=1, attention="mla",
-      num_heads=4, num_kv_heads=4, head_dim=8, q_lora_rank=12, kv_lora_rank=10,
-      qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, qkv_bias=False, qk_norm="none",
-      rope_theta=10_000.0,
-      rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=8, yarn_beta_fast=32.0,
-      yarn_beta_slow=1.0, yarn_mscale=1.0, yarn_mscale_all_dim=1.0, dense_mlp_dim=48,
-      norm_eps=1e-6, compute_dtype="float32", num_routed_experts=4, num_shared_experts=1,
-      shared_expert_gate=False,
-      expert_dim=16, top_k=2, router="sigmoid", route_scale=1.0, norm_topk_prob=True,
-      num_groups=1, topk_groups=1, group_score="top2_sum", dispatcher="dropless",
-      capacity_factor=1.0, expert_parallel="none", expert_parallel_chunks=1,
-      switch_loss_alpha=0.0, sequence_loss_alpha=0.0, z_loss_coef=0.0, mtp_depth=0)
-  return ModelSpec(**{**base, **changes})
+def _spec():
+  """A small MLA + YaRN model with dropless routing (nothing drops: positions independent)."""
+  from configs.default import get_config
+  return ModelSpec.from_config(get_config("tiny").model)._replace(
+      vocab_size=64, d_model=32, dense_mlp_dim=48, num_heads=4, attention="mla",
+      q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+      rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=8, num_routed_experts=4,
+      expert_dim=16, dispatcher="dropless")
 
 
 def test_an_mla_model_is_causal_and_every_attention_weight_gets_a_gradient():

@@ -15,7 +15,6 @@ Shape letters: N rows, M padded rows (a multiple of block_m), K input width, F o
 E groups (experts), G row tiles.
 """
 
-import contextlib
 import functools
 from typing import NamedTuple
 
@@ -23,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
+
+from moe_jax.switch import Switch
 
 MIN_BLOCK = 16          # the smallest dot Triton takes
 MOSAIC_MIN_BLOCK = 64   # the Mosaic GPU kernels' smallest tile (128-byte swizzle of bf16)
@@ -279,27 +280,20 @@ def hopper() -> bool:
 # ---- which implementation the experts use --------------------------------------------------
 
 IMPLEMENTATIONS = ("auto", "mosaic", "pallas", "interpret", "xla")
-_choice = ["auto"]
+_choice = Switch("grouped matmul", IMPLEMENTATIONS)
 
 
-@contextlib.contextmanager
 def implementation(name: str):
   """Within this block, ragged expert matmuls use `name`: "mosaic" (jax's Mosaic GPU kernels,
   Hopper), "pallas" (this module's Triton kernels, any CUDA GPU), "interpret" (those in Pallas
   interpret mode, any backend), "xla" (`jax.lax.ragged_dot`) or "auto" (mosaic on Hopper,
   pallas on other GPUs, xla elsewhere). Read at trace time."""
-  if name not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown grouped matmul {name!r}; choose from {IMPLEMENTATIONS}")
-  previous, _choice[0] = _choice[0], name
-  try:
-    yield
-  finally:
-    _choice[0] = previous
+  return _choice.using(name)
 
 
 def chosen_implementation(k_dim: int, f_dim: int) -> str:
   """"pallas", "interpret" or "xla" for experts of these widths, on this backend."""
-  name = _choice[0]
+  name = _choice.value
   if name == "auto":
     name = ("mosaic" if hopper() else "pallas") if jax.default_backend() == "gpu" else "xla"
   if name == "mosaic" and (k_dim % MOSAIC_MIN_BLOCK or f_dim % MOSAIC_MIN_BLOCK):

@@ -3,8 +3,6 @@
 Shape letters: B batch, S sequence, D model width, N query heads, G key/value heads, H head dim.
 """
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,31 +10,25 @@ from flax import nnx
 from moe_jax.layers import rope as rope_lib
 from moe_jax.layers.mlp import scaled_normal
 from moe_jax.layers.norms import rms_norm
+from moe_jax.switch import Switch
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla")
-_choice = ["auto"]
+_choice = Switch("attention implementation", IMPLEMENTATIONS)
 
 
-@contextlib.contextmanager
 def implementation(name: str):
   """Within this block attention uses `name`: "cudnn" (fused flash attention, NVIDIA GPUs,
   bf16/fp16), "xla" (scores materialised; any backend) or "auto" (cudnn where it applies, xla
   elsewhere). Read at trace time."""
-  if name not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown attention implementation {name!r}; choose from {IMPLEMENTATIONS}")
-  previous, _choice[0] = _choice[0], name
-  try:
-    yield
-  finally:
-    _choice[0] = previous
+  return _choice.using(name)
 
 
 def chosen_implementation(dtype, head_dim: int) -> str:
   """The path `jax.nn.dot_product_attention` takes: cuDNN's fused kernel on a GPU for 16-bit
   inputs and head dims it supports (jax's own default is the XLA path, which writes the
   [B, N, S, S] scores to memory several times in each pass)."""
-  if _choice[0] != "auto":
-    return _choice[0]
+  if _choice.value != "auto":
+    return _choice.value
   fused = (jax.default_backend() == "gpu" and "rocm" not in jax.devices()[0].client.platform_version
            and jnp.dtype(dtype).itemsize == 2
            and head_dim % 8 == 0 and head_dim <= 128)
