@@ -96,13 +96,17 @@ class Attention(nnx.Module):
     self.qkv_bias, self.qk_norm, self.norm_eps = qkv_bias, qk_norm, norm_eps
 
   def __call__(self, x_BxSxD, positions_S):
-    x = x_BxSxD.astype(self.dtype)
-    cast = lambda w: w[...].astype(self.dtype)
-    q, k, v = self._project(x, positions_S)
-    return jnp.einsum("bsnh,nhd->bsd", attend(q, k, v), cast(self.w_o))
+    q, k, v = self._project(x_BxSxD.astype(self.dtype), positions_S)
+    return self._output(attend(q, k, v))
+
+  def _cast(self, w):
+    return w[...].astype(self.dtype)
+
+  def _output(self, out_BxSxNxH):
+    return jnp.einsum("bsnh,nhd->bsd", out_BxSxNxH, self._cast(self.w_o))
 
   def _project(self, x, positions_S):
-    cast = lambda w: w[...].astype(self.dtype)
+    cast = self._cast
     inv_freq = rope_lib.inverse_frequencies(self.w_q.shape[-1], self.rope)
     rotate = lambda t: rope_lib.rotate(t, positions_S, inv_freq, rope_lib.rotation_scale(self.rope))
     q = jnp.einsum("bsd,dnh->bsnh", x, cast(self.w_q))
@@ -138,4 +142,4 @@ class Attention(nnx.Module):
     weights = cached_attention_weights(scores.reshape(batch, heads, length, -1), positions_T)
     weights = weights.reshape(batch, groups, heads // groups, length, -1).astype(values.dtype)
     out = jnp.einsum("bgrts,bsgh->btgrh", weights, values).reshape(batch, length, heads, width)
-    return jnp.einsum("bsnh,nhd->bsd", out, self.w_o[...].astype(self.dtype)), (keys, values)
+    return self._output(out), (keys, values)
