@@ -97,3 +97,23 @@ def test_attention_takes_the_xla_path_off_gpu_and_can_be_forced():
   with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
     with attention.implementation("flash"):
       pass
+
+
+def test_cudnn_lengths_are_padded_to_whole_tiles_and_padding_changes_nothing():
+  # cuDNN refuses odd lengths in training (an MTP module attends over seq_len - 1 positions).
+  assert [attention.padded_length(n, "cudnn") for n in (1, 63, 64, 65, 1023, 1024)] == \
+      [64, 64, 64, 128, 1024, 1024]
+  assert attention.padded_length(1023, "xla") == 1023
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 37, n, 16)) for i, n in ((0, 4), (1, 2), (2, 2)))
+  v = v[..., :12]   # narrower values, as in MLA
+
+  def loss(q, k, v, length):
+    out = attention.attend_padded(q, k, v, 0.25, "xla", length)
+    return jnp.sum(out * jnp.cos(out)), out
+
+  (_, plain), plain_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v, 37)
+  (_, padded), padded_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v, 64)
+  assert padded.shape == plain.shape == (2, 37, 4, 12)
+  np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-6)
+  for a, b in zip(padded_grads, plain_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -35,17 +35,38 @@ def chosen_implementation(dtype, head_dim: int) -> str:
   return "cudnn" if fused else "xla"
 
 
+# cuDNN's fused kernels refuse some sequence lengths in training (odd ones: an MTP module
+# attends over seq_len - 1 positions); they compute whole 64-row tiles anyway, so a length
+# padded up to a multiple of this costs no extra tile.
+CUDNN_LENGTH_MULTIPLE = 64
+
+
+def padded_length(length: int, implementation: str) -> int:
+  """The sequence length `implementation` is called with for `length` positions."""
+  if implementation != "cudnn":
+    return length
+  return -(-length // CUDNN_LENGTH_MULTIPLE) * CUDNN_LENGTH_MULTIPLE
+
+
 def attend(q_BxSxNxH, k_BxSxGxH, v_BxSxGxV, scale: float | None = None):
-  """Causal softmax attention (grouped-query when G < N) through the chosen implementation.
-  Values narrower than the query/key heads (MLA) are zero-padded for the fused kernels,
-  which take one head width, and the padding is cut from the output."""
-  width, v_width = q_BxSxNxH.shape[-1], v_BxSxGxV.shape[-1]
-  if v_width < width:
-    v_BxSxGxV = jnp.pad(v_BxSxGxV, [(0, 0)] * 3 + [(0, width - v_width)])
+  """Causal softmax attention (grouped-query when G < N) through the chosen implementation,
+  at a sequence length it takes (see `attend_padded`)."""
+  implementation = chosen_implementation(q_BxSxNxH.dtype, q_BxSxNxH.shape[-1])
+  return attend_padded(q_BxSxNxH, k_BxSxGxH, v_BxSxGxV, scale, implementation,
+                       padded_length(q_BxSxNxH.shape[1], implementation))
+
+
+def attend_padded(q_BxSxNxH, k_BxSxGxH, v_BxSxGxV, scale, implementation: str, length: int):
+  """Causal attention computed at `length` >= S positions: the sequence is zero-padded at its
+  end (under the causal mask no real position sees a padded one) and the padded rows are cut
+  from the output. Values narrower than the query/key heads (MLA) are zero-padded too, as the
+  fused kernels take one head width."""
+  (_, real_length, _, width), v_width = q_BxSxNxH.shape, v_BxSxGxV.shape[-1]
+  pad = lambda t, channels: jnp.pad(t, [(0, 0), (0, length - real_length), (0, 0), (0, channels)])
   out = jax.nn.dot_product_attention(
-      q_BxSxNxH, k_BxSxGxH, v_BxSxGxV, scale=scale, is_causal=True,
-      implementation=chosen_implementation(q_BxSxNxH.dtype, width))
-  return out[..., :v_width]
+      pad(q_BxSxNxH, 0), pad(k_BxSxGxH, 0), pad(v_BxSxGxV, width - v_width), scale=scale,
+      is_causal=True, implementation=implementation)
+  return out[:, :real_length, :, :v_width]
 
 
 def cached_attention_weights(scores_BxNxTxS, positions_T):
