@@ -1,18 +1,167 @@
-"""Orbax checkpoints of a training run: train state, data iterator position, loop state, config.
+"""Orbax checkpoints of a training run: train state, data iterator position, loop state, config,
+and the checksums that let a restore prove it read back what was saved.
 
 Orbax writes a checkpoint into a temporary directory and renames it when every file is
 written, so a process killed while saving leaves the previous checkpoint as the newest
 complete one; the leftover temporary directory is removed when the manager opens again.
+
+Nothing read from disk is trusted: each checkpoint carries an `integrity` item with a checksum
+of every array (computed on device from the state being saved: two wrapping uint32 sums of
+its bit patterns, plain and position-weighted, so any flipped bit or moved value shows) and a
+SHA-256 of each JSON item. A restore recomputes them and raises `CheckpointCorrupt`, naming
+the step and what differs, for a flipped bit, a truncated or missing file, or an edited item.
+
+Saves run in orbax's background thread; `save_failure()` reports one that failed (a full
+disk) without waiting, so the loop stops at the next step instead of training on unsaved.
 """
 
+import contextlib
+import hashlib
+import json
+import logging as std_logging
+import math
+import shutil
+import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+INTEGRITY_FORMAT = 1
 
 
 class CheckpointMismatch(ValueError):
   """The workdir's checkpoint was made by a model of another shape, or cannot be read."""
+
+
+class CheckpointCorrupt(CheckpointMismatch):
+  """The checkpoint at `step` does not read back as it was saved."""
+
+  def __init__(self, step: int, directory: Path, what: str):
+    super().__init__(
+        f"the checkpoint at step {step} in {directory} is corrupt: {what}. Resume from the "
+        f"newest checkpoint that verifies with --skip_corrupt_checkpoints (it moves this one to "
+        f"{Path(directory).parent / 'corrupt_checkpoints'}), or use a new --workdir")
+    self.step = step
+
+
+class CheckpointSaveFailed(RuntimeError):
+  """Saving the checkpoint at `step` failed in the background (a full disk, a lost mount)."""
+
+  def __init__(self, step: int, error: BaseException, kept: int | None, directory: Path,
+               stopped_after: int | None = None):
+    kept_text = (f"the checkpoint at step {kept} is the newest complete one and is intact"
+                 if kept else "no complete checkpoint exists yet")
+    stopped = f" after step {stopped_after}" if stopped_after else ""
+    super().__init__(
+        f"saving the checkpoint at step {step} in {directory} failed ({_one_line(error)}); "
+        f"training stopped{stopped}: {kept_text}. Free space or fix the disk, then run the "
+        f"same command again to resume")
+    self.step, self.error, self.kept, self.directory = step, error, kept, directory
+
+  def stopped_after(self, step: int) -> "CheckpointSaveFailed":
+    """The same failure, saying at which step training stopped."""
+    return CheckpointSaveFailed(self.step, self.error, self.kept, self.directory, step)
+
+
+def _one_line(error: BaseException) -> str:
+  """`Type: first line` of the innermost cause (orbax wraps tensorstore's precise message)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = error.args[0] if isinstance(error, KeyError) and error.args else error
+  lines = str(text).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+class _OrbaxErrorsReportedByUs(std_logging.Filter):
+  """Orbax logs a failed save or restore with its traceback (from its own threads, when it
+  happens) before raising it to the caller; every such failure reaches the user as one line
+  from this module (CheckpointCorrupt, CheckpointSaveFailed), so those records are dropped."""
+
+  def filter(self, record) -> bool:
+    return record.levelno < std_logging.ERROR or not (
+        "orbax" in record.pathname or "orbax" in str(record.msg))
+
+
+for _logger in ("absl", "asyncio"):   # asyncio: orbax's abandoned tasks, when collected
+  std_logging.getLogger(_logger).addFilter(_OrbaxErrorsReportedByUs())
+
+
+def _silence_abandoned_io() -> None:
+  """The other reads or writes of a failed restore or save end in the background, after orbax
+  has closed their event loop, and tensorstore's callbacks report the closed loop as
+  unraisable errors with tracebacks. The caller's one-line error says what happened."""
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    if "Event loop is closed" not in str(unraisable.exc_value):
+      default_hook(unraisable)
+
+  sys.unraisablehook = hook
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums
+
+
+def _words_u32(x):
+  """The bit patterns of `x`'s elements as uint32 (16- and 8-bit types widened)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_checksum(x):
+  """[sum of words, sum of words x (flat position + 1)], both modulo 2^32: integer sums, so
+  the result does not depend on how the array is sharded or on the order of reduction."""
+  words = _words_u32(x)
+  position = jnp.zeros(words.shape, jnp.uint32)
+  for axis in range(words.ndim):
+    stride = np.uint32(math.prod(words.shape[axis + 1:]) % 2**32)
+    position = position + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * stride
+  return jnp.stack([jnp.sum(words, dtype=jnp.uint32),
+                    jnp.sum(words * (position + np.uint32(1)), dtype=jnp.uint32)])
+
+
+@jax.jit
+def _checksums(state):
+  return jax.tree.map(_leaf_checksum, state)
+
+
+def array_checksums(state) -> dict[str, list[int]]:
+  """{array path: [two uint32 checksums]} of every array of `state`, computed where it lives."""
+  sums = jax.device_get(_checksums(state))
+  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(leaf)]
+          for path, leaf in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def json_checksum(value) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def check_loop_state(loop_state) -> str | None:
+  """What is wrong with a restored loop item, if anything."""
+  recent = loop_state.get("guard", {}).get("recent") if isinstance(loop_state, dict) else None
+  if not isinstance(recent, list) or not all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in recent):
+    return "its loop item has no list of finite recent losses"
+  return None
+
+
+def check_data_state(data_state, step: int) -> str | None:
+  """What is wrong with a restored data-iterator item (grain's {"next_index": batches drawn}):
+  a run at `step` has drawn at least `step` batches (more after a rollback skipped some)."""
+  index = data_state.get("next_index") if isinstance(data_state, dict) else None
+  if not isinstance(index, int) or isinstance(index, bool) or index < step:
+    return f"its data item says {data_state!r}, but step {step} needs next_index >= {step}"
+  return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager
 
 
 class Checkpointer:
@@ -23,50 +172,126 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            cleanup_tmp_directories=not read_only,
                                            read_only=read_only)
-    self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    self.directory = Path(directory).absolute()
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.saving: int | None = None      # the step whose background save is not yet confirmed
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def older_step(self, step: int) -> int | None:
+    """The newest complete checkpoint before `step`."""
+    return max((s for s in self.manager.all_steps() if s < step), default=None)
+
   def save(self, step: int, state, data_state: dict, loop_state: dict, config: dict) -> None:
+    """Starts saving in the background; a previous save's failure is raised first."""
+    self.wait()
+    integrity = {"format": INTEGRITY_FORMAT, "arrays": array_checksums(state),
+                 "data": json_checksum(data_state), "loop": json_checksum(loop_state),
+                 "config": json_checksum(config)}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
         loop=ocp.args.JsonSave(loop_state),
-        config=ocp.args.JsonSave(config)))
+        config=ocp.args.JsonSave(config),
+        integrity=ocp.args.JsonSave(integrity)))
+    self.saving = step
+
+  def save_failure(self, wait: bool = False) -> "CheckpointSaveFailed | None":
+    """The failure of the last background save, once it has ended (with `wait`, after
+    waiting for it); None while it runs or when it succeeded. Costs nothing while it runs."""
+    if self.saving is None or (not wait and self.manager.is_saving_in_progress()):
+      return None
+    step, self.saving = self.saving, None
+    try:
+      self.manager.wait_until_finished()
+    except BaseException as error:   # whatever the writer raised: the save did not happen
+      _silence_abandoned_io()
+      return CheckpointSaveFailed(step, error, self.older_step(step), self.directory)
+    return None
+
+  def saved_config(self, step: int) -> dict:
+    """The config saved with the checkpoint at `step` (its integrity checked)."""
+    items = self._restore_items(step, config=ocp.args.JsonRestore(),
+                                integrity=ocp.args.JsonRestore())
+    self._check_json(step, items, "config")
+    return items["config"]
 
   def check_model(self, step: int, model_config: dict) -> None:
     """Raises CheckpointMismatch naming each model setting that differs from the checkpoint's."""
-    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    saved_model = saved["config"].get("model", {})
+    saved_model = self.saved_config(step).get("model", {})
     differing = sorted(k for k in set(model_config) | set(saved_model)
                        if saved_model.get(k) != model_config.get(k))
     if differing:
       details = ", ".join(f"model.{k}: {saved_model.get(k)!r} in the checkpoint, "
                           f"{model_config.get(k)!r} now" for k in differing)
       raise CheckpointMismatch(
-          f"the checkpoint at step {step} in {self.manager.directory} was made with other model "
+          f"the checkpoint at step {step} in {self.directory} was made with other model "
           f"settings ({details}); use a new --workdir or the checkpoint's settings")
 
   def restore(self, step: int, abstract_state):
-    """(state, data iterator state, loop state) at `step`; the state laid out like
-    `abstract_state` (ShapeDtypeStructs with shardings)."""
+    """(state, data iterator state, loop state) at `step`, each checked against the
+    checkpoint's checksums; the state laid out like `abstract_state` (ShapeDtypeStructs with
+    shardings). Raises CheckpointCorrupt when anything does not verify."""
+    items = self._restore_items(step, state=ocp.args.StandardRestore(abstract_state),
+                                data=ocp.args.JsonRestore(), loop=ocp.args.JsonRestore(),
+                                integrity=ocp.args.JsonRestore())
+    for name in ("data", "loop"):
+      self._check_json(step, items, name)
+    expected, actual = items["integrity"].get("arrays"), array_checksums(items["state"])
+    if expected != actual:
+      bad = sorted(set(expected or {}) ^ set(actual)) or sorted(
+          k for k in actual if expected[k] != actual[k])
+      raise CheckpointCorrupt(step, self.directory,
+                              f"{len(bad)} array(s) differ from their checksums "
+                              f"(state{bad[0]}{', ...' if len(bad) > 1 else ''})")
+    saved_step = getattr(items["state"], "step", step)
+    problem = (check_data_state(items["data"], step) or check_loop_state(items["loop"])
+               or (None if int(saved_step) == step else f"its state is at step {int(saved_step)}"))
+    if problem:
+      raise CheckpointCorrupt(step, self.directory, problem)
+    return items["state"], items["data"], items["loop"]
+
+  def _restore_items(self, step: int, **items) -> dict:
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-          loop=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError, OSError) as error:
-      raise CheckpointMismatch(
-          f"the checkpoint at step {step} in {self.manager.directory} cannot be read "
-          f"({type(error).__name__}: {str(error).splitlines()[0][:300]}); move it away to resume "
-          f"from an older one, or use a new --workdir") from None
-    return restored["state"], restored["data"], restored["loop"]
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      if not isinstance(restored.get("integrity"), dict) or (
+          restored["integrity"].get("format") != INTEGRITY_FORMAT):
+        raise ValueError("no integrity item (checksums) of this format")
+      return restored
+    except CheckpointCorrupt:
+      raise
+    except Exception as error:   # orbax and tensorstore raise many types for unreadable data
+      _silence_abandoned_io()
+      raise CheckpointCorrupt(step, self.directory,
+                              f"it cannot be read ({_one_line(error)})") from None
+
+  def _check_json(self, step: int, items: dict, name: str) -> None:
+    if json_checksum(items[name]) != items["integrity"].get(name):
+      raise CheckpointCorrupt(step, self.directory,
+                              f"its {name} item differs from its checksum (edited or damaged)")
+
+  def set_aside(self, step: int) -> Path:
+    """Moves the checkpoint at `step` out of the way, to <workdir>/corrupt_checkpoints/."""
+    target = self.directory.parent / "corrupt_checkpoints" / str(step)
+    target.parent.mkdir(exist_ok=True)
+    if target.exists():
+      shutil.rmtree(target)
+    shutil.move(str(self.directory / str(step)), target)
+    self.manager.reload()
+    return target
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the last background save; raises CheckpointSaveFailed if it failed."""
+    failure = self.save_failure(wait=True)
+    if failure:
+      raise failure
 
   def close(self) -> None:
-    self.manager.close()
+    """Closes the manager, waiting for a save in flight; a failure was reported already, or
+    the run is ending on another error."""
+    with contextlib.suppress(Exception):
+      self.manager.close()
 
 
 def abstract_like(state, shardings):

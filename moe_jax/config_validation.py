@@ -128,6 +128,19 @@ def _has_type(value, kind: type) -> bool:
   return isinstance(value, kind)
 
 
+INT_LIMIT = 2**31   # every integer setting is a size, count, step, seed or port: int32 holds it
+
+
+def _value_problem(name: str, value, kind: type) -> str | None:
+  """A value of the right type that no setting can use: NaN, infinity, or an integer past
+  int32 (which the compiled program would wrap or refuse)."""
+  if kind is float and not math.isfinite(value):
+    return f"{name}={value!r} must be a finite number"
+  if kind is int and not -INT_LIMIT < value < INT_LIMIT:
+    return f"{name}={value!r} is out of range (|value| < 2^31)"
+  return None
+
+
 def _unknown(name: str, known) -> str:
   close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(known), n=1)
   prefix = name.rsplit(".", 1)[0] + "." if "." in name else ""
@@ -137,6 +150,8 @@ def _unknown(name: str, known) -> str:
 
 def _schema_problems(config) -> list[str]:
   """Sections and fields: none missing, none unknown, each of its type."""
+  if not hasattr(config, "keys"):
+    return [f"the config is a {type(config).__name__}, not an ml_collections.ConfigDict"]
   problems = []
   expected = {**{k: None for k in FIELDS}, **TOP_LEVEL}
   for key in config.keys():
@@ -147,6 +162,8 @@ def _schema_problems(config) -> list[str]:
       problems.append(f"{name}: missing")
     elif not _has_type(config[name], kind):
       problems.append(f"{name}={config[name]!r} must be {_type_name(kind)}")
+    else:
+      problems += filter(None, [_value_problem(name, config[name], kind)])
   for section, fields in FIELDS.items():
     if section not in config:
       problems.append(f"missing section '{section}'")
@@ -161,6 +178,8 @@ def _schema_problems(config) -> list[str]:
         problems.append(f"{section}.{name}: missing")
       elif not _has_type(values[name], kind):
         problems.append(f"{section}.{name}={values[name]!r} must be {_type_name(kind)}")
+      else:
+        problems += filter(None, [_value_problem(f"{section}.{name}", values[name], kind)])
   return problems
 
 
@@ -258,6 +277,8 @@ def _problems(config, num_devices: int, backend: str) -> list[str]:
        f"data.validation_percent={d.validation_percent} must be between 1 and 99")
   need(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
   need(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+  need(d.shuffle_seed >= 0, f"data.shuffle_seed={d.shuffle_seed} must be >= 0")
+  need(config.seed >= 0, f"seed={config.seed} must be >= 0")
 
   need(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be > 0")
   need(0 <= o.warmup_steps < t.steps,

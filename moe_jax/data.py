@@ -14,6 +14,7 @@ with every checkpoint.
 """
 
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import os
@@ -58,18 +59,64 @@ def stdlib_files(root: Path) -> list[Path]:
 
 
 def text_files(path: str) -> tuple[Path, list[Path]]:
-  """The files of a directory (recursively) or of a glob, and the root their names are relative to."""
+  """The files of a directory (recursively) or of a glob, and the root their names are relative
+  to. Symbolic links to directories are followed once: a link loop or two links to one file
+  never count a file twice (a file under two names could land in both splits)."""
   if not path:
     raise DataError("data.path is empty: data.source='text' needs a directory or a glob")
   if os.path.isdir(path):
     root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-  else:
-    files = sorted(Path(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    files = _unique(walk_files(root))
+  elif "**" in path:
+    parts = Path(path).parts
+    first_magic = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = Path(*parts[:first_magic]) if first_magic else Path(".")
+    files = _unique(f for f in walk_files(base)
+                    if _glob_match(f.relative_to(base).parts, parts[first_magic:]))
+  else:   # no recursion, so no loop; two names of one file are still counted once
+    files = _unique(Path(p) for p in glob.glob(path) if os.path.isfile(p))
+  if not os.path.isdir(path):
     root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path(".")
   if not files:
     raise DataError(f"data.path={path!r} matched no files")
   return root, files
+
+
+def _unique(paths) -> list[Path]:
+  """`paths` without a second name for the same file (a name that is not a link is kept)."""
+  kept = {}
+  for p in sorted(paths, key=lambda p: (os.path.islink(p), str(p))):
+    kept.setdefault(os.path.realpath(p), p)
+  return sorted(kept.values())
+
+
+def walk_files(base: Path) -> list[Path]:
+  """Every file under `base`, following directory links but entering each real directory once
+  (a link loop ends there)."""
+  seen_dirs, files = set(), []
+  for directory, subdirs, names in os.walk(base, followlinks=True):
+    real = os.path.realpath(directory)
+    if real in seen_dirs:
+      subdirs[:] = []
+      continue
+    seen_dirs.add(real)
+    subdirs.sort()
+    files += [Path(directory) / n for n in names if os.path.isfile(os.path.join(directory, n))]
+  return files
+
+
+def _glob_match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+  """Whether path components match glob components, `**` standing for any number of
+  directories; names starting with '.' match only patterns that do, as in `glob`."""
+  if not pattern:
+    return not parts
+  head, rest = pattern[0], pattern[1:]
+  if head == "**":
+    return any(_glob_match(parts[k:], rest) for k in range(len(parts) + 1)
+               if not any(p.startswith(".") for p in parts[:k]))
+  return (bool(parts) and fnmatch.fnmatchcase(parts[0], head)
+          and (head.startswith(".") or not parts[0].startswith("."))
+          and _glob_match(parts[1:], rest))
 
 
 def _path_hash(relative: str) -> int:
@@ -111,7 +158,10 @@ def _tokenize_files(named_files: list[tuple[str, Path]], digest,
   """BOS + bytes for each file, concatenated; feeds names and contents into `digest`."""
   pieces, num_bytes = [], 0
   for relative, path in named_files:
-    content = path.read_bytes()
+    try:
+      content = path.read_bytes()
+    except OSError as error:
+      raise DataError(f"{path} cannot be read ({error.strerror or error})") from None
     if refuse_binary:
       _refuse_binary(path, content)
     digest.update(relative.encode() + b"\0" + content + b"\0")

@@ -7,8 +7,13 @@ evaluation and checkpoint steps (`multihost_utils.process_allgather`), so a sign
 process stops them all there.
 """
 
+import os
 import signal
+import sys
 import threading
+
+# A launcher that must not leave its child running (the sweep runner) names itself here.
+PARENT_PID_VARIABLE = "MOE_JAX_PARENT_PID"
 
 
 class Preempted(Exception):
@@ -51,3 +56,17 @@ class StopSignals:
     for s, handler in self.previous.items():
       signal.signal(s, handler)
     return False
+
+
+def stop_with_parent() -> None:
+  """When the environment names a parent process (PARENT_PID_VARIABLE), ask Linux to send this
+  process SIGTERM when the parent dies, even by SIGKILL, so it checkpoints and stops instead
+  of training on with nobody watching; a parent already gone sends it at once."""
+  parent = os.environ.get(PARENT_PID_VARIABLE)
+  if not parent or not sys.platform.startswith("linux"):
+    return
+  import ctypes
+  PR_SET_PDEATHSIG = 1
+  ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+  if os.getppid() != int(parent):
+    os.kill(os.getpid(), signal.SIGTERM)

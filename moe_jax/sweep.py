@@ -29,6 +29,7 @@ from pathlib import Path
 import ml_collections
 
 from moe_jax import metrics
+from moe_jax.preemption import PARENT_PID_VARIABLE
 
 
 class SweepError(ValueError):
@@ -109,28 +110,50 @@ def is_finished(workdir: Path) -> bool:
 # Running
 
 
-def run_member(argv: list[str], log_path: Path) -> int:
+def run_member(argv: list[str], log_path: Path) -> tuple[int, int | None]:
   """Runs one member in its own session, its output in `log_path`; a SIGINT/SIGTERM to the
-  runner is passed on once, so the member checkpoints and stops. Returns its exit status."""
+  runner is passed on once, so the member checkpoints and stops, and the member gets SIGTERM
+  if the runner dies. Returns (the member's exit status, the signal the runner received)."""
   with open(log_path, "a") as log:
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    forwarded = []
+    received, process = [], None
 
     def forward(signum, frame):
-      if not forwarded:
-        forwarded.append(signum)
-        process.send_signal(signum)
+      if not received:
+        received.append(signum)
+        if process is not None:
+          process.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-      return process.wait()
+      process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True,
+                                 env={**os.environ, PARENT_PID_VARIABLE: str(os.getpid())})
+      if received:   # a signal came while the member was being started
+        process.send_signal(received[0])
+      return process.wait(), (received[0] if received else None)
     finally:
       for s, handler in previous.items():
         signal.signal(s, handler)
 
 
+def _status(code: int) -> str:
+  if code < 0:
+    return f"killed by {signal.Signals(-code).name}"
+  return {0: "finished", 3: "diverged"}.get(code, f"failed (exit status {code})")
+
+
+class SweepStopped(Exception):
+  """A SIGINT/SIGTERM stopped the sweep; `exit_code` is 128 + its number."""
+
+  def __init__(self, signum: int, member: str):
+    super().__init__(f"sweep stopped by {signal.Signals(signum).name} during {member!r}; run the "
+                     f"same command again to resume it")
+    self.exit_code = 128 + signum
+
+
 def run_sweep(sweep: Sweep, size: str, root: Path, print_commands: bool = False) -> dict[str, str]:
-  """Runs (or prints) every unfinished member; returns {member: status}."""
+  """Runs (or prints) every unfinished member; returns {member: status}. A SIGINT/SIGTERM
+  stops the member that runs (it checkpoints) and raises SweepStopped."""
   import jax
   from moe_jax.config_validation import ConfigError, validate_config
   problems = []
@@ -156,13 +179,12 @@ def run_sweep(sweep: Sweep, size: str, root: Path, print_commands: bool = False)
       continue
     print(f"[{i}/{len(names)}] {member}: running (output in {root / (member + '.log')})", flush=True)
     started = time.time()
-    code = run_member(argv, root / f"{member}.log")
-    statuses[member] = {0: "finished", 3: "diverged"}.get(code, f"failed (exit status {code})")
+    code, received = run_member(argv, root / f"{member}.log")
+    statuses[member] = _status(code)
     print(f"[{i}/{len(names)}] {member}: {statuses[member]} in {time.time() - started:.0f} s",
           flush=True)
-    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-      print("Sweep stopped; run the same command again to resume it.", flush=True)
-      break
+    if received or code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+      raise SweepStopped(received or code - 128, member)
   return statuses
 
 
@@ -284,6 +306,12 @@ def main(argv=None) -> int:
   except SweepError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+  except SweepStopped as stop:
+    print(stop, file=sys.stderr)
+    return stop.exit_code
+  except KeyboardInterrupt:   # Ctrl-C while no member runs
+    print("sweep stopped by SIGINT; run the same command again to resume it", file=sys.stderr)
+    return 128 + signal.SIGINT
   return 0
 
 

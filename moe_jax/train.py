@@ -6,6 +6,7 @@ sample.txt and expert_load.png. A step with bad numbers rolls back to the newest
 (moe_jax.guard); SIGTERM/SIGINT checkpoint and stop at the next step (moe_jax.preemption).
 """
 
+import contextlib
 import functools
 import json
 import signal
@@ -19,7 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from moe_jax import checkpoint, data, parallel, steps
-from moe_jax.checkpoint import CheckpointMismatch, Checkpointer
+from moe_jax.checkpoint import (CheckpointCorrupt, CheckpointMismatch, CheckpointSaveFailed,
+                                Checkpointer)
 from moe_jax.config_validation import ConfigError, resolve_mesh_shape, validate_config
 from moe_jax.guard import LossGuard
 from moe_jax.live import LiveRoutingMetrics
@@ -27,6 +29,7 @@ from moe_jax.metrics import MetricWriter, plot_expert_load, summarize_routing
 from moe_jax.model import ModelSpec
 from moe_jax.preemption import Preempted, StopSignals
 from moe_jax.sample import sample_text
+from moe_jax.workdir import WorkdirError, WorkdirLock, check_workdir
 
 
 def optimizer_from_config(config) -> tuple:
@@ -50,20 +53,71 @@ def evaluate(eval_fn, state, corpus_windows, num_batches, batch_per_process, mes
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
-                       stop_after_step: int | None = None) -> dict:
+                       stop_after_step: int | None = None,
+                       skip_corrupt_checkpoints: bool = False) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns final metrics.
 
   `stop_after_step` ends this run early (with a checkpoint) as a preemption would; starting
-  again on the same workdir continues exactly where it stopped.
+  again on the same workdir continues exactly where it stopped. A checkpoint that does not
+  verify is refused, or with `skip_corrupt_checkpoints` set aside for the newest that does.
   """
   validate_config(config, jax.device_count())
+  workdir = check_workdir(workdir)
   mesh = parallel.make_mesh(*resolve_mesh_shape(config.mesh.data, config.mesh.expert,
                                                 jax.device_count()))
   with jax.set_mesh(mesh):   # the context mesh of the expert-parallel shard_maps
-    return _train(config, Path(workdir), mesh, stop_after_step)
+    return _train(config, workdir, mesh, stop_after_step, skip_corrupt_checkpoints)
 
 
-def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
+def _all_agree(ok: bool) -> bool:
+  """True when `ok` holds on every process (one process: `ok`)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _lock(workdir: Path, is_chief: bool) -> WorkdirLock | None:
+  """Process 0 locks the workdir for the run; every process refuses when it cannot."""
+  lock, problem = None, None
+  if is_chief:
+    try:
+      lock = WorkdirLock(workdir)
+    except WorkdirError as error:
+      problem = error
+  if not _all_agree(problem is None):
+    raise problem or WorkdirError(f"--workdir={workdir}: process 0 could not lock it")
+  return lock
+
+
+def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_state,
+                            model_config: dict | None, skip_corrupt: bool, say):
+  """(step, restored state) of the newest checkpoint at or before `step` that verifies (0 and
+  None: the initial state). A corrupt one raises CheckpointCorrupt, or with `skip_corrupt` is
+  moved to corrupt_checkpoints/ and the next older one is tried; `model_config` (when given)
+  must match each checkpoint's."""
+  while step:
+    try:
+      if model_config is not None:
+        checkpointer.check_model(step, model_config)
+      return step, checkpointer.restore(step, abstract_state)
+    except CheckpointCorrupt as error:
+      if not skip_corrupt:
+        raise
+      older = checkpointer.older_step(step)
+      if jax.process_index() == 0:
+        moved = checkpointer.set_aside(step)
+        say(f"warning: {error.args[0].split('. Resume')[0]}; moved it to {moved} and trying "
+            f"{f'the checkpoint at step {older}' if older else 'the initial state'}")
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("set_aside")
+        checkpointer.manager.reload()
+      step = older or 0
+  return 0, None
+
+
+def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrupt: bool) -> dict:
   is_chief = jax.process_index() == 0
   corpus = data.load_corpus(config.data.source, config.data.path, config.data.token_dtype,
                             config.data.validation_percent, config.model.vocab_size)
@@ -82,57 +136,76 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None) -> dict:
                                          config.optimizer.shard_over_data)
   except parallel.LayoutError as error:
     raise ConfigError(f"invalid config:\n  - {error}") from None
-
-  # A checkpoint of another model, or one that cannot be read, is refused before anything is
-  # compiled or written.
   abstract_state = checkpoint.abstract_like(abstract_state, shardings)
-  start_step, resumed, checkpointer = 0, None, None
-  if (workdir / "checkpoints").is_dir():
-    checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-      try:
-        checkpointer.check_model(start_step, config.model.to_dict())
-        resumed = checkpointer.restore(start_step, abstract_state)
-      except CheckpointMismatch:
-        checkpointer.close()
-        raise
-  # Data, layout and checkpoint are known good: only now does the workdir receive anything.
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpointer = checkpointer or Checkpointer(workdir / "checkpoints",
-                                              config.train.checkpoints_to_keep)
-  if is_chief:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    (workdir / "data_manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
 
-  m = config.model
-  train_fn = jax.jit(functools.partial(
-      steps.train_step, graphdef=graphdef, tx=tx, bias_update_rate=m.bias_update_rate,
-      bias_update_rule=m.bias_update_rule, bias_freeze_step=m.bias_freeze_step,
-      mtp_weights=steps.MTPWeights(m.mtp_loss_weight, m.mtp_loss_weight_final,
-                                   round(m.mtp_weight_switch_fraction * config.train.steps))),
-      out_shardings=(shardings, None), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
-                                      byte_limit=data.NUM_BYTE_IDS if corpus.is_bytes else 2**31 - 1))
-  init_fn = jax.jit(lambda: steps.init_state(spec, tx, config.seed)[1], out_shardings=shardings)
-  run_eval = functools.partial(evaluate, eval_fn, corpus_windows=validation_windows,
-                               num_batches=config.train.eval_batches,
-                               batch_per_process=batch_per_process, mesh=mesh,
-                               batch_axes=rules["batch"], is_bytes=corpus.is_bytes)
-  loop = TrainingLoop(config, workdir, mesh, rules["batch"], train_fn, init_fn, run_eval,
-                      checkpointer, iter(train_data), abstract_state, schedule, is_chief)
-  try:
-    finished = loop.run(start_step, resumed, stop_after_step)
-  finally:
-    loop.close()
-  if not finished:
-    return loop.last_eval
-  last_eval, eval_counts = loop.last_eval, loop.eval_counts
-  if not last_eval:   # resumed at the end: evaluate the restored state
-    last_eval, eval_counts = run_eval(loop.state)
-  if is_chief:
-    _finish(config, workdir, graphdef, loop.state, corpus.is_bytes, eval_counts, last_eval)
-  return last_eval
+  # Everything that can refuse the run does so before anything is compiled or written: the
+  # live metrics port, another run holding the workdir, a checkpoint of another model or one
+  # that does not verify. Only then does the workdir receive anything.
+  with contextlib.ExitStack() as cleanup:
+    port = config.train.metrics_port if is_chief else 0
+    try:
+      live = LiveRoutingMetrics(port) if port else None
+    except OSError as error:
+      raise ConfigError(f"invalid config:\n  - train.metrics_port={port}: 127.0.0.1:{port} cannot "
+                        f"be served ({error.strerror}); pick a free port, or 0 for none") from None
+    if live:
+      cleanup.callback(live.close)
+    start_step, resumed, lock, checkpointer = 0, None, None, None
+    if workdir.is_dir():
+      lock = _lock(workdir, is_chief)
+      cleanup.callback(lambda: lock and lock.release())
+      if (workdir / "checkpoints").is_dir():
+        checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
+        cleanup.callback(checkpointer.close)
+        start_step, resumed = restore_newest_verified(
+            checkpointer, checkpointer.latest_step() or 0, abstract_state,
+            config.model.to_dict(), skip_corrupt, print)
+    if start_step > config.train.steps:
+      raise ConfigError(f"invalid config:\n  - train.steps={config.train.steps} is below the "
+                        f"step of the workdir's newest checkpoint ({start_step}); raise it, or "
+                        f"use a new --workdir")
+    if not lock:
+      workdir.mkdir(parents=True, exist_ok=True)
+      lock = _lock(workdir, is_chief)
+      cleanup.callback(lambda: lock and lock.release())
+    if not checkpointer:
+      checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
+      cleanup.callback(checkpointer.close)
+    if is_chief:
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+      (workdir / "data_manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
+
+    m = config.model
+    train_fn = jax.jit(functools.partial(
+        steps.train_step, graphdef=graphdef, tx=tx, bias_update_rate=m.bias_update_rate,
+        bias_update_rule=m.bias_update_rule, bias_freeze_step=m.bias_freeze_step,
+        mtp_weights=steps.MTPWeights(m.mtp_loss_weight, m.mtp_loss_weight_final,
+                                     round(m.mtp_weight_switch_fraction * config.train.steps))),
+        out_shardings=(shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(
+        steps.eval_step, graphdef=graphdef,
+        byte_limit=data.NUM_BYTE_IDS if corpus.is_bytes else 2**31 - 1))
+    init_fn = jax.jit(lambda: steps.init_state(spec, tx, config.seed)[1], out_shardings=shardings)
+    run_eval = functools.partial(evaluate, eval_fn, corpus_windows=validation_windows,
+                                 num_batches=config.train.eval_batches,
+                                 batch_per_process=batch_per_process, mesh=mesh,
+                                 batch_axes=rules["batch"], is_bytes=corpus.is_bytes)
+    loop = TrainingLoop(config, workdir, mesh, rules["batch"], train_fn, init_fn, run_eval,
+                        checkpointer, iter(train_data), abstract_state, schedule, is_chief,
+                        live, skip_corrupt)
+    try:
+      finished = loop.run(start_step, resumed, stop_after_step)
+      checkpointer.wait()   # the last save must have succeeded before the run is done
+    finally:
+      loop.close()
+    if not finished:
+      return loop.last_eval
+    last_eval, eval_counts = loop.last_eval, loop.eval_counts
+    if not last_eval:   # resumed at the end: evaluate the restored state
+      last_eval, eval_counts = run_eval(loop.state)
+    if is_chief:
+      _finish(config, workdir, graphdef, loop.state, corpus.is_bytes, eval_counts, last_eval)
+    return last_eval
 
 
 class TrainingLoop:
@@ -145,7 +218,7 @@ class TrainingLoop:
   """
 
   def __init__(self, config, workdir, mesh, batch_axes, train_fn, init_fn, run_eval, checkpointer,
-               data_iterator, abstract_state, schedule, is_chief):
+               data_iterator, abstract_state, schedule, is_chief, live, skip_corrupt):
     self.config, self.t, self.mesh, self.batch_axes = config, config.train, mesh, batch_axes
     self.train_fn, self.init_fn, self.run_eval = train_fn, init_fn, run_eval
     self.checkpointer, self.data_iterator = checkpointer, data_iterator
@@ -154,8 +227,7 @@ class TrainingLoop:
     self.writer = MetricWriter(workdir, enabled=is_chief)
     self.bar = tqdm(total=self.t.steps, disable=not is_chief, unit="step", dynamic_ncols=True,
                     desc="train")
-    self.live = (LiveRoutingMetrics(self.t.metrics_port)
-                 if self.t.metrics_port and is_chief else None)
+    self.live, self.skip_corrupt = live, skip_corrupt
     if self.live:
       self.say(f"Live routing metrics: http://127.0.0.1:{self.t.metrics_port}/metrics")
     self.tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -211,7 +283,10 @@ class TrainingLoop:
         self.unchecked.append((self.step, metrics))
         due = lambda every: self.step % every == 0 or self.step == t.steps
         boundary = due(t.log_every) or due(t.eval_every) or due(t.checkpoint_every)
-        preempted_by = self.preemption_signal(signals, boundary)
+        preempted_by, save_failure = self.stop_requests(signals, boundary)
+        if save_failure:   # nothing trained after it could be saved
+          raise (save_failure.stopped_after(self.step)
+                 if isinstance(save_failure, CheckpointSaveFailed) else save_failure)
         stopping = preempted_by or self.step == stop_after_step
         boundary = boundary or stopping
         if not self.check(keep_last=0 if boundary else 1):
@@ -235,18 +310,24 @@ class TrainingLoop:
           return False
     return True
 
-  def preemption_signal(self, signals: StopSignals, boundary: bool) -> str | None:
-    """The name of the signal that asks to stop after this step, if any. Several processes
-    must stop at the same step: they agree at log, evaluation and checkpoint steps (a signal
-    to any one of them stops all)."""
+  def stop_requests(self, signals: StopSignals, boundary: bool):
+    """(name of the signal that asks to stop after this step, a failed background save),
+    either None. Several processes must stop at the same step: they agree at log, evaluation
+    and checkpoint steps (a signal to, or a failed save on, any one of them stops all)."""
     if jax.process_count() == 1:
-      return signals.received.name if signals.requested else None
+      return (signals.received.name if signals.requested else None,
+              self.checkpointer.save_failure())
     if not boundary:
-      return None
+      return None, None
     from jax.experimental import multihost_utils
+    failure = self.checkpointer.save_failure()
     received = np.int32(int(signals.received) if signals.requested else 0)
-    agreed = int(np.max(multihost_utils.process_allgather(received)))
-    return signal.Signals(agreed).name if agreed else None
+    agreed = multihost_utils.process_allgather(np.array([received, failure is not None], np.int32))
+    agreed = np.max(np.reshape(agreed, (-1, 2)), axis=0)
+    if agreed[1] and failure is None:
+      failure = RuntimeError("a checkpoint save failed on another process; run the same "
+                             "command again to resume from the newest complete checkpoint")
+    return (signal.Signals(int(agreed[0])).name if agreed[0] else None), failure
 
   def check(self, keep_last: int) -> bool:
     """Checks the losses of all unchecked steps but the newest `keep_last`; on a bad one rolls
@@ -272,8 +353,10 @@ class TrainingLoop:
     self.unchecked.clear()
     self.pending.clear()
     self.checkpointer.wait()
-    restored = self.checkpointer.latest_step() or 0
-    self.load(restored)
+    restored, from_disk = restore_newest_verified(
+        self.checkpointer, self.checkpointer.latest_step() or 0, self.abstract_state, None,
+        self.skip_corrupt, self.say)
+    self.load(restored, from_disk)
     skipped = self.step - restored
     self.writer.rewind(restored)
     self.writer.write_event(bad_step, "rollback", reason=reason, restored_step=restored,
@@ -320,10 +403,6 @@ class TrainingLoop:
 
   def close(self) -> None:
     self.bar.close()
-    self.checkpointer.wait()
-    self.checkpointer.close()
-    if self.live:
-      self.live.close()
     self.writer.close()
 
 

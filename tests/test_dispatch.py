@@ -27,7 +27,11 @@ def _run(dispatch, x, weights, decision, capacity_factor):
   return dispatch(x, decision.expert_ids, decision.gates, SwiGLUExperts(*weights), capacity_factor)
 
 
-@pytest.mark.parametrize("name", sorted(DISPATCHERS))
+# Every dispatcher but the reference itself (comparing it with itself could not fail).
+FAST_PATHS = sorted(set(DISPATCHERS) - {"reference"})
+
+
+@pytest.mark.parametrize("name", FAST_PATHS)
 def test_matches_reference_when_nothing_is_dropped(name):
   x, weights, decision = _problem()
   no_drop = E / K                                     # capacity = T: every token fits
@@ -37,7 +41,7 @@ def test_matches_reference_when_nothing_is_dropped(name):
   assert float(got.dropped) == 0.0
 
 
-@pytest.mark.parametrize("name", sorted(DISPATCHERS))
+@pytest.mark.parametrize("name", FAST_PATHS)
 def test_gradients_match_reference(name):
   x, weights, decision = _problem(1)
   loss = lambda dispatch, factor: lambda x, w: jnp.sum(

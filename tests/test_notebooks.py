@@ -37,6 +37,5 @@ def test_notebook_runs_top_to_bottom(path, notebook_run, monkeypatch):
                           resources={"metadata": {"path": str(ROOT / "notebooks")}})
   client.execute()   # raises CellExecutionError, with the cell and its traceback, on any error
   outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
-  assert not [o for o in outputs if o.output_type == "error"]
   images = [o for o in outputs if "image/png" in o.get("data", {})]
   assert len(images) >= 3, "plots did not render inline"

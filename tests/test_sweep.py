@@ -52,7 +52,11 @@ def test_runner_runs_skips_and_tabulates_a_two_member_sweep(pair_file, tmp_path,
     for key in ("validation_loss", "best_validation_loss", "validation_bits_per_byte",
                 "validation_max_violation", "train_max_violation", "dropped_fraction"):
       assert math.isfinite(float(row[key])), key
-    assert float(row["best_validation_loss"]) <= float(row["validation_loss"])
+    evaluations = [r["validation_loss"] for r in map(json.loads, open(
+        runs / "pair_tiny" / row["member"] / "metrics.jsonl")) if "validation_loss" in r]
+    assert len(evaluations) == 2      # steps 3 and 6
+    assert float(row["best_validation_loss"]) == pytest.approx(min(evaluations), rel=1e-12)
+    assert float(row["validation_loss"]) == pytest.approx(evaluations[-1], rel=1e-12)
   assert int(rows[1]["active_params"]) < int(rows[0]["active_params"])   # top-1 uses fewer
   table = (results / "pair_tiny" / "results.md").read_text()
   assert "| top1_softmax | top_k=1 router=softmax |" in table and "- command: `" in table
