@@ -89,17 +89,20 @@ for _logger in ("absl", "asyncio"):   # asyncio: orbax's abandoned tasks, when c
   std_logging.getLogger(_logger).addFilter(_OrbaxErrorsReportedByUs())
 
 
-def _silence_abandoned_io() -> None:
-  """The other reads or writes of a failed restore or save end in the background, after orbax
-  has closed their event loop, and tensorstore's callbacks report the closed loop as
-  unraisable errors with tracebacks. The caller's one-line error says what happened."""
-  default_hook = sys.unraisablehook
+def _ignore_closed_loop_callbacks(default_hook=sys.unraisablehook):
+  """When a save or restore fails, orbax closes its event loop while the operation's other
+  reads or writes still run; as each ends, tensorstore's callback finds the loop closed and
+  Python prints that as an unraisable error with a traceback (several per failure, some
+  before the failure is seen). The failure itself reaches the user as one line from here."""
 
   def hook(unraisable):
     if "Event loop is closed" not in str(unraisable.exc_value):
       default_hook(unraisable)
 
-  sys.unraisablehook = hook
+  return hook
+
+
+sys.unraisablehook = _ignore_closed_loop_callbacks()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +209,6 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except BaseException as error:   # whatever the writer raised: the save did not happen
-      _silence_abandoned_io()
       return CheckpointSaveFailed(step, error, self.older_step(step), self.directory)
     return None
 
@@ -262,7 +264,6 @@ class Checkpointer:
     except CheckpointCorrupt:
       raise
     except Exception as error:   # orbax and tensorstore raise many types for unreadable data
-      _silence_abandoned_io()
       raise CheckpointCorrupt(step, self.directory,
                               f"it cannot be read ({_one_line(error)})") from None
 

@@ -52,7 +52,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)   # orbax logs every save step at INFO
   if FLAGS.distributed:
     import jax
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except Exception as error:   # noqa: BLE001 - no cluster found, or bad --process_id/...
+      _exit(f"--distributed: jax.distributed.initialize failed ({_describe(error)}); on an "
+            f"undetected cluster give --coordinator_address, --num_processes and --process_id")
   sys.exit(run(FLAGS.config, FLAGS.workdir, FLAGS.skip_corrupt_checkpoints))
 
 

@@ -151,10 +151,13 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     if live:
       cleanup.callback(live.close)
     start_step, resumed, lock, checkpointer = 0, None, None, None
-    if workdir.is_dir():
+    # Every process looks before any writes (the agreement is a collective), so all take the
+    # same path and meet at the same collectives.
+    exists = _all_agree(workdir.is_dir())
+    if exists:
       lock = _lock(workdir, is_chief)
       cleanup.callback(lambda: lock and lock.release())
-      if (workdir / "checkpoints").is_dir():
+      if _all_agree((workdir / "checkpoints").is_dir()):
         checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
         cleanup.callback(checkpointer.close)
         start_step, resumed = restore_newest_verified(
@@ -164,8 +167,11 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
       raise ConfigError(f"invalid config:\n  - train.steps={config.train.steps} is below the "
                         f"step of the workdir's newest checkpoint ({start_step}); raise it, or "
                         f"use a new --workdir")
-    if not lock:
-      workdir.mkdir(parents=True, exist_ok=True)
+    if not exists:
+      try:
+        workdir.mkdir(parents=True, exist_ok=True)
+      except OSError as error:
+        raise WorkdirError(f"--workdir={workdir} cannot be made ({error.strerror})") from None
       lock = _lock(workdir, is_chief)
       cleanup.callback(lambda: lock and lock.release())
     if not checkpointer:
