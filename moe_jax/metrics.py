@@ -8,11 +8,18 @@ import numpy as np
 
 
 def read_jsonl(path: Path) -> list[dict]:
-  """The records of a JSONL file (metrics.jsonl, routing.jsonl); [] if there is none."""
+  """The records of a JSONL file (metrics.jsonl, routing.jsonl); [] if there is none. A line
+  cut short (the machine lost power while it was written) is left out."""
   path = Path(path)
   if not path.is_file():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for line in path.read_text(errors="replace").splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return [r for r in records if isinstance(r, dict)]
 
 
 class MetricWriter:
@@ -34,8 +41,8 @@ class MetricWriter:
       self.jsonl.flush()
 
   def rewind(self, step: int) -> None:
-    """Drops the JSONL records of steps after `step` (they are about to be trained again),
-    keeping event lines; each file is replaced atomically. TensorBoard keeps both versions
+    """Drops the JSONL records of steps after `step` (they are about to be trained again) and
+    any line cut short by a crash, keeping event lines; each file is replaced atomically. TensorBoard keeps both versions
     (its viewer shows the newest per step)."""
     if not self.enabled:
       return
@@ -43,12 +50,10 @@ class MetricWriter:
       handle = getattr(self, attribute)
       handle.close()
       path = Path(handle.name)
-      records = read_jsonl(path)
-      kept = [r for r in records if r.get("step", 0) <= step or "event" in r]
-      if len(kept) < len(records):
-        temporary = path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(temporary, path)
+      kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step or "event" in r]
+      temporary = path.with_suffix(".jsonl.tmp")   # rewritten whole: a cut line goes too
+      temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      os.replace(temporary, path)
       setattr(self, attribute, open(path, "a"))
 
   def write_details(self, step: int, details: dict) -> None:
