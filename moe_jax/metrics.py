@@ -42,8 +42,8 @@ class MetricWriter:
 
   def rewind(self, step: int) -> None:
     """Drops the JSONL records of steps after `step` (they are about to be trained again) and
-    any line cut short by a crash, keeping event lines; each file is replaced atomically. TensorBoard keeps both versions
-    (its viewer shows the newest per step)."""
+    any line cut short by a crash, keeping event lines; each file is replaced atomically.
+    TensorBoard keeps both versions (its viewer shows the newest per step)."""
     if not self.enabled:
       return
     for attribute in ("jsonl", "details"):

@@ -150,33 +150,28 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
                         f"be served ({error.strerror}); pick a free port, or 0 for none") from None
     if live:
       cleanup.callback(live.close)
-    start_step, resumed, lock, checkpointer = 0, None, None, None
     # Every process looks before any writes (the agreement is a collective), so all take the
-    # same path and meet at the same collectives.
-    exists = _all_agree(workdir.is_dir())
-    if exists:
-      lock = _lock(workdir, is_chief)
-      cleanup.callback(lambda: lock and lock.release())
-      if _all_agree((workdir / "checkpoints").is_dir()):
-        checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
-        cleanup.callback(checkpointer.close)
-        start_step, resumed = restore_newest_verified(
-            checkpointer, checkpointer.latest_step() or 0, abstract_state,
-            config.model.to_dict(), skip_corrupt, print)
-    if start_step > config.train.steps:
-      raise ConfigError(f"invalid config:\n  - train.steps={config.train.steps} is below the "
-                        f"step of the workdir's newest checkpoint ({start_step}); raise it, or "
-                        f"use a new --workdir")
-    if not exists:
+    # same path and meet at the same collectives. A new workdir has nothing left to refuse.
+    if not _all_agree(workdir.is_dir()):
       try:
         workdir.mkdir(parents=True, exist_ok=True)
       except OSError as error:
         raise WorkdirError(f"--workdir={workdir} cannot be made ({error.strerror})") from None
-      lock = _lock(workdir, is_chief)
-      cleanup.callback(lambda: lock and lock.release())
-    if not checkpointer:
-      checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
-      cleanup.callback(checkpointer.close)
+    lock = _lock(workdir, is_chief)
+    if lock:
+      cleanup.callback(lock.release)
+    resuming = _all_agree((workdir / "checkpoints").is_dir())
+    checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep)
+    cleanup.callback(checkpointer.close)
+    start_step, resumed = 0, None
+    if resuming:
+      start_step, resumed = restore_newest_verified(
+          checkpointer, checkpointer.latest_step() or 0, abstract_state,
+          config.model.to_dict(), skip_corrupt, print)
+    if start_step > config.train.steps:
+      raise ConfigError(f"invalid config:\n  - train.steps={config.train.steps} is below the "
+                        f"step of the workdir's newest checkpoint ({start_step}); raise it, or "
+                        f"use a new --workdir")
     if is_chief:
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
       (workdir / "data_manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
