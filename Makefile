@@ -1,27 +1,36 @@
-# make train: install into .venv (if needed) and train the default config on the embedded corpus.
-# make test:  install into .venv (if needed) and run the whole test suite on CPU (8 simulated devices).
+# make train: install what training needs into .venv (if needed) and train the default config
+#             on the embedded corpus.
+# make test:  add the test extras to .venv (if needed) and run the whole test suite on CPU
+#             (8 simulated devices).
 PYTHON ?= python3
 VENV := .venv
-STAMP := $(VENV)/.installed-stamp
+TRAIN_STAMP := $(VENV)/.installed-train
+TEST_STAMP := $(VENV)/.installed-test
 CONFIG ?= configs/default.py
 WORKDIR ?= runs/default
 PYTEST_ARGS ?=
 
 .PHONY: install train test clean
 
-install: $(STAMP)
+install: $(TRAIN_STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "moe_jax needs Python >= 3.11; set PYTHON=python3.11 (or newer)")'
-	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
-	@touch $(STAMP)
 
-train: $(STAMP)
+$(TRAIN_STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -q -e .
+	@touch $@
+
+$(TEST_STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	@touch $@ $(TRAIN_STAMP)
+
+train: $(TRAIN_STAMP)
 	$(VENV)/bin/python -m moe_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests
 
 clean:

@@ -33,6 +33,8 @@ GPU = {
     "model.expert_dim": 256,
     "model.top_k": 6,
     "model.compute_dtype": "bfloat16",
+    "model.mtp_depth": 1,
+    "optimizer.learning_rate": 3e-3,
     "data.seq_len": 1024,
     "data.batch_size": 64,
     "train.steps": 5000,

@@ -28,8 +28,9 @@ FIELDS: dict[str, dict[str, type]] = {
                   "shard_over_data": bool},
     "train": {"steps": int, "log_every": int, "eval_every": int, "eval_batches": int,
               "checkpoint_every": int, "checkpoints_to_keep": int, "sample_tokens": int,
-              "sample_prompt": str, "metrics_port": int, "spike_factor": float,
-              "spike_window": int, "max_rollbacks": int},
+              "sample_prompt": str, "metrics_port": int, "metrics_host": str,
+              "peak_tflops": float, "spike_factor": float, "spike_window": int,
+              "max_rollbacks": int},
     "mesh": {"data": int, "expert": int},
     "sharding": {name: str for name in parallel.LOGICAL_AXES},
 }
@@ -290,10 +291,15 @@ def _problems(config, num_devices: int, backend: str) -> list[str]:
   need(o.grad_clip_norm > 0, f"optimizer.grad_clip_norm={o.grad_clip_norm} must be > 0")
 
   need(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
-  for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "checkpoints_to_keep"):
+  for name in ("log_every", "eval_every", "checkpoint_every", "checkpoints_to_keep"):
     need(t[name] >= 1, f"train.{name}={t[name]} must be >= 1")
+  need(t.eval_batches >= 0, f"train.eval_batches={t.eval_batches} must be >= 0 (0: the whole "
+       f"validation split)")
   need(t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} must be >= 0")
   need(0 <= t.metrics_port <= 65535, f"train.metrics_port={t.metrics_port} must be 0 (off) or a port")
+  need(bool(t.metrics_host.strip()), "train.metrics_host is empty: give an address to serve the "
+       "live metrics on (127.0.0.1, or 0.0.0.0 for every interface)")
+  need(t.peak_tflops >= 0, f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: look the device up)")
   need(t.spike_factor == 0 or t.spike_factor > 1,
        f"train.spike_factor={t.spike_factor} must be 0 (off) or above 1 (a multiple of the mean loss)")
   need(t.spike_window >= 1, f"train.spike_window={t.spike_window} must be >= 1")

@@ -271,6 +271,12 @@ def train_dataset(windows: Windows, batch_per_process: int, seed: int, process_i
           .batch(global_batch, drop_remainder=True).map(mine).to_iter_dataset())
 
 
+def evaluation_batch_count(requested: int, num_windows: int, global_batch: int) -> int:
+  """`requested` batches, or with 0 as many whole batches as the split holds (at least one):
+  every validation window but the last few that do not fill a batch."""
+  return requested or max(1, num_windows // global_batch)
+
+
 def evaluation_batches(windows: Windows, num_batches: int, batch_per_process: int,
                        process_index: int, process_count: int) -> Iterator[np.ndarray]:
   """The same validation batches every time: the first windows in order, wrapping if short;

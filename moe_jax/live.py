@@ -1,6 +1,7 @@
 """Live routing metrics of a running training, served in Prometheus text format.
 
-With `train.metrics_port` > 0 the chief process serves http://127.0.0.1:PORT/metrics through
+With `train.metrics_port` > 0 the chief process serves http://HOST:PORT/metrics
+(`train.metrics_host`, loopback by default; 0.0.0.0 lets a cluster's Prometheus scrape it) through
 the official client; every log step refreshes the gauges (per-expert load per layer, MaxVio,
 entropy, dropped fraction, loss, step). Point Prometheus or `curl` at it.
 """

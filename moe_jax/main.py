@@ -21,18 +21,26 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moe_jax.paths import DEFAULT_CONFIG, locate, not_found
+
 FLAGS = flags.FLAGS
-DEFAULT_CONFIG = "configs/default.py"
 EXIT_MISTAKE, EXIT_DIVERGED, EXIT_SAVE_FAILED = 2, 3, 4
 
 
 def define_flags() -> None:
   """The command's flags. Defining the config flag loads the config file named on the command
   line and applies its overrides, so a mistake there raises here."""
-  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.",
-                      required=True)
+  config_flags.DEFINE_config_file(
+      "config", DEFAULT_CONFIG, "Experiment config file, PATH[:ARG] (ARG picks a variant, e.g. "
+      "configs/default.py:tiny); any field is set with --config.SECTION.FIELD=VALUE. "
+      "--print_config lists every field with its value and meaning.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs "
+                      "(required to train).")
+  flags.DEFINE_bool("print_config", False, "Print the resolved config (every field, its value "
+                    "and the config file's comment on it) and exit.")
+  flags.DEFINE_bool("dry_run", False, "Validate the config, print parameter counts (total and "
+                    "per token), FLOPs per token, the mesh and per-device memory of a training "
+                    "step as XLA compiles it, and exit without training or writing anything.")
   flags.DEFINE_bool("skip_corrupt_checkpoints", False, "When the newest checkpoint does not "
                     "verify, move it to WORKDIR/corrupt_checkpoints/ and resume from the newest "
                     "one that does (without it such a checkpoint stops the run).")
@@ -50,6 +58,18 @@ def define_flags() -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # orbax logs every save step at INFO
+  if FLAGS.print_config:
+    from moe_jax.describe import config_text
+    path = config_argument(sys.argv[1:]).partition(":")[0]
+    try:
+      print(config_text(FLAGS.config, path, overridden_fields(sys.argv[1:])), flush=True)
+    except BrokenPipeError:   # piped into `head`
+      os._exit(0)
+    sys.exit(0)
+  if FLAGS.dry_run:
+    sys.exit(dry_run(FLAGS.config))
+  if FLAGS.workdir is None:
+    _exit("--workdir is required (the run's directory, for example --workdir=runs/default)")
   if FLAGS.distributed:
     import jax
     try:
@@ -91,6 +111,22 @@ def run(config, workdir: str, skip_corrupt_checkpoints: bool = False) -> int:
   return 0
 
 
+def dry_run(config) -> int:
+  """--dry_run: the report, or the config's problems (status 2)."""
+  from moe_jax.config_validation import ConfigError
+  from moe_jax.describe import dry_run as describe
+  try:
+    print(describe(config))
+  except ConfigError as error:
+    return _fail(error, EXIT_MISTAKE)
+  return 0
+
+
+def overridden_fields(argv: list[str]) -> set[str]:
+  """`section.field` names set with --config.section.field=value."""
+  return {a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")}
+
+
 def _fail(error, status: int) -> int:
   print(f"error: {error}", file=sys.stderr)
   return status
@@ -110,14 +146,31 @@ def config_argument(argv: list[str]) -> str:
   return DEFAULT_CONFIG
 
 
+def with_located_config(argv: list[str]) -> list[str]:
+  """`argv` with its --config file (or the default one, added) named by the path `locate`
+  finds, so a relative name works from any directory; unchanged when there is none."""
+  argument = config_argument(argv)
+  path, colon, arg = argument.partition(":")
+  found = locate(path) if path else None
+  if found is None:
+    return argv
+  located = f"--config={found}{colon}{arg}"
+  for i, item in enumerate(argv):
+    if item.startswith("--config="):
+      return argv[:i] + [located] + argv[i + 1:]
+    if item == "--config" and i + 1 < len(argv):
+      return argv[:i] + [located] + argv[i + 2:]
+  return argv[:1] + [located] + argv[1:]
+
+
 def config_file_problem(argument: str) -> str | None:
   """What keeps `--config=PATH[:ARG]` from giving a config, in one line; None if it does."""
   path, has_arg, arg = argument.partition(":")
   if not path:
     return "--config is empty: name a config file, for example --config=configs/default.py"
-  if not os.path.isfile(path):
-    where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
-    return f"--config={argument}: no such file {path!r}{where}"
+  if locate(path) is None:
+    return not_found(f"--config={argument}", path)
+  path = str(locate(path))
   try:
     spec = importlib.util.spec_from_file_location("config_file_check", path)
     module = importlib.util.module_from_spec(spec)
@@ -198,6 +251,7 @@ def cli() -> None:
   problem = config_file_problem(config_argument(sys.argv[1:]))
   if problem:
     _exit(problem)
+  sys.argv = with_located_config(sys.argv)
   try:
     define_flags()
   except Exception as error:   # noqa: BLE001 - the config's overrides are applied here

@@ -61,13 +61,18 @@ class MetricWriter:
       self.details.write(json.dumps({"step": step, **details}) + "\n")
       self.details.flush()
 
-  def write(self, step: int, scalars: dict[str, float]) -> None:
+  def write(self, step: int, scalars: dict[str, float],
+            histograms: dict[str, np.ndarray] | None = None) -> None:
+    """Scalars to metrics.jsonl and TensorBoard; histograms (per-expert loads) to TensorBoard
+    only, one tag per layer however many experts it has."""
     if not self.enabled:
       return
     self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self.jsonl.flush()
     for name, value in scalars.items():
       self.tensorboard.add_scalar(name, value, step)
+    for name, values in (histograms or {}).items():
+      self.tensorboard.add_histogram(name, np.asarray(values, np.float64), step)
     self.tensorboard.flush()
 
   def close(self) -> None:
@@ -154,12 +159,24 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], ylabel: str, path: P
   fig.savefig(path, dpi=110)
 
 
-def summarize_routing(window: list[dict], tokens: int) -> tuple[dict[str, float], dict]:
+LOAD_QUANTILES = {"min": 0, "p10": 10, "median": 50, "p90": 90, "max": 100}
+
+
+def load_summary(loads_LxE) -> dict[str, np.ndarray]:
+  """Per layer, quantiles of the experts' load relative to the mean (1.0 = balanced):
+  `load_min`, `load_p10`, `load_median`, `load_p90`, `load_max` (load_max - 1 is the window's
+  MaxVio). A fixed number of numbers per layer, however many experts."""
+  relative = relative_load(loads_LxE)
+  return {f"load_{name}": np.percentile(relative, q, axis=-1) for name, q in LOAD_QUANTILES.items()}
+
+
+def summarize_routing(window: list[dict], tokens: int) -> tuple[dict[str, float], dict, dict]:
   """Routing statistics over the steps since the last log (fetched to host in one transfer).
 
   `window` holds each step's per-layer arrays (steps.routing_metrics); `tokens` is how many
-  tokens those steps saw. Returns scalars for metrics.jsonl/TensorBoard and, for
-  routing.jsonl, each layer's load shares and co-activation matrix (shares of tokens).
+  tokens those steps saw. Returns scalars for metrics.jsonl/TensorBoard (a fixed set per
+  layer), for routing.jsonl each layer's load shares and co-activation matrix (shares of
+  tokens), and TensorBoard histograms of each layer's relative expert loads.
   """
   from moe_jax import routing
   stacked = {k: np.stack([np.asarray(w[k]) for w in window]) for k in window[0]}
@@ -173,14 +190,15 @@ def summarize_routing(window: list[dict], tokens: int) -> tuple[dict[str, float]
       "dead_experts": np.asarray(routing.dead_experts(counts_LxE)),
   }
   scalars = {name: float(values.mean()) for name, values in per_layer.items()}
+  per_layer.update(load_summary(loads_LxE))
   scalars["dead_experts"] = float(per_layer["dead_experts"].sum())
   for loss in ("switch_loss", "sequence_loss", "z_loss"):
     scalars[loss] = float(stacked[loss].sum(axis=-1).mean())
   for name, values in per_layer.items():
     scalars.update({f"routing/layer{l}/{name}": float(v) for l, v in enumerate(values)})
-  for l, loads in enumerate(loads_LxE):
-    scalars.update({f"routing/layer{l}/load/expert{e:03d}": float(v) for e, v in enumerate(loads)})
+  histograms = {f"routing/layer{l}/load": relative for l, relative in
+                enumerate(relative_load(loads_LxE))}
   coactivation = stacked["coactivation"].astype(np.float64).sum(axis=0) / tokens
   details = {"load": loads_LxE.astype(np.float64).round(6).tolist(),
              "coactivation": coactivation.round(6).tolist()}
-  return scalars, details
+  return scalars, details, histograms

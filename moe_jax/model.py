@@ -262,9 +262,10 @@ ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 def parameter_counts(spec: ModelSpec) -> dict[str, int]:
   """Parameter counts from shapes alone: total; active (what one token uses: routed experts
   count top_k / E of theirs); active_experts (the routed and shared expert weights one token
-  uses); embedding (the input and output matrices)."""
+  uses); embedding (the input and output matrices); active_matmul (the active weights a token
+  is multiplied by: matrices, not the embedding lookup, norm scales or biases)."""
   params = nnx.state(nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=0))), nnx.Param)
-  counts = dict.fromkeys(("total", "active", "active_experts", "embedding"), 0)
+  counts = dict.fromkeys(("total", "active", "active_experts", "embedding", "active_matmul"), 0)
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     size = int(np.prod(leaf.shape))
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
@@ -277,4 +278,6 @@ def parameter_counts(spec: ModelSpec) -> dict[str, int]:
       counts["active_experts"] += used
     if names[-1] in ("embed", "unembed"):
       counts["embedding"] += size
+    if leaf.ndim >= 2 and names[-1] != "embed" and not names[-1].startswith("b_"):
+      counts["active_matmul"] += used
   return counts

@@ -29,6 +29,7 @@ from pathlib import Path
 import ml_collections
 
 from moe_jax import metrics
+from moe_jax.paths import locate, not_found
 from moe_jax.preemption import PARENT_PID_VARIABLE
 
 
@@ -51,8 +52,9 @@ class Sweep:
 def load_sweep(spec: str) -> tuple[Sweep, str]:
   """"experiments/x.py:size" -> (the file's get_sweep(size), size)."""
   path, _, size = spec.partition(":")
-  if not Path(path).is_file():
-    raise SweepError(f"{path}: no such sweep file")
+  if locate(path) is None:
+    raise SweepError(not_found("sweep file", path))
+  path = str(locate(path))
   root = str(Path(path).resolve().parent.parent)   # sweep files import experiments.sizes
   if root not in sys.path:
     sys.path.insert(0, root)
@@ -75,7 +77,9 @@ def _load_module(path: str):
 def member_config(sweep: Sweep, member: str) -> ml_collections.ConfigDict:
   """The member's full config, built as the command line would build it."""
   path, _, arg = sweep.config.partition(":")
-  config = _load_module(path).get_config(arg)
+  if locate(path) is None:
+    raise SweepError(not_found(f"the sweep's config {sweep.config!r}", path))
+  config = _load_module(str(locate(path))).get_config(arg)
   for dotted, value in sweep.overrides(member).items():
     *sections, name = dotted.split(".")
     node = config

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from moe_jax import checkpoint, data, parallel, steps
+from moe_jax import checkpoint, data, parallel, steps, throughput
 from moe_jax.checkpoint import (CheckpointCorrupt, CheckpointMismatch, CheckpointSaveFailed,
                                 Checkpointer)
 from moe_jax.config_validation import ConfigError, resolve_mesh_shape, validate_config
@@ -38,6 +39,34 @@ def optimizer_from_config(config) -> tuple:
   schedule = steps.make_schedule(o.learning_rate, o.warmup_steps, config.train.steps,
                                  o.final_lr_fraction)
   return schedule, steps.make_optimizer(schedule, o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
+
+
+def jit_train_step(config, graphdef, tx, shardings):
+  """The jitted training step of a validated config: state and batch in, new state (laid out
+  by `shardings`, the old one donated) and metrics out."""
+  m = config.model
+  return jax.jit(functools.partial(
+      steps.train_step, graphdef=graphdef, tx=tx, bias_update_rate=m.bias_update_rate,
+      bias_update_rule=m.bias_update_rule, bias_freeze_step=m.bias_freeze_step,
+      mtp_weights=steps.MTPWeights(m.mtp_loss_weight, m.mtp_loss_weight_final,
+                                   round(m.mtp_weight_switch_fraction * config.train.steps))),
+      out_shardings=(shardings, None), donate_argnums=0)
+
+
+def laid_out_state(config, mesh):
+  """(ModelSpec, schedule, optimizer, graphdef, abstract state with its shardings, shardings,
+  sharding rules) of a validated config on `mesh`; a rule that does not fit is a ConfigError."""
+  spec = ModelSpec.from_config(config.model)
+  schedule, tx = optimizer_from_config(config)
+  graphdef, abstract_state = steps.abstract_state(spec, tx, config.seed)
+  rules = parallel.parse_rules(config.sharding)
+  try:
+    shardings = parallel.state_shardings(abstract_state, mesh, rules,
+                                         config.optimizer.shard_over_data)
+  except parallel.LayoutError as error:
+    raise ConfigError(f"invalid config:\n  - {error}") from None
+  return (spec, schedule, tx, graphdef, checkpoint.abstract_like(abstract_state, shardings),
+          shardings, rules)
 
 
 def evaluate(eval_fn, state, corpus_windows, num_batches, batch_per_process, mesh, batch_axes,
@@ -63,10 +92,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   """
   validate_config(config, jax.device_count())
   workdir = check_workdir(workdir)
-  mesh = parallel.make_mesh(*resolve_mesh_shape(config.mesh.data, config.mesh.expert,
-                                                jax.device_count()))
+  mesh = mesh_of(config)
   with jax.set_mesh(mesh):   # the context mesh of the expert-parallel shard_maps
     return _train(config, workdir, mesh, stop_after_step, skip_corrupt_checkpoints)
+
+
+def mesh_of(config):
+  """The device mesh a validated config asks for, over every device."""
+  return parallel.make_mesh(*resolve_mesh_shape(config.mesh.data, config.mesh.expert,
+                                                jax.device_count()))
 
 
 def _all_agree(ok: bool) -> bool:
@@ -127,27 +161,19 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
   batch_per_process = batch_size // jax.process_count()
   train_data = data.train_dataset(train_windows, batch_per_process, config.data.shuffle_seed,
                                   jax.process_index(), jax.process_count())
-  spec = ModelSpec.from_config(config.model)
-  schedule, tx = optimizer_from_config(config)
-  graphdef, abstract_state = steps.abstract_state(spec, tx, config.seed)
-  rules = parallel.parse_rules(config.sharding)
-  try:
-    shardings = parallel.state_shardings(abstract_state, mesh, rules,
-                                         config.optimizer.shard_over_data)
-  except parallel.LayoutError as error:
-    raise ConfigError(f"invalid config:\n  - {error}") from None
-  abstract_state = checkpoint.abstract_like(abstract_state, shardings)
+  spec, schedule, tx, graphdef, abstract_state, shardings, rules = laid_out_state(config, mesh)
 
   # Everything that can refuse the run does so before anything is compiled or written: the
   # live metrics port, another run holding the workdir, a checkpoint of another model or one
   # that does not verify. Only then does the workdir receive anything.
   with contextlib.ExitStack() as cleanup:
-    port = config.train.metrics_port if is_chief else 0
+    port, host = (config.train.metrics_port if is_chief else 0), config.train.metrics_host
     try:
-      live = LiveRoutingMetrics(port) if port else None
+      live = LiveRoutingMetrics(port, host) if port else None
     except OSError as error:
-      raise ConfigError(f"invalid config:\n  - train.metrics_port={port}: 127.0.0.1:{port} cannot "
-                        f"be served ({error.strerror}); pick a free port, or 0 for none") from None
+      raise ConfigError(f"invalid config:\n  - train.metrics_port={port}: {host}:{port} cannot "
+                        f"be served ({error.strerror or error}); pick a free port and an address "
+                        f"of this machine (train.metrics_host), or port 0 for none") from None
     if live:
       cleanup.callback(live.close)
     # Every process looks before any writes (the agreement is a collective), so all take the
@@ -176,24 +202,20 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
       (workdir / "data_manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
 
-    m = config.model
-    train_fn = jax.jit(functools.partial(
-        steps.train_step, graphdef=graphdef, tx=tx, bias_update_rate=m.bias_update_rate,
-        bias_update_rule=m.bias_update_rule, bias_freeze_step=m.bias_freeze_step,
-        mtp_weights=steps.MTPWeights(m.mtp_loss_weight, m.mtp_loss_weight_final,
-                                     round(m.mtp_weight_switch_fraction * config.train.steps))),
-        out_shardings=(shardings, None), donate_argnums=0)
+    train_fn = jit_train_step(config, graphdef, tx, shardings)
     eval_fn = jax.jit(functools.partial(
         steps.eval_step, graphdef=graphdef,
         byte_limit=data.NUM_BYTE_IDS if corpus.is_bytes else 2**31 - 1))
     init_fn = jax.jit(lambda: steps.init_state(spec, tx, config.seed)[1], out_shardings=shardings)
     run_eval = functools.partial(evaluate, eval_fn, corpus_windows=validation_windows,
-                                 num_batches=config.train.eval_batches,
+                                 num_batches=data.evaluation_batch_count(
+                                     config.train.eval_batches, len(validation_windows),
+                                     batch_size),
                                  batch_per_process=batch_per_process, mesh=mesh,
                                  batch_axes=rules["batch"], is_bytes=corpus.is_bytes)
     loop = TrainingLoop(config, workdir, mesh, rules["batch"], train_fn, init_fn, run_eval,
                         checkpointer, iter(train_data), abstract_state, schedule, is_chief,
-                        live, skip_corrupt)
+                        live, skip_corrupt, throughput.training_flops_per_token(spec, seq_len))
     try:
       finished = loop.run(start_step, resumed, stop_after_step)
       checkpointer.wait()   # the last save must have succeeded before the run is done
@@ -219,19 +241,26 @@ class TrainingLoop:
   """
 
   def __init__(self, config, workdir, mesh, batch_axes, train_fn, init_fn, run_eval, checkpointer,
-               data_iterator, abstract_state, schedule, is_chief, live, skip_corrupt):
+               data_iterator, abstract_state, schedule, is_chief, live, skip_corrupt,
+               flops_per_token):
     self.config, self.t, self.mesh, self.batch_axes = config, config.train, mesh, batch_axes
     self.train_fn, self.init_fn, self.run_eval = train_fn, init_fn, run_eval
     self.checkpointer, self.data_iterator = checkpointer, data_iterator
     self.abstract_state, self.schedule, self.is_chief = abstract_state, schedule, is_chief
     self.guard = LossGuard(self.t.spike_factor, self.t.spike_window, self.t.max_rollbacks)
     self.writer = MetricWriter(workdir, enabled=is_chief)
-    self.bar = tqdm(total=self.t.steps, disable=not is_chief, unit="step", dynamic_ncols=True,
-                    desc="train")
+    # A terminal gets a progress bar; a file (a scheduler's log, nohup, a sweep member's log)
+    # gets one plain line per log step instead of the bar's carriage-return frames.
+    self.interactive = is_chief and sys.stderr.isatty()
+    self.bar = tqdm(total=self.t.steps, disable=not self.interactive, unit="step",
+                    dynamic_ncols=True, desc="train")
     self.live, self.skip_corrupt = live, skip_corrupt
     if self.live:
-      self.say(f"Live routing metrics: http://127.0.0.1:{self.t.metrics_port}/metrics")
+      self.say(f"Live routing metrics: http://{self.t.metrics_host}:{self.t.metrics_port}/metrics")
     self.tokens_per_step = config.data.batch_size * config.data.seq_len
+    self.flops_per_token = flops_per_token
+    self.peak_tflops = throughput.peak_tflops(jax.devices()[0].device_kind, self.t.peak_tflops)
+    self.paused_seconds = 0.0   # evaluation and checkpoint time inside the current log window
     self.unchecked, self.pending = [], []    # (step, metrics) not yet checked / not yet logged
     self.last_eval, self.eval_counts, self.last_eval_step = {}, None, 0
     self.state, self.step = None, 0
@@ -239,6 +268,17 @@ class TrainingLoop:
   def say(self, message: str) -> None:
     if self.is_chief:
       self.bar.write(message)
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Keeps what runs inside (evaluation, a checkpoint) out of the step timing: the steps
+    dispatched before it are waited for first, so their time still counts."""
+    jax.block_until_ready(self.state)
+    started = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.paused_seconds += time.perf_counter() - started
 
   # -- state ----------------------------------------------------------------------------------
 
@@ -297,13 +337,15 @@ class TrainingLoop:
         if due(t.log_every) or (stopping and self.pending):   # a stop logs its partial window
           self.log()
         if due(t.eval_every):
-          self.last_eval, self.eval_counts = self.run_eval(self.state)
+          with self.paused():
+            self.last_eval, self.eval_counts = self.run_eval(self.state)
           self.last_eval_step = self.step
           self.writer.write(self.step, self.last_eval)
           self.say(f"step {self.step}: " + ", ".join(
               f"{k}={v:.4f}" for k, v in self.last_eval.items() if "/" not in k))
         if due(t.checkpoint_every) or stopping:
-          self.save()
+          with self.paused():
+            self.save()
         if preempted_by:
           self.writer.write_event(self.step, "preempted", signal=preempted_by)
           raise Preempted(preempted_by, self.step)
@@ -377,34 +419,60 @@ class TrainingLoop:
 
   def restart_clock(self) -> None:
     self.last_log_time, self.last_log_step = time.perf_counter(), self.step
+    self.paused_seconds = 0.0
 
   def log(self) -> None:
     fetched = jax.device_get(self.pending)     # the one host transfer of the whole log window
     self.pending = []
     now = time.perf_counter()
     scalars = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1] if k != "routing"}
+    histograms = {}
     if "routing" in fetched[-1]:
-      routing_scalars, details = summarize_routing([f["routing"] for f in fetched],
-                                                   self.tokens_per_step * len(fetched))
+      routing_scalars, details, histograms = summarize_routing(
+          [f["routing"] for f in fetched], self.tokens_per_step * len(fetched))
       details["bias"] = np.asarray(jax.device_get(jax.tree.leaves(self.state.biases)),
                                    np.float64).round(7).tolist()
       scalars.update(routing_scalars)
       self.writer.write_details(self.step, details)
       if self.live:
         self.live.update(self.step, scalars, details["load"])
-    if self.step > self.last_log_step:
-      scalars["tokens_per_second"] = (self.tokens_per_step * (self.step - self.last_log_step)
-                                      / (now - self.last_log_time))
+    step_time = now - self.last_log_time - self.paused_seconds
+    if self.step > self.last_log_step and step_time > 0:
+      scalars.update(throughput.step_numbers(
+          self.step - self.last_log_step, self.tokens_per_step, step_time, self.flops_per_token,
+          jax.device_count(), self.peak_tflops))
+    scalars.update(throughput.device_memory_gib())
     scalars["learning_rate"] = float(self.schedule(self.step - 1))
-    self.writer.write(self.step, scalars)
-    self.bar.set_postfix(loss=f"{scalars['loss']:.3f}",
-                         maxvio=f"{scalars.get('max_violation', 0):.2f}",
-                         tok_s=f"{scalars.get('tokens_per_second', 0):.0f}")
+    self.writer.write(self.step, scalars, histograms)
+    if self.interactive:
+      self.bar.set_postfix(loss=f"{scalars['loss']:.3f}",
+                           maxvio=f"{scalars.get('max_violation', 0):.2f}",
+                           tok_s=f"{scalars.get('tokens_per_second', 0):.0f}")
+    else:
+      self.say(log_line(self.step, self.t.steps, scalars))
     self.restart_clock()
 
   def close(self) -> None:
     self.bar.close()
     self.writer.close()
+
+
+def log_line(step: int, steps: int, scalars: dict[str, float]) -> str:
+  """One plain line of a log step, for output that is not a terminal."""
+  parts = [f"step {step}/{steps}", f"loss {scalars['loss']:.4f}"]
+  if "max_violation" in scalars:
+    parts.append(f"maxvio {scalars['max_violation']:.3f}")
+  if "tokens_per_second" in scalars:
+    parts += [f"{scalars['tokens_per_second']:,.0f} tokens/s",
+              f"{scalars['step_seconds'] * 1e3:.1f} ms/step",
+              f"{scalars['tflops_per_device']:.3g} TFLOP/s/device"]
+  if "mfu" in scalars:
+    parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+  if "memory_in_use_gib" in scalars:
+    parts.append(f"memory {scalars['memory_in_use_gib']:.2f} GiB (peak "
+                 f"{scalars['memory_peak_gib']:.2f})")
+  parts.append(f"lr {scalars['learning_rate']:.3g}")
+  return " | ".join(parts)
 
 
 def _finish(config, workdir, graphdef, state, is_bytes, eval_counts, last_eval):

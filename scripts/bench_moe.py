@@ -4,12 +4,18 @@ FLOPs, timed in the same run, on one accelerator.
   python scripts/bench_moe.py                      # shapes a, b, c; 16K tokens; balanced, skewed
   python scripts/bench_moe.py --shapes=a --tokens=16384,65536 --routing=skewed
   python scripts/bench_moe.py --check              # kernels against jax.lax.ragged_dot first
+  python scripts/bench_moe.py --torch              # adds the PyTorch reference layer's rows
 
 The layer is the routed part of moe_jax's MoE block (router, dispatch, SwiGLU experts; shared
 experts are a dense MLP and are left out) in bfloat16 with float32 parameters, as in training.
 Useful TFLOP/s counts only the rows actually computed for routed tokens: 3 matmuls of
 2*D*F FLOPs each per (token, expert) assignment, times 3 for forward+backward. The dense
 reference runs all T*K rows through one SwiGLU of width F: the same FLOPs in plain matmuls.
+With --torch (PyTorch with CUDA on a Hopper GPU) the same layer written in PyTorch runs in the
+same process for comparison: sigmoid top-k routing, a sort of the (token, expert) assignments,
+three `torch._grouped_mm` calls for the SwiGLU experts and an index_add back to the tokens,
+float32 parameters cast to bfloat16, forward and backward, timed the same way (CUDA
+synchronised, median after warm-up); it is first checked against a per-token loop.
 Skewed routing adds a Zipf-shaped bias (expert of rank r gets -ZIPF*log r) to the router's
 choice scores. Each time is the median of --repeats runs after --warmup runs.
 """
@@ -236,7 +242,99 @@ def breakdown(shapes, tokens, warmup, repeats) -> None:
       print(f"  {name}: {median_ms(step, *args, warmup=warmup, repeats=repeats):.2f} ms", flush=True)
 
 
-def run(shapes, token_counts, routings, dispatchers, warmup, repeats):
+class TorchMoE:
+  """The routed MoE layer in PyTorch: the reference the JAX dispatchers are compared with."""
+
+  def __init__(self, d, e, f, k, skew: bool, seed=0):
+    import torch
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    normal = lambda *shape, scale: (torch.randn(*shape, device="cuda", generator=generator)
+                                    * scale).requires_grad_()
+    self.k, self.e = k, e
+    self.router = normal(d, e, scale=d ** -0.5)
+    self.w_gate, self.w_up = normal(e, d, f, scale=d ** -0.5), normal(e, d, f, scale=d ** -0.5)
+    self.w_down = normal(e, f, d, scale=f ** -0.5)
+    ranks = torch.as_tensor(np.random.default_rng(seed).permutation(e) + 1, device="cuda")
+    self.bias = -ZIPF * torch.log(ranks.float()) if skew else torch.zeros(e, device="cuda")
+
+  def route(self, x):
+    """(expert ids [T, K], gates [T, K]): top-k of sigmoid scores + bias, unbiased gates
+    renormalised (DeepSeek-V3)."""
+    import torch
+    scores = torch.sigmoid(x.float() @ self.router)
+    ids = torch.topk(scores + self.bias, self.k, dim=-1).indices
+    gates = torch.gather(scores, 1, ids)
+    return ids, gates / gates.sum(-1, keepdim=True)
+
+  def forward(self, x):
+    import torch
+    import torch.nn.functional as F
+    ids, gates = self.route(x)
+    order = torch.argsort(ids.flatten(), stable=True)
+    tokens = order // self.k
+    offsets = torch.cumsum(torch.bincount(ids.flatten(), minlength=self.e), 0).to(torch.int32)
+    rows = x[tokens]
+    cast = lambda w: w.to(torch.bfloat16)
+    hidden = (F.silu(torch._grouped_mm(rows, cast(self.w_gate), offs=offsets))
+              * torch._grouped_mm(rows, cast(self.w_up), offs=offsets))
+    out_rows = torch._grouped_mm(hidden, cast(self.w_down), offs=offsets)
+    weighted = out_rows * gates.flatten()[order, None].to(out_rows.dtype)
+    return torch.zeros_like(x).index_add_(0, tokens, weighted)
+
+  def reference(self, x):
+    """Token by token, expert by expert: the obviously correct layer."""
+    import torch
+    import torch.nn.functional as F
+    ids, gates = self.route(x)
+    cast = lambda w: w.to(x.dtype)
+    out = []
+    for t in range(x.shape[0]):
+      total = 0
+      for slot in range(self.k):
+        e = int(ids[t, slot])
+        hidden = F.silu(x[t] @ cast(self.w_gate[e])) * (x[t] @ cast(self.w_up[e]))
+        total = total + gates[t, slot].to(x.dtype) * (hidden @ cast(self.w_down[e]))
+      out.append(total)
+    return torch.stack(out)
+
+  def step(self, x):
+    """Forward and backward (parameters and input), as the JAX layer is timed."""
+    import torch
+    for w in (self.router, self.w_gate, self.w_up, self.w_down, x):
+      w.grad = None
+    loss = (self.forward(x).float() ** 2).sum() * 1e-6
+    loss.backward()
+    return loss
+
+
+def torch_ms(d, e, f, k, tokens, skew, warmup, repeats) -> float:
+  import torch
+  layer = TorchMoE(d, e, f, k, skew)
+  x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+  times = []
+  for i in range(warmup + repeats):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    layer.step(x)
+    torch.cuda.synchronize()
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def check_torch_layer() -> None:
+  """The PyTorch layer against its per-token loop on a small input (bfloat16 tolerance)."""
+  import torch
+  layer = TorchMoE(256, 8, 128, 2, skew=True)
+  x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+  with torch.no_grad():
+    fast, slow = layer.forward(x).float(), layer.reference(x).float()
+  error = float(torch.linalg.norm(fast - slow) / torch.linalg.norm(slow))
+  print(f"PyTorch layer against its per-token loop: relative error {error:.1e}", flush=True)
+  assert error < 2e-2, error
+
+
+def run(shapes, token_counts, routings, dispatchers, warmup, repeats, with_torch=False):
   rows_out = []
   for shape in shapes:
     d, e, f, k, what = SHAPES[shape]
@@ -251,6 +349,13 @@ def run(shapes, token_counts, routings, dispatchers, warmup, repeats):
       rows_out.append((shape, tokens, "-", "dense MLP (reference)", dense_ms, dense_tflops, 100.0, 0.0, 0.0))
       print(f"{shape} T={tokens}: dense MLP {dense_ms:.2f} ms {dense_tflops:.0f} TFLOP/s", flush=True)
       for routing in routings:
+        if with_torch:
+          ms = torch_ms(d, e, f, k, tokens, routing == "skewed", warmup, repeats)
+          tflops = useful(tokens * k) / ms / 1e9
+          rows_out.append((shape, tokens, routing, "PyTorch torch._grouped_mm", ms, tflops,
+                           100 * tflops / dense_tflops, 0.0, None))
+          print(f"  PyTorch torch._grouped_mm {routing}: {ms:.2f} ms {tflops:.0f} TFLOP/s "
+                f"({100 * tflops / dense_tflops:.0f}% of dense)", flush=True)
         for name in dispatchers:
           dispatcher, implementation = DISPATCHERS[name]
           if name == "dropless_xla" and e > 16:
@@ -298,6 +403,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--check", action="store_true", help="check the kernels first")
+  parser.add_argument("--torch", action="store_true",
+                      help="add the PyTorch reference layer (sort + torch._grouped_mm)")
   parser.add_argument("--breakdown", action="store_true",
                       help="time the parts of the dropless layer instead")
   parser.add_argument("--tune", action="store_true",
@@ -314,8 +421,13 @@ def main():
   if args.breakdown:
     breakdown(args.shapes.split(","), int(args.tokens.split(",")[0]), args.warmup, args.repeats)
     return
+  if args.torch:
+    import torch
+    print(f"PyTorch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+    check_torch_layer()
   rows = run(args.shapes.split(","), [int(t) for t in args.tokens.split(",")],
-             args.routing.split(","), args.dispatchers.split(","), args.warmup, args.repeats)
+             args.routing.split(","), args.dispatchers.split(","), args.warmup, args.repeats,
+             args.torch)
   print()
   print("command: python scripts/bench_moe.py " + " ".join(sys.argv[1:]))
   print(table(rows))

@@ -32,8 +32,8 @@ def _command(workdir, *args, config=TINY) -> list[str]:
           "--config.train.sample_tokens=0", *args]
 
 
-def _run(argv, timeout=300) -> subprocess.CompletedProcess:
-  return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def _run(argv, timeout=300, cwd=ROOT) -> subprocess.CompletedProcess:
+  return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def _snapshot(directory: Path):
@@ -84,18 +84,30 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], Path, list[str]]]:
   cases["missing config file"] = (_command(tmp / "run", config=str(tmp / "nope.py")), tmp / "run",
                                   [f"no such file '{tmp / 'nope.py'}'"])
   cases["empty --config"] = (_command(tmp / "run", config=""), tmp / "run", ["--config is empty"])
+  cases["unknown size"] = (_command(tmp / "run", config="configs/default.py:huge"), tmp / "run",
+                           ["unknown size 'huge'; expected 'default' or 'tiny'"])
   cases["near-miss field"] = (_command(tmp / "run", "--config.model.rouetr=softmax"), tmp / "run",
                               ["--config.model.rouetr: the config has no field 'rouetr' "
                                "(did you mean 'router'?)"])
   cases["near-miss section"] = (_command(tmp / "run", "--config.modle.top_k=2"), tmp / "run",
                                 ["the config has no field 'modle' (did you mean 'model'?)"])
+  # Run outside the checkout: the default config is still found (the mistake is in it).
+  cases["default config, elsewhere"] = (
+      [sys.executable, "-m", "moe_jax.main", f"--workdir={tmp / 'run'}",
+       "--config.train.step=2"], tmp / "run",
+      ["--config.train.step: the config has no field 'step' (did you mean 'steps'?)"])
+  cases["address not of this machine"] = (
+      _command(tmp / "run", "--config.train.metrics_port=29999",
+               "--config.train.metrics_host=192.0.2.1"), tmp / "run",
+      ["train.metrics_port=29999: 192.0.2.1:29999 cannot be served"])
   (tmp / "a_file").write_text("not a directory")
   cases["workdir is a file"] = (_command(tmp / "a_file"), tmp / "a_file",
                                 [f"--workdir={tmp / 'a_file'} is not a directory"])
   cases["workdir below a file"] = (_command(tmp / "a_file" / "run"), tmp / "a_file",
                                    [f"lies below {tmp / 'a_file'}, which is not a directory"])
-  cases["empty workdir"] = (_command(""), ROOT, ["--workdir is empty"])
-  cases["no workdir"] = ([a for a in _command("x") if not a.startswith("--workdir")], ROOT,
+  # These two run in `tmp` (every case's working directory): nothing may appear there.
+  cases["empty workdir"] = (_command(""), tmp, ["--workdir is empty"])
+  cases["no workdir"] = ([a for a in _command("x") if not a.startswith("--workdir")], tmp,
                          ["--workdir is required"])
   for override, expected in [
       ("--config.optimizer.learning_rate=inf", "optimizer.learning_rate=inf must be a finite"),
@@ -103,6 +115,10 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], Path, list[str]]]:
       ("--config.model.capacity_factor=inf", "model.capacity_factor=inf must be a finite"),
       ("--config.data.shuffle_seed=-1", "data.shuffle_seed=-1 must be >= 0"),
       ("--config.train.steps=99999999999", "train.steps=99999999999 is out of range"),
+      ("--config.model.top_k=20", "model.top_k=20 is larger than model.num_routed_experts=8"),
+      ("--config.model.top_k=2.5", "--config.model.top_k=2.5: invalid literal for int()"),
+      ("--config.model.nonexistent=3", "--config.model.nonexistent: the config has no field "
+                                       "'nonexistent'"),
   ]:
     cases[override] = (_command(tmp / "run", override), tmp / "run", [expected])
   return cases
@@ -112,7 +128,8 @@ def test_bad_input_through_the_command_is_refused_in_one_line(tmp_path):
   cases = _bad_inputs(tmp_path)
   before = {name: _snapshot(workdir) for name, (_, workdir, _) in cases.items()}
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
-    results = dict(zip(cases, pool.map(lambda case: _run(case[0]), cases.values())))
+    results = dict(zip(cases, pool.map(lambda case: _run(case[0], cwd=tmp_path),
+                                       cases.values())))
   for name, (_, workdir, expected) in cases.items():
     try:
       _assert_refused(results[name], *expected)
@@ -321,7 +338,7 @@ def _start_sweep(tmp_path, steps):
   (tmp_path / "pair.py").write_text(SWEEP.format(steps=steps))
   return subprocess.Popen([sys.executable, "-m", "moe_jax.sweep", f"{tmp_path / 'pair.py'}:tiny",
                            f"--workdir_root={tmp_path / 'runs'}", f"--results={tmp_path / 'results'}"],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _alive(pid: int) -> bool:

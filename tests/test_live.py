@@ -22,7 +22,7 @@ def test_running_training_serves_per_expert_load(tmp_path):
       [sys.executable, "-m", "moe_jax.main", "--config=configs/default.py:tiny,steps=400",
        "--config.train.log_every=2", "--config.train.eval_every=1000",
        "--config.train.checkpoint_every=1000", f"--config.train.metrics_port={port}",
-       f"--workdir={tmp_path}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+       f"--workdir={tmp_path / 'run'}"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
       text=True)
   page, deadline = "", time.monotonic() + 240
   try:

@@ -31,12 +31,17 @@ def pair_file(tmp_path):
 
 def test_runner_runs_skips_and_tabulates_a_two_member_sweep(pair_file, tmp_path, capsys,
                                                             monkeypatch):
-  monkeypatch.chdir(ROOT)
+  monkeypatch.chdir(tmp_path)   # outside the checkout: the sweep's config is still found
   runs, results = tmp_path / "runs", tmp_path / "results"
   args = [f"{pair_file}:tiny", f"--workdir_root={runs}", f"--results={results}"]
   assert sweep.main(args) == 0
   out = capsys.readouterr().out
   assert "[1/2] top2: finished" in out and "[2/2] top1_softmax: finished" in out
+  # A member's log is a file, not a terminal: plain lines per log step, no progress-bar frames.
+  log = (runs / "pair_tiny" / "top2.log").read_text()
+  assert "\r" not in log and "it/s" not in log and "step/s" not in log
+  for step in (2, 4, 6):
+    assert f"step {step}/6 | loss " in log and " tokens/s | " in log, log[-3000:]
 
   # Each member ran the config the sweep describes.
   loaded, _ = sweep.load_sweep(f"{pair_file}:tiny")

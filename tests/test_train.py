@@ -81,7 +81,8 @@ def test_short_run_learns_and_writes_its_outputs(tiny_config, tmp_path):
   assert train_losses[-1] < 0.7 * train_losses[0]
   logged = [m for m in _metrics(tmp_path) if "loss" in m][-1]
   for key in ("max_violation", "entropy", "confidence", "dead_experts", "dropped_fraction",
-              "routing/layer0/max_violation", "routing/layer0/load/expert007", "sequence_loss"):
+              "routing/layer0/max_violation", "routing/layer0/load_max", "sequence_loss",
+              "tokens_per_second", "tflops_per_device"):
     assert np.isfinite(logged[key]), key
   details = [json.loads(line) for line in open(tmp_path / "routing.jsonl")][-1]
   num_experts = tiny_config.model.num_routed_experts

@@ -1,0 +1,72 @@
+"""How the default run (`make train`) was chosen: model width, learning rate, batch shape,
+dispatch and multi-token prediction, at equal time on the 2-core CPU machine.
+
+Each member's `train.steps` fills the same training time, 330 s at the tokens/s that shape
+reached on the 2-core CPU (measured with 60-step runs, no other load, jax 0.10.2), so a
+smaller model or batch sees more tokens or steps. Two rounds:
+
+  python -m moe_jax.sweep experiments/default_run.py:cpu          # round 1: width, rate, MTP
+  python -m moe_jax.sweep experiments/default_run.py:cpu_round2   # round 2: batch, dispatch
+
+Round 1 scores the first 8 validation batches (the evaluation's default then); round 2 the
+whole validation split (`train.eval_batches=0`), the number compared with compressors
+(scripts/compression_baselines.py). Members' results do not depend on the machine's speed
+(the steps are fixed), so a round can run anywhere; round 1 ran on one GPU.
+"""
+
+from moe_jax.sweep import Sweep
+
+SECONDS = 330   # of training steps, within `make train`'s 10 minutes with installation
+
+D96 = {"model.d_model": 96, "model.num_heads": 3, "model.num_kv_heads": 1,
+       "model.dense_mlp_dim": 288, "model.expert_dim": 64}
+D128 = {"model.d_model": 128, "model.num_heads": 4, "model.num_kv_heads": 2,
+        "model.dense_mlp_dim": 384, "model.expert_dim": 96}
+S128 = {"data.seq_len": 128}
+
+# round -> member -> (overrides, learning rates, tokens/s of training steps on the 2-core CPU)
+ROUNDS = {
+    "cpu": {   # sequences of 256 x 16 unless noted
+        "d128": ({**D128, "data.seq_len": 256, "data.batch_size": 16}, (3e-3, 6e-3), 9_100),
+        "d128+mtp": ({**D128, "data.seq_len": 256, "data.batch_size": 16,
+                      "model.mtp_depth": 1}, (3e-3,), 7_350),   # the previous default
+        "d96": ({**D96, "data.seq_len": 256, "data.batch_size": 16}, (3e-3, 6e-3, 1.2e-2),
+                13_100),
+        "d96_s128": ({**D96, **S128, "data.batch_size": 32}, (6e-3, 1.2e-2), 16_500),
+        "d64": ({"model.d_model": 64, "model.num_heads": 2, "model.num_kv_heads": 1,
+                 "model.dense_mlp_dim": 192, "model.expert_dim": 48, "data.seq_len": 256,
+                 "data.batch_size": 16}, (6e-3, 1.2e-2), 19_400),
+    },
+    "cpu_round2": {   # sequences of 128; the winner of round 1 is d96_s128 at 1.2e-2
+        "d96_b32": ({**D96, **S128, "data.batch_size": 32}, (1.2e-2,), 16_500),
+        "d96_b16": ({**D96, **S128, "data.batch_size": 16}, (6e-3, 1.2e-2), 15_800),
+        "d96_b8": ({**D96, **S128, "data.batch_size": 8}, (6e-3,), 14_700),
+        "d96_b32_dense": ({**D96, **S128, "data.batch_size": 32, "model.dispatcher": "dense"},
+                          (1.2e-2,), 12_800),   # every expert computes every token: no drops
+        "d128_b16": ({**D128, **S128, "data.batch_size": 16}, (6e-3,), 10_400),
+    },
+}
+
+
+def members(round_name: str) -> dict[str, dict]:
+  result = {}
+  for shape, (overrides, rates, tokens_per_second) in ROUNDS[round_name].items():
+    tokens_per_step = overrides["data.seq_len"] * overrides["data.batch_size"]
+    steps = round(SECONDS * tokens_per_second / tokens_per_step / 10) * 10
+    for rate in rates:
+      every = steps if round_name == "cpu_round2" else steps // 3 + 1
+      result[f"{shape}_lr{rate:g}"] = {
+          **overrides, "optimizer.learning_rate": rate, "train.steps": steps,
+          "train.eval_every": every, "train.checkpoint_every": steps // 3 + 1}
+  return result
+
+
+def get_sweep(size: str) -> Sweep:
+  if size not in ROUNDS:
+    raise ValueError(f"the sizes are {sorted(ROUNDS)} (step counts fitted to the 2-core CPU)")
+  base = {"model.mtp_depth": 0, "train.sample_tokens": 0,
+          "train.eval_batches": 8 if size == "cpu" else 0}
+  return Sweep("default_run", "configs/default.py", base, members(size),
+               "Which shape, learning rate, batch, dispatch and MTP setting give the lowest "
+               "validation bits per byte in 330 s of training on the 2-core CPU (the budget "
+               "of `make train`)?")
