@@ -117,7 +117,8 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
       f"({counts['active_experts']:,} of them in experts), {counts['embedding']:,} in the "
       f"embedding and output matrices",
       f"training FLOPs per token: {flops / 1e6:,.2f} M; per step of {batch} x {seq_len} tokens: "
-      f"{flops * batch * seq_len / 1e12:,.3f} TFLOP"
+      + (f"{flops * batch * seq_len / 1e12:,.3f} TFLOP" if flops * batch * seq_len >= 1e12
+         else f"{flops * batch * seq_len / 1e9:,.3f} GFLOP")
       + (f" (at 40% MFU on {peak:g} TFLOP/s devices: "
          f"{flops * batch * seq_len / (0.4 * peak * 1e12 * jax.device_count()) * 1e3:.1f} ms)"
          if peak else ""),

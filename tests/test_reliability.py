@@ -170,6 +170,8 @@ def test_signal_saves_a_checkpoint_and_the_next_start_resumes(tmp_path, signum):
   assert _records(tmp_path)[-1] == {"step": saved, "event": "preempted",
                                     "signal": signal.Signals(signum).name}
 
+  if signum == signal.SIGINT:
+    return   # the resume from a signal's checkpoint is the same path: checked once, below
   # The same run, told to end 4 steps later, resumes there.
   result = subprocess.run(_command(tmp_path, *long_run[1:], f"--config.train.steps={saved + 4}"),
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
