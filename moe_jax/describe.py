@@ -11,6 +11,17 @@ import ml_collections
 import numpy as np
 
 
+def _assigned_field(code: str) -> str | None:
+  """`section.field` of a line of code like `c.model.top_k = 2`, without the config variable's
+  own name; None for any other code."""
+  if "=" not in code or "==" in code:
+    return None
+  parts = code.split("=", 1)[0].strip().split(".")
+  if len(parts) >= 2 and all(p.isidentifier() for p in parts):
+    return ".".join(parts[1:])
+  return None
+
+
 def field_comments(source: str) -> tuple[list[str], dict[str, str]]:
   """The fields a config file assigns (`c.model.top_k = 2`), in the order it first assigns
   them, and `section.field -> comment` of those with a comment on the line, joined with the
@@ -18,13 +29,10 @@ def field_comments(source: str) -> tuple[list[str], dict[str, str]]:
   the first description)."""
   order, comments, last = [], {}, None   # last: (field, row, column) of the previous comment
   lines = source.splitlines()
-  for number, line in enumerate(lines, 1):
-    name = line.split("=", 1)[0].strip() if "=" in line.split("#")[0] else ""
-    parts = name.split(".")
-    if len(parts) >= 2 and all(p.isidentifier() for p in parts) and "==" not in line:
-      field = ".".join(parts[1:])   # without the config variable's own name
-      if field not in order:
-        order.append(field)
+  for line in lines:
+    field = _assigned_field(line.split("#")[0])
+    if field and field not in order:
+      order.append(field)
   for token in tokenize.generate_tokens(io.StringIO(source).readline):
     if token.type != tokenize.COMMENT:
       continue
@@ -37,9 +45,8 @@ def field_comments(source: str) -> tuple[list[str], dict[str, str]]:
       else:
         last = None
       continue
-    parts = code.split("=", 1)[0].strip().split(".") if "=" in code else []
-    field = ".".join(parts[1:])
-    if len(parts) >= 2 and all(p.isidentifier() for p in parts) and field not in comments:
+    field = _assigned_field(code)
+    if field and field not in comments:
       comments[field] = text
       last = (field, row, column)
     else:
@@ -101,6 +108,7 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
     counts = parameter_counts(spec)
     seq_len, batch = config.data.seq_len, config.data.batch_size
     flops = throughput.training_flops_per_token(spec, seq_len)
+    step_flops = flops * batch * seq_len
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32,
                                   sharding=parallel.batch_sharding(mesh, rules["batch"]))
     compiled = jit_train_step(config, graphdef, tx, shardings).lower(
@@ -117,10 +125,10 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
       f"({counts['active_experts']:,} of them in experts), {counts['embedding']:,} in the "
       f"embedding and output matrices",
       f"training FLOPs per token: {flops / 1e6:,.2f} M; per step of {batch} x {seq_len} tokens: "
-      + (f"{flops * batch * seq_len / 1e12:,.3f} TFLOP" if flops * batch * seq_len >= 1e12
-         else f"{flops * batch * seq_len / 1e9:,.3f} GFLOP")
+      + (f"{step_flops / 1e12:,.3f} TFLOP" if step_flops >= 1e12
+         else f"{step_flops / 1e9:,.3f} GFLOP")
       + (f" (at 40% MFU on {peak:g} TFLOP/s devices: "
-         f"{flops * batch * seq_len / (0.4 * peak * 1e12 * jax.device_count()) * 1e3:.1f} ms)"
+         f"{step_flops / (0.4 * peak * 1e12 * jax.device_count()) * 1e3:.1f} ms)"
          if peak else ""),
       f"per device: parameters {_gib(params_bytes)}, optimizer state {_gib(optimizer_bytes)}",
   ]

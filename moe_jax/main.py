@@ -168,9 +168,10 @@ def config_file_problem(argument: str) -> str | None:
   path, has_arg, arg = argument.partition(":")
   if not path:
     return "--config is empty: name a config file, for example --config=configs/default.py"
-  if locate(path) is None:
+  found = locate(path)
+  if found is None:
     return not_found(f"--config={argument}", path)
-  path = str(locate(path))
+  path = str(found)
   try:
     spec = importlib.util.spec_from_file_location("config_file_check", path)
     module = importlib.util.module_from_spec(spec)

@@ -162,12 +162,12 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], ylabel: str, path: P
 LOAD_QUANTILES = {"min": 0, "p10": 10, "median": 50, "p90": 90, "max": 100}
 
 
-def load_summary(loads_LxE) -> dict[str, np.ndarray]:
-  """Per layer, quantiles of the experts' load relative to the mean (1.0 = balanced):
-  `load_min`, `load_p10`, `load_median`, `load_p90`, `load_max` (load_max - 1 is the window's
-  MaxVio). A fixed number of numbers per layer, however many experts."""
-  relative = relative_load(loads_LxE)
-  return {f"load_{name}": np.percentile(relative, q, axis=-1) for name, q in LOAD_QUANTILES.items()}
+def load_summary(relative_LxE) -> dict[str, np.ndarray]:
+  """Per layer, quantiles of the experts' load relative to the mean (`relative_load`, 1.0 =
+  balanced): `load_min`, `load_p10`, `load_median`, `load_p90`, `load_max` (load_max - 1 is the
+  window's MaxVio). A fixed number of numbers per layer, however many experts."""
+  return {f"load_{name}": np.percentile(relative_LxE, q, axis=-1)
+          for name, q in LOAD_QUANTILES.items()}
 
 
 def summarize_routing(window: list[dict], tokens: int) -> tuple[dict[str, float], dict, dict]:
@@ -190,14 +190,14 @@ def summarize_routing(window: list[dict], tokens: int) -> tuple[dict[str, float]
       "dead_experts": np.asarray(routing.dead_experts(counts_LxE)),
   }
   scalars = {name: float(values.mean()) for name, values in per_layer.items()}
-  per_layer.update(load_summary(loads_LxE))
+  relative_LxE = relative_load(loads_LxE)
+  per_layer.update(load_summary(relative_LxE))
   scalars["dead_experts"] = float(per_layer["dead_experts"].sum())
   for loss in ("switch_loss", "sequence_loss", "z_loss"):
     scalars[loss] = float(stacked[loss].sum(axis=-1).mean())
   for name, values in per_layer.items():
     scalars.update({f"routing/layer{l}/{name}": float(v) for l, v in enumerate(values)})
-  histograms = {f"routing/layer{l}/load": relative for l, relative in
-                enumerate(relative_load(loads_LxE))}
+  histograms = {f"routing/layer{l}/load": relative for l, relative in enumerate(relative_LxE)}
   coactivation = stacked["coactivation"].astype(np.float64).sum(axis=0) / tokens
   details = {"load": loads_LxE.astype(np.float64).round(6).tolist(),
              "coactivation": coactivation.round(6).tolist()}

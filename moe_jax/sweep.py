@@ -52,9 +52,10 @@ class Sweep:
 def load_sweep(spec: str) -> tuple[Sweep, str]:
   """"experiments/x.py:size" -> (the file's get_sweep(size), size)."""
   path, _, size = spec.partition(":")
-  if locate(path) is None:
+  found = locate(path)
+  if found is None:
     raise SweepError(not_found("sweep file", path))
-  path = str(locate(path))
+  path = str(found)
   root = str(Path(path).resolve().parent.parent)   # sweep files import experiments.sizes
   if root not in sys.path:
     sys.path.insert(0, root)
@@ -77,9 +78,10 @@ def _load_module(path: str):
 def member_config(sweep: Sweep, member: str) -> ml_collections.ConfigDict:
   """The member's full config, built as the command line would build it."""
   path, _, arg = sweep.config.partition(":")
-  if locate(path) is None:
+  found = locate(path)
+  if found is None:
     raise SweepError(not_found(f"the sweep's config {sweep.config!r}", path))
-  config = _load_module(str(locate(path))).get_config(arg)
+  config = _load_module(str(found)).get_config(arg)
   for dotted, value in sweep.overrides(member).items():
     *sections, name = dotted.split(".")
     node = config
