@@ -35,6 +35,8 @@ GPU = {
     "model.compute_dtype": "bfloat16",
     "model.mtp_depth": 1,
     "optimizer.learning_rate": 3e-3,
+    "optimizer.b2": 0.95,                  # the studies' recipe, not the CPU default's
+    "optimizer.final_lr_fraction": 0.1,
     "data.seq_len": 1024,
     "data.batch_size": 64,
     "train.steps": 5000,

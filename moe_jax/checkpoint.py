@@ -75,14 +75,32 @@ def _one_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def _raised_in_orbax(error: BaseException | None) -> bool:
+  """Whether `error` (or what it was raised from) passed through orbax's code."""
+  while error is not None:
+    traceback = error.__traceback__
+    while traceback is not None:
+      if "orbax" in traceback.tb_frame.f_code.co_filename:
+        return True
+      traceback = traceback.tb_next
+    error = error.__cause__ or error.__context__
+  return False
+
+
 class _OrbaxErrorsReportedByUs(std_logging.Filter):
   """Orbax logs a failed save or restore with its traceback (from its own threads, when it
-  happens) before raising it to the caller; every such failure reaches the user as one line
-  from this module (CheckpointCorrupt, CheckpointSaveFailed), so those records are dropped."""
+  happens) before raising it to the caller, and asyncio logs the same failure again for each
+  of orbax's and tensorstore's reads whose result nobody collected (this package runs no
+  asyncio code of its own); every such failure reaches the user as one line from this module
+  (CheckpointCorrupt, CheckpointSaveFailed), so those records are dropped."""
 
   def filter(self, record) -> bool:
-    return record.levelno < std_logging.ERROR or not (
-        "orbax" in record.pathname or "orbax" in str(record.msg))
+    if record.levelno < std_logging.ERROR:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("orbax" in record.pathname or "orbax" in str(record.msg)
+                or "exception was never retrieved" in str(record.msg)
+                or _raised_in_orbax(error))
 
 
 for _logger in ("absl", "asyncio"):   # asyncio: orbax's abandoned tasks, when collected
@@ -91,12 +109,16 @@ for _logger in ("absl", "asyncio"):   # asyncio: orbax's abandoned tasks, when c
 
 def _ignore_closed_loop_callbacks(default_hook=sys.unraisablehook):
   """When a save or restore fails, orbax closes its event loop while the operation's other
-  reads or writes still run; as each ends, tensorstore's callback finds the loop closed and
-  Python prints that as an unraisable error with a traceback (several per failure, some
-  before the failure is seen). The failure itself reaches the user as one line from here."""
+  reads or writes still run; as each ends, tensorstore's callback finds the loop closed, and
+  the abandoned reads are collected with their errors; Python prints each as an unraisable
+  error with a traceback (several per failure, some before the failure is seen). The failure
+  itself reaches the user as one line from here."""
 
   def hook(unraisable):
-    if "Event loop is closed" not in str(unraisable.exc_value):
+    code = getattr(unraisable.object, "cr_code", None)
+    from_orbax = (code is not None and "orbax" in code.co_filename) or _raised_in_orbax(
+        unraisable.exc_value)
+    if not (from_orbax or "Event loop is closed" in str(unraisable.exc_value)):
       default_hook(unraisable)
 
   return hook

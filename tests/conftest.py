@@ -1,6 +1,22 @@
-"""Tests run on CPU with 8 simulated devices, so every sharded path is exercised."""
+"""Tests run on CPU with 8 simulated devices, so every sharded path is exercised.
 
+Every compiled program goes to one persistent compilation cache for the session, shared by the
+test workers (`make test` runs two, pytest-xdist, one test file per worker at a time) and the
+commands the tests start: many tests compile the same tiny model's steps, and a cache hit runs
+the same executable in a fraction of the compile time. The process that makes the cache (pytest's
+main process) removes it at exit; the workers inherit its address.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moe_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
