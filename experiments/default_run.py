@@ -1,17 +1,21 @@
 """How the default run (`make train`) was chosen: model width, learning rate, batch shape,
-dispatch and multi-token prediction, at equal time on the 2-core CPU machine.
+dispatch, multi-token prediction and optimizer settings, at equal time on the 2-core CPU.
 
-Each member's `train.steps` fills the same training time, 330 s at the tokens/s that shape
-reached on the 2-core CPU (measured with 60-step runs, no other load, jax 0.10.2), so a
-smaller model or batch sees more tokens or steps. Two rounds:
+Each member's `train.steps` fills the same training time (330 s in rounds 1-2, 420 s in
+rounds 3-4, which evaluate only at the end) at the tokens/s that shape reached on the 2-core
+CPU (measured with 60-step runs or timed steps, no other load, jax 0.10.2), so a smaller
+model or batch sees more tokens or steps. Four rounds:
 
   python -m moe_jax.sweep experiments/default_run.py:cpu          # round 1: width, rate, MTP
   python -m moe_jax.sweep experiments/default_run.py:cpu_round2   # round 2: batch, dispatch
+  python -m moe_jax.sweep experiments/default_run.py:cpu_round3   # round 3: optimizer, routing
+  python -m moe_jax.sweep experiments/default_run.py:cpu_round4   # round 4: round 3 combined
 
-Round 1 scores the first 8 validation batches (the evaluation's default then); round 2 the
-whole validation split (`train.eval_batches=0`), the number compared with compressors
+Round 1 scores the first 8 validation batches (the evaluation's default then); later rounds
+the whole validation split (`train.eval_batches=0`), the number compared with compressors
 (scripts/compression_baselines.py). Members' results do not depend on the machine's speed
-(the steps are fixed), so a round can run anywhere; round 1 ran on one GPU.
+(the steps are fixed), so a round can run anywhere; rounds 1, 3 and 4 ran on one GPU, whose
+Python (3.12) has another standard library, so compare members within a round.
 """
 
 from moe_jax.sweep import Sweep
