@@ -1,8 +1,5 @@
 # make train: install what training needs into .venv (if needed) and train the default config
-#             on the embedded corpus. Without an accelerator the CPU is split into CPU_DEVICES
-#             devices and the batch into as many data-parallel parts: one XLA CPU program
-#             keeps about one core busy on a model this small (2 devices: 1.18x the tokens/s
-#             of 1 on the 2-core machine). On a GPU or TPU machine the flag changes nothing.
+#             on the embedded corpus.
 # make test:  add the test extras to .venv (if needed) and run the whole test suite on CPU
 #             (8 simulated devices), in TEST_WORKERS processes, one test file per worker at a
 #             time (files share their trained runs); TEST_WORKERS=0 runs it in this process.
@@ -14,7 +11,6 @@ CONFIG ?= configs/default.py
 WORKDIR ?= runs/default
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
-CPU_DEVICES ?= 2
 
 .PHONY: install train test clean
 
@@ -34,8 +30,7 @@ $(TEST_STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
 	@touch $@ $(TRAIN_STAMP)
 
 train: $(TRAIN_STAMP)
-	XLA_FLAGS="$(XLA_FLAGS) --xla_force_host_platform_device_count=$(CPU_DEVICES)" \
-	  $(VENV)/bin/python -m moe_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(VENV)/bin/python -m moe_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(TEST_STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q \
