@@ -20,7 +20,8 @@ Python (3.12) has another standard library, so compare members within a round.
 
 from moe_jax.sweep import Sweep
 
-SECONDS = 330   # of training steps, within `make train`'s 10 minutes with installation
+# seconds of training steps per member, within `make train`'s 10 minutes with installation
+SECONDS_OF_ROUND = {"cpu": 330, "cpu_round2": 330, "cpu_round3": 420, "cpu_round4": 420}
 
 D96 = {"model.d_model": 96, "model.num_heads": 3, "model.num_kv_heads": 1,
        "model.dense_mlp_dim": 288, "model.expert_dim": 64}
@@ -28,6 +29,7 @@ D128 = {"model.d_model": 128, "model.num_heads": 4, "model.num_kv_heads": 2,
         "model.dense_mlp_dim": 384, "model.expert_dim": 96}
 S128 = {"data.seq_len": 128}
 B16 = {"data.batch_size": 16}
+WINNER2 = {**D96, **S128, **B16}   # round 2's winner, the shape of rounds 3 and 4
 
 # round -> member -> (overrides, learning rates, tokens/s of training steps on the 2-core CPU)
 ROUNDS = {
@@ -53,34 +55,27 @@ ROUNDS = {
     },
     "cpu_round3": {   # round 2's winner d96_b16 at 6e-3, 420 s of steps, one evaluation at the
                       # end; tokens/s relative to it measured on the 2-core CPU in one session
-        "d96_b16": ({**D96, **S128, "data.batch_size": 16}, (6e-3, 8e-3), 15_800),
-        "d96_b16_final0": ({**D96, **S128, "data.batch_size": 16,
-                            "optimizer.final_lr_fraction": 0.0}, (6e-3,), 15_800),
-        "d96_b16_wd0": ({**D96, **S128, "data.batch_size": 16,
-                         "optimizer.weight_decay": 0.0}, (6e-3,), 15_800),
-        "d96_b16_b2_0.99": ({**D96, **S128, "data.batch_size": 16, "optimizer.b2": 0.99},
-                            (6e-3,), 15_800),
-        "d96_b16_cf2": ({**D96, **S128, "data.batch_size": 16, "model.capacity_factor": 2.0},
-                        (6e-3,), 13_750),   # 0.87x
-        "d96_b16_e8": ({**D96, **S128, "data.batch_size": 16, "model.num_routed_experts": 8},
-                       (6e-3,), 16_100),   # 1.02x
+        "d96_b16": (WINNER2, (6e-3, 8e-3), 15_800),
+        "d96_b16_final0": ({**WINNER2, "optimizer.final_lr_fraction": 0.0}, (6e-3,), 15_800),
+        "d96_b16_wd0": ({**WINNER2, "optimizer.weight_decay": 0.0}, (6e-3,), 15_800),
+        "d96_b16_b2_0.99": ({**WINNER2, "optimizer.b2": 0.99}, (6e-3,), 15_800),
+        "d96_b16_cf2": ({**WINNER2, "model.capacity_factor": 2.0}, (6e-3,), 13_750),   # 0.87x
+        "d96_b16_e8": ({**WINNER2, "model.num_routed_experts": 8}, (6e-3,), 16_100),   # 1.02x
         "d96_s256_b8": ({**D96, "data.seq_len": 256, "data.batch_size": 8}, (6e-3,),
                         12_800),   # 0.81x
-        "d96_b16_warmup200": ({**D96, **S128, "data.batch_size": 16,
-                               "optimizer.warmup_steps": 200}, (6e-3,), 15_800),
+        "d96_b16_warmup200": ({**WINNER2, "optimizer.warmup_steps": 200}, (6e-3,), 15_800),
     },
     "cpu_round4": {   # round 3's helpful changes together: warmup, b2, decay to zero, rate
-        "d96_b16_w200_b2": ({**D96, **S128, **B16, "optimizer.warmup_steps": 200,
+        "d96_b16_w200_b2": ({**WINNER2, "optimizer.warmup_steps": 200,
                              "optimizer.b2": 0.99}, (6e-3,), 15_800),
-        "d96_b16_w200_b2_final0": ({**D96, **S128, **B16, "optimizer.warmup_steps": 200,
+        "d96_b16_w200_b2_final0": ({**WINNER2, "optimizer.warmup_steps": 200,
                                     "optimizer.b2": 0.99, "optimizer.final_lr_fraction": 0.0},
                                    (6e-3, 8e-3, 1e-2), 15_800),
-        "d96_b16_w400_b2_final0": ({**D96, **S128, **B16, "optimizer.warmup_steps": 400,
+        "d96_b16_w400_b2_final0": ({**WINNER2, "optimizer.warmup_steps": 400,
                                     "optimizer.b2": 0.99, "optimizer.final_lr_fraction": 0.0},
                                    (8e-3,), 15_800),
     },
 }
-SECONDS_OF_ROUND = {"cpu": SECONDS, "cpu_round2": SECONDS, "cpu_round3": 420, "cpu_round4": 420}
 
 
 def members(round_name: str) -> dict[str, dict]:
