@@ -1,5 +1,5 @@
 """How the default run (`make train`) was chosen: model width, learning rate, batch shape,
-dispatch, multi-token prediction and optimizer settings, at equal time on the 2-core CPU.
+dispatch, multi-token prediction, optimizer settings and tokenizer, at equal time on the 2-core CPU.
 
 Each member's `train.steps` fills the same training time (330 s in rounds 1-2, 420 s in
 rounds 3-4, which evaluate only at the end) at the tokens/s that shape reached on the 2-core
@@ -10,6 +10,8 @@ model or batch sees more tokens or steps. Four rounds:
   python -m moe_jax.sweep experiments/default_run.py:cpu_round2   # round 2: batch, dispatch
   python -m moe_jax.sweep experiments/default_run.py:cpu_round3   # round 3: optimizer, routing
   python -m moe_jax.sweep experiments/default_run.py:cpu_round4   # round 4: round 3 combined
+  python -m moe_jax.sweep experiments/default_run.py:cpu_round5   # round 5: bytes or BPE
+  python -m moe_jax.sweep experiments/default_run.py:cpu_round6   # round 6: around BPE 4096
 
 Round 1 scores the first 8 validation batches (the evaluation's default then); later rounds
 the whole validation split (`train.eval_batches=0`), the number compared with compressors
@@ -21,7 +23,8 @@ Python (3.12) has another standard library, so compare members within a round.
 from moe_jax.sweep import Sweep
 
 # seconds of training steps per member, within `make train`'s 10 minutes with installation
-SECONDS_OF_ROUND = {"cpu": 330, "cpu_round2": 330, "cpu_round3": 420, "cpu_round4": 420}
+SECONDS_OF_ROUND = {"cpu": 330, "cpu_round2": 330, "cpu_round3": 420, "cpu_round4": 420,
+                    "cpu_round5": 420, "cpu_round6": 420}
 
 D96 = {"model.d_model": 96, "model.num_heads": 3, "model.num_kv_heads": 1,
        "model.dense_mlp_dim": 288, "model.expert_dim": 64}
@@ -30,6 +33,11 @@ D128 = {"model.d_model": 128, "model.num_heads": 4, "model.num_kv_heads": 2,
 S128 = {"data.seq_len": 128}
 B16 = {"data.batch_size": 16}
 WINNER2 = {**D96, **S128, **B16}   # round 2's winner, the shape of rounds 3 and 4
+BYTES = {"data.tokenizer": "bytes", "model.vocab_size": 260}
+
+
+def bpe(vocab_size: int) -> dict:
+  return {"data.tokenizer": "bpe", "model.vocab_size": vocab_size}
 
 # round -> member -> (overrides, learning rates, tokens/s of training steps on the 2-core CPU)
 ROUNDS = {
@@ -75,6 +83,26 @@ ROUNDS = {
                                     "optimizer.b2": 0.99, "optimizer.final_lr_fraction": 0.0},
                                    (8e-3,), 15_800),
     },
+    "cpu_round5": {   # round 4's winner (warmup 400, b2 0.99, decay to 0), bytes against a
+                      # byte-level BPE of 1-4K ids; tokens/s of each relative to bytes measured
+                      # on the 2-core CPU in one session (bytes 17,000 that day), scaled to 15,800
+        "bytes": ({**WINNER2, **BYTES}, (8e-3,), 15_800),
+        "bpe1024": ({**WINNER2, **bpe(1024)}, (8e-3,), 15_000),             # 0.95x
+        "bpe2048": ({**WINNER2, **bpe(2048)}, (6e-3, 8e-3, 1.2e-2), 14_100),  # 0.89x
+        "bpe4096": ({**WINNER2, **bpe(4096)}, (8e-3,), 11_350),             # 0.72x
+        "bpe2048_d128": ({**D128, **S128, **B16, **bpe(2048)}, (8e-3,), 9_400),   # 0.59x
+        "bpe2048_s256_b8": ({**D96, "data.seq_len": 256, "data.batch_size": 8, **bpe(2048)},
+                            (8e-3,), 11_700),   # 0.74x
+    },
+    "cpu_round6": {   # round 5's winner bpe4096 at 8e-3: rate, warmup, wider, more ids, MTP;
+                      # tokens/s relative to bpe4096 measured on the 2-core CPU in one session
+        "bpe4096": ({**WINNER2, **bpe(4096)}, (6e-3, 1.2e-2), 11_350),
+        "bpe4096_warmup200": ({**WINNER2, **bpe(4096), "optimizer.warmup_steps": 200}, (8e-3,),
+                              11_350),
+        "bpe8192": ({**WINNER2, **bpe(8192)}, (8e-3,), 8_840),                 # 0.78x
+        "bpe4096_d128": ({**D128, **S128, **B16, **bpe(4096)}, (8e-3,), 7_890),  # 0.70x
+        "bpe4096_mtp1": ({**WINNER2, **bpe(4096), "model.mtp_depth": 1}, (8e-3,), 7_750),  # 0.68x
+    },
 }
 
 
@@ -91,12 +119,23 @@ def members(round_name: str) -> dict[str, dict]:
   return result
 
 
+# What each round held fixed, so that a round re-runs as it ran whatever configs/default.py
+# says today: rounds 1-4 trained bytes with the optimizer defaults of their time; round 5
+# starts from round 4's winner.
+EARLY = {"data.tokenizer": "bytes", "model.vocab_size": 260, "optimizer.warmup_steps": 50,
+         "optimizer.b2": 0.95, "optimizer.final_lr_fraction": 0.1}
+WINNER4 = {"optimizer.warmup_steps": 400, "optimizer.b2": 0.99, "optimizer.final_lr_fraction": 0.0}
+FIXED_OF_ROUND = {"cpu": EARLY, "cpu_round2": EARLY, "cpu_round3": EARLY, "cpu_round4": EARLY,
+                  "cpu_round5": WINNER4, "cpu_round6": WINNER4}
+
+
 def get_sweep(size: str) -> Sweep:
   if size not in ROUNDS:
     raise ValueError(f"the sizes are {sorted(ROUNDS)} (step counts fitted to the 2-core CPU)")
   base = {"model.mtp_depth": 0, "train.sample_tokens": 0,
-          "train.eval_batches": 8 if size == "cpu" else 0}
+          "train.eval_batches": 8 if size == "cpu" else 0, **FIXED_OF_ROUND[size]}
   return Sweep("default_run", "configs/default.py", base, members(size),
-               f"Which shape, learning rate, batch, dispatch, MTP and optimizer setting give "
+               f"Which shape, learning rate, batch, dispatch, MTP, optimizer setting and "
+               f"tokenizer give "
                f"the lowest validation bits per byte in {SECONDS_OF_ROUND[size]} s of training "
                f"on the 2-core CPU (the budget of `make train`)?")

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from moe_jax import data, routing, steps
+from moe_jax import tokenizer as tokenization
 from moe_jax.checkpoint import Checkpointer, abstract_like
 from moe_jax.layers.moe import MoE
 from moe_jax.metrics import read_jsonl
@@ -94,11 +95,18 @@ def train_tiny(workdir, arg: str = "tiny", **train_overrides) -> Path:
   return workdir
 
 
+def run_corpus(run: Run) -> data.Corpus:
+  """The run's corpus, tokenized as the run tokenized it (a BPE from its workdir)."""
+  d = run.config.data
+  return data.load_corpus(d.source, d.path, d.token_dtype, d.validation_percent,
+                          run.config.model.vocab_size, d.get("tokenizer", "bytes"),
+                          run.workdir / data.TOKENIZER_FILE)
+
+
 def validation_batches(run: Run, num_batches: int, batch_size: int | None = None) -> np.ndarray:
   """[num_batches * batch, S + 1] token windows from the start of the run's validation split."""
   d = run.config.data
-  corpus = data.load_corpus(d.source, d.path, d.token_dtype, d.validation_percent,
-                            run.config.model.vocab_size)
+  corpus = run_corpus(run)
   windows = data.Windows(corpus.validation, d.seq_len, "validation")
   return np.concatenate(list(data.evaluation_batches(windows, num_batches, batch_size or d.batch_size,
                                                      0, 1)))
@@ -227,13 +235,13 @@ def stream_categories(tokens: np.ndarray) -> np.ndarray:
   (the stdlib corpus); BOS and other special ids are "other"."""
   tokens = np.asarray(tokens)
   out = np.full(len(tokens), _CATEGORY["other"], np.int8)
-  starts = np.flatnonzero(tokens == data.BOS_ID)
+  starts = np.flatnonzero(tokens == tokenization.BYTE_BOS_ID)
   bounds = list(starts) + [len(tokens)]
   if len(starts) == 0 or starts[0] != 0:
     bounds = [-1] + bounds     # the stream starts in the middle of a file
   for begin, end in zip(bounds[:-1], bounds[1:]):
     piece = tokens[begin + 1:end]
-    if len(piece) and piece.max() < data.NUM_BYTE_IDS:
+    if len(piece) and piece.max() < 256:
       out[begin + 1:end] = python_byte_categories(piece.astype(np.uint8).tobytes())
   return out
 
@@ -242,10 +250,10 @@ def categorized_validation(run: Run, num_windows: int) -> tuple[np.ndarray, np.n
   """(tokens [N, S], categories [N, S]): the first validation windows' inputs and the category
   of each of their bytes (a Python byte corpus, like the default stdlib one)."""
   d = run.config.data
-  corpus = data.load_corpus(d.source, d.path, d.token_dtype, d.validation_percent,
-                            run.config.model.vocab_size)
-  if not corpus.is_bytes:
-    raise ValueError("token categories need a byte corpus of Python files (data.source 'stdlib')")
+  corpus = run_corpus(run)
+  if corpus.tokenizer is None or corpus.tokenizer.kind != "bytes":
+    raise ValueError("token categories need a byte corpus of Python files (data.source 'stdlib', "
+                     "data.tokenizer 'bytes')")
   categories = stream_categories(corpus.validation)
   windows = data.Windows(corpus.validation, d.seq_len, "validation")
   count = min(num_windows, len(windows))

@@ -6,7 +6,8 @@
 import difflib
 import math
 
-from moe_jax import data, parallel
+from moe_jax import parallel
+from moe_jax import tokenizer as tokenization
 from moe_jax.dispatch import DISPATCHERS
 from moe_jax.dispatch.expert_parallel import VARIANTS as EP_VARIANTS
 from moe_jax.layers.attention import QK_NORMS
@@ -20,7 +21,8 @@ _MODEL_EXTRA = {"bias_update_rate": float, "bias_update_rule": str, "bias_freeze
                 "mtp_loss_weight": float, "mtp_loss_weight_final": float,
                 "mtp_weight_switch_fraction": float}
 FIELDS: dict[str, dict[str, type]] = {
-    "data": {"source": str, "path": str, "token_dtype": str, "validation_percent": int,
+    "data": {"source": str, "path": str, "tokenizer": str, "token_dtype": str,
+             "validation_percent": int,
              "seq_len": int, "batch_size": int, "shuffle_seed": int},
     "model": {**ModelSpec.__annotations__, **_MODEL_EXTRA},
     "optimizer": {"learning_rate": float, "warmup_steps": int, "final_lr_fraction": float,
@@ -265,10 +267,15 @@ def _problems(config, num_devices: int, backend: str) -> list[str]:
     for name in ("bias_update_rate", "switch_loss_alpha", "sequence_loss_alpha"):
       need(m[name] == 0, f"model.{name}={m[name]} has no effect with model.router='expert_choice' "
                          f"(balanced by construction): set it to 0")
+  need(d.tokenizer in tokenization.KINDS,
+       f"data.tokenizer={d.tokenizer!r} is unknown; choose from {list(tokenization.KINDS)}")
   if d.source in ("stdlib", "text"):
-    need(m.vocab_size >= data.MIN_BYTE_VOCAB,
-         f"model.vocab_size={m.vocab_size} is too small for byte tokens: needs >= "
-         f"{data.MIN_BYTE_VOCAB} (256 bytes + pad + bos)")
+    need(m.vocab_size >= tokenization.MIN_VOCAB,
+         f"model.vocab_size={m.vocab_size} is too small for data.tokenizer={d.tokenizer!r}: "
+         f"needs >= {tokenization.MIN_VOCAB} (256 bytes + pad + bos)")
+  need(d.source != "tokens" or d.tokenizer == "bytes",
+       f"data.tokenizer={d.tokenizer!r} does nothing with data.source='tokens' (the file holds "
+       f"token ids already): leave data.tokenizer at 'bytes'")
 
   need(d.source in ("stdlib", "text", "tokens"),
        f"data.source={d.source!r} is unknown; choose from ['stdlib', 'text', 'tokens']")

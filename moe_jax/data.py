@@ -1,4 +1,4 @@
-"""Corpora, the byte tokenizer and grain pipelines.
+"""Corpora, their tokenization and grain pipelines.
 
 Three sources, one shape of result (`Corpus`: a train and a validation token stream plus a
 manifest that identifies the data exactly):
@@ -6,8 +6,8 @@ manifest that identifies the data exactly):
     `sysconfig`), the embedded default corpus: every machine with Python has it.
   * "text": a user's text files, a directory (searched recursively) or a glob.
   * "tokens": a pre-tokenized binary file of uint16 or uint32 ids, read through a memmap.
-Text is tokenized as bytes: ids 0-255 are the bytes, then PAD_ID and BOS_ID (one BOS starts
-every file). Files split into train/validation by a hash of their relative path, so the split
+Text is tokenized by `data.tokenizer` (moe_jax/tokenizer.py: raw bytes, or a byte-level BPE
+learned from the training split and kept in the workdir); one BOS starts every file. Files split into train/validation by a hash of their relative path, so the split
 does not move when files are added. Training windows of seq_len + 1 tokens come through a grain
 pipeline, sharded by process, shuffled per epoch; its iterator state is a small dict saved
 with every checkpoint.
@@ -26,10 +26,10 @@ from typing import Iterator
 import grain
 import numpy as np
 
-NUM_BYTE_IDS = 256
-PAD_ID = 256
-BOS_ID = 257
-MIN_BYTE_VOCAB = 258
+from moe_jax import tokenizer as tokenization
+from moe_jax.tokenizer import Tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"   # a BPE run's tokenizer, in its workdir
 
 
 class DataError(ValueError):
@@ -40,8 +40,8 @@ class DataError(ValueError):
 class Corpus:
   train: np.ndarray          # 1-D token ids
   validation: np.ndarray     # 1-D token ids
-  manifest: dict             # what the data is: source, sizes, content hash
-  is_bytes: bool             # ids are bytes (bits per byte is meaningful)
+  manifest: dict             # what the data is: source, sizes, content hash, tokenizer
+  tokenizer: Tokenizer | None  # text corpora; None for token files (no bits per byte)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,10 +153,9 @@ def _refuse_binary(path: Path, content: bytes) -> None:
                     f"or use data.source='tokens' for a file of token ids")
 
 
-def _tokenize_files(named_files: list[tuple[str, Path]], digest,
-                    refuse_binary: bool) -> tuple[np.ndarray, int]:
-  """BOS + bytes for each file, concatenated; feeds names and contents into `digest`."""
-  pieces, num_bytes = [], 0
+def _read_files(named_files: list[tuple[str, Path]], digest, refuse_binary: bool) -> list[bytes]:
+  """Each file's bytes; feeds names and contents into `digest`."""
+  contents = []
   for relative, path in named_files:
     try:
       content = path.read_bytes()
@@ -165,29 +164,70 @@ def _tokenize_files(named_files: list[tuple[str, Path]], digest,
     if refuse_binary:
       _refuse_binary(path, content)
     digest.update(relative.encode() + b"\0" + content + b"\0")
-    pieces.append(np.array([BOS_ID], np.uint16))
-    pieces.append(np.frombuffer(content, np.uint8).astype(np.uint16))
-    num_bytes += len(content)
-  return np.concatenate(pieces) if pieces else np.zeros((0,), np.uint16), num_bytes
+    contents.append(content)
+  return contents
 
 
-def load_text_corpus(root: Path, files: list[Path], validation_percent: int, source: str) -> Corpus:
+def _token_stream(contents: list[bytes], tokenizer: Tokenizer) -> np.ndarray:
+  """BOS + the tokens of each file, concatenated."""
+  dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+  pieces = []
+  for ids in tokenizer.encode_many(contents):
+    pieces += [np.array([tokenizer.bos_id], dtype), ids.astype(dtype)]
+  return np.concatenate(pieces) if pieces else np.zeros((0,), dtype)
+
+
+def make_tokenizer(kind: str, vocab_size: int, train_files: list[bytes],
+                   saved: Path | None) -> Tokenizer:
+  """The `data.tokenizer` of a run: bytes, the BPE saved in its workdir (a resumed run), or a
+  BPE learned from the training files."""
+  if kind not in tokenization.KINDS:
+    raise DataError(f"data.tokenizer={kind!r}: expected one of {list(tokenization.KINDS)}")
+  saved = saved if saved is not None and saved.exists() else None
+  if kind == "bytes":
+    if saved:
+      raise DataError(f"the workdir holds a BPE tokenizer ({saved}) but data.tokenizer='bytes': "
+                      f"set data.tokenizer='bpe' to resume this run, or use a new --workdir")
+    return tokenization.byte_tokenizer()
+  if not saved:
+    return tokenization.train_bpe(train_files, vocab_size)
+  try:
+    tokenizer = tokenization.load_bpe(saved)
+  except tokenization.TokenizerError as error:
+    raise DataError(str(error)) from None
+  if tokenizer.vocab_size > vocab_size:
+    raise DataError(f"the workdir's tokenizer ({saved}) has {tokenizer.vocab_size} ids, more "
+                    f"than model.vocab_size={vocab_size}")
+  return tokenizer
+
+
+def load_text_corpus(root: Path, files: list[Path], validation_percent: int, source: str,
+                     tokenizer: str = "bytes", vocab_size: int = tokenization.MIN_VOCAB,
+                     saved_tokenizer: Path | None = None) -> Corpus:
   train_files, validation_files = split_by_file(root, files, validation_percent)
   digest = hashlib.sha256()
   refuse_binary = source == "text"   # the embedded corpus is known text
-  train, train_bytes = _tokenize_files(train_files, digest, refuse_binary)
-  validation, validation_bytes = _tokenize_files(validation_files, digest, refuse_binary)
+  train_contents = _read_files(train_files, digest, refuse_binary)
+  validation_contents = _read_files(validation_files, digest, refuse_binary)
+  train_bytes = sum(map(len, train_contents))
+  validation_bytes = sum(map(len, validation_contents))
   if train_bytes + validation_bytes == 0:
     raise DataError(f"the {len(files)} files under {root} are all empty")
+  chosen = make_tokenizer(tokenizer, vocab_size, train_contents, saved_tokenizer)
+  train = _token_stream(train_contents, chosen)
+  validation = _token_stream(validation_contents, chosen)
   manifest = {
       "source": source, "root": str(root),
       "python_version": sys.version.split()[0],
       "file_count": len(files), "bytes": train_bytes + validation_bytes,
       "train_files": len(train_files), "validation_files": len(validation_files),
+      "train_bytes": train_bytes, "validation_bytes": validation_bytes,
       "train_tokens": int(train.size), "validation_tokens": int(validation.size),
       "sha256": digest.hexdigest(),
+      "tokenizer": {"kind": chosen.kind, "vocab_size": chosen.vocab_size,
+                    "sha256": chosen.digest},
   }
-  return Corpus(train, validation, manifest, is_bytes=True)
+  return Corpus(train, validation, manifest, chosen)
 
 
 def load_token_file(path: str, dtype: str, validation_percent: int, vocab_size: int) -> Corpus:
@@ -214,24 +254,42 @@ def load_token_file(path: str, dtype: str, validation_percent: int, vocab_size: 
               "python_version": sys.version.split()[0], "file_count": 1, "bytes": size,
               "train_tokens": cut, "validation_tokens": len(tokens) - cut,
               "sha256": digest.hexdigest()}
-  return Corpus(tokens[:cut], tokens[cut:], manifest, is_bytes=False)
+  return Corpus(tokens[:cut], tokens[cut:], manifest, None)
 
 
 def load_corpus(source: str, path: str, token_dtype: str, validation_percent: int,
-                vocab_size: int) -> Corpus:
-  """Loads the configured corpus; raises DataError with the reason when it cannot be used."""
+                vocab_size: int, tokenizer: str = "bytes",
+                saved_tokenizer: Path | None = None) -> Corpus:
+  """Loads the configured corpus; raises DataError with the reason when it cannot be used.
+
+  Text is tokenized by `tokenizer` ("bytes" or "bpe"); a BPE is read from `saved_tokenizer`
+  when that file exists (a run's workdir), else learned from the training split."""
+  if source == "tokens":
+    return load_token_file(path, token_dtype, validation_percent, vocab_size)
   if source == "stdlib":
     root = stdlib_root()
     files = stdlib_files(root)
     if not files:
       raise DataError(f"no .py files under the standard library at {root}")
-    return load_text_corpus(root, files, validation_percent, "stdlib")
-  if source == "text":
+  elif source == "text":
     root, files = text_files(path)
-    return load_text_corpus(root, files, validation_percent, "text")
+  else:
+    raise DataError(f"data.source={source!r}: expected 'stdlib', 'text' or 'tokens'")
+  return load_text_corpus(root, files, validation_percent, source, tokenizer, vocab_size,
+                          saved_tokenizer)
+
+
+def run_tokenizer(source: str, tokenizer: str, workdir: Path) -> Tokenizer | None:
+  """The tokenizer a finished or running run in `workdir` used (None: it read token ids)."""
   if source == "tokens":
-    return load_token_file(path, token_dtype, validation_percent, vocab_size)
-  raise DataError(f"data.source={source!r}: expected 'stdlib', 'text' or 'tokens'")
+    return None
+  if tokenizer == "bytes":
+    return tokenization.byte_tokenizer()
+  try:
+    return tokenization.load_bpe(workdir / TOKENIZER_FILE)
+  except (OSError, tokenization.TokenizerError) as error:
+    raise DataError(f"{workdir / TOKENIZER_FILE}: the run's tokenizer cannot be read "
+                    f"({getattr(error, 'strerror', None) or error})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,12 +344,3 @@ def evaluation_batches(windows: Windows, num_batches: int, batch_per_process: in
   for b in range(num_batches):
     indices = (np.arange(global_batch) + b * global_batch) % len(windows)
     yield np.stack([windows[i] for i in indices[first:first + batch_per_process]])
-
-
-def decode_bytes(ids) -> str:
-  """Byte ids back to text; special ids are dropped, invalid UTF-8 is replaced."""
-  return bytes(int(i) for i in ids if 0 <= int(i) < NUM_BYTE_IDS).decode("utf-8", "replace")
-
-
-def encode_bytes(text: str) -> np.ndarray:
-  return np.frombuffer(text.encode(), np.uint8).astype(np.int32)

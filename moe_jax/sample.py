@@ -4,20 +4,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax import data
+from moe_jax.tokenizer import Tokenizer
 from moe_jax.generate import decoding_model
 
 
-def sample_text(graphdef, params, biases, prompt: str, num_tokens: int, context: int,
-                temperature: float = 0.8, seed: int = 0) -> str:
-  """Continues `prompt` by `num_tokens` byte tokens, re-reading a fixed window each step.
+def sample_text(graphdef, params, biases, tokenizer: Tokenizer, prompt: str, num_tokens: int,
+                context: int, temperature: float = 0.8, seed: int = 0) -> str:
+  """Continues `prompt` by `num_tokens` tokens, re-reading a fixed window each step.
 
   Routing during sampling must not let later (not yet written) positions push earlier tokens
   out of an expert, so every MoE layer gets room for all tokens (capacity = sequence length);
   a single sequence does not split over devices, so expert parallelism is off.
   """
   model = decoding_model(graphdef, params, biases)
-  prompt_ids = np.concatenate([[data.BOS_ID], data.encode_bytes(prompt)]).astype(np.int32)
+  prompt_ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(prompt.encode())])
+  prompt_ids = prompt_ids.astype(np.int32)
   length = min(context, len(prompt_ids) + num_tokens)
   prompt_ids = prompt_ids[:length - 1]
   start = len(prompt_ids)
@@ -34,4 +35,4 @@ def sample_text(graphdef, params, biases, prompt: str, num_tokens: int, context:
     return jax.lax.fori_loop(start, length, body, (buffer, key))[0]
 
   out = generate(buffer, jax.random.key(seed))
-  return data.decode_bytes(np.asarray(out[0]))
+  return tokenizer.text(np.asarray(out[0]))

@@ -154,23 +154,26 @@ def train_step(state: TrainState, tokens, *, graphdef, tx, bias_update_rate: flo
   return TrainState(state.step + 1, params, biases, opt_state), metrics
 
 
-def eval_step(state: TrainState, tokens, *, graphdef, byte_limit: int):
-  """Sums over one batch: cross-entropy, targets, byte targets, and expert counts per layer."""
+def eval_step(state: TrainState, tokens, *, graphdef, byte_counts=None):
+  """Sums over one batch: cross-entropy, targets, the bytes the targets stand for (with the
+  tokenizer's `byte_counts`, int32[vocab]), and expert counts per layer."""
   inputs, targets = split_batch(tokens)
   logits, stats = forward(graphdef, state.params, state.biases, inputs)
   nats = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  sums = {"nats": jnp.sum(nats), "targets": jnp.asarray(targets.size, jnp.float32),
-          "byte_targets": jnp.sum(targets < byte_limit).astype(jnp.float32)}
+  sums = {"nats": jnp.sum(nats), "targets": jnp.asarray(targets.size, jnp.float32)}
+  if byte_counts is not None:
+    sums["bytes"] = jnp.sum(jnp.asarray(byte_counts)[targets]).astype(jnp.float32)
   if stats is not None:
     sums["counts"] = stats.counts
   return sums
 
 
-def summarize_evaluation(sums: dict, is_bytes: bool) -> dict[str, float]:
-  """Validation loss, bits per byte (byte corpora: all nats over the byte count) and MaxVio."""
+def summarize_evaluation(sums: dict) -> dict[str, float]:
+  """Validation loss, bits per byte (text corpora: all nats over the bytes the targets stand
+  for, whatever the tokenizer) and MaxVio."""
   result = {"validation_loss": float(sums["nats"] / sums["targets"])}
-  if is_bytes:
-    result["validation_bits_per_byte"] = float(sums["nats"] / sums["byte_targets"] / math.log(2))
+  if "bytes" in sums:
+    result["validation_bits_per_byte"] = float(sums["nats"] / sums["bytes"] / math.log(2))
   if "counts" in sums:
     per_layer = [float(routing.max_violation(c)) for c in sums["counts"]]
     result["validation_max_violation"] = max(per_layer)

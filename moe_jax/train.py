@@ -69,8 +69,7 @@ def laid_out_state(config, mesh):
           shardings, rules)
 
 
-def evaluate(eval_fn, state, corpus_windows, num_batches, batch_per_process, mesh, batch_axes,
-             is_bytes):
+def evaluate(eval_fn, state, corpus_windows, num_batches, batch_per_process, mesh, batch_axes):
   """Runs the fixed validation batches and returns the summary metrics and per-layer counts."""
   totals = None
   for local in data.evaluation_batches(corpus_windows, num_batches, batch_per_process,
@@ -78,7 +77,7 @@ def evaluate(eval_fn, state, corpus_windows, num_batches, batch_per_process, mes
     sums = eval_fn(state, parallel.global_batch(local, mesh, batch_axes))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
-  return steps.summarize_evaluation(totals, is_bytes), totals.get("counts")
+  return steps.summarize_evaluation(totals), totals.get("counts")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -154,7 +153,8 @@ def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_stat
 def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrupt: bool) -> dict:
   is_chief = jax.process_index() == 0
   corpus = data.load_corpus(config.data.source, config.data.path, config.data.token_dtype,
-                            config.data.validation_percent, config.model.vocab_size)
+                            config.data.validation_percent, config.model.vocab_size,
+                            config.data.tokenizer, workdir / data.TOKENIZER_FILE)
   seq_len, batch_size = config.data.seq_len, config.data.batch_size
   train_windows = data.Windows(corpus.train, seq_len, "train")
   validation_windows = data.Windows(corpus.validation, seq_len, "validation")
@@ -201,18 +201,20 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     if is_chief:
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
       (workdir / "data_manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
+      if corpus.tokenizer and not (workdir / data.TOKENIZER_FILE).exists():
+        corpus.tokenizer.save(workdir / data.TOKENIZER_FILE)
 
     train_fn = jit_train_step(config, graphdef, tx, shardings)
     eval_fn = jax.jit(functools.partial(
         steps.eval_step, graphdef=graphdef,
-        byte_limit=data.NUM_BYTE_IDS if corpus.is_bytes else 2**31 - 1))
+        byte_counts=corpus.tokenizer.byte_counts if corpus.tokenizer else None))
     init_fn = jax.jit(lambda: steps.init_state(spec, tx, config.seed)[1], out_shardings=shardings)
     run_eval = functools.partial(evaluate, eval_fn, corpus_windows=validation_windows,
                                  num_batches=data.evaluation_batch_count(
                                      config.train.eval_batches, len(validation_windows),
                                      batch_size),
                                  batch_per_process=batch_per_process, mesh=mesh,
-                                 batch_axes=rules["batch"], is_bytes=corpus.is_bytes)
+                                 batch_axes=rules["batch"])
     loop = TrainingLoop(config, workdir, mesh, rules["batch"], train_fn, init_fn, run_eval,
                         checkpointer, iter(train_data), abstract_state, schedule, is_chief,
                         live, skip_corrupt, throughput.training_flops_per_token(spec, seq_len))
@@ -227,7 +229,7 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     if not last_eval:   # resumed at the end: evaluate the restored state
       last_eval, eval_counts = run_eval(loop.state)
     if is_chief:
-      _finish(config, workdir, graphdef, loop.state, corpus.is_bytes, eval_counts, last_eval)
+      _finish(config, workdir, graphdef, loop.state, corpus.tokenizer, eval_counts, last_eval)
     return last_eval
 
 
@@ -475,11 +477,12 @@ def log_line(step: int, steps: int, scalars: dict[str, float]) -> str:
   return " | ".join(parts)
 
 
-def _finish(config, workdir, graphdef, state, is_bytes, eval_counts, last_eval):
+def _finish(config, workdir, graphdef, state, tokenizer, eval_counts, last_eval):
   """The end-of-run artifacts: final metrics, a text sample and the expert-load plot."""
   (workdir / "final_metrics.json").write_text(json.dumps(last_eval, indent=2))
-  if is_bytes and config.train.sample_tokens:
-    text = sample_text(graphdef, state.params, state.biases, config.train.sample_prompt,
+  sample = tokenizer is not None and config.train.sample_tokens > 0
+  if sample:
+    text = sample_text(graphdef, state.params, state.biases, tokenizer, config.train.sample_prompt,
                        config.train.sample_tokens, config.data.seq_len, seed=config.seed)
     (workdir / "sample.txt").write_text(text)
     print("\n--- sample ---\n" + text + "\n--------------")
@@ -490,5 +493,6 @@ def _finish(config, workdir, graphdef, state, is_bytes, eval_counts, last_eval):
                      f"validation expert load, step {config.train.steps}")
   print(f"\nOutputs in {workdir.absolute()}: metrics.jsonl, routing.jsonl, tensorboard/, checkpoints/, "
         f"final_metrics.json, data_manifest.json"
-        + (", sample.txt" if is_bytes and config.train.sample_tokens else "")
+        + (f", {data.TOKENIZER_FILE}" if tokenizer and tokenizer.kind == "bpe" else "")
+        + (", sample.txt" if sample else "")
         + (", expert_load.png/.json" if eval_counts is not None else ""))

@@ -7,8 +7,9 @@ language model should clear.
 Prints what the corpus holds (for `stdlib`: how much of it is CPython's own test suite) and a
 table of gzip -9, bz2 -9 and xz -9e on (a) the whole validation split and (b) exactly the
 bytes the config's evaluation scores (its validation windows; with train.eval_batches = 0 all
-but the last part-batch). BOS markers between files are left out: compressors see the
-files' bytes back to back.
+but the last part-batch; with data.tokenizer='bpe' the windows hold more bytes). BOS markers
+between files are left out: compressors see the files' bytes back to back. The whole split's
+bytes do not depend on the tokenizer.
 """
 
 import argparse
@@ -41,10 +42,6 @@ def load_config(argument: str):
   return module.get_config(arg)
 
 
-def as_bytes(tokens: np.ndarray) -> bytes:
-  return np.asarray(tokens)[np.asarray(tokens) < data.NUM_BYTE_IDS].astype(np.uint8).tobytes()
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default=DEFAULT_CONFIG)
@@ -52,8 +49,8 @@ def main() -> None:
   config = load_config(args.config)
   d = config.data
   corpus = data.load_corpus(d.source, d.path, d.token_dtype, d.validation_percent,
-                            config.model.vocab_size)
-  if not corpus.is_bytes:
+                            config.model.vocab_size, d.tokenizer)
+  if corpus.tokenizer is None:
     sys.exit("error: the config's corpus is token ids, not bytes: bits per byte do not apply")
   m = corpus.manifest
   print(f"corpus: {m['source']} of Python {m['python_version']}, {m['file_count']:,} files, "
@@ -72,8 +69,9 @@ def main() -> None:
   windows = data.Windows(corpus.validation, d.seq_len, "validation")
   batches = data.evaluation_batch_count(config.train.eval_batches, len(windows), d.batch_size)
   scored = min(batches * d.batch_size, len(windows))   # windows the evaluation reads (no wrap)
+  as_bytes = corpus.tokenizer.decode   # BOS markers stand for no bytes
   parts = {"whole validation split": as_bytes(corpus.validation),
-           f"the evaluated windows ({batches} x {d.batch_size} x {d.seq_len})":
+           f"the evaluated windows ({batches} x {d.batch_size} x {d.seq_len} tokens)":
                as_bytes(corpus.validation[:scored * d.seq_len + 1])}
   print(f"\n| compressor | " + " | ".join(f"{name}: bits/byte" for name in parts) + " |")
   print("|---|" + "---|" * len(parts))

@@ -40,18 +40,22 @@ def main():
     parser.error("--top_p must be in (0, 1] and --temperature >= 0")
 
   run = analysis.load_run(args.workdir, args.step)
-  is_bytes = run.config.data.source in ("stdlib", "text")
+  d = run.config.data
+  try:
+    tokenizer = data.run_tokenizer(d.source, d.get("tokenizer", "bytes"), args.workdir)
+  except data.DataError as error:
+    sys.exit(f"error: {error}")
   if args.prompt_ids:
     ids = [int(i) for i in args.prompt_ids.split(",")]
-  elif is_bytes:
-    ids = [data.BOS_ID, *data.encode_bytes(args.prompt).tolist()]
+  elif tokenizer:
+    ids = [tokenizer.bos_id, *tokenizer.encode(args.prompt.encode()).tolist()]
   else:
     parser.error("this run reads token ids: give --prompt_ids")
   if max(ids) >= run.config.model.vocab_size:
     parser.error(f"a prompt id is outside the vocabulary of {run.config.model.vocab_size}")
   model = generate.decoding_model(run.graphdef, run.params, run.biases)
   prompt = np.asarray([ids], np.int32)
-  show = (lambda t: data.decode_bytes(t)) if is_bytes else (lambda t: ",".join(map(str, t)))
+  show = tokenizer.text if tokenizer else (lambda t: ",".join(map(str, t)))
   print(f"run {args.workdir} at step {run.step}; prompt of {len(ids)} tokens", flush=True)
   if args.speculative:
     result = generate.speculative_generate(model, prompt, args.max_new_tokens)
