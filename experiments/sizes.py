@@ -37,6 +37,8 @@ GPU = {
     "optimizer.learning_rate": 3e-3,
     "optimizer.b2": 0.95,                  # the studies' recipe, not the CPU default's
     "optimizer.final_lr_fraction": 0.1,
+    "data.tokenizer": "bytes",             # the studies' corpus, not the CPU default's BPE
+    "model.vocab_size": 260,
     "data.seq_len": 1024,
     "data.batch_size": 64,
     "train.steps": 5000,

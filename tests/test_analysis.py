@@ -7,6 +7,7 @@ import pytest
 
 from moe_jax import analysis, data, steps
 from moe_jax.analysis import CATEGORIES
+from moe_jax.tokenizer import BYTE_BOS_ID
 
 CODE = {c[0].upper(): i for i, c in enumerate(CATEGORIES)}   # K I W S C N P O
 CODE["_"] = CODE["W"]
@@ -35,7 +36,7 @@ def test_untokenizable_files_fall_back_to_character_classes():
 
 def test_stream_categories_follow_file_boundaries():
   first, second = b"x=1\n", b"# c\n"
-  stream = np.concatenate([[data.BOS_ID], list(first), [data.BOS_ID], list(second)])
+  stream = np.concatenate([[BYTE_BOS_ID], list(first), [BYTE_BOS_ID], list(second)])
   np.testing.assert_array_equal(analysis.stream_categories(stream),
                                 _codes("O" + "IPN_" + "O" + "CCC_"))
 

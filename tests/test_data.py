@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from moe_jax import data
+from moe_jax.tokenizer import BYTE_BOS_ID
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def test_stdlib_corpus_and_manifest(stdlib_corpus):
   assert 0.01 < m["validation_files"] / m["file_count"] < 0.15
   assert len(m["sha256"]) == 64
   json.dumps(m)
-  assert stdlib_corpus.train.max() <= data.BOS_ID and stdlib_corpus.is_bytes
+  assert stdlib_corpus.train.max() <= BYTE_BOS_ID and stdlib_corpus.tokenizer.kind == "bytes"
 
 
 def test_split_is_deterministic_and_disjoint(tmp_path):
@@ -47,8 +48,8 @@ def test_text_glob_tokenizes_bytes_with_bos(tmp_path):
   corpus = data.load_corpus("text", str(tmp_path / "*.md"), "uint16", 5, 260)
   assert corpus.manifest["file_count"] == 2
   everything = np.concatenate([corpus.train, corpus.validation])
-  assert (everything == data.BOS_ID).sum() == 2
-  texts = sorted(data.decode_bytes(chunk) for chunk in (corpus.train, corpus.validation))
+  assert (everything == BYTE_BOS_ID).sum() == 2
+  texts = sorted(corpus.tokenizer.text(chunk) for chunk in (corpus.train, corpus.validation))
   assert texts == ["hello", "wörld"]
 
 
@@ -56,7 +57,7 @@ def test_token_file(tmp_path):
   path = tmp_path / "tokens.bin"
   np.arange(1000, dtype=np.uint32).tofile(path)
   corpus = data.load_corpus("tokens", str(path), "uint32", 10, 1000)
-  assert len(corpus.train) == 900 and corpus.validation[0] == 900 and not corpus.is_bytes
+  assert len(corpus.train) == 900 and corpus.validation[0] == 900 and corpus.tokenizer is None
   with pytest.raises(data.DataError, match="holds id 999, but model.vocab_size=500"):
     data.load_corpus("tokens", str(path), "uint32", 10, 500)
   (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
