@@ -241,17 +241,19 @@ class Checkpointer:
     self._check_json(step, items, "config")
     return items["config"]
 
-  def check_model(self, step: int, model_config: dict) -> None:
-    """Raises CheckpointMismatch naming each model setting that differs from the checkpoint's."""
+  def check_model(self, step: int, settings: dict, defaults: dict) -> None:
+    """Raises CheckpointMismatch naming each of the model `settings` that differs from the
+    checkpoint's; a setting its config lacks (written before the field existed) takes its
+    value from `defaults`."""
     saved_model = self.saved_config(step).get("model", {})
-    differing = sorted(k for k in set(model_config) | set(saved_model)
-                       if saved_model.get(k) != model_config.get(k))
+    saved = {k: saved_model.get(k, defaults[k]) for k in settings}
+    differing = sorted(k for k in settings if saved[k] != settings[k])
     if differing:
-      details = ", ".join(f"model.{k}: {saved_model.get(k)!r} in the checkpoint, "
-                          f"{model_config.get(k)!r} now" for k in differing)
+      details = ", ".join(f"model.{k}: {saved[k]!r} in the checkpoint, {settings[k]!r} now"
+                          for k in differing)
       raise CheckpointMismatch(
-          f"the checkpoint at step {step} in {self.directory} was made with other model "
-          f"settings ({details}); use a new --workdir or the checkpoint's settings")
+          f"the checkpoint at step {step} in {self.directory} was made by a model of another "
+          f"shape ({details}); use a new --workdir or the checkpoint's settings")
 
   def restore(self, step: int, abstract_state):
     """(state, data iterator state, loop state) at `step`, each checked against the

@@ -99,22 +99,20 @@ def _gqa_fields(family: str, hf: dict) -> dict:
       qk_norm={"qwen3_moe": "per_head", "olmoe": "whole"}.get(family, "none"),
       dense_mlp_dim=hf["intermediate_size"], num_routed_experts=experts,
       num_shared_experts=shared // expert_dim, shared_expert_gate=bool(shared),
-      expert_dim=expert_dim, top_k=hf["num_experts_per_tok"], router="softmax", route_scale=1.0,
-      norm_topk_prob=True if family == "mixtral" else bool(hf.get("norm_topk_prob", False)),
-      num_groups=1, topk_groups=1, group_score="top2_sum")
+      expert_dim=expert_dim, top_k=hf["num_experts_per_tok"], router="softmax",
+      norm_topk_prob=True if family == "mixtral" else bool(hf.get("norm_topk_prob", False)))
 
 
 def spec_from_hf_config(hf: dict, mtp_depth: int = 0) -> ModelSpec:
-  """The ModelSpec of a Hugging Face config (dict of config.json)."""
+  """The ModelSpec of a Hugging Face config (dict of config.json): what the family sets; the
+  rest (float32 compute, no expert parallelism, no balancing losses) are ModelSpec defaults."""
   family = hf.get("model_type")
   if family not in FAMILIES:
     raise ImportError_(f"model_type {family!r} is not supported; supported: {list(FAMILIES)}")
   common = dict(
       vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
       num_heads=hf["num_attention_heads"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      compute_dtype="float32", capacity_factor=1.0, dispatcher="dropless",
-      expert_parallel="none", expert_parallel_chunks=1, switch_loss_alpha=0.0,
-      sequence_loss_alpha=0.0, z_loss_coef=0.0, mtp_depth=mtp_depth, **_rope_fields(hf))
+      capacity_factor=1.0, dispatcher="dropless", mtp_depth=mtp_depth, **_rope_fields(hf))
   if family in GQA_FAMILIES:
     return ModelSpec(**common, **_gqa_fields(family, hf))
   is_v3 = family == "deepseek_v3"
@@ -122,7 +120,6 @@ def spec_from_hf_config(hf: dict, mtp_depth: int = 0) -> ModelSpec:
   return ModelSpec(
       **common, num_dense_layers=hf.get("first_k_dense_replace", 0), attention="mla",
       num_kv_heads=hf["num_attention_heads"], head_dim=hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"],
-      qkv_bias=False, qk_norm="none", shared_expert_gate=False,
       q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
       qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
       v_head_dim=hf["v_head_dim"], dense_mlp_dim=hf["intermediate_size"],

@@ -22,60 +22,76 @@ from moe_jax.layers.rope import Rope
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTIONS = ("gqa", "mla")
+PARAMETER_FIELDS = ("vocab_size", "d_model", "num_layers", "num_dense_layers", "attention",
+                    "num_heads", "num_kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "qkv_bias", "qk_norm",
+                    "dense_mlp_dim", "num_routed_experts", "num_shared_experts",
+                    "shared_expert_gate", "expert_dim", "mtp_depth")
 
 
 class ModelSpec(NamedTuple):
-  """The model's shape and routing choices, the only values the model reads from a config."""
+  """The model's shape and routing choices, the only values the model reads from a config.
 
-  vocab_size: int
-  d_model: int
-  num_layers: int
-  num_dense_layers: int
-  attention: str
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  q_lora_rank: int
-  kv_lora_rank: int
-  qk_nope_head_dim: int
-  qk_rope_head_dim: int
-  v_head_dim: int
-  qkv_bias: bool
-  qk_norm: str
-  rope_theta: float
-  rope_scaling: str
-  rope_factor: float
-  rope_original_max_len: int
-  yarn_beta_fast: float
-  yarn_beta_slow: float
-  yarn_mscale: float
-  yarn_mscale_all_dim: float
-  dense_mlp_dim: int
-  norm_eps: float
-  compute_dtype: str
-  num_routed_experts: int
-  num_shared_experts: int
-  shared_expert_gate: bool
-  expert_dim: int
-  top_k: int
-  router: str
-  route_scale: float
-  norm_topk_prob: bool
-  num_groups: int
-  topk_groups: int
-  group_score: str
-  dispatcher: str
-  capacity_factor: float
-  expert_parallel: str
-  expert_parallel_chunks: int
-  switch_loss_alpha: float
-  sequence_loss_alpha: float
-  z_loss_coef: float
-  mtp_depth: int
+  The defaults are a small DeepSeek-style model with every optional feature off (no q/k/v
+  bias or norm, no YaRN, no gated shared expert, no MTP), so a field added later takes, in an
+  older checkpoint's config, the value that reproduces the older model."""
+
+  vocab_size: int = 4096
+  d_model: int = 96
+  num_layers: int = 4
+  num_dense_layers: int = 1
+  attention: str = "gqa"
+  num_heads: int = 3
+  num_kv_heads: int = 1
+  head_dim: int = 32
+  q_lora_rank: int = 0
+  kv_lora_rank: int = 64
+  qk_nope_head_dim: int = 32
+  qk_rope_head_dim: int = 16
+  v_head_dim: int = 32
+  qkv_bias: bool = False
+  qk_norm: str = "none"
+  rope_theta: float = 10_000.0
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_original_max_len: int = 4096
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
+  yarn_mscale: float = 1.0
+  yarn_mscale_all_dim: float = 1.0
+  dense_mlp_dim: int = 288
+  norm_eps: float = 1e-6
+  compute_dtype: str = "float32"
+  num_routed_experts: int = 16
+  num_shared_experts: int = 1
+  shared_expert_gate: bool = False
+  expert_dim: int = 64
+  top_k: int = 2
+  router: str = "sigmoid"
+  route_scale: float = 1.0
+  norm_topk_prob: bool = True
+  num_groups: int = 1
+  topk_groups: int = 1
+  group_score: str = "top2_sum"
+  dispatcher: str = "capacity"
+  capacity_factor: float = 1.25
+  expert_parallel: str = "none"
+  expert_parallel_chunks: int = 1
+  switch_loss_alpha: float = 0.0
+  sequence_loss_alpha: float = 0.0
+  z_loss_coef: float = 0.0
+  mtp_depth: int = 0
 
   @classmethod
   def from_config(cls, model_config) -> "ModelSpec":
     return cls(**{name: model_config[name] for name in cls._fields})
+
+  def parameter_settings(self) -> dict:
+    """The fields that can change which parameters exist or their shapes (tested against the
+    model: every other field leaves them unchanged). A checkpoint is checked against these
+    only, so a run resumes after changing how it computes: dispatch, expert parallelism,
+    compute dtype, routing rules, loss weights."""
+    return {name: getattr(self, name) for name in PARAMETER_FIELDS}
 
   @property
   def rope(self) -> Rope:

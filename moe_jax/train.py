@@ -124,15 +124,15 @@ def _lock(workdir: Path, is_chief: bool) -> WorkdirLock | None:
 
 
 def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_state,
-                            model_config: dict | None, skip_corrupt: bool, say):
+                            spec: ModelSpec | None, skip_corrupt: bool, say):
   """(step, restored state) of the newest checkpoint at or before `step` that verifies (0 and
   None: the initial state). A corrupt one raises CheckpointCorrupt, or with `skip_corrupt` is
-  moved to corrupt_checkpoints/ and the next older one is tried; `model_config` (when given)
-  must match each checkpoint's."""
+  moved to corrupt_checkpoints/ and the next older one is tried; the parameter-shaping
+  settings of `spec` (when given) must match each checkpoint's."""
   while step:
     try:
-      if model_config is not None:
-        checkpointer.check_model(step, model_config)
+      if spec is not None:
+        checkpointer.check_model(step, spec.parameter_settings(), ModelSpec._field_defaults)
       return step, checkpointer.restore(step, abstract_state)
     except CheckpointCorrupt as error:
       if not skip_corrupt:
@@ -192,8 +192,8 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     start_step, resumed = 0, None
     if resuming:
       start_step, resumed = restore_newest_verified(
-          checkpointer, checkpointer.latest_step() or 0, abstract_state,
-          config.model.to_dict(), skip_corrupt, print)
+          checkpointer, checkpointer.latest_step() or 0, abstract_state, spec, skip_corrupt,
+          print)
     if start_step > config.train.steps:
       raise ConfigError(f"invalid config:\n  - train.steps={config.train.steps} is below the "
                         f"step of the workdir's newest checkpoint ({start_step}); raise it, or "

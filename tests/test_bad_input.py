@@ -187,7 +187,7 @@ OTHER_MODELS = {
     "more experts": ({"model__num_routed_experts": 16}, "model.num_routed_experts: 8 in the checkpoint, 16 now"),
     "deeper": ({"model__num_layers": 3}, "model.num_layers: 2 in the checkpoint, 3 now"),
     "other vocabulary": ({"model__vocab_size": 300}, "model.vocab_size: 260 in the checkpoint, 300 now"),
-    "other router": ({"model__router": "softmax"}, "model.router: 'sigmoid' in the checkpoint, 'softmax' now"),
+    "an MTP module": ({"model__mtp_depth": 1}, "model.mtp_depth: 0 in the checkpoint, 1 now"),
 }
 
 

@@ -1,0 +1,161 @@
+"""Which settings a checkpoint is checked against: only those that shape the parameters
+(`ModelSpec.parameter_settings`), so a run resumes after changing how it computes."""
+
+import jax
+import pytest
+from flax import nnx
+
+from moe_jax.model import PARAMETER_FIELDS, ModelSpec, Transformer
+from moe_jax.steps import BalancingBias
+
+SMALL = ModelSpec(vocab_size=64, d_model=32, num_layers=3, num_heads=2, num_kv_heads=1,
+                  head_dim=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                  v_head_dim=8, dense_mlp_dim=48, num_routed_experts=8, expert_dim=16)
+VARIANTS = {
+    "gqa": SMALL,
+    "gqa, biases, per-head norms, gated shared expert, MTP":
+        SMALL._replace(qkv_bias=True, qk_norm="per_head", shared_expert_gate=True, mtp_depth=1),
+    "mla": SMALL._replace(attention="mla"),
+    "mla with a query latent": SMALL._replace(attention="mla", q_lora_rank=16),
+}
+# Another valid value of each field (valid in every variant above).
+OTHER = {
+    "vocab_size": 80, "d_model": 48, "num_layers": 4, "num_dense_layers": 2, "attention": "mla",
+    "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "q_lora_rank": 8, "kv_lora_rank": 24,
+    "qk_nope_head_dim": 16, "qk_rope_head_dim": 4, "v_head_dim": 16, "qkv_bias": True,
+    "qk_norm": "whole", "dense_mlp_dim": 40, "num_routed_experts": 4, "num_shared_experts": 2,
+    "shared_expert_gate": True, "expert_dim": 24, "mtp_depth": 2,
+    "rope_theta": 500.0, "rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max_len": 16,
+    "yarn_beta_fast": 16.0, "yarn_beta_slow": 2.0, "yarn_mscale": 0.7, "yarn_mscale_all_dim": 0.5,
+    "norm_eps": 1e-5, "compute_dtype": "bfloat16", "top_k": 1, "router": "softmax",
+    "route_scale": 2.5, "norm_topk_prob": False, "num_groups": 2, "topk_groups": 2,
+    "group_score": "max", "dispatcher": "dropless", "capacity_factor": 2.0,
+    "expert_parallel": "all_gather", "expert_parallel_chunks": 2, "switch_loss_alpha": 0.01,
+    "sequence_loss_alpha": 0.001, "z_loss_coef": 0.001,
+}
+
+
+def parameter_layout(spec: ModelSpec):
+  """Every parameter's and balancing bias's path, shape and dtype, computing nothing."""
+  model = nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=0)))
+  _, params, biases = nnx.split(model, nnx.Param, BalancingBias)
+  leaves = jax.tree_util.tree_leaves_with_path((params, biases))
+  return {jax.tree_util.keystr(path): (leaf.shape, str(leaf.dtype)) for path, leaf in leaves}
+
+
+def test_other_values_cover_every_field():
+  assert set(OTHER) == set(ModelSpec._fields)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fields_outside_the_parameter_settings_leave_every_parameter_as_it_was(variant):
+  spec = VARIANTS[variant]
+  layout = parameter_layout(spec)
+  for field in sorted(set(ModelSpec._fields) - set(PARAMETER_FIELDS)):
+    assert parameter_layout(spec._replace(**{field: OTHER[field]})) == layout, field
+
+
+def test_each_parameter_setting_changes_the_parameters_of_some_model():
+  for field in PARAMETER_FIELDS:
+    changes = [name for name, spec in VARIANTS.items()
+               if parameter_layout(spec._replace(**{field: OTHER[field]})) != parameter_layout(spec)]
+    assert changes, f"{field} changes no parameter of any variant: it need not be checked"
+
+
+# ---- resuming after execution changes, on 8 simulated devices --------------------------------
+
+CHANGES = {   # from capacity dispatch on a data-only mesh of 8, replicated experts, float32
+    "data x expert mesh, all_to_all": {"model.expert_parallel": "all_to_all", "mesh.data": 2,
+                                       "mesh.expert": 4, "sharding.experts": "expert"},
+    "dropless": {"model.dispatcher": "dropless"},
+    "bf16 and a new bias rate": {"model.compute_dtype": "bfloat16", "model.bias_update_rate": 0.05},
+}
+
+
+def _config(changes=None):
+  from configs.default import get_config
+  config = get_config("tiny,steps=11")
+  config.model.capacity_factor = 8.0   # room for every token: the dispatchers compute alike
+  config.train.update(log_every=1, eval_every=100, checkpoint_every=10, sample_tokens=0)
+  config.optimizer.warmup_steps = 2
+  for key, value in (changes or {}).items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
+
+
+def _state(workdir, step):
+  from moe_jax.checkpoint import Checkpointer
+  return Checkpointer(workdir / "checkpoints", 2).manager.restore(step)["state"]
+
+
+def _losses(workdir):
+  import json
+  return {r["step"]: r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl"))
+          if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def ten_steps(tmp_path_factory):
+  """A run stopped at step 10 (its checkpoint), and the same run continued to step 11."""
+  import shutil
+  from moe_jax.train import train_and_evaluate
+  root = tmp_path_factory.mktemp("resume")
+  train_and_evaluate(_config(), root / "ten", stop_after_step=10)
+  shutil.copytree(root / "ten", root / "straight")
+  train_and_evaluate(_config(), root / "straight")
+  return root
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_run_resumes_after_an_execution_change(ten_steps, tmp_path, change):
+  """Step, parameters, optimizer state, balancing biases and data position all continue: step
+  11 after the change sees the batch and the state that step 11 without it saw."""
+  import shutil
+  import numpy as np
+  from moe_jax.train import train_and_evaluate
+  workdir = tmp_path / "changed"
+  shutil.copytree(ten_steps / "ten", workdir)
+  train_and_evaluate(_config(CHANGES[change]), workdir)
+  losses, straight = _losses(workdir), _losses(ten_steps / "straight")
+  assert sorted(losses) == list(range(1, 12))   # steps 1-10 kept, 11 trained once
+  bf16 = "bf16" in change
+  assert losses[11] == pytest.approx(straight[11], rel=2e-2 if bf16 else 1e-5)
+  before, after, reference = (_state(ten_steps / "ten", 10), _state(workdir, 11),
+                              _state(ten_steps / "straight", 11))
+  assert int(after["step"]) == 11
+  for name in ("params", "opt_state"):
+    for a, b in zip(jax.tree.leaves(after[name]), jax.tree.leaves(reference[name])):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 rtol=2e-2 if bf16 else 1e-4, atol=1e-3 if bf16 else 1e-6)
+  rate = CHANGES[change].get("model.bias_update_rate", 0.01)
+  for b0, b1 in zip(jax.tree.leaves(before["biases"]), jax.tree.leaves(after["biases"])):
+    steps_taken = np.abs(np.asarray(b1) - np.asarray(b0))   # the sign rule: 0 or the rate
+    assert np.all(np.isclose(steps_taken, 0) | np.isclose(steps_taken, rate)), steps_taken
+    assert np.isclose(steps_taken, rate).any()
+
+
+def test_a_checkpoint_from_before_a_field_existed_resumes_and_a_shape_change_is_refused(
+    ten_steps, tmp_path):
+  """An older writer's config lacks fields added since: an execution field, and a parameter
+  field whose default is this run's value. Both take their defaults; the resume goes on. A
+  parameter field that differs is still refused, naming both values."""
+  import json
+  import shutil
+  from moe_jax.checkpoint import CheckpointMismatch, json_checksum
+  from moe_jax.train import train_and_evaluate
+  workdir = tmp_path / "older"
+  shutil.copytree(ten_steps / "ten", workdir)
+  step_dir = workdir / "checkpoints" / "10"
+  config = json.loads((step_dir / "config" / "metadata").read_text())
+  for field in ("expert_parallel_chunks", "shared_expert_gate"):
+    del config["model"][field]
+  integrity = json.loads((step_dir / "integrity" / "metadata").read_text())
+  integrity["config"] = json_checksum(config)
+  (step_dir / "config" / "metadata").write_text(json.dumps(config))
+  (step_dir / "integrity" / "metadata").write_text(json.dumps(integrity))
+  with pytest.raises(CheckpointMismatch, match="model.shared_expert_gate: False in the "
+                                               "checkpoint, True now"):
+    train_and_evaluate(_config({"model.shared_expert_gate": True}), workdir)
+  train_and_evaluate(_config(), workdir)
+  assert _losses(workdir)[11] == _losses(ten_steps / "straight")[11]
