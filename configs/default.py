@@ -21,6 +21,8 @@ reaches on the 2-core CPU machine, with the command that produced it.
 
 import ml_collections
 
+from moe_jax.dispatch.expert_parallel import DISPATCHER_OF_VARIANT
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg` is "", "tiny", or either followed by ",steps=N,batch=B,seq=S"."""
@@ -84,8 +86,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dispatcher = "capacity"   # token dispatch, see moe_jax/dispatch/
   c.model.capacity_factor = 1.25    # per-expert buffer = factor * tokens * K / E; overflow is dropped
   c.model.expert_parallel = "none"  # experts sharded over mesh.expert: "all_to_all" (padded,
-                                    # capacity) | "all_gather" (dropless) | "ragged_all_to_all"
-                                    # (GPU/TPU); "none" replicates them
+                                    # dispatcher "capacity") | "all_gather" (dispatcher
+                                    # "dropless") | "ragged_all_to_all" (GPU/TPU, "dropless");
+                                    # "none" replicates them
   c.model.expert_parallel_chunks = 1  # >1: each device's tokens in this many slices, so one
                                       # slice's exchange can overlap another's expert compute
   # balancing
@@ -193,12 +196,13 @@ def _apply_shorthands(c: ml_collections.ConfigDict, overrides: str) -> None:
   """Applies "steps=N,batch=B,seq=S,ep=VARIANT" from the config argument string.
 
   ep=VARIANT puts every device on the `expert` axis and turns on that expert-parallel
-  variant (all_to_all | all_gather | ragged_all_to_all).
+  variant (all_to_all | all_gather | ragged_all_to_all) with the dispatcher it implies.
   """
   for item in filter(None, overrides.split(",")):
     key, sep, value = item.partition("=")
     if sep and key == "ep":
       c.model.expert_parallel, c.mesh.data, c.mesh.expert = value, 1, -1
+      c.model.dispatcher = DISPATCHER_OF_VARIANT.get(value, c.model.dispatcher)
       continue
     if not sep or key not in _SHORTHANDS:
       raise ValueError(f"configs/default.py: bad argument {item!r}; use "

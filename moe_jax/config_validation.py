@@ -9,6 +9,7 @@ import math
 from moe_jax import parallel
 from moe_jax import tokenizer as tokenization
 from moe_jax.dispatch import DISPATCHERS
+from moe_jax.dispatch.expert_parallel import DISPATCHER_OF_VARIANT as EP_DISPATCHERS
 from moe_jax.dispatch.expert_parallel import VARIANTS as EP_VARIANTS
 from moe_jax.layers.attention import QK_NORMS
 from moe_jax.layers.rope import SCALINGS
@@ -261,6 +262,12 @@ def _problems(config, num_devices: int, backend: str) -> list[str]:
   if m.expert_parallel == "ragged_all_to_all" and backend == "cpu":
     problems.append("model.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend: the "
                     "cpu backend has no ragged_all_to_all; use 'all_to_all' or 'all_gather'")
+  implied = EP_DISPATCHERS.get(m.expert_parallel)
+  if implied and m.dispatcher != implied:
+    problems.append(f"model.expert_parallel={m.expert_parallel!r} dispatches as {implied!r} does, "
+                    f"but model.dispatcher={m.dispatcher!r}: set model.dispatcher={implied!r} "
+                    f"(all_to_all is capacity dispatch; all_gather and ragged_all_to_all are "
+                    f"dropless)")
   if m.expert_parallel != "none" and m.router == "expert_choice":
     problems.append("model.expert_parallel is for token-choice routers, not 'expert_choice'")
   if m.router == "expert_choice":

@@ -89,9 +89,9 @@ def _figure(width: float, height: float, layout: str | None = None):
 
 
 def relative_load(counts_LxE) -> np.ndarray:
-  """Each layer's expert counts over their mean: 1.0 everywhere is a perfect balance."""
-  counts = np.asarray(counts_LxE, np.float64)
-  return counts / np.maximum(counts.mean(axis=1, keepdims=True), 1e-9)
+  """`routing.relative_load` of each layer, on the host."""
+  from moe_jax.routing import relative_load as per_layer   # jax only where loads are read
+  return np.asarray(per_layer(np.asarray(counts_LxE)))
 
 
 def _load_heatmap(ax, counts_LxE, title: str, vmax: float | None = None):

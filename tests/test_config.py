@@ -137,6 +137,20 @@ def test_expert_parallelism_needs_the_expert_rules():
     validate_config(config, num_devices=8)
 
 
+@pytest.mark.parametrize("variant, dispatcher", [("all_to_all", "dense"),
+                                                 ("all_to_all", "dropless"),
+                                                 ("all_gather", "capacity"),
+                                                 ("all_gather", "reference")])
+def test_an_expert_parallel_variant_and_a_dispatcher_it_does_not_run_are_refused(variant,
+                                                                                  dispatcher):
+  config = get_config(f"tiny,ep={variant}")      # the shorthand picks the variant's dispatcher
+  validate_config(config, num_devices=8)
+  config.model.dispatcher = dispatcher
+  with pytest.raises(ConfigError, match=f"model.expert_parallel='{variant}' dispatches as .* but "
+                                        f"model.dispatcher='{dispatcher}'"):
+    validate_config(config, num_devices=8)
+
+
 def test_sharding_rules_that_do_not_fit_a_parameter_are_refused(tmp_path):
   from moe_jax.train import train_and_evaluate
   config = get_config("tiny")

@@ -191,3 +191,12 @@ def test_repeated_bias_updates_balance_a_skewed_router(seed, skew, rule):
     bias = routing.update_balancing_bias(bias, route(bias), rate, rule)
   end = float(routing.max_violation(route(bias)))
   assert start > 0.5 and end < 0.5 * start and end < 0.35
+
+
+def test_relative_load_is_each_layers_counts_over_their_mean():
+  from moe_jax.metrics import relative_load as on_host
+  counts = np.array([[1, 3, 0, 4], [2, 2, 2, 2], [0, 0, 0, 0]])
+  expected = np.array([[0.5, 1.5, 0.0, 2.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+  np.testing.assert_allclose(routing.relative_load(jnp.asarray(counts)), expected)
+  np.testing.assert_allclose(routing.relative_load(jnp.asarray(counts[0])), expected[0])
+  np.testing.assert_allclose(on_host(counts), expected)

@@ -30,6 +30,9 @@ from moe_jax.dispatch.experts import SwiGLUExperts
 EXPERT_AXIS = "expert"
 TOKEN_AXES = ("data", "expert")
 VARIANTS = ("all_to_all", "all_gather", "ragged_all_to_all")
+# The single-device dispatch each variant performs across devices (what model.dispatcher must say).
+DISPATCHER_OF_VARIANT = {"all_to_all": "capacity", "all_gather": "dropless",
+                         "ragged_all_to_all": "dropless"}
 
 
 class AllToAllExperts(NamedTuple):

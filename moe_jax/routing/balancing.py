@@ -13,10 +13,10 @@ from jaxtyping import Array, Float
 BIAS_RULES = ("sign", "proportional")
 
 
-def relative_load(counts: Float[Array, "E"]) -> Float[Array, "E"]:
-  """Each expert's load over the mean load (1.0 everywhere is perfect balance)."""
-  counts = counts.astype(jnp.float32)
-  return counts / jnp.maximum(jnp.mean(counts), 1e-9)
+def relative_load(counts: Float[Array, "*L E"]) -> Float[Array, "*L E"]:
+  """Each expert's load over the mean load of its layer (1.0 everywhere is perfect balance)."""
+  counts = jnp.asarray(counts, jnp.float32)
+  return counts / jnp.maximum(jnp.mean(counts, axis=-1, keepdims=True), 1e-9)
 
 
 def update_balancing_bias(bias: Float[Array, "E"], counts: Float[Array, "E"], rate,
