@@ -7,8 +7,9 @@ manifest that identifies the data exactly):
   * "text": a user's text files, a directory (searched recursively) or a glob.
   * "tokens": a pre-tokenized binary file of uint16 or uint32 ids, read through a memmap.
 Text is tokenized by `data.tokenizer` (moe_jax/tokenizer.py: raw bytes, or a byte-level BPE
-learned from the training split and kept in the workdir); one BOS starts every file. Files split into train/validation by a hash of their relative path, so the split
-does not move when files are added. Training windows of seq_len + 1 tokens come through a grain
+learned from the training split and kept in the workdir); one BOS starts every file. Files
+split into train/validation by a hash of their relative path, so the split does not move when
+files are added. Training windows of seq_len + 1 tokens come through a grain
 pipeline, sharded by process, shuffled per epoch; its iterator state is a small dict saved
 with every checkpoint.
 """
@@ -191,19 +192,23 @@ def make_tokenizer(kind: str, vocab_size: int, train_files: list[bytes],
     return tokenization.byte_tokenizer()
   if not saved:
     return tokenization.train_bpe(train_files, vocab_size)
-  try:
-    tokenizer = tokenization.load_bpe(saved)
-  except tokenization.TokenizerError as error:
-    raise DataError(str(error)) from None
+  tokenizer = _saved_bpe(saved)
   if tokenizer.vocab_size > vocab_size:
     raise DataError(f"the workdir's tokenizer ({saved}) has {tokenizer.vocab_size} ids, more "
                     f"than model.vocab_size={vocab_size}")
   return tokenizer
 
 
+def _saved_bpe(path: Path) -> Tokenizer:
+  """The BPE a run saved in its workdir; DataError when it cannot be read or used."""
+  try:
+    return tokenization.load_bpe(path)
+  except tokenization.TokenizerError as error:   # a missing or unreadable file included
+    raise DataError(str(error)) from None
+
+
 def load_text_corpus(root: Path, files: list[Path], validation_percent: int, source: str,
-                     tokenizer: str = "bytes", vocab_size: int = tokenization.MIN_VOCAB,
-                     saved_tokenizer: Path | None = None) -> Corpus:
+                     tokenizer: str, vocab_size: int, saved_tokenizer: Path | None) -> Corpus:
   train_files, validation_files = split_by_file(root, files, validation_percent)
   digest = hashlib.sha256()
   refuse_binary = source == "text"   # the embedded corpus is known text
@@ -285,11 +290,7 @@ def run_tokenizer(source: str, tokenizer: str, workdir: Path) -> Tokenizer | Non
     return None
   if tokenizer == "bytes":
     return tokenization.byte_tokenizer()
-  try:
-    return tokenization.load_bpe(workdir / TOKENIZER_FILE)
-  except (OSError, tokenization.TokenizerError) as error:
-    raise DataError(f"{workdir / TOKENIZER_FILE}: the run's tokenizer cannot be read "
-                    f"({getattr(error, 'strerror', None) or error})") from None
+  return _saved_bpe(workdir / TOKENIZER_FILE)
 
 
 # ---------------------------------------------------------------------------------------------

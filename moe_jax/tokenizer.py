@@ -28,8 +28,6 @@ BPE_PAD, BPE_BOS = "<pad>", "<bos>"
 MIN_VOCAB = 258   # 256 bytes + pad + bos
 KINDS = ("bytes", "bpe")
 WORD_PATTERN = r" ?[A-Za-z_][A-Za-z0-9_]*| ?[0-9]+| ?[^A-Za-z0-9_\s]+|\n[ \t]*|[^\S\n]+"
-
-
 _INVALID_RUN = re.compile("([\udc80-\udcff]+)")   # invalid bytes under surrogateescape
 
 
