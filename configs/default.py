@@ -13,7 +13,7 @@ Variants are picked with an argument string, big_vision style:
   --config=configs/default.py:tiny          # seconds-scale model used by the tests
   --config=configs/default.py:tiny,steps=50 # steps=, batch=, seq= set train.steps etc.
   --config=configs/default.py:default,ep=all_to_all  # experts sharded over all devices
-Any field can be overridden from the command line: --config.model.top_k=4
+Any field can be overridden from the command line: --config.router.top_k=4
 
 Expected result: README.md ("Default run") gives the validation bits per byte that this config
 reaches on the 2-core CPU machine, with the command that produced it.
@@ -70,41 +70,53 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dense_mlp_dim = 288       # hidden width of the dense SwiGLU MLP
   c.model.norm_eps = 1e-6
   c.model.compute_dtype = "float32"  # "bfloat16" computes in bf16; parameters stay float32
+  c.model.attention_implementation = "auto"  # "cudnn" (fused, NVIDIA GPUs, 16-bit) | "xla" |
+                                             # "auto" (cudnn where it applies, else xla)
   # MoE blocks
   c.model.num_routed_experts = 16   # fine-grained routed experts E
   c.model.num_shared_experts = 1    # always-on shared experts, each of width expert_dim
   c.model.shared_expert_gate = False  # shared output x sigmoid(x . w) (Qwen2-MoE)
   c.model.expert_dim = 64           # hidden width F of one expert's SwiGLU
-  c.model.top_k = 2                 # routed experts per token K
-  c.model.router = "sigmoid"        # "sigmoid" (DeepSeek-V3) | "softmax" (Switch, DeepSeek-V2)
-                                    # | "expert_choice" (not causal); see docs/routing.md
-  c.model.route_scale = 1.0         # gates are multiplied by this
-  c.model.norm_topk_prob = True     # renormalise the chosen gates to sum 1
-  c.model.num_groups = 1            # group-limited routing: experts split into groups...
-  c.model.topk_groups = 1           # ...a token may use only its best topk_groups of them
-  c.model.group_score = "top2_sum"  # group score: "top2_sum" of biased scores (V3) | "max" (V2)
-  c.model.dispatcher = "capacity"   # token dispatch, see moe_jax/dispatch/
-  c.model.capacity_factor = 1.25    # per-expert buffer = factor * tokens * K / E; overflow is dropped
-  c.model.expert_parallel = "none"  # experts sharded over mesh.expert: "all_to_all" (padded,
-                                    # dispatcher "capacity") | "all_gather" (dispatcher
-                                    # "dropless") | "ragged_all_to_all" (GPU/TPU, "dropless");
-                                    # "none" replicates them
-  c.model.expert_parallel_chunks = 1  # >1: each device's tokens in this many slices, so one
-                                      # slice's exchange can overlap another's expert compute
-  # balancing
-  c.model.bias_update_rate = 1e-2   # gamma of the aux-loss-free bias update (0 turns it off);
-                                    # DeepSeek-V3 used 1e-3 over far longer runs
-  c.model.bias_update_rule = "sign"  # "sign": b += gamma*sign(mean-load) | "proportional"
-  c.model.bias_freeze_step = -1     # the bias changes in steps 1..this, then stays (-1: never)
-  c.model.switch_loss_alpha = 0.0   # Switch balance loss alpha*E*sum f_i P_i
-  c.model.sequence_loss_alpha = 1e-4  # DeepSeek-V3 sequence-wise balance loss (V3 used 1e-4)
-  c.model.z_loss_coef = 0.0         # router z-loss (ST-MoE used 1e-3)
   # multi-token prediction (DeepSeek-V3): depth-k modules predict token i + k + 1
   c.model.mtp_depth = 0             # MTP modules D (0: off); V3 used 1 (at this size and budget
                                     # it costs more time than it gives: experiments/default_run.py)
   c.model.mtp_loss_weight = 0.3     # lambda: the MTP loss is lambda / D x the sum over depths...
   c.model.mtp_loss_weight_final = 0.1   # ...and this after mtp_weight_switch_fraction of the
   c.model.mtp_weight_switch_fraction = 0.68  # steps (V3: 0.3 for 10T tokens, then 0.1 for 4.8T)
+
+  # ---- router: which experts each token uses (moe_jax/routing/settings.py) ------------------
+  c.router = ml_collections.ConfigDict()
+  c.router.score_function = "sigmoid"  # "sigmoid" (DeepSeek-V3) | "softmax" (Switch, DeepSeek-V2)
+                                       # | "expert_choice" (not causal); see docs/routing.md
+  c.router.top_k = 2                # routed experts per token K
+  c.router.norm_topk_prob = True    # renormalise the chosen gates to sum 1
+  c.router.route_scale = 1.0        # gates are multiplied by this
+  c.router.num_groups = 1           # group-limited routing: experts split into groups...
+  c.router.topk_groups = 1          # ...a token may use only its best topk_groups of them
+  c.router.group_score = "top2_sum"  # group score: "top2_sum" of biased scores (V3) | "max" (V2)
+
+  # ---- balancing: keeping the experts' load even (moe_jax/routing/settings.py) --------------
+  c.balancing = ml_collections.ConfigDict()
+  c.balancing.bias_update_rate = 1e-2  # gamma of the aux-loss-free bias update (0 turns it off);
+                                       # DeepSeek-V3 used 1e-3 over far longer runs
+  c.balancing.bias_update_rule = "sign"  # "sign": b += gamma*sign(mean-load) | "proportional"
+  c.balancing.bias_freeze_step = -1    # the bias changes in steps 1..this, then stays (-1: never)
+  c.balancing.switch_loss_alpha = 0.0  # Switch balance loss alpha*E*sum f_i P_i
+  c.balancing.sequence_loss_alpha = 1e-4  # DeepSeek-V3 sequence-wise balance loss (V3: 1e-4)
+  c.balancing.z_loss_coef = 0.0        # router z-loss (ST-MoE used 1e-3)
+
+  # ---- dispatch: how tokens reach the experts (moe_jax/dispatch/settings.py) ----------------
+  c.dispatch = ml_collections.ConfigDict()
+  c.dispatch.strategy = "capacity"  # "capacity" | "dropless" | "dense" | "reference"; docs/dispatch.md
+  c.dispatch.capacity_factor = 1.25  # per-expert buffer = factor * tokens * K / E; overflow drops
+  c.dispatch.expert_parallel = "none"  # experts sharded over mesh.expert: "all_to_all" (padded,
+                                       # strategy "capacity") | "all_gather" (strategy
+                                       # "dropless") | "ragged_all_to_all" (GPU/TPU, "dropless");
+                                       # "none" replicates them
+  c.dispatch.expert_parallel_chunks = 1  # >1: each device's tokens in this many slices, so one
+                                         # slice's exchange can overlap another's expert compute
+  c.dispatch.grouped_matmul = "auto"  # dropless expert matmuls: "mosaic" (Hopper) | "pallas"
+                                      # (CUDA GPUs) | "interpret" | "xla" (ragged_dot) | "auto"
 
   # ---- optimizer (AdamW, linear warmup then cosine decay, global-norm clipping) ------------
   c.optimizer = ml_collections.ConfigDict()
@@ -146,10 +158,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.expert = 1
 
   # ---- sharding rules: logical axis name -> mesh axes ("a,b"; "" replicates) ----------------
-  # Parameter dimensions carry logical names (moe_jax/parallel.py, PARAM_LOGICAL_AXES).
+  # Parameter dimensions carry logical names from creation (moe_jax/layers/params.py).
   c.sharding = ml_collections.ConfigDict()
   c.sharding.batch = "data,expert"  # every axis that splits tokens
-  c.sharding.experts = "expert"     # routed experts (required by model.expert_parallel)
+  c.sharding.experts = "expert"     # routed experts (required by dispatch.expert_parallel)
   c.sharding.router = ""
   c.sharding.embed = ""
   c.sharding.mlp = ""
@@ -201,8 +213,8 @@ def _apply_shorthands(c: ml_collections.ConfigDict, overrides: str) -> None:
   for item in filter(None, overrides.split(",")):
     key, sep, value = item.partition("=")
     if sep and key == "ep":
-      c.model.expert_parallel, c.mesh.data, c.mesh.expert = value, 1, -1
-      c.model.dispatcher = DISPATCHER_OF_VARIANT.get(value, c.model.dispatcher)
+      c.dispatch.expert_parallel, c.mesh.data, c.mesh.expert = value, 1, -1
+      c.dispatch.strategy = DISPATCHER_OF_VARIANT.get(value, c.dispatch.strategy)
       continue
     if not sep or key not in _SHORTHANDS:
       raise ValueError(f"configs/default.py: bad argument {item!r}; use "

@@ -56,7 +56,7 @@ ROUNDS = {
         "d96_b32": ({**D96, **S128, "data.batch_size": 32}, (1.2e-2,), 16_500),
         "d96_b16": ({**D96, **S128, "data.batch_size": 16}, (6e-3, 1.2e-2), 15_800),
         "d96_b8": ({**D96, **S128, "data.batch_size": 8}, (6e-3,), 14_700),
-        "d96_b32_dense": ({**D96, **S128, "data.batch_size": 32, "model.dispatcher": "dense"},
+        "d96_b32_dense": ({**D96, **S128, "data.batch_size": 32, "dispatch.strategy": "dense"},
                           (1.2e-2,), 12_800),   # GShard's one-hot einsum dispatch instead of
                                                 # the sort and gather (same capacity)
         "d128_b16": ({**D128, **S128, "data.batch_size": 16}, (6e-3,), 10_400),
@@ -67,7 +67,7 @@ ROUNDS = {
         "d96_b16_final0": ({**WINNER2, "optimizer.final_lr_fraction": 0.0}, (6e-3,), 15_800),
         "d96_b16_wd0": ({**WINNER2, "optimizer.weight_decay": 0.0}, (6e-3,), 15_800),
         "d96_b16_b2_0.99": ({**WINNER2, "optimizer.b2": 0.99}, (6e-3,), 15_800),
-        "d96_b16_cf2": ({**WINNER2, "model.capacity_factor": 2.0}, (6e-3,), 13_750),   # 0.87x
+        "d96_b16_cf2": ({**WINNER2, "dispatch.capacity_factor": 2.0}, (6e-3,), 13_750),   # 0.87x
         "d96_b16_e8": ({**WINNER2, "model.num_routed_experts": 8}, (6e-3,), 16_100),   # 1.02x
         "d96_s256_b8": ({**D96, "data.seq_len": 256, "data.batch_size": 8}, (6e-3,),
                         12_800),   # 0.81x

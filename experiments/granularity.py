@@ -20,7 +20,7 @@ def members(active: int) -> dict[str, dict]:
   for experts, k in SHAPES:
     for shared in (0, 1):
       name = f"e{experts}_k{k}" + ("+shared" if shared else "")
-      result[name] = {"model.num_routed_experts": experts, "model.top_k": k,
+      result[name] = {"model.num_routed_experts": experts, "router.top_k": k,
                       "model.num_shared_experts": shared,
                       "model.expert_dim": round(active / (k + shared))}
   return result

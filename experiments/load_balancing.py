@@ -7,20 +7,20 @@
 from experiments.sizes import size
 from moe_jax.sweep import Sweep
 
-OFF = {"model.bias_update_rate": 0.0, "model.switch_loss_alpha": 0.0,
-       "model.sequence_loss_alpha": 0.0}
-AUX_FREE = {**OFF, "model.bias_update_rate": 1e-3}
+OFF = {"balancing.bias_update_rate": 0.0, "balancing.switch_loss_alpha": 0.0,
+       "balancing.sequence_loss_alpha": 0.0}
+AUX_FREE = {**OFF, "balancing.bias_update_rate": 1e-3}
 
 MEMBERS = {
     "none": OFF,
-    "switch_1e-2": {**OFF, "model.switch_loss_alpha": 1e-2},
-    "switch_1e-3": {**OFF, "model.switch_loss_alpha": 1e-3},
-    "switch_1e-4": {**OFF, "model.switch_loss_alpha": 1e-4},
-    "aux_free_1e-4": {**OFF, "model.bias_update_rate": 1e-4},
+    "switch_1e-2": {**OFF, "balancing.switch_loss_alpha": 1e-2},
+    "switch_1e-3": {**OFF, "balancing.switch_loss_alpha": 1e-3},
+    "switch_1e-4": {**OFF, "balancing.switch_loss_alpha": 1e-4},
+    "aux_free_1e-4": {**OFF, "balancing.bias_update_rate": 1e-4},
     "aux_free_1e-3": AUX_FREE,                     # sigmoid scores, as every member but the last
-    "aux_free_1e-2": {**OFF, "model.bias_update_rate": 1e-2},
-    "aux_free_1e-3+seq_1e-4": {**AUX_FREE, "model.sequence_loss_alpha": 1e-4},
-    "aux_free_1e-3_softmax": {**AUX_FREE, "model.router": "softmax"},
+    "aux_free_1e-2": {**OFF, "balancing.bias_update_rate": 1e-2},
+    "aux_free_1e-3+seq_1e-4": {**AUX_FREE, "balancing.sequence_loss_alpha": 1e-4},
+    "aux_free_1e-3_softmax": {**AUX_FREE, "router.score_function": "softmax"},
 }
 
 QUESTION = ("Does aux-loss-free balancing keep MaxVio over the validation set at or below 0.1 "

@@ -31,7 +31,7 @@ GPU = {
     "model.dense_mlp_dim": 1536,
     "model.num_routed_experts": 64,
     "model.expert_dim": 256,
-    "model.top_k": 6,
+    "router.top_k": 6,
     "model.compute_dtype": "bfloat16",
     "model.mtp_depth": 1,
     "optimizer.learning_rate": 3e-3,

@@ -22,6 +22,7 @@ from flax import nnx
 from moe_jax import data, routing, steps
 from moe_jax import tokenizer as tokenization
 from moe_jax.checkpoint import Checkpointer, abstract_like
+from moe_jax.config_validation import upgrade_saved_config
 from moe_jax.layers.moe import MoE
 from moe_jax.metrics import read_jsonl
 from moe_jax.model import ModelSpec
@@ -43,7 +44,7 @@ class Run:
 
   @property
   def spec(self) -> ModelSpec:
-    return ModelSpec.from_config(self.config.model)
+    return ModelSpec.from_config(self.config)
 
 
 def checkpoint_steps(workdir) -> list[int]:
@@ -58,9 +59,10 @@ def checkpoint_steps(workdir) -> list[int]:
 def load_run(workdir, step: int | None = None) -> Run:
   """The run in `workdir` at checkpoint `step` (default: the newest), on the first device."""
   workdir = Path(workdir)
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  config.model.expert_parallel = "none"   # one device here, whatever the run used
-  spec = ModelSpec.from_config(config.model)
+  config = ml_collections.ConfigDict(
+      upgrade_saved_config(json.loads((workdir / "config.json").read_text())))
+  config.dispatch.expert_parallel = "none"   # one device here, whatever the run used
+  spec = ModelSpec.from_config(config)
   _, tx = optimizer_from_config(config)   # the optimizer state's layout is in the checkpoint
   graphdef, abstract = steps.abstract_state(spec, tx, config.seed)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -80,7 +82,7 @@ def load_run(workdir, step: int | None = None) -> Run:
 def run_from_hf(imported) -> Run:
   """A `Run` of a model imported from Hugging Face (`moe_jax.hf.load`), so that the routing
   traces and statistics here work on pretrained models too (no workdir, step 0)."""
-  config = ml_collections.ConfigDict({"model": imported.spec._asdict()})
+  config = ml_collections.ConfigDict(imported.spec.sections())
   return Run(None, config, 0, imported.graphdef, imported.params, imported.biases)
 
 
@@ -116,16 +118,16 @@ def validation_batches(run: Run, num_batches: int, batch_size: int | None = None
 
 
 def _trace(graphdef, params, biases, tokens_BxS):
+  """The model's own forward, each main-block MoE layer keeping its decision."""
   model = nnx.merge(graphdef, params, biases)
-  positions = jnp.arange(tokens_BxS.shape[1])
-  x = model.embed_tokens(tokens_BxS)
-  decisions = []
-  for block in model.blocks:
-    x = block.attend(x, positions)
-    if isinstance(block.mlp, MoE):
-      decisions.append(block.mlp.route(block.mlp.router_logits(block.mlp_norm(x))))
-    x, _ = block.feed_forward(x)
-  return decisions
+  layers = [block.mlp for block in model.blocks if isinstance(block.mlp, MoE)]
+  for layer in layers:
+    if layer.router.expert_choice:
+      raise ValueError("routing traces are of token-choice routers; an expert-choice router "
+                       "decides per expert")
+    layer.keep_decision = True
+  model(tokens_BxS)
+  return [layer.decision.get_value() for layer in layers]
 
 
 _trace_jit = jax.jit(_trace, static_argnums=0)

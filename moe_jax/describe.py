@@ -12,7 +12,7 @@ import numpy as np
 
 
 def _assigned_field(code: str) -> str | None:
-  """`section.field` of a line of code like `c.model.top_k = 2`, without the config variable's
+  """`section.field` of a line of code like `c.router.top_k = 2`, without the config variable's
   own name; None for any other code."""
   if "=" not in code or "==" in code:
     return None
@@ -23,7 +23,7 @@ def _assigned_field(code: str) -> str | None:
 
 
 def field_comments(source: str) -> tuple[list[str], dict[str, str]]:
-  """The fields a config file assigns (`c.model.top_k = 2`), in the order it first assigns
+  """The fields a config file assigns (`c.router.top_k = 2`), in the order it first assigns
   them, and `section.field -> comment` of those with a comment on the line, joined with the
   comment lines below that start in the same column (a variant's later reassignment keeps
   the first description)."""
@@ -111,7 +111,7 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
     step_flops = flops * batch * seq_len
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32,
                                   sharding=parallel.batch_sharding(mesh, rules["batch"]))
-    compiled = jit_train_step(config, graphdef, tx, shardings).lower(
+    compiled = jit_train_step(spec, config.train.steps, graphdef, tx, shardings).lower(
         abstract_state, tokens).compile()
   params_bytes = _per_device_bytes(abstract_state.params)
   optimizer_bytes = _per_device_bytes(abstract_state.opt_state)

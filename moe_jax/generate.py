@@ -21,8 +21,8 @@ def decoding_model(graphdef, params, biases) -> Transformer:
   """The model with every MoE layer dropless (capacity = tokens) and experts on one device."""
   model = nnx.merge(graphdef, params, biases)
   for layer in model.moe_layers():
-    layer.settings = layer.settings._replace(
-        capacity_factor=layer.num_experts / layer.settings.top_k, expert_parallel="none")
+    layer.dispatch = layer.dispatch.replace(
+        capacity_factor=layer.num_experts / layer.router.top_k, expert_parallel="none")
   return model
 
 

@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.dispatch import DispatchSettings
 from moe_jax.layers.moe import BalancingBias
 from moe_jax.model import ModelSpec, Transformer
+from moe_jax.routing import RouterSettings
 
 FAMILIES = ("deepseek_v3", "deepseek_v2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 GQA_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -79,8 +81,8 @@ def _dense_prefix(family: str, hf: dict) -> int:
   return len(dense)
 
 
-def _gqa_fields(family: str, hf: dict) -> dict:
-  """The attention and MoE fields of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE."""
+def _gqa_fields(family: str, hf: dict) -> tuple[dict, RouterSettings]:
+  """The attention and MoE fields, and the router, of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE."""
   heads = hf["num_attention_heads"]
   if hf.get("attention_bias") or hf.get("clip_qkv"):
     raise ImportError_("attention_bias (on the output projection) and clip_qkv are not supported")
@@ -90,6 +92,9 @@ def _gqa_fields(family: str, hf: dict) -> dict:
   if shared % expert_dim:
     raise ImportError_(f"shared_expert_intermediate_size {shared} is not a multiple of "
                        f"moe_intermediate_size {expert_dim}")
+  router = RouterSettings(
+      score_function="softmax", top_k=hf["num_experts_per_tok"],
+      norm_topk_prob=True if family == "mixtral" else bool(hf.get("norm_topk_prob", False)))
   return dict(
       num_dense_layers=_dense_prefix(family, hf), attention="gqa",
       num_kv_heads=hf.get("num_key_value_heads") or heads,
@@ -99,22 +104,24 @@ def _gqa_fields(family: str, hf: dict) -> dict:
       qk_norm={"qwen3_moe": "per_head", "olmoe": "whole"}.get(family, "none"),
       dense_mlp_dim=hf["intermediate_size"], num_routed_experts=experts,
       num_shared_experts=shared // expert_dim, shared_expert_gate=bool(shared),
-      expert_dim=expert_dim, top_k=hf["num_experts_per_tok"], router="softmax",
-      norm_topk_prob=True if family == "mixtral" else bool(hf.get("norm_topk_prob", False)))
+      expert_dim=expert_dim), router
 
 
 def spec_from_hf_config(hf: dict, mtp_depth: int = 0) -> ModelSpec:
-  """The ModelSpec of a Hugging Face config (dict of config.json): what the family sets; the
-  rest (float32 compute, no expert parallelism, no balancing losses) are ModelSpec defaults."""
+  """The ModelSpec of a Hugging Face config (dict of config.json): what the family sets, and
+  dropless dispatch (a pretrained model's outputs do not depend on a capacity); the rest
+  (float32 compute, no expert parallelism, balancing) are the settings' defaults."""
   family = hf.get("model_type")
   if family not in FAMILIES:
     raise ImportError_(f"model_type {family!r} is not supported; supported: {list(FAMILIES)}")
   common = dict(
       vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
       num_heads=hf["num_attention_heads"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      capacity_factor=1.0, dispatcher="dropless", mtp_depth=mtp_depth, **_rope_fields(hf))
+      dispatch=DispatchSettings(strategy="dropless", capacity_factor=1.0), mtp_depth=mtp_depth,
+      **_rope_fields(hf))
   if family in GQA_FAMILIES:
-    return ModelSpec(**common, **_gqa_fields(family, hf))
+    fields, router = _gqa_fields(family, hf)
+    return ModelSpec(**common, **fields, router=router)
   is_v3 = family == "deepseek_v3"
   grouped = is_v3 or hf.get("topk_method") == "group_limited_greedy"
   return ModelSpec(
@@ -124,13 +131,14 @@ def spec_from_hf_config(hf: dict, mtp_depth: int = 0) -> ModelSpec:
       qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
       v_head_dim=hf["v_head_dim"], dense_mlp_dim=hf["intermediate_size"],
       num_routed_experts=hf["n_routed_experts"], num_shared_experts=hf.get("n_shared_experts") or 0,
-      expert_dim=hf["moe_intermediate_size"], top_k=hf["num_experts_per_tok"],
-      router="sigmoid" if is_v3 else "softmax",
-      route_scale=float(hf.get("routed_scaling_factor", 1.0)),
-      norm_topk_prob=bool(hf.get("norm_topk_prob", is_v3)),
-      num_groups=(hf.get("n_group") or 1) if grouped else 1,
-      topk_groups=(hf.get("topk_group") or 1) if grouped else 1,
-      group_score="top2_sum" if is_v3 else "max")
+      expert_dim=hf["moe_intermediate_size"],
+      router=RouterSettings(
+          score_function="sigmoid" if is_v3 else "softmax", top_k=hf["num_experts_per_tok"],
+          route_scale=float(hf.get("routed_scaling_factor", 1.0)),
+          norm_topk_prob=bool(hf.get("norm_topk_prob", is_v3)),
+          num_groups=(hf.get("n_group") or 1) if grouped else 1,
+          topk_groups=(hf.get("topk_group") or 1) if grouped else 1,
+          group_score="top2_sum" if is_v3 else "max"))
 
 
 # ---- weights ------------------------------------------------------------------------------

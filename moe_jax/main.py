@@ -217,6 +217,10 @@ def override_problem(error: BaseException, argv: list[str]) -> str:
     suggestion = re.search(r'Did you mean "([^"]+)"', text)
     culprits = [a.split("=")[0] for a in argv
                 if a.startswith("--config.") and re.search(rf"\.{re.escape(name)}(\.|=|$)", a)]
+    from moe_jax.config_validation import MOVED
+    moved = MOVED.get(culprits[0].removeprefix("--config.")) if culprits else None
+    if moved:
+      return f"{culprits[0]}: the field moved; it is now --config.{moved}"
     return (f"{culprits[0] if culprits else '--config'}: the config has no field {name!r}"
             + (f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""))
   if "must have a value other than None" in str(error):

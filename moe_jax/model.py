@@ -4,7 +4,7 @@ tokens[B, S] -> embed -> blocks: x += attention(norm(x)); x += mlp_or_moe(norm(x
 -> final norm -> logits[B, S, V]. Every MoE block also reports its routing statistics.
 """
 
-from typing import NamedTuple
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +12,18 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from moe_jax.layers.attention import Attention
+from moe_jax.dispatch import DispatchSettings
+from moe_jax.layers.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from moe_jax.layers.attention import QK_NORMS, Attention
 from moe_jax.layers.logits import output_logits
 from moe_jax.layers.mla import LatentAttention
 from moe_jax.layers.mlp import SwiGLU, scaled_normal
-from moe_jax.layers.moe import LossWeights, MoE, MoEStats, RouterSettings
+from moe_jax.layers.moe import MoE, MoEStats
 from moe_jax.layers.norms import RMSNorm
-from moe_jax.layers.rope import Rope
+from moe_jax.layers.params import param
+from moe_jax.layers.rope import SCALINGS, Rope
+from moe_jax.routing import BalancingSettings, RouterSettings
+from moe_jax.settings import Settings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTIONS = ("gqa", "mla")
@@ -29,18 +34,23 @@ PARAMETER_FIELDS = ("vocab_size", "d_model", "num_layers", "num_dense_layers", "
                     "shared_expert_gate", "expert_dim", "mtp_depth")
 
 
-class ModelSpec(NamedTuple):
-  """The model's shape and routing choices, the only values the model reads from a config.
+@dataclasses.dataclass(frozen=True)
+class ModelSpec(Settings):
+  """The model's shape (`model` section of a config) and, nested, the settings its MoE layers
+  read: router, balancing and dispatch (sections of their own).
 
   The defaults are a small DeepSeek-style model with every optional feature off (no q/k/v
   bias or norm, no YaRN, no gated shared expert, no MTP), so a field added later takes, in an
-  older checkpoint's config, the value that reproduces the older model."""
+  older checkpoint's config, the value that reproduces the older model. The Hugging Face
+  importer states only what a model family sets."""
+
+  SECTION = "model"
 
   vocab_size: int = 4096
   d_model: int = 96
   num_layers: int = 4
   num_dense_layers: int = 1
-  attention: str = "gqa"
+  attention: str = "gqa"            # a key of ATTENTIONS
   num_heads: int = 3
   num_kv_heads: int = 1
   head_dim: int = 32
@@ -62,29 +72,30 @@ class ModelSpec(NamedTuple):
   dense_mlp_dim: int = 288
   norm_eps: float = 1e-6
   compute_dtype: str = "float32"
+  attention_implementation: str = "auto"   # a name of attention.IMPLEMENTATIONS
   num_routed_experts: int = 16
   num_shared_experts: int = 1
   shared_expert_gate: bool = False
   expert_dim: int = 64
-  top_k: int = 2
-  router: str = "sigmoid"
-  route_scale: float = 1.0
-  norm_topk_prob: bool = True
-  num_groups: int = 1
-  topk_groups: int = 1
-  group_score: str = "top2_sum"
-  dispatcher: str = "capacity"
-  capacity_factor: float = 1.25
-  expert_parallel: str = "none"
-  expert_parallel_chunks: int = 1
-  switch_loss_alpha: float = 0.0
-  sequence_loss_alpha: float = 0.0
-  z_loss_coef: float = 0.0
   mtp_depth: int = 0
+  mtp_loss_weight: float = 0.3
+  mtp_loss_weight_final: float = 0.1
+  mtp_weight_switch_fraction: float = 0.68
+  router: RouterSettings = RouterSettings()
+  balancing: BalancingSettings = BalancingSettings()
+  dispatch: DispatchSettings = DispatchSettings()
 
   @classmethod
-  def from_config(cls, model_config) -> "ModelSpec":
-    return cls(**{name: model_config[name] for name in cls._fields})
+  def from_config(cls, config) -> "ModelSpec":
+    """Built from a config's `model`, `router`, `balancing` and `dispatch` sections."""
+    return cls.from_section(config.model, router=RouterSettings.from_section(config.router),
+                            balancing=BalancingSettings.from_section(config.balancing),
+                            dispatch=DispatchSettings.from_section(config.dispatch))
+
+  def sections(self) -> dict[str, dict]:
+    """The config sections this spec is built from (`from_config` reads them back)."""
+    return {"model": self.values(), "router": self.router.values(),
+            "balancing": self.balancing.values(), "dispatch": self.dispatch.values()}
 
   def parameter_settings(self) -> dict:
     """The fields that can change which parameters exist or their shapes (tested against the
@@ -92,6 +103,88 @@ class ModelSpec(NamedTuple):
     only, so a run resumes after changing how it computes: dispatch, expert parallelism,
     compute dtype, routing rules, loss weights."""
     return {name: getattr(self, name) for name in PARAMETER_FIELDS}
+
+  def problems(self) -> list[str]:
+    problems = []
+    need = lambda ok, message: ok or problems.append(message)
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "dense_mlp_dim", "num_routed_experts", "expert_dim"):
+      need(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+    need(0 <= self.num_dense_layers <= self.num_layers,
+         f"model.num_dense_layers={self.num_dense_layers} must be between 0 and "
+         f"model.num_layers={self.num_layers}")
+    need(self.num_shared_experts >= 0,
+         f"model.num_shared_experts={self.num_shared_experts} must be >= 0")
+    need(self.num_kv_heads >= 1 and self.num_heads % max(self.num_kv_heads, 1) == 0,
+         f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads="
+         f"{self.num_kv_heads}")
+    need(self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even (rotary embeddings)")
+    need(self.attention_implementation in ATTENTION_IMPLEMENTATIONS,
+         f"model.attention_implementation={self.attention_implementation!r} is unknown; "
+         f"choose from {list(ATTENTION_IMPLEMENTATIONS)}")
+    need(self.compute_dtype in DTYPES,
+         f"model.compute_dtype={self.compute_dtype!r} is unknown; choose from {sorted(DTYPES)}")
+    need(self.mtp_depth >= 0,
+         f"model.mtp_depth={self.mtp_depth} must be >= 0 (0: no multi-token prediction)")
+    for name in ("mtp_loss_weight", "mtp_loss_weight_final"):
+      need(getattr(self, name) >= 0, f"model.{name}={getattr(self, name)} must be >= 0")
+    need(0 <= self.mtp_weight_switch_fraction <= 1,
+         f"model.mtp_weight_switch_fraction={self.mtp_weight_switch_fraction} must be in [0, 1]")
+    return problems + self._attention_problems() + self._expert_problems()
+
+  def _attention_problems(self) -> list[str]:
+    """MLA's widths and YaRN's settings."""
+    problems = []
+    need = lambda ok, message: ok or problems.append(message)
+    need(self.attention in ATTENTIONS,
+         f"model.attention={self.attention!r} is unknown; choose from {list(ATTENTIONS)}")
+    if self.attention == "mla":
+      for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        need(getattr(self, name) >= 1,
+             f"model.{name}={getattr(self, name)} must be >= 1 with model.attention='mla'")
+      need(self.q_lora_rank >= 0,
+           f"model.q_lora_rank={self.q_lora_rank} must be >= 0 (0: no query latent)")
+      need(self.qk_rope_head_dim % 2 == 0,
+           f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotary embeddings)")
+    need(self.qk_norm in QK_NORMS,
+         f"model.qk_norm={self.qk_norm!r} is unknown; choose from {list(QK_NORMS)}")
+    need(self.rope_theta > 1, f"model.rope_theta={self.rope_theta} must be > 1")
+    need(self.rope_scaling in SCALINGS,
+         f"model.rope_scaling={self.rope_scaling!r} is unknown; choose from {list(SCALINGS)}")
+    if self.rope_scaling == "yarn":
+      need(self.rope_factor >= 1, f"model.rope_factor={self.rope_factor} must be >= 1 for YaRN")
+      need(self.rope_original_max_len >= 1,
+           f"model.rope_original_max_len={self.rope_original_max_len} must be >= 1")
+      need(self.yarn_beta_fast > self.yarn_beta_slow > 0,
+           f"model.yarn_beta_fast={self.yarn_beta_fast} must exceed model.yarn_beta_slow="
+           f"{self.yarn_beta_slow} > 0")
+    return problems
+
+  def _expert_problems(self) -> list[str]:
+    """The router's choices against the number of experts, and the rules an expert-choice
+    router (balanced by construction, not causal) cannot use."""
+    r, experts = self.router, self.num_routed_experts
+    if r.top_k > experts:
+      return [f"router.top_k={r.top_k} is larger than model.num_routed_experts={experts}"]
+    if r.num_groups < 1 or experts % r.num_groups:   # (below 1: the router's own problem)
+      return [f"router.num_groups={r.num_groups} must divide model.num_routed_experts={experts}"
+              ] if r.num_groups >= 1 else []
+    per_group, problems = experts // r.num_groups, []
+    if r.num_groups > 1 and r.top_k > r.topk_groups * per_group:
+      problems.append(f"router.top_k={r.top_k} is more than the {r.topk_groups * per_group} "
+                      f"experts in router.topk_groups={r.topk_groups} groups of {per_group}")
+    if r.num_groups > 1 and r.group_score == "top2_sum" and per_group < 2:
+      problems.append(f"router.group_score='top2_sum' needs >= 2 experts per group; "
+                      f"router.num_groups={r.num_groups} leaves {per_group}")
+    if r.expert_choice:
+      problems += [f"balancing.{name}={getattr(self.balancing, name)} has no effect with "
+                   f"router.score_function='expert_choice' (balanced by construction): set it to 0"
+                   for name in ("bias_update_rate", "switch_loss_alpha", "sequence_loss_alpha")
+                   if getattr(self.balancing, name) != 0]
+      if self.dispatch.expert_parallel != "none":
+        problems.append("dispatch.expert_parallel is for token-choice routers, not "
+                        "router.score_function='expert_choice'")
+    return problems
 
   @property
   def rope(self) -> Rope:
@@ -104,9 +197,10 @@ def make_attention(spec: ModelSpec, dtype, rngs: nnx.Rngs) -> Attention | Latent
   if spec.attention == "mla":
     return LatentAttention(spec.d_model, spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank,
                            spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim,
-                           spec.rope, spec.norm_eps, dtype, rngs)
+                           spec.rope, spec.norm_eps, dtype, rngs, spec.attention_implementation)
   return Attention(spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rope,
-                   dtype, rngs, spec.qkv_bias, spec.qk_norm, spec.norm_eps)
+                   dtype, rngs, spec.qkv_bias, spec.qk_norm, spec.norm_eps,
+                   spec.attention_implementation)
 
 
 class Block(nnx.Module):
@@ -117,14 +211,10 @@ class Block(nnx.Module):
     self.attention = make_attention(spec, dtype, rngs)
     self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps)
     if use_moe:
-      settings = RouterSettings(spec.router, spec.top_k, spec.norm_topk_prob, spec.route_scale,
-                                spec.num_groups, spec.topk_groups, spec.group_score,
-                                spec.dispatcher, spec.capacity_factor, spec.expert_parallel,
-                                spec.expert_parallel_chunks)
-      weights = LossWeights(spec.switch_loss_alpha, spec.sequence_loss_alpha, spec.z_loss_coef)
       self.mlp = MoE(spec.d_model, spec.num_routed_experts, spec.expert_dim,
-                     spec.num_shared_experts, settings, weights, dtype, rngs,
-                     spec.shared_expert_gate)
+                     spec.num_shared_experts, rngs, router=spec.router,
+                     balancing=spec.balancing, dispatch=spec.dispatch, dtype=dtype,
+                     shared_expert_gate=spec.shared_expert_gate)
     else:
       self.mlp = SwiGLU(spec.d_model, spec.dense_mlp_dim, dtype, rngs)
 
@@ -164,8 +254,10 @@ class MTPModule(nnx.Module):
   def __init__(self, spec: ModelSpec, use_moe: bool, rngs: nnx.Rngs):
     self.embed_norm = RMSNorm(spec.d_model, spec.norm_eps)
     self.hidden_norm = RMSNorm(spec.d_model, spec.norm_eps)
-    self.w_proj = nnx.Param(scaled_normal(2 * spec.d_model)(rngs.params(),
-                                                            (2 * spec.d_model, spec.d_model)))
+    # [2D, D]: the first dimension is two model widths side by side, left unsharded
+    self.w_proj = param(scaled_normal(2 * spec.d_model)(rngs.params(),
+                                                        (2 * spec.d_model, spec.d_model)),
+                        None, "embed")
     self.block = Block(spec, use_moe, rngs)
     self.final_norm = RMSNorm(spec.d_model, spec.norm_eps)
     self.dtype = DTYPES[spec.compute_dtype]
@@ -185,13 +277,15 @@ def _stack(all_stats: list) -> MoEStats | None:
 class Transformer(nnx.Module):
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
-    self.embed = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(),
-                                                        (spec.vocab_size, spec.d_model)))
+    self.embed = param(nnx.initializers.normal(1.0)(rngs.params(),
+                                                    (spec.vocab_size, spec.d_model)),
+                       "vocab", "embed")
     self.blocks = nnx.List([Block(spec, i >= spec.num_dense_layers, rngs)
                             for i in range(spec.num_layers)])
     self.final_norm = RMSNorm(spec.d_model, spec.norm_eps)
-    self.unembed = nnx.Param(scaled_normal(spec.d_model)(rngs.params(),
-                                                         (spec.d_model, spec.vocab_size)))
+    self.unembed = param(scaled_normal(spec.d_model)(rngs.params(),
+                                                     (spec.d_model, spec.vocab_size)),
+                         "embed", "vocab")
     # The MTP blocks are built like the last main block (MoE when the model has MoE blocks).
     self.mtp = nnx.List([MTPModule(spec, spec.num_dense_layers < spec.num_layers, rngs)
                          for _ in range(spec.mtp_depth)])
@@ -287,7 +381,7 @@ def parameter_counts(spec: ModelSpec) -> dict[str, int]:
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     names = [n for n in names if n != "value"]   # the Variable's own field
     routed = names[-1] in ROUTED_EXPERT_WEIGHTS and leaf.ndim == 3
-    used = size * spec.top_k // spec.num_routed_experts if routed else size
+    used = size * spec.router.top_k // spec.num_routed_experts if routed else size
     counts["total"] += size
     counts["active"] += used
     if routed or "shared" in names:

@@ -1,15 +1,20 @@
 """The device mesh and where arrays live on it, through logical axis names.
 
-Mesh axes: `data` and `expert`. Every parameter dimension and the batch carry a logical
-name (`PARAM_LOGICAL_AXES`, "batch"); the config's `sharding` rules map each logical name to
-mesh axes (none: replicated). Defaults: the batch over `data` and `expert`, routed experts
+Mesh axes: `data` and `expert`. Every parameter dimension carries a logical name given where
+the parameter is created (moe_jax/layers/params.py), and the batch is "batch"; the config's
+`sharding` rules map each logical name to mesh axes (none: replicated). Defaults: the batch over `data` and `expert`, routed experts
 over `expert`, everything else replicated. Optimizer moments follow their parameters, or with
 ZeRO-1 the moments of replicated parameters go over `data`.
 """
 
+import functools
+
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moe_jax.layers.params import logical_axes
 
 MESH_AXES = ("data", "expert")
 BATCH_AXES = ("data", "expert")     # every axis that splits tokens
@@ -34,30 +39,6 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh, batch_axes=BATCH_AXES) -> 
   return jax.make_array_from_process_local_data(batch_sharding(mesh, batch_axes), local_batch)
 
 
-# Logical axis names of every parameter, by its attribute name and rank.
-PARAM_LOGICAL_AXES = {
-    ("embed", 2): ("vocab", "embed"),
-    ("unembed", 2): ("embed", "vocab"),
-    ("w_q", 3): ("embed", "heads", "head_dim"),
-    ("w_k", 3): ("embed", "kv_heads", "head_dim"),
-    ("w_v", 3): ("embed", "kv_heads", "head_dim"),
-    ("w_o", 3): ("heads", "head_dim", "embed"),
-    ("w_q_down", 2): ("embed", "latent"),
-    ("q_norm_scale", 1): ("latent",),
-    ("w_q_up", 3): ("latent", "heads", "head_dim"),
-    ("w_kv_down", 2): ("embed", "latent"),
-    ("kv_norm_scale", 1): ("latent",),
-    ("w_kv_up", 3): ("latent", "heads", "head_dim"),
-    ("router_kernel", 2): ("embed", "router"),
-    ("balancing_bias", 1): ("router",),
-    ("w_gate", 3): ("experts", "embed", "mlp"),
-    ("w_up", 3): ("experts", "embed", "mlp"),
-    ("w_down", 3): ("experts", "mlp", "embed"),
-    ("w_gate", 2): ("embed", "mlp"),
-    ("w_up", 2): ("embed", "mlp"),
-    ("w_down", 2): ("mlp", "embed"),
-    ("scale", 1): ("embed",),
-}
 LOGICAL_AXES = ("batch", "experts", "router", "embed", "mlp", "heads", "kv_heads", "head_dim",
                 "latent", "vocab")
 DEFAULT_RULES = {"batch": BATCH_AXES, "experts": ("expert",)}
@@ -77,52 +58,57 @@ def logical_spec(logical_names, rules) -> P:
   return P(*[mesh_axes(n) for n in logical_names])
 
 
-def _names(path) -> list[str]:
-  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-
-
-def param_logical_axes(path, leaf) -> tuple[str, ...] | None:
-  """The logical names of a parameter (or of an optimizer moment mirroring it)."""
-  ndim = getattr(leaf, "ndim", 0)
-  for name in reversed(_names(path)):
-    if (name, ndim) in PARAM_LOGICAL_AXES:
-      return PARAM_LOGICAL_AXES[(name, ndim)]
-  return None
-
-
 class LayoutError(ValueError):
   """A sharding rule does not fit a parameter's shape."""
 
 
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _path_name(path) -> str:
+  """`blocks.1.mlp.w_gate` for a key path into a state."""
+  keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+  return ".".join(str(k) for k in keys)
+
+
 def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES, shard_optimizer_over_data: bool = False):
-  """A NamedSharding per leaf of a TrainState, from the logical names and the rules.
+  """A NamedSharding per leaf of a TrainState, from each variable's logical names and the rules.
 
   With `shard_optimizer_over_data` (ZeRO-1) the optimizer moments of parameters the rules
-  replicate go over `data` along their first axis when it divides.
+  replicate go over `data` along their first axis when it divides. A parameter created without
+  logical names, or a rule that does not fit a parameter, is a LayoutError.
   """
-  def spec_for(path, leaf) -> P:
-    names = param_logical_axes(path, leaf)
+  def spec_for(path, variable) -> P:
+    names = logical_axes(variable)
     if names is None:
-      return P()
+      raise LayoutError(f"{_path_name(path)} was created without logical axis names "
+                        f"(moe_jax/layers/params.py)")
+    used = [a for n in names for a in rules.get(n, ())]
+    if len(used) != len(set(used)):
+      raise LayoutError(f"sharding: parameter {_path_name(path)} "
+                        f"({', '.join(map(str, names))}) would use a mesh axis twice: {used}")
     spec = logical_spec(names, rules)
-    for size, name, axes in zip(leaf.shape, names, spec):
+    for size, name, axes in zip(variable.shape, names, spec):
       parts = 1 if axes is None else int(np.prod([mesh.shape[a] for a in np.atleast_1d(axes)]))
       if size % parts:
         raise LayoutError(f"sharding.{name}={','.join(np.atleast_1d(axes))!s}: "
-                          f"{jax.tree_util.keystr(path)} has {size} along '{name}', not "
+                          f"{_path_name(path)} has {size} along '{name}', not "
                           f"divisible by {parts} devices")
     return spec
 
-  def for_params(path, leaf):
-    return NamedSharding(mesh, spec_for(path, leaf))
+  def for_params(path, variable):
+    return variable.replace(NamedSharding(mesh, spec_for(path, variable)))
 
   def for_optimizer(path, leaf):
+    if not _is_variable(leaf):   # the optimizer's own counters
+      return NamedSharding(mesh, P())
     spec = spec_for(path, leaf)
     if (shard_optimizer_over_data and all(a is None for a in spec)
-        and getattr(leaf, "ndim", 0) >= 1 and leaf.shape[0] % mesh.shape["data"] == 0):
+        and leaf.ndim >= 1 and leaf.shape[0] % mesh.shape["data"] == 0):
       spec = P("data")
-    return NamedSharding(mesh, spec)
+    return leaf.replace(NamedSharding(mesh, spec))
 
-  with_path = jax.tree_util.tree_map_with_path
+  with_path = functools.partial(jax.tree_util.tree_map_with_path, is_leaf=_is_variable)
   return type(state)(NamedSharding(mesh, P()), with_path(for_params, state.params),
                      with_path(for_params, state.biases), with_path(for_optimizer, state.opt_state))

@@ -127,8 +127,8 @@ def routing_metrics(stats) -> dict:
           "sequence_loss": stats.sequence_loss, "z_loss": stats.z_loss}
 
 
-def train_step(state: TrainState, tokens, *, graphdef, tx, bias_update_rate: float,
-               bias_update_rule: str = "sign", bias_freeze_step: int = -1,
+def train_step(state: TrainState, tokens, *, graphdef, tx,
+               balancing: routing.BalancingSettings = routing.BalancingSettings(),
                mtp_weights: MTPWeights = MTPWeights()):
   """One optimizer step, then the bias update from this batch's global expert counts.
 
@@ -145,11 +145,12 @@ def train_step(state: TrainState, tokens, *, graphdef, tx, bias_update_rate: flo
                **mtp}
   biases = state.biases
   if stats is not None:
-    if bias_update_rate > 0:
-      rate = bias_update_rate
-      if bias_freeze_step >= 0:   # updates in steps 1..bias_freeze_step only
-        rate = jnp.where(state.step >= bias_freeze_step, 0.0, rate)
-      biases = updated_biases(graphdef, params, biases, stats.counts, rate, bias_update_rule)
+    if balancing.bias_update_rate > 0:
+      rate = balancing.bias_update_rate
+      if balancing.bias_freeze_step >= 0:   # updates in steps 1..bias_freeze_step only
+        rate = jnp.where(state.step >= balancing.bias_freeze_step, 0.0, rate)
+      biases = updated_biases(graphdef, params, biases, stats.counts, rate,
+                              balancing.bias_update_rule)
     metrics["routing"] = routing_metrics(stats)
   return TrainState(state.step + 1, params, biases, opt_state), metrics
 

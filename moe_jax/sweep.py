@@ -41,7 +41,7 @@ class SweepError(ValueError):
 class Sweep:
   name: str                          # names the workdirs and the results directory
   config: str                        # the --config argument: "configs/default.py:tiny"
-  base: dict[str, object]            # overrides every member gets ("model.top_k": 2)
+  base: dict[str, object]            # overrides every member gets ("router.top_k": 2)
   members: dict[str, dict[str, object]]   # member name -> its own overrides
   question: str = ""                 # what the sweep is for, printed above its table
 
@@ -204,7 +204,7 @@ def member_result(sweep: Sweep, member: str, workdir: Path) -> dict:
   records = metrics.read_jsonl(workdir / "metrics.jsonl")
   train = [r for r in records if "loss" in r]
   evals = [r for r in records if "validation_loss" in r]
-  counts = parameter_counts(ModelSpec.from_config(member_config(sweep, member).model))
+  counts = parameter_counts(ModelSpec.from_config(member_config(sweep, member)))
   mean = lambda key: (sum(r[key] for r in train) / len(train)) if train and key in train[0] else None
   row = {
       "member": member,

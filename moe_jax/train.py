@@ -41,22 +41,20 @@ def optimizer_from_config(config) -> tuple:
   return schedule, steps.make_optimizer(schedule, o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
 
 
-def jit_train_step(config, graphdef, tx, shardings):
-  """The jitted training step of a validated config: state and batch in, new state (laid out
-  by `shardings`, the old one donated) and metrics out."""
-  m = config.model
+def jit_train_step(spec: ModelSpec, total_steps: int, graphdef, tx, shardings):
+  """The jitted training step of a model trained for `total_steps`: state and batch in, new
+  state (laid out by `shardings`, the old one donated) and metrics out."""
   return jax.jit(functools.partial(
-      steps.train_step, graphdef=graphdef, tx=tx, bias_update_rate=m.bias_update_rate,
-      bias_update_rule=m.bias_update_rule, bias_freeze_step=m.bias_freeze_step,
-      mtp_weights=steps.MTPWeights(m.mtp_loss_weight, m.mtp_loss_weight_final,
-                                   round(m.mtp_weight_switch_fraction * config.train.steps))),
+      steps.train_step, graphdef=graphdef, tx=tx, balancing=spec.balancing,
+      mtp_weights=steps.MTPWeights(spec.mtp_loss_weight, spec.mtp_loss_weight_final,
+                                   round(spec.mtp_weight_switch_fraction * total_steps))),
       out_shardings=(shardings, None), donate_argnums=0)
 
 
 def laid_out_state(config, mesh):
   """(ModelSpec, schedule, optimizer, graphdef, abstract state with its shardings, shardings,
   sharding rules) of a validated config on `mesh`; a rule that does not fit is a ConfigError."""
-  spec = ModelSpec.from_config(config.model)
+  spec = ModelSpec.from_config(config)
   schedule, tx = optimizer_from_config(config)
   graphdef, abstract_state = steps.abstract_state(spec, tx, config.seed)
   rules = parallel.parse_rules(config.sharding)
@@ -132,7 +130,7 @@ def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_stat
   while step:
     try:
       if spec is not None:
-        checkpointer.check_model(step, spec.parameter_settings(), ModelSpec._field_defaults)
+        checkpointer.check_model(step, spec.parameter_settings(), ModelSpec.field_defaults())
       return step, checkpointer.restore(step, abstract_state)
     except CheckpointCorrupt as error:
       if not skip_corrupt:
@@ -204,7 +202,7 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
       if corpus.tokenizer and not (workdir / data.TOKENIZER_FILE).exists():
         corpus.tokenizer.save(workdir / data.TOKENIZER_FILE)
 
-    train_fn = jit_train_step(config, graphdef, tx, shardings)
+    train_fn = jit_train_step(spec, config.train.steps, graphdef, tx, shardings)
     eval_fn = jax.jit(functools.partial(
         steps.eval_step, graphdef=graphdef,
         byte_counts=corpus.tokenizer.byte_counts if corpus.tokenizer else None))

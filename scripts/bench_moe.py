@@ -36,9 +36,11 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moe_jax.dispatch import DispatchSettings   # noqa: E402
 from moe_jax.kernels import grouped_matmul as gm   # noqa: E402
 from moe_jax.layers.mlp import SwiGLU   # noqa: E402
-from moe_jax.layers.moe import LossWeights, MoE, RouterSettings   # noqa: E402
+from moe_jax.layers.moe import MoE   # noqa: E402
+from moe_jax.routing import RouterSettings   # noqa: E402
 
 SHAPES = {   # name: (D, routed experts E, expert width F, top-k, what it is)
     "a": (2048, 64, 1408, 6, "DeepSeek-V2-Lite layer (its 2 shared experts left out)"),
@@ -66,9 +68,10 @@ def median_ms(fn, *args, warmup: int, repeats: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def moe_layer(d, e, f, k, dispatcher, skew: bool, seed=0):
-  settings = RouterSettings("sigmoid", k, True, 1.0, 1, 1, "top2_sum", dispatcher, 1.25)
-  layer = MoE(d, e, f, 0, settings, LossWeights(), jnp.bfloat16, nnx.Rngs(params=seed))
+def moe_layer(d, e, f, k, dispatcher, skew: bool, seed=0, grouped_matmul="auto"):
+  layer = MoE(d, e, f, 0, nnx.Rngs(params=seed), router=RouterSettings(top_k=k),
+              dispatch=DispatchSettings(strategy=dispatcher, grouped_matmul=grouped_matmul),
+              dtype=jnp.bfloat16)
   if skew:
     ranks = np.random.default_rng(seed).permutation(e) + 1
     layer.balancing_bias[...] = jnp.asarray(-ZIPF * np.log(ranks), jnp.float32)
@@ -361,16 +364,16 @@ def run(shapes, token_counts, routings, dispatchers, warmup, repeats, with_torch
           if name == "dropless_xla" and e > 16:
             rows_out.append((shape, tokens, routing, name, None, None, None, None, None))
             continue   # XLA's ragged_dot is a dense product over all E groups: out of memory
-          layer = moe_layer(d, e, f, k, dispatcher, routing == "skewed")
-          with gm.implementation(implementation):
-            fn, params = layer_step(layer)
-            try:
-              (_, _), stats = fn(params, x)
-              ms = median_ms(fn, params, x, warmup=warmup, repeats=repeats)
-            except Exception as error:   # e.g. out of memory: report and go on
-              print(f"  {name} {routing}: failed: {str(error).splitlines()[0][:160]}", flush=True)
-              rows_out.append((shape, tokens, routing, name, None, None, None, None, None))
-              continue
+          layer = moe_layer(d, e, f, k, dispatcher, routing == "skewed",
+                            grouped_matmul=implementation)
+          fn, params = layer_step(layer)
+          try:
+            (_, _), stats = fn(params, x)
+            ms = median_ms(fn, params, x, warmup=warmup, repeats=repeats)
+          except Exception as error:   # e.g. out of memory: report and go on
+            print(f"  {name} {routing}: failed: {str(error).splitlines()[0][:160]}", flush=True)
+            rows_out.append((shape, tokens, routing, name, None, None, None, None, None))
+            continue
           dropped = float(stats.dropped_fraction)
           counts = np.asarray(stats.counts, np.float64)
           max_violation = float(counts.max() / counts.mean() - 1)

@@ -38,10 +38,12 @@ from moe_jax.model import ModelSpec, parameter_counts   # noqa: E402
 
 # About 1.3B parameters, about 0.26B used per token: 16 blocks of width 1024 (the first dense),
 # 64 routed experts of width 384 top-6 plus 2 shared, a 32K vocabulary.
-SPEC = ModelSpec.from_config(get_config("").model)._replace(
+_DEFAULT = ModelSpec.from_config(get_config(""))
+SPEC = _DEFAULT.replace(
     vocab_size=32768, d_model=1024, num_layers=16, num_dense_layers=1, num_heads=16,
     num_kv_heads=4, head_dim=64, dense_mlp_dim=4096, compute_dtype="bfloat16",
-    num_routed_experts=64, num_shared_experts=2, expert_dim=384, top_k=6, mtp_depth=0)
+    num_routed_experts=64, num_shared_experts=2, expert_dim=384, mtp_depth=0,
+    router=_DEFAULT.router.replace(top_k=6))
 
 
 def model_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
@@ -125,7 +127,8 @@ def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
   tx = steps.make_optimizer(steps.make_schedule(1e-3, 10, 1000, 0.1), 0.9, 0.95, 0.1, 1.0)
   graphdef, state = steps.init_state(spec, tx, 0)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                                   bias_update_rate=1e-3), donate_argnums=0)
+                                   balancing=spec.balancing.replace(bias_update_rate=1e-3)),
+                 donate_argnums=0)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, spec.vocab_size)
   step = step.lower(state, tokens).compile()
   holder = [state]
@@ -167,19 +170,20 @@ def main():
         f"{args.seq} tokens", flush=True)
   ceiling = matmul_ceiling()
   print(f"bf16 8192^3 matmul: {ceiling:.0f} TFLOP/s", flush=True)
-  variants = [(d, SPEC._replace(dispatcher=d)) for d in args.dispatchers.split(",") if d]
+  variants = [(d, SPEC.replace(dispatch=SPEC.dispatch.replace(strategy=d)))
+              for d in args.dispatchers.split(",") if d]
   if args.dense_reference:   # every block dense, as wide as the experts a token uses
-    width = (SPEC.top_k + SPEC.num_shared_experts) * SPEC.expert_dim
+    width = (SPEC.router.top_k + SPEC.num_shared_experts) * SPEC.expert_dim
     variants.append((f"dense model, MLP width {width} (same FLOPs per token)",
-                     SPEC._replace(num_dense_layers=SPEC.num_layers, dense_mlp_dim=width)))
+                     SPEC.replace(num_dense_layers=SPEC.num_layers, dense_mlp_dim=width)))
   rows = []
   for (dispatcher, spec), path in itertools.product(variants, args.attention.split(",")):
     name = dispatcher if path == "auto" else f"{dispatcher}, attention {path}"
     profile = args.profile / name.replace(" ", "_").replace(",", "") if args.profile else None
-    with attention.implementation(path):
-      print(f"{name}: attention {attention.chosen_implementation(jnp.bfloat16, spec.head_dim)}",
-            flush=True)
-      result = bench(spec, args.batch, args.seq, args.warmup, args.repeats, profile)
+    spec = spec.replace(attention_implementation=path)
+    print(f"{name}: attention "
+          f"{attention.chosen_implementation(jnp.bfloat16, spec.head_dim, path)}", flush=True)
+    result = bench(spec, args.batch, args.seq, args.warmup, args.repeats, profile)
     rows.append((name, result))
     print(f"  {name}: {result['seconds'] * 1e3:.1f} ms/step, "
           f"{result['tokens_per_second']:,.0f} tokens/s, {result['model_tflops']:.0f} TFLOP/s", flush=True)

@@ -89,7 +89,7 @@ def test_routing_trace_matches_the_models_own_counts(tiny_run):
   _, stats = steps.forward(run.graphdef, run.params, run.biases, tokens)
   assert len(decisions) == len(stats.counts) == 1
   ids = analysis.expert_ids(decisions)
-  assert ids.shape == (1, *tokens.shape, run.config.model.top_k)
+  assert ids.shape == (1, *tokens.shape, run.config.router.top_k)
   counts = analysis.expert_load(ids, run.config.model.num_routed_experts) * ids[0].size
   np.testing.assert_allclose(counts, np.asarray(stats.counts), atol=1e-3)
 

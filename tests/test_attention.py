@@ -102,11 +102,12 @@ def test_latent_attention_matches_the_absorbed_reference(q_lora_rank, scaling):
 def _spec():
   """A small MLA + YaRN model with dropless routing (nothing drops: positions independent)."""
   from configs.default import get_config
-  return ModelSpec.from_config(get_config("tiny").model)._replace(
+  tiny = ModelSpec.from_config(get_config("tiny"))
+  return tiny.replace(
       vocab_size=64, d_model=32, dense_mlp_dim=48, num_heads=4, attention="mla",
       q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
       rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=8, num_routed_experts=4,
-      expert_dim=16, dispatcher="dropless")
+      expert_dim=16, dispatch=tiny.dispatch.replace(strategy="dropless"))
 
 
 def test_an_mla_model_is_causal_and_every_attention_weight_gets_a_gradient():

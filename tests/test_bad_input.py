@@ -72,17 +72,19 @@ BAD_CONFIGS = {
                       ["model.num_experts is not a known field (did you mean"]),
     "unknown section": ({"trainer": {"steps": 3}}, ["trainer is not a known field (did you mean train?)"]),
     "missing field": ({"optimizer__b1": DELETE}, ["optimizer.b1: missing"]),
+    "field that moved": ({"model__top_k": 3, "router__top_k": DELETE},
+                         ["model.top_k is now router.top_k", "router.top_k: missing"]),
     # wrong types
-    "string for int": ({"model__top_k": "2"}, ["model.top_k='2' must be an integer"]),
+    "string for int": ({"router__top_k": "2"}, ["router.top_k='2' must be an integer"]),
     "float for int": ({"data__seq_len": 64.5}, ["data.seq_len=64.5 must be an integer"]),
-    "int for bool": ({"model__norm_topk_prob": 1}, ["model.norm_topk_prob=1 must be True or False"]),
+    "int for bool": ({"router__norm_topk_prob": 1}, ["router.norm_topk_prob=1 must be True or False"]),
     "string for float": ({"optimizer__learning_rate": "3e-3"},
                          ["optimizer.learning_rate='3e-3' must be a number"]),
     "value for section": ({"mesh": 8}, ["mesh=8 must be a section"]),
     # impossible sizes
     "zero width": ({"model__d_model": 0}, ["model.d_model=0 must be >= 1"]),
     "one-token context": ({"data__seq_len": 1}, ["data.seq_len=1 must be >= 2"]),
-    "top_k above experts": ({"model__top_k": 9}, ["model.top_k=9 is larger than model.num_routed_experts=8"]),
+    "top_k above experts": ({"router__top_k": 9}, ["router.top_k=9 is larger than model.num_routed_experts=8"]),
     "odd head_dim": ({"model__head_dim": 33}, ["model.head_dim=33 must be even"]),
     "batch over devices": ({"data__batch_size": 12}, ["data.batch_size=12 does not divide over the 8 devices"]),
     "experts over expert axis": ({"model__num_routed_experts": 6, "mesh__data": 2, "mesh__expert": 4},
@@ -93,11 +95,11 @@ BAD_CONFIGS = {
     "two free axes": ({"mesh__expert": -1}, ["mesh: at most one axis may be -1"]),
     "zero axis": ({"mesh__expert": 0}, ["mesh: sizes must be positive or -1"]),
     # unknown names
-    "router": ({"model__router": "hash"}, ["model.router='hash' is unknown; choose from"]),
-    "dispatcher": ({"model__dispatcher": "megablocks"}, ["model.dispatcher='megablocks' is unknown"]),
-    "expert parallel variant": ({"model__expert_parallel": "all_reduce"},
-                                ["model.expert_parallel='all_reduce' is unknown"]),
-    "bias rule": ({"model__bias_update_rule": "pid"}, ["model.bias_update_rule='pid' is unknown"]),
+    "router": ({"router__score_function": "hash"}, ["router.score_function='hash' is unknown; choose from"]),
+    "dispatcher": ({"dispatch__strategy": "megablocks"}, ["dispatch.strategy='megablocks' is unknown"]),
+    "expert parallel variant": ({"dispatch__expert_parallel": "all_reduce"},
+                                ["dispatch.expert_parallel='all_reduce' is unknown"]),
+    "bias rule": ({"balancing__bias_update_rule": "pid"}, ["balancing.bias_update_rule='pid' is unknown"]),
     "data source": ({"data__source": "web"}, ["data.source='web' is unknown"]),
     "sharding axis": ({"sharding__embed": "tensor"}, ["sharding.embed=tensor: unknown mesh axis"]),
     "rule that does not fit": ({"sharding__vocab": "data"},
@@ -113,8 +115,8 @@ def test_bad_config_is_refused_by_name(tmp_path, capsys, case):
 
 
 def test_every_problem_of_a_config_is_listed_in_one_message(tmp_path, capsys):
-  config = _with(get_config("tiny"), model__top_k=99, model__router="nope", train__steps=0)
-  message = _refused(config, tmp_path / "run", capsys, "model.top_k=99", "model.router='nope'",
+  config = _with(get_config("tiny"), router__top_k=99, router__score_function="nope", train__steps=0)
+  message = _refused(config, tmp_path / "run", capsys, "router.top_k=99", "router.score_function='nope'",
                      "train.steps=0")
   assert message.count("\n  - ") == 4   # top_k, router, steps, and warmup_steps >= steps
 

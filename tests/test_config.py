@@ -21,9 +21,9 @@ def test_config_argument_shorthands():
 
 
 BAD = [
-    ("model.top_k", 9, "model.top_k=9 is larger than model.num_routed_experts=8"),
-    ("model.router", "bogus", "model.router='bogus' is unknown"),
-    ("model.dispatcher", "magic", "model.dispatcher='magic' is unknown"),
+    ("router.top_k", 9, "router.top_k=9 is larger than model.num_routed_experts=8"),
+    ("router.score_function", "bogus", "router.score_function='bogus' is unknown"),
+    ("dispatch.strategy", "magic", "dispatch.strategy='magic' is unknown"),
     ("model.num_kv_heads", 3, "model.num_heads=2 is not a multiple of model.num_kv_heads=3"),
     ("model.num_dense_layers", 5, "model.num_dense_layers=5 must be between 0 and"),
     ("model.vocab_size", 100, "model.vocab_size=100 is too small for data.tokenizer='bytes'"),
@@ -34,18 +34,17 @@ BAD = [
     ("mesh.expert", 3, "mesh: 8 devices cannot be split with a fixed axis of 3"),
     ("mesh.data", 3, "mesh: data=3 x expert=1 = 3 devices, but 8 are available"),
     ("optimizer.warmup_steps", 100, "optimizer.warmup_steps=100 must be >= 0 and below"),
-    ("model.num_groups", 3, "model.num_groups=3 must be >= 1 and divide model.num_routed_experts=8"),
-    ("model.topk_groups", 2, "model.topk_groups=2 must be between 1 and model.num_groups=1"),
-    ("model.group_score", "mean", "model.group_score='mean' is unknown"),
-    ("model.bias_update_rule", "pid", "model.bias_update_rule='pid' is unknown"),
-    ("model.z_loss_coef", -1.0, "model.z_loss_coef=-1.0 must be >= 0"),
+    ("router.num_groups", 3, "router.num_groups=3 must divide model.num_routed_experts=8"),
+    ("router.topk_groups", 2, "router.topk_groups=2 must be between 1 and router.num_groups=1"),
+    ("router.group_score", "mean", "router.group_score='mean' is unknown"),
+    ("balancing.bias_update_rule", "pid", "balancing.bias_update_rule='pid' is unknown"),
+    ("balancing.z_loss_coef", -1.0, "balancing.z_loss_coef=-1.0 must be >= 0"),
     ("train.metrics_port", 70000, "train.metrics_port=70000 must be 0 (off) or a port"),
-    ("model.expert_parallel", "magic", "model.expert_parallel='magic' is unknown"),
-    ("model.expert_parallel_chunks", 0, "model.expert_parallel_chunks=0 must be >= 1"),
+    ("dispatch.expert_parallel", "magic", "dispatch.expert_parallel='magic' is unknown"),
+    ("dispatch.expert_parallel_chunks", 0, "dispatch.expert_parallel_chunks=0 must be >= 1"),
     ("sharding.embed", "tensor", "sharding.embed=tensor: unknown mesh axis"),
-    ("sharding.mlp", "expert", "sharding: parameter 'w_gate' (experts, embed, mlp) would use"),
-    ("model.expert_parallel", "ragged_all_to_all",
-     "model.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend"),
+    ("dispatch.expert_parallel", "ragged_all_to_all",
+     "dispatch.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend"),
     ("model.attention", "flash", "model.attention='flash' is unknown; choose from ['gqa', 'mla']"),
     ("model.rope_scaling", "ntk", "model.rope_scaling='ntk' is unknown"),
 ]
@@ -79,19 +78,29 @@ def test_bad_values_are_named(field, value, message):
     validate_config(config, num_devices=8)
 
 
+def test_a_rule_that_puts_a_mesh_axis_twice_on_a_parameter_is_refused_before_compiling():
+  from moe_jax.train import laid_out_state, mesh_of
+  config = get_config("tiny")
+  config.sharding.mlp = "expert"   # w_gate: experts and mlp both over `expert`
+  validate_config(config, num_devices=8)
+  with pytest.raises(ConfigError, match=r"sharding: parameter blocks\.1\.mlp\.w_(gate|up|down) "
+                     r"\(experts, .*mlp.*\) would use a mesh axis twice: \['expert', 'expert'\]"):
+    laid_out_state(config, mesh_of(config))
+
+
 def test_group_limits_leave_room_for_top_k():
   config = get_config("tiny")
-  config.model.num_groups, config.model.topk_groups, config.model.top_k = 4, 1, 3
-  with pytest.raises(ConfigError, match="model.top_k=3 is more than the 2 experts in "
-                                        "model.topk_groups=1 groups of 2"):
+  config.router.num_groups, config.router.topk_groups, config.router.top_k = 4, 1, 3
+  with pytest.raises(ConfigError, match="router.top_k=3 is more than the 2 experts in "
+                                        "router.topk_groups=1 groups of 2"):
     validate_config(config, num_devices=8)
 
 
 def test_expert_choice_rejects_balancing_that_does_nothing():
   config = get_config("tiny")
-  config.model.router = "expert_choice"
-  with pytest.raises(ConfigError, match="model.bias_update_rate=0.01 has no effect with "
-                                        "model.router='expert_choice'"):
+  config.router.score_function = "expert_choice"
+  with pytest.raises(ConfigError, match="balancing.bias_update_rate=0.01 has no effect with "
+                                        "router.score_function='expert_choice'"):
     validate_config(config, num_devices=8)
 
 
@@ -106,10 +115,10 @@ def test_experts_must_divide_over_expert_axis():
 
 def test_all_problems_are_listed_at_once():
   config = get_config("tiny")
-  config.model.top_k, config.model.router = 99, "nope"
+  config.router.top_k, config.router.score_function = 99, "nope"
   with pytest.raises(ConfigError) as error:
     validate_config(config, num_devices=8)
-  assert "model.top_k" in str(error.value) and "model.router" in str(error.value)
+  assert "router.top_k" in str(error.value) and "router.score_function" in str(error.value)
 
 
 def test_mesh_shape_resolution():
@@ -122,9 +131,9 @@ def test_mesh_shape_resolution():
 
 def test_expert_parallel_chunks_divide_each_devices_tokens():
   config = get_config("tiny,ep=all_to_all")        # 8 x 64 tokens over 8 devices: 64 each
-  config.model.expert_parallel_chunks = 4
+  config.dispatch.expert_parallel_chunks = 4
   validate_config(config, num_devices=8)
-  config.model.expert_parallel_chunks = 3
+  config.dispatch.expert_parallel_chunks = 3
   with pytest.raises(ConfigError, match="expert_parallel_chunks=3 does not divide the 64 tokens"):
     validate_config(config, num_devices=8)
 
@@ -145,9 +154,9 @@ def test_an_expert_parallel_variant_and_a_dispatcher_it_does_not_run_are_refused
                                                                                   dispatcher):
   config = get_config(f"tiny,ep={variant}")      # the shorthand picks the variant's dispatcher
   validate_config(config, num_devices=8)
-  config.model.dispatcher = dispatcher
-  with pytest.raises(ConfigError, match=f"model.expert_parallel='{variant}' dispatches as .* but "
-                                        f"model.dispatcher='{dispatcher}'"):
+  config.dispatch.strategy = dispatcher
+  with pytest.raises(ConfigError, match=f"dispatch.expert_parallel='{variant}' dispatches as .* but "
+                                        f"dispatch.strategy='{dispatcher}'"):
     validate_config(config, num_devices=8)
 
 

@@ -16,23 +16,23 @@ def test_comments_are_read_per_field_with_their_continuation_lines():
   source = '''
 def get_config():
   c = ConfigDict()
-  c.model.top_k = 2            # routed experts per token
-  c.model.router = "sigmoid"   # "sigmoid" | "softmax"
-                               # | "expert_choice"
+  c.router.top_k = 2            # routed experts per token
+  c.router.score_function = "sigmoid"   # "sigmoid" | "softmax"
+                                        # | "expert_choice"
   # a section heading, not a continuation
   c.model.width = 8
   c.train.steps = 10  # steps # with a hash inside
-  c.model.top_k = 4   # a variant's value: the first description stays
+  c.router.top_k = 4   # a variant's value: the first description stays
 '''
   order, comments = field_comments(source)
-  assert order == ["model.top_k", "model.router", "model.width", "train.steps"]
-  assert comments == {"model.top_k": "routed experts per token",
-                      "model.router": '"sigmoid" | "softmax" | "expert_choice"',
+  assert order == ["router.top_k", "router.score_function", "model.width", "train.steps"]
+  assert comments == {"router.top_k": "routed experts per token",
+                      "router.score_function": '"sigmoid" | "softmax" | "expert_choice"',
                       "train.steps": "steps # with a hash inside"}
 
 
 def test_print_config_lists_every_field_in_file_order_with_its_comment(tmp_path):
-  result = _main("--config=configs/default.py:tiny", "--config.model.top_k=3", "--print_config",
+  result = _main("--config=configs/default.py:tiny", "--config.router.top_k=3", "--print_config",
                  cwd=tmp_path)
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
@@ -40,10 +40,10 @@ def test_print_config_lists_every_field_in_file_order_with_its_comment(tmp_path)
   assert names[:3] == ["seed", "data.source", "data.path"] and len(names) == len(set(names))
   assert "train.metrics_host" in names and "sharding.vocab" in names
   by_name = dict(zip(names, lines))
-  assert [part.strip() for part in by_name["model.top_k"].split("  # ")] == [
-      "model.top_k = 3", "[set on the command line] routed experts per token K"]
+  assert [part.strip() for part in by_name["router.top_k"].split("  # ")] == [
+      "router.top_k = 3", "[set on the command line] routed experts per token K"]
   assert by_name["model.d_model"].startswith("model.d_model = 64 ")   # the tiny variant's value
-  assert by_name["model.router"].endswith('| "expert_choice" (not causal); see docs/routing.md')
+  assert by_name["router.score_function"].endswith('| "expert_choice" (not causal); see docs/routing.md')
   assert not list(tmp_path.iterdir())
 
 
@@ -64,5 +64,5 @@ def test_dry_run_reports_sizes_flops_mesh_and_memory_and_writes_nothing(tmp_path
   assert "one training step as XLA compiled it: " in out
   assert "dry run: nothing was trained or written" in out
   assert not (tmp_path / "run").exists()
-  bad = _main("--config=configs/default.py:tiny", "--config.model.top_k=20", "--dry_run")
-  assert bad.returncode == 2 and "model.top_k=20 is larger than" in bad.stderr
+  bad = _main("--config=configs/default.py:tiny", "--config.router.top_k=20", "--dry_run")
+  assert bad.returncode == 2 and "router.top_k=20 is larger than" in bad.stderr

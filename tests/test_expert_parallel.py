@@ -14,8 +14,9 @@ from configs.default import get_config
 from moe_jax import parallel, routing, steps
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.dispatch import SwiGLUExperts, expert_capacity, reference_dispatch
-from moe_jax.dispatch.expert_parallel import expert_parallel_dispatch
+from moe_jax.dispatch.expert_parallel import DISPATCHER_OF_VARIANT, expert_parallel_dispatch
 from moe_jax.model import ModelSpec
+from moe_jax.routing import BalancingSettings
 from moe_jax.train import train_and_evaluate
 
 B, S, D, F, E, K = 16, 8, 16, 8, 8, 2
@@ -112,7 +113,7 @@ def test_all_to_all_counts_drops_per_device(mesh_shape):
 
 @pytest.mark.parametrize("variant", CPU_VARIANTS)
 def test_training_step_with_expert_parallelism_matches_data_parallel(tiny_config, variant):
-  tiny_config.model.capacity_factor = float(tiny_config.model.num_routed_experts)  # no drops
+  tiny_config.dispatch.capacity_factor = float(tiny_config.model.num_routed_experts)  # no drops
   batches = [np.random.default_rng(i).integers(0, 256, (8, 33), dtype=np.int32) for i in range(2)]
 
   ep_state, ep_losses = _train_steps(tiny_config, batches, (4, 2), variant)
@@ -144,15 +145,17 @@ def test_zero1_optimizer_sharding_matches_replicated(tiny_config):
 
 def _train_steps(config, batches, mesh_shape, expert_parallel, zero1=False):
   """Training steps jitted as the training loop jits them (state layout kept across steps)."""
-  config.model.expert_parallel = expert_parallel
+  config.dispatch.expert_parallel = expert_parallel
+  config.dispatch.strategy = DISPATCHER_OF_VARIANT.get(expert_parallel, "capacity")
   mesh = parallel.make_mesh(*mesh_shape)
   tx = steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0)
-  graphdef, state = steps.init_state(ModelSpec.from_config(config.model), tx, 0)
+  graphdef, state = steps.init_state(ModelSpec.from_config(config), tx, 0)
   with jax.set_mesh(mesh):
     shardings = parallel.state_shardings(state, mesh, parallel.DEFAULT_RULES, zero1)
     state = jax.device_put(state, shardings)
     step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                                     bias_update_rate=1e-2), out_shardings=(shardings, None))
+                                     balancing=BalancingSettings(bias_update_rate=1e-2)),
+                   out_shardings=(shardings, None))
     losses = []
     for batch in batches:
       state, metrics = step(state, parallel.global_batch(batch, mesh))
@@ -186,12 +189,12 @@ def test_every_dispatcher_on_a_sharded_batch_matches_reference(tiny_config, mesh
   from moe_jax.dispatch import DISPATCHERS
   from moe_jax.model import Transformer
   tokens = jnp.asarray(np.random.default_rng(5).integers(0, 256, (8, 16)), jnp.int32)
-  tiny_config.model.capacity_factor = float(tiny_config.model.num_routed_experts)
+  tiny_config.dispatch.capacity_factor = float(tiny_config.model.num_routed_experts)
   outputs = {}
   mesh = parallel.make_mesh(*mesh_shape)
   for name in sorted(DISPATCHERS):
-    tiny_config.model.dispatcher = name
-    model = Transformer(ModelSpec.from_config(tiny_config.model), nnx.Rngs(params=0))
+    tiny_config.dispatch.strategy = name
+    model = Transformer(ModelSpec.from_config(tiny_config), nnx.Rngs(params=0))
     graphdef, state = nnx.split(model)
     with jax.set_mesh(mesh):
       batch = tokens if name == "reference" else parallel.global_batch(np.asarray(tokens), mesh)

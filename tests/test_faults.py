@@ -86,11 +86,11 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], Path, list[str]]]:
   cases["empty --config"] = (_command(tmp / "run", config=""), tmp / "run", ["--config is empty"])
   cases["unknown size"] = (_command(tmp / "run", config="configs/default.py:huge"), tmp / "run",
                            ["unknown size 'huge'; expected 'default' or 'tiny'"])
-  cases["near-miss field"] = (_command(tmp / "run", "--config.model.rouetr=softmax"), tmp / "run",
-                              ["--config.model.rouetr: the config has no field 'rouetr' "
-                               "(did you mean 'router'?)"])
-  cases["near-miss section"] = (_command(tmp / "run", "--config.modle.top_k=2"), tmp / "run",
-                                ["the config has no field 'modle' (did you mean 'model'?)"])
+  cases["field that moved"] = (_command(tmp / "run", "--config.model.router=softmax"), tmp / "run",
+                               ["--config.model.router: the field moved; it is now "
+                                "--config.router.score_function"])
+  cases["near-miss section"] = (_command(tmp / "run", "--config.routr.top_k=2"), tmp / "run",
+                                ["the config has no field 'routr' (did you mean 'router'?)"])
   # Run outside the checkout: the default config is still found (the mistake is in it).
   cases["default config, elsewhere"] = (
       [sys.executable, "-m", "moe_jax.main", f"--workdir={tmp / 'run'}",
@@ -112,11 +112,11 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], Path, list[str]]]:
   for override, expected in [
       ("--config.optimizer.learning_rate=inf", "optimizer.learning_rate=inf must be a finite"),
       ("--config.optimizer.learning_rate=nan", "optimizer.learning_rate=nan must be a finite"),
-      ("--config.model.capacity_factor=inf", "model.capacity_factor=inf must be a finite"),
+      ("--config.dispatch.capacity_factor=inf", "dispatch.capacity_factor=inf must be a finite"),
       ("--config.data.shuffle_seed=-1", "data.shuffle_seed=-1 must be >= 0"),
       ("--config.train.steps=99999999999", "train.steps=99999999999 is out of range"),
-      ("--config.model.top_k=20", "model.top_k=20 is larger than model.num_routed_experts=8"),
-      ("--config.model.top_k=2.5", "--config.model.top_k=2.5: invalid literal for int()"),
+      ("--config.router.top_k=20", "router.top_k=20 is larger than model.num_routed_experts=8"),
+      ("--config.router.top_k=2.5", "--config.router.top_k=2.5: invalid literal for int()"),
       ("--config.model.nonexistent=3", "--config.model.nonexistent: the config has no field "
                                        "'nonexistent'"),
   ]:
@@ -330,7 +330,7 @@ from moe_jax.sweep import Sweep
 def get_sweep(size):
   base = {{"train.steps": {steps}, "train.log_every": 1, "train.eval_every": 100000,
           "train.checkpoint_every": 100000, "train.sample_tokens": 0}}
-  return Sweep("pair", "configs/default.py:tiny", base, {{"a": {{}}, "b": {{"model.top_k": 1}}}})
+  return Sweep("pair", "configs/default.py:tiny", base, {{"a": {{}}, "b": {{"router.top_k": 1}}}})
 '''
 
 

@@ -14,7 +14,7 @@ def _model(tiny_config, attention, mtp_depth=0, seed=0):
   m = tiny_config.model
   m.update(attention=attention, mtp_depth=mtp_depth, kv_lora_rank=24, qk_nope_head_dim=16,
            qk_rope_head_dim=8, v_head_dim=12, q_lora_rank=20 if attention == "mla" else 0)
-  model = Transformer(ModelSpec.from_config(m), nnx.Rngs(params=seed))
+  model = Transformer(ModelSpec.from_config(tiny_config), nnx.Rngs(params=seed))
   return generate.decoding_model(*nnx.split(model, nnx.Param, ...))
 
 

@@ -141,7 +141,7 @@ def test_deepseek_mtp_layers_import_export_and_transformers_ignores_them(tmp_pat
   theirs = _hf_model("deepseek_v3", tmp_path / "hf")
   imported = hf.load(tmp_path / "hf")
   assert imported.spec.mtp_depth == 0                  # transformers saved no MTP layer
-  with_mtp_spec = imported.spec._replace(mtp_depth=1)
+  with_mtp_spec = imported.spec.replace(mtp_depth=1)
   model = nnx.merge(*nnx.split(Transformer(with_mtp_spec, nnx.Rngs(params=1))))
   graphdef, params, biases = nnx.split(model, nnx.Param, BalancingBias)
   for ours, source in ((params, imported.params), (biases, imported.biases)):

@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.dispatch import SwiGLUExperts, dropless_dispatch, reference_dispatch
+from moe_jax.dispatch import (DispatchSettings, SwiGLUExperts, dropless_dispatch,
+                              reference_dispatch)
 from moe_jax.kernels import grouped_matmul as gm
+from moe_jax.settings import ConfigError
 
 SMALL = gm.Blocks(m=16, n=16, k=16)
 
@@ -60,14 +62,13 @@ def test_dropless_dispatch_through_the_kernels_matches_the_reference():
   x = jnp.asarray(rng.normal(size=(tokens, width)), jnp.float32)
   weights = SwiGLUExperts(*(jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32) for s in
                             [(experts, width, hidden), (experts, width, hidden),
-                             (experts, hidden, width)]))
+                             (experts, hidden, width)]), implementation="interpret")
   ids = jnp.asarray(rng.choice(3, (tokens, k)), jnp.int32)   # very skewed: 3 of 8 experts used
   ids = ids.at[:, 1].set((ids[:, 0] + 1) % 3)
   gates = jnp.asarray(rng.random((tokens, k)), jnp.float32)
   loss = lambda fn: lambda x, w: jnp.sum(jnp.sin(fn(x, ids, gates, w).output))
-  with gm.implementation("interpret"):
-    assert gm.chosen_implementation(width, hidden) == "interpret"
-    got = jax.value_and_grad(loss(dropless_dispatch), (0, 1))(x, weights)
+  assert gm.chosen_implementation(width, hidden, weights.implementation) == "interpret"
+  got = jax.value_and_grad(loss(dropless_dispatch), (0, 1))(x, weights)
   want = jax.value_and_grad(loss(reference_dispatch), (0, 1))(x, weights)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -75,12 +76,9 @@ def test_dropless_dispatch_through_the_kernels_matches_the_reference():
 
 def test_implementation_choice():
   assert gm.chosen_implementation(64, 128) == "xla"          # auto on CPU
-  with gm.implementation("pallas"):
-    assert gm.chosen_implementation(64, 128) == "pallas"
-    assert gm.chosen_implementation(64, 100) == "xla"        # not a multiple of 16
-  with gm.implementation("mosaic"):
-    assert gm.chosen_implementation(1024, 384) == "mosaic"
-    assert gm.chosen_implementation(1024, 352) == "pallas"   # mosaic tiles need multiples of 64
-  with pytest.raises(ValueError, match="unknown grouped matmul 'cuda'"):
-    with gm.implementation("cuda"):
-      pass
+  assert gm.chosen_implementation(64, 128, "pallas") == "pallas"
+  assert gm.chosen_implementation(64, 100, "pallas") == "xla"        # not a multiple of 16
+  assert gm.chosen_implementation(1024, 384, "mosaic") == "mosaic"
+  assert gm.chosen_implementation(1024, 352, "mosaic") == "pallas"   # mosaic tiles: multiples of 64
+  with pytest.raises(ConfigError, match="dispatch.grouped_matmul='cuda' is unknown"):
+    DispatchSettings(strategy="dropless", grouped_matmul="cuda")

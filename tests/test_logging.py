@@ -67,7 +67,7 @@ def test_training_flops_per_token_of_the_tiny_model_by_hand(tiny_config):
   assert matmul == 84_736
   scores_and_values = 3 * 2 * 64 * 2 * (32 + 32)                       # 2 layers, causal
   expected = 6 * matmul + scores_and_values
-  spec = ModelSpec.from_config(tiny_config.model)
+  spec = ModelSpec.from_config(tiny_config)
   assert throughput.training_flops_per_token(spec, 64) == expected == 557_568
 
 

@@ -10,11 +10,14 @@ from moe_jax.layers import attention
 from moe_jax.layers.logits import output_logits
 from moe_jax.layers.moe import BalancingBias
 from moe_jax.model import ModelSpec, Transformer
+from moe_jax.settings import ConfigError
 
 
-def _model(config, **overrides):
-  config.model.update(overrides)
-  return Transformer(ModelSpec.from_config(config.model), nnx.Rngs(params=0))
+def _model(config, capacity_factor: float | None = None, **model_overrides):
+  config.model.update(model_overrides)
+  if capacity_factor is not None:
+    config.dispatch.capacity_factor = capacity_factor
+  return Transformer(ModelSpec.from_config(config), nnx.Rngs(params=0))
 
 
 def test_shapes_and_statistics(tiny_config):
@@ -25,7 +28,7 @@ def test_shapes_and_statistics(tiny_config):
   assert logits.shape == (3, 20, m.vocab_size) and logits.dtype == jnp.float32
   num_moe = m.num_layers - m.num_dense_layers
   assert stats.counts.shape == (num_moe, m.num_routed_experts)
-  np.testing.assert_allclose(stats.counts.sum(-1), 3 * 20 * m.top_k)
+  np.testing.assert_allclose(stats.counts.sum(-1), 3 * 20 * tiny_config.router.top_k)
   assert len(model.moe_layers()) == num_moe
 
 
@@ -98,12 +101,9 @@ def test_attention_takes_the_xla_path_off_gpu_and_can_be_forced():
   on_gpu = jax.default_backend() == "gpu"
   assert attention.chosen_implementation(jnp.bfloat16, 64) == ("cudnn" if on_gpu else "xla")
   assert attention.chosen_implementation(jnp.float32, 64) == "xla"
-  with attention.implementation("cudnn"):
-    assert attention.chosen_implementation(jnp.float32, 64) == "cudnn"
-  assert attention.chosen_implementation(jnp.float32, 64) == "xla"
-  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
-    with attention.implementation("flash"):
-      pass
+  assert attention.chosen_implementation(jnp.float32, 64, "cudnn") == "cudnn"
+  with pytest.raises(ConfigError, match="model.attention_implementation='flash' is unknown"):
+    ModelSpec(attention_implementation="flash")
 
 
 def test_cudnn_lengths_are_padded_to_whole_tiles_and_padding_changes_nothing():

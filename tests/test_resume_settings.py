@@ -14,9 +14,9 @@ SMALL = ModelSpec(vocab_size=64, d_model=32, num_layers=3, num_heads=2, num_kv_h
 VARIANTS = {
     "gqa": SMALL,
     "gqa, biases, per-head norms, gated shared expert, MTP":
-        SMALL._replace(qkv_bias=True, qk_norm="per_head", shared_expert_gate=True, mtp_depth=1),
-    "mla": SMALL._replace(attention="mla"),
-    "mla with a query latent": SMALL._replace(attention="mla", q_lora_rank=16),
+        SMALL.replace(qkv_bias=True, qk_norm="per_head", shared_expert_gate=True, mtp_depth=1),
+    "mla": SMALL.replace(attention="mla"),
+    "mla with a query latent": SMALL.replace(attention="mla", q_lora_rank=16),
 }
 # Another valid value of each field (valid in every variant above).
 OTHER = {
@@ -27,11 +27,21 @@ OTHER = {
     "shared_expert_gate": True, "expert_dim": 24, "mtp_depth": 2,
     "rope_theta": 500.0, "rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max_len": 16,
     "yarn_beta_fast": 16.0, "yarn_beta_slow": 2.0, "yarn_mscale": 0.7, "yarn_mscale_all_dim": 0.5,
-    "norm_eps": 1e-5, "compute_dtype": "bfloat16", "top_k": 1, "router": "softmax",
-    "route_scale": 2.5, "norm_topk_prob": False, "num_groups": 2, "topk_groups": 2,
-    "group_score": "max", "dispatcher": "dropless", "capacity_factor": 2.0,
-    "expert_parallel": "all_gather", "expert_parallel_chunks": 2, "switch_loss_alpha": 0.01,
-    "sequence_loss_alpha": 0.001, "z_loss_coef": 0.001,
+    "norm_eps": 1e-5, "compute_dtype": "bfloat16", "attention_implementation": "xla", "mtp_loss_weight": 0.5,
+    "mtp_loss_weight_final": 0.2, "mtp_weight_switch_fraction": 0.5,
+}
+# Other values of the settings the MoE layers read (pairs that must agree change together).
+OTHER_SETTINGS = {
+    "router": [{"top_k": 1}, {"score_function": "softmax"}, {"route_scale": 2.5},
+               {"norm_topk_prob": False}, {"num_groups": 2, "topk_groups": 2},
+               {"group_score": "max"}, {"score_function": "expert_choice"}],
+    "balancing": [{"bias_update_rate": 0.0}, {"bias_update_rule": "proportional"},
+                  {"bias_freeze_step": 5}, {"switch_loss_alpha": 0.01},
+                  {"sequence_loss_alpha": 0.001}, {"z_loss_coef": 0.001}],
+    "dispatch": [{"strategy": "dropless"}, {"strategy": "dense"}, {"capacity_factor": 2.0},
+                 {"strategy": "dropless", "expert_parallel": "all_gather"},
+                 {"expert_parallel": "all_to_all", "expert_parallel_chunks": 2},
+                 {"grouped_matmul": "interpret"}],
 }
 
 
@@ -44,38 +54,45 @@ def parameter_layout(spec: ModelSpec):
 
 
 def test_other_values_cover_every_field():
-  assert set(OTHER) == set(ModelSpec._fields)
+  assert set(OTHER) == set(ModelSpec.field_types())
+  for section, changes in OTHER_SETTINGS.items():
+    changed = {name for change in changes for name in change}
+    assert changed == set(type(getattr(SMALL, section)).field_types()), section
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fields_outside_the_parameter_settings_leave_every_parameter_as_it_was(variant):
   spec = VARIANTS[variant]
   layout = parameter_layout(spec)
-  for field in sorted(set(ModelSpec._fields) - set(PARAMETER_FIELDS)):
-    assert parameter_layout(spec._replace(**{field: OTHER[field]})) == layout, field
+  for field in sorted(set(ModelSpec.field_types()) - set(PARAMETER_FIELDS)):
+    assert parameter_layout(spec.replace(**{field: OTHER[field]})) == layout, field
+  for section, changes in OTHER_SETTINGS.items():
+    for change in changes:
+      other = getattr(spec, section).replace(**change)
+      assert parameter_layout(spec.replace(**{section: other})) == layout, (section, change)
 
 
 def test_each_parameter_setting_changes_the_parameters_of_some_model():
   for field in PARAMETER_FIELDS:
     changes = [name for name, spec in VARIANTS.items()
-               if parameter_layout(spec._replace(**{field: OTHER[field]})) != parameter_layout(spec)]
+               if parameter_layout(spec.replace(**{field: OTHER[field]})) != parameter_layout(spec)]
     assert changes, f"{field} changes no parameter of any variant: it need not be checked"
 
 
 # ---- resuming after execution changes, on 8 simulated devices --------------------------------
 
 CHANGES = {   # from capacity dispatch on a data-only mesh of 8, replicated experts, float32
-    "data x expert mesh, all_to_all": {"model.expert_parallel": "all_to_all", "mesh.data": 2,
+    "data x expert mesh, all_to_all": {"dispatch.expert_parallel": "all_to_all", "mesh.data": 2,
                                        "mesh.expert": 4, "sharding.experts": "expert"},
-    "dropless": {"model.dispatcher": "dropless"},
-    "bf16 and a new bias rate": {"model.compute_dtype": "bfloat16", "model.bias_update_rate": 0.05},
+    "dropless": {"dispatch.strategy": "dropless"},
+    "bf16 and a new bias rate": {"model.compute_dtype": "bfloat16", "balancing.bias_update_rate": 0.05},
 }
 
 
 def _config(changes=None):
   from configs.default import get_config
   config = get_config("tiny,steps=11")
-  config.model.capacity_factor = 8.0   # room for every token: the dispatchers compute alike
+  config.dispatch.capacity_factor = 8.0   # room for every token: the dispatchers compute alike
   config.train.update(log_every=1, eval_every=100, checkpoint_every=10, sample_tokens=0)
   config.optimizer.warmup_steps = 2
   for key, value in (changes or {}).items():
@@ -128,7 +145,7 @@ def test_a_run_resumes_after_an_execution_change(ten_steps, tmp_path, change):
     for a, b in zip(jax.tree.leaves(after[name]), jax.tree.leaves(reference[name])):
       np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                  rtol=2e-2 if bf16 else 1e-4, atol=1e-3 if bf16 else 1e-6)
-  rate = CHANGES[change].get("model.bias_update_rate", 0.01)
+  rate = CHANGES[change].get("balancing.bias_update_rate", 0.01)
   for b0, b1 in zip(jax.tree.leaves(before["biases"]), jax.tree.leaves(after["biases"])):
     steps_taken = np.abs(np.asarray(b1) - np.asarray(b0))   # the sign rule: 0 or the rate
     assert np.all(np.isclose(steps_taken, 0) | np.isclose(steps_taken, rate)), steps_taken
@@ -137,9 +154,10 @@ def test_a_run_resumes_after_an_execution_change(ten_steps, tmp_path, change):
 
 def test_a_checkpoint_from_before_a_field_existed_resumes_and_a_shape_change_is_refused(
     ten_steps, tmp_path):
-  """An older writer's config lacks fields added since: an execution field, and a parameter
-  field whose default is this run's value. Both take their defaults; the resume goes on. A
-  parameter field that differs is still refused, naming both values."""
+  """An older writer's config has the router, balancing and dispatch fields under `model`,
+  and lacks fields added since: an execution field, and a parameter field whose default is
+  this run's value. Both take their defaults; the resume goes on. A parameter field that
+  differs is still refused, naming both values."""
   import json
   import shutil
   from moe_jax.checkpoint import CheckpointMismatch, json_checksum
@@ -148,6 +166,10 @@ def test_a_checkpoint_from_before_a_field_existed_resumes_and_a_shape_change_is_
   shutil.copytree(ten_steps / "ten", workdir)
   step_dir = workdir / "checkpoints" / "10"
   config = json.loads((step_dir / "config" / "metadata").read_text())
+  old_names = {"score_function": "router", "strategy": "dispatcher"}
+  for section in ("router", "balancing", "dispatch"):
+    for field, value in config.pop(section).items():
+      config["model"][old_names.get(field, field)] = value
   for field in ("expert_parallel_chunks", "shared_expert_gate"):
     del config["model"][field]
   integrity = json.loads((step_dir / "integrity" / "metadata").read_text())

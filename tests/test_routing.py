@@ -30,17 +30,17 @@ def test_bias_changes_the_choice_but_gates_come_from_unbiased_scores():
 
 
 def test_sigmoid_router_without_normalisation_keeps_raw_scores():
-  r = routing.topk_route(LOGITS, None, top_k=2, route_scale=2.0, normalize=False)
+  r = routing.topk_route(LOGITS, None, top_k=2, route_scale=2.0, norm_topk_prob=False)
   np.testing.assert_allclose(r.gates, [[1.8, 1.5]], rtol=1e-6)
 
 
 def test_softmax_router_follows_deepseek_v2():
   logits = jnp.log(jnp.array([[1.0, 2.0, 3.0, 4.0]]))    # probs 0.1, 0.2, 0.3, 0.4
-  r = routing.topk_route(logits, None, top_k=2, score_function="softmax", normalize=False,
+  r = routing.topk_route(logits, None, top_k=2, score_function="softmax", norm_topk_prob=False,
                          route_scale=2.0)
   np.testing.assert_array_equal(r.expert_ids, [[3, 2]])
   np.testing.assert_allclose(r.gates, [[0.8, 0.6]], rtol=1e-6)
-  r = routing.topk_route(logits, None, top_k=2, score_function="softmax", normalize=True)
+  r = routing.topk_route(logits, None, top_k=2, score_function="softmax", norm_topk_prob=True)
   np.testing.assert_allclose(r.gates, [[4 / 7, 3 / 7]], rtol=1e-6)
 
 
@@ -78,7 +78,7 @@ def test_group_limited_routing_v2_scores_groups_by_max():
   probs = jnp.array([[0.9, 0.1, 0.6, 0.5, 0.7, 0.0]])   # group maxima 0.9, 0.6, 0.7
   logits = jnp.log(probs + 1e-12)                          # softmax keeps the ratios (sum 2.8)
   r = routing.topk_route(logits, None, top_k=2, score_function="softmax", num_groups=3,
-                         topk_groups=2, group_score="max", normalize=False)
+                         topk_groups=2, group_score="max", norm_topk_prob=False)
   np.testing.assert_array_equal(r.expert_ids, [[0, 4]])
   np.testing.assert_allclose(r.gates, [[0.9 / 2.8, 0.7 / 2.8]], rtol=1e-5)
 

@@ -17,7 +17,7 @@ def get_sweep(size):
   base = {"train.steps": 6, "optimizer.warmup_steps": 1, "train.log_every": 2,
           "train.eval_every": 3, "train.checkpoint_every": 3, "train.sample_tokens": 0,
           "optimizer.learning_rate": 1e-3}
-  members = {"top2": {}, "top1_softmax": {"model.top_k": 1, "model.router": "softmax"}}
+  members = {"top2": {}, "top1_softmax": {"router.top_k": 1, "router.score_function": "softmax"}}
   return Sweep("pair", "configs/default.py:tiny", base, members, "Two members.")
 '''
 
@@ -48,7 +48,7 @@ def test_runner_runs_skips_and_tabulates_a_two_member_sweep(pair_file, tmp_path,
   for member in ("top2", "top1_softmax"):
     written = json.loads((runs / "pair_tiny" / member / "config.json").read_text())
     assert written == json.loads(sweep.member_config(loaded, member).to_json_best_effort())
-  assert written["model"]["top_k"] == 1 and written["model"]["router"] == "softmax"
+  assert written["router"]["top_k"] == 1 and written["router"]["score_function"] == "softmax"
 
   rows = list(csv.DictReader(open(results / "pair_tiny" / "results.csv")))
   assert [r["member"] for r in rows] == ["top2", "top1_softmax"]
@@ -64,7 +64,7 @@ def test_runner_runs_skips_and_tabulates_a_two_member_sweep(pair_file, tmp_path,
     assert float(row["validation_loss"]) == pytest.approx(evaluations[-1], rel=1e-12)
   assert int(rows[1]["active_params"]) < int(rows[0]["active_params"])   # top-1 uses fewer
   table = (results / "pair_tiny" / "results.md").read_text()
-  assert "| top1_softmax | top_k=1 router=softmax |" in table and "- command: `" in table
+  assert "| top1_softmax | top_k=1 score_function=softmax |" in table and "- command: `" in table
   for plot in ("validation_loss.png", "max_violation.png", "expert_load.png"):
     assert (results / "pair_tiny" / plot).stat().st_size > 10_000, plot
 
@@ -82,7 +82,7 @@ def test_print_commands_gives_one_launch_line_per_member(pair_file, tmp_path, ca
   assert sweep.main([f"{pair_file}:tiny", f"--workdir_root={tmp_path}", "--print_commands"]) == 0
   lines = [l for l in capsys.readouterr().out.splitlines() if "moe_jax.main" in l]
   assert len(lines) == 2
-  assert "--config.model.top_k=1 --config.model.router=softmax" in lines[1]
+  assert "--config.router.top_k=1 --config.router.score_function=softmax" in lines[1]
   assert f"--workdir={tmp_path / 'pair_tiny' / 'top1_softmax'}" in lines[1]
   assert not (tmp_path / "pair_tiny" / "top2").exists()
 
@@ -90,14 +90,14 @@ def test_print_commands_gives_one_launch_line_per_member(pair_file, tmp_path, ca
 def test_a_bad_member_stops_the_sweep_before_anything_runs(pair_file, tmp_path, capsys,
                                                            monkeypatch):
   monkeypatch.chdir(ROOT)
-  pair_file.write_text(TWO_MEMBERS.replace('"model.top_k": 1', '"model.top_kk": 1'))
+  pair_file.write_text(TWO_MEMBERS.replace('"router.top_k": 1', '"model.top_kk": 1'))
   assert sweep.main([f"{pair_file}:tiny", f"--workdir_root={tmp_path}"]) == 2
   err = capsys.readouterr().err
   assert "member 'top1_softmax': cannot set model.top_kk=1" in err
   assert not (tmp_path / "pair_tiny" / "top2").exists()
-  pair_file.write_text(TWO_MEMBERS.replace('"model.top_k": 1', '"model.top_k": 99'))
+  pair_file.write_text(TWO_MEMBERS.replace('"router.top_k": 1', '"router.top_k": 99'))
   assert sweep.main([f"{pair_file}:tiny", f"--workdir_root={tmp_path}"]) == 2
-  assert "top1_softmax: invalid config:\n  - model.top_k=99 is larger" in capsys.readouterr().err
+  assert "top1_softmax: invalid config:\n  - router.top_k=99 is larger" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("study", ["load_balancing", "granularity"])
@@ -114,7 +114,7 @@ def test_granularity_members_use_equal_active_parameters(monkeypatch):
   from moe_jax.model import ModelSpec, parameter_counts
   monkeypatch.chdir(ROOT)
   loaded, _ = sweep.load_sweep("experiments/granularity.py:tiny")
-  counts = [parameter_counts(ModelSpec.from_config(sweep.member_config(loaded, m).model))
+  counts = [parameter_counts(ModelSpec.from_config(sweep.member_config(loaded, m)))
             for m in loaded.members]
   experts = [c["active_experts"] for c in counts]
   assert max(experts) / min(experts) < 1.02, experts   # rounding of the widths only

@@ -70,7 +70,7 @@ def test_bpe_corpus_holds_every_byte_of_the_split(tmp_path):
 def test_bits_per_byte_divide_by_the_bytes_the_targets_stand_for(bpe):
   config = get_config("tiny")
   config.model.vocab_size = bpe.vocab_size
-  spec = ModelSpec.from_config(config.model)
+  spec = ModelSpec.from_config(config)
   tx = steps.make_optimizer(steps.make_schedule(1e-3, 1, 10, 0.1), 0.9, 0.95, 0.0, 1.0)
   graphdef, state = steps.init_state(spec, tx, 0)
   stream = np.concatenate([[bpe.bos_id], bpe.encode(FILES[1]), [bpe.bos_id], bpe.encode(FILES[3])])

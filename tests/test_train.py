@@ -13,6 +13,7 @@ from flax import nnx
 from moe_jax import parallel, routing, steps
 from moe_jax.checkpoint import Checkpointer, CheckpointMismatch
 from moe_jax.model import ModelSpec
+from moe_jax.routing import BalancingSettings
 from moe_jax.train import train_and_evaluate
 
 
@@ -21,10 +22,10 @@ def _run_steps(config, devices, batches):
   o = config.optimizer
   tx = steps.make_optimizer(steps.make_schedule(o.learning_rate, o.warmup_steps, 10, 0.1),
                             o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
-  graphdef, state = steps.init_state(ModelSpec.from_config(config.model), tx, 0)
+  graphdef, state = steps.init_state(ModelSpec.from_config(config), tx, 0)
   state = jax.device_put(state, parallel.replicated(mesh))
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                                   bias_update_rate=1e-2))
+                                   balancing=BalancingSettings(bias_update_rate=1e-2)))
   history = []
   for batch in batches:
     state, metrics = step(state, parallel.global_batch(batch, mesh))
@@ -52,7 +53,7 @@ def test_bias_update_uses_global_counts_and_no_gradient(tiny_config):
   rng = np.random.default_rng(1)
   batch = rng.integers(0, 256, (8, 33), dtype=np.int32)
   state, _ = _run_steps(tiny_config, jax.devices(), [batch])
-  graphdef, initial = steps.init_state(ModelSpec.from_config(tiny_config.model),
+  graphdef, initial = steps.init_state(ModelSpec.from_config(tiny_config),
                                        steps.make_optimizer(0.0, 0.9, 0.95, 0.0, 1.0), 0)
   # Counts of the whole global batch, under the initial parameters and zero biases.
   _, (_, stats, _) = steps.loss_fn(initial.params, initial.biases, graphdef, jnp.asarray(batch))
@@ -91,7 +92,7 @@ def test_short_run_learns_and_writes_its_outputs(tiny_config, tmp_path):
   assert coactivation.shape == (1, num_experts, num_experts)
   np.testing.assert_allclose(coactivation, np.swapaxes(coactivation, 1, 2))
   # Each token uses K experts, so the diagonal (share of tokens per expert) sums to K.
-  np.testing.assert_allclose(np.trace(coactivation[0]), tiny_config.model.top_k, rtol=1e-4)
+  np.testing.assert_allclose(np.trace(coactivation[0]), tiny_config.router.top_k, rtol=1e-4)
   for name in ("config.json", "data_manifest.json", "final_metrics.json", "sample.txt",
                "expert_load.png", "routing.jsonl"):
     assert (tmp_path / name).stat().st_size > 0, name
@@ -131,10 +132,9 @@ def test_resume_with_other_model_sizes_is_refused(tiny_config, tmp_path):
 
 def test_aux_losses_add_up_with_their_coefficients(tiny_config):
   """Switch + sequence-wise + z-loss enter the loss with their weights; they reach the router."""
-  m = tiny_config.model
-  m.router, m.bias_update_rate = "softmax", 0.0
-  m.switch_loss_alpha, m.sequence_loss_alpha, m.z_loss_coef = 0.1, 0.01, 1e-3
-  graphdef, state = steps.init_state(ModelSpec.from_config(m),
+  tiny_config.router.score_function, b = "softmax", tiny_config.balancing
+  b.bias_update_rate, b.switch_loss_alpha, b.sequence_loss_alpha, b.z_loss_coef = 0.0, 0.1, 0.01, 1e-3
+  graphdef, state = steps.init_state(ModelSpec.from_config(tiny_config),
                                      steps.make_optimizer(0.0, 0.9, 0.95, 0.0, 1.0), 0)
   batch = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 33)), jnp.int32)
   loss, (cross_entropy, stats, _) = steps.loss_fn(state.params, state.biases, graphdef, batch)
@@ -152,9 +152,9 @@ def test_aux_losses_add_up_with_their_coefficients(tiny_config):
 def test_bias_freezes_after_the_configured_step(tiny_config):
   o = tiny_config.optimizer
   tx = steps.make_optimizer(steps.make_schedule(o.learning_rate, 1, 10, 0.1), 0.9, 0.95, 0.0, 1.0)
-  graphdef, state = steps.init_state(ModelSpec.from_config(tiny_config.model), tx, 0)
-  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                                   bias_update_rate=1e-2, bias_freeze_step=2))
+  graphdef, state = steps.init_state(ModelSpec.from_config(tiny_config), tx, 0)
+  balancing = BalancingSettings(bias_update_rate=1e-2, bias_freeze_step=2)
+  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, balancing=balancing))
   rng = np.random.default_rng(3)
   biases = []
   for _ in range(4):
@@ -169,11 +169,11 @@ def test_bias_freezes_after_the_configured_step(tiny_config):
                                                 ("expert_choice", "capacity"),
                                                 ("sigmoid", "dropless"), ("sigmoid", "dense")])
 def test_other_routers_and_dispatchers_train(tiny_config, tmp_path, router, dispatcher):
-  m = tiny_config.model
-  m.router, m.dispatcher = router, dispatcher
+  tiny_config.router.score_function, tiny_config.dispatch.strategy = router, dispatcher
+  b = tiny_config.balancing
   if router != "sigmoid":
-    m.bias_update_rate, m.sequence_loss_alpha = 0.0, 0.0
-  m.switch_loss_alpha = 1e-2 if router == "softmax" else 0.0
+    b.bias_update_rate, b.sequence_loss_alpha = 0.0, 0.0
+  b.switch_loss_alpha = 1e-2 if router == "softmax" else 0.0
   config = _config(tiny_config, steps=12, log_every=6, eval_every=12, checkpoint_every=100,
                    sample_tokens=0)
   final = train_and_evaluate(config, tmp_path)

@@ -30,7 +30,7 @@ from moe_jax.dispatch.experts import SwiGLUExperts
 EXPERT_AXIS = "expert"
 TOKEN_AXES = ("data", "expert")
 VARIANTS = ("all_to_all", "all_gather", "ragged_all_to_all")
-# The single-device dispatch each variant performs across devices (what model.dispatcher must say).
+# The single-device dispatch each variant performs across devices (what dispatch.strategy must say).
 DISPATCHER_OF_VARIANT = {"all_to_all": "capacity", "all_gather": "dropless",
                          "ragged_all_to_all": "dropless"}
 
@@ -150,12 +150,12 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
 
   def per_device(x, ids, gates, w_gate, w_up, w_down):
     batch, seq, width = x.shape
+    local = SwiGLUExperts(w_gate, w_up, w_down, experts.implementation)
     out = function(x.reshape(batch * seq, width), ids.reshape(batch * seq, -1),
-                   gates.reshape(batch * seq, -1), SwiGLUExperts(w_gate, w_up, w_down),
-                   capacity_factor)
+                   gates.reshape(batch * seq, -1), local, capacity_factor)
     return out.output.reshape(batch, seq, width), jax.lax.psum(out.dropped, TOKEN_AXES)
 
   tokens, weights = P(TOKEN_AXES), P(EXPERT_AXIS)
   return jax.shard_map(per_device, in_specs=(tokens, tokens, tokens, weights, weights, weights),
                        out_specs=(tokens, P()))(
-      x_BxSxD, expert_ids_BxSxK, gates_BxSxK, *experts)
+      x_BxSxD, expert_ids_BxSxK, gates_BxSxK, experts.w_gate, experts.w_up, experts.w_down)

@@ -3,7 +3,8 @@
 Shape letters: E experts, C slots per expert, D model width, F expert width, N rows.
 """
 
-from typing import NamedTuple
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +13,17 @@ from jaxtyping import Array, Float, Int
 from moe_jax.kernels import grouped_matmul
 
 
-class SwiGLUExperts(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w_gate", "w_up", "w_down"],
+                   meta_fields=["implementation"])
+@dataclasses.dataclass(frozen=True)
+class SwiGLUExperts:
+  """The weights, and which grouped-matmul implementation ragged groups use (a name of
+  `grouped_matmul.IMPLEMENTATIONS`, from `dispatch.grouped_matmul`)."""
+
   w_gate: Float[Array, "E D F"]
   w_up: Float[Array, "E D F"]
   w_down: Float[Array, "E F D"]
+  implementation: str = "auto"
 
   @property
   def num_experts(self) -> int:
@@ -38,7 +46,8 @@ class SwiGLUExperts(NamedTuple):
     groups (Hopper), or this repository's Pallas ones with rows padded once per group to the
     row tile; elsewhere `jax.lax.ragged_dot`.
     """
-    choice = grouped_matmul.chosen_implementation(self.w_gate.shape[1], self.w_gate.shape[2])
+    choice = grouped_matmul.chosen_implementation(self.w_gate.shape[1], self.w_gate.shape[2],
+                                                  self.implementation)
     if choice == "xla":
       return self.swiglu(rows, lambda x, w: jax.lax.ragged_dot(x, w, group_sizes))
     if choice == "mosaic":

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from moe_jax.switch import Switch
 
 MIN_BLOCK = 16          # the smallest dot Triton takes
 MOSAIC_MIN_BLOCK = 64   # the Mosaic GPU kernels' smallest tile (128-byte swizzle of bf16)
@@ -279,21 +278,17 @@ def hopper() -> bool:
 
 # ---- which implementation the experts use --------------------------------------------------
 
+# dispatch.grouped_matmul: "mosaic" (jax's Mosaic GPU kernels, Hopper), "pallas" (this
+# module's Triton kernels, any CUDA GPU), "interpret" (those in Pallas interpret mode, any
+# backend), "xla" (`jax.lax.ragged_dot`) or "auto" (mosaic on Hopper, pallas on other GPUs,
+# xla elsewhere).
 IMPLEMENTATIONS = ("auto", "mosaic", "pallas", "interpret", "xla")
-_choice = Switch("grouped matmul", IMPLEMENTATIONS)
 
 
-def implementation(name: str):
-  """Within this block, ragged expert matmuls use `name`: "mosaic" (jax's Mosaic GPU kernels,
-  Hopper), "pallas" (this module's Triton kernels, any CUDA GPU), "interpret" (those in Pallas
-  interpret mode, any backend), "xla" (`jax.lax.ragged_dot`) or "auto" (mosaic on Hopper,
-  pallas on other GPUs, xla elsewhere). Read at trace time."""
-  return _choice.using(name)
-
-
-def chosen_implementation(k_dim: int, f_dim: int) -> str:
-  """"pallas", "interpret" or "xla" for experts of these widths, on this backend."""
-  name = _choice.value
+def chosen_implementation(k_dim: int, f_dim: int, requested: str = "auto") -> str:
+  """The implementation the ragged matmuls of experts of these widths use for `requested` on
+  this backend: "mosaic", "pallas", "interpret" or "xla"."""
+  name = requested
   if name == "auto":
     name = ("mosaic" if hopper() else "pallas") if jax.default_backend() == "gpu" else "xla"
   if name == "mosaic" and (k_dim % MOSAIC_MIN_BLOCK or f_dim % MOSAIC_MIN_BLOCK):

@@ -10,25 +10,19 @@ from flax import nnx
 from moe_jax.layers import rope as rope_lib
 from moe_jax.layers.mlp import scaled_normal
 from moe_jax.layers.norms import rms_norm
-from moe_jax.switch import Switch
+from moe_jax.layers.params import param
 
+# model.attention_implementation: "cudnn" (fused flash attention, NVIDIA GPUs, bf16/fp16),
+# "xla" (scores materialised; any backend) or "auto" (cudnn where it applies, xla elsewhere).
 IMPLEMENTATIONS = ("auto", "cudnn", "xla")
-_choice = Switch("attention implementation", IMPLEMENTATIONS)
 
 
-def implementation(name: str):
-  """Within this block attention uses `name`: "cudnn" (fused flash attention, NVIDIA GPUs,
-  bf16/fp16), "xla" (scores materialised; any backend) or "auto" (cudnn where it applies, xla
-  elsewhere). Read at trace time."""
-  return _choice.using(name)
-
-
-def chosen_implementation(dtype, head_dim: int) -> str:
-  """The path `jax.nn.dot_product_attention` takes: cuDNN's fused kernel on a GPU for 16-bit
-  inputs and head dims it supports (jax's own default is the XLA path, which writes the
-  [B, N, S, S] scores to memory several times in each pass)."""
-  if _choice.value != "auto":
-    return _choice.value
+def chosen_implementation(dtype, head_dim: int, requested: str = "auto") -> str:
+  """The path `jax.nn.dot_product_attention` takes for `requested`: with "auto", cuDNN's fused
+  kernel on a GPU for 16-bit inputs and head dims it supports (jax's own default is the XLA
+  path, which writes the [B, N, S, S] scores to memory several times in each pass)."""
+  if requested != "auto":
+    return requested
   fused = (jax.default_backend() == "gpu" and "rocm" not in jax.devices()[0].client.platform_version
            and jnp.dtype(dtype).itemsize == 2
            and head_dim % 8 == 0 and head_dim <= 128)
@@ -48,10 +42,10 @@ def padded_length(length: int, implementation: str) -> int:
   return -(-length // CUDNN_LENGTH_MULTIPLE) * CUDNN_LENGTH_MULTIPLE
 
 
-def attend(q_BxSxNxH, k_BxSxGxH, v_BxSxGxV, scale: float | None = None):
-  """Causal softmax attention (grouped-query when G < N) through the chosen implementation,
-  at a sequence length it takes (see `attend_padded`)."""
-  implementation = chosen_implementation(q_BxSxNxH.dtype, q_BxSxNxH.shape[-1])
+def attend(q_BxSxNxH, k_BxSxGxH, v_BxSxGxV, scale: float | None = None, requested: str = "auto"):
+  """Causal softmax attention (grouped-query when G < N) through the implementation chosen for
+  `requested`, at a sequence length it takes (see `attend_padded`)."""
+  implementation = chosen_implementation(q_BxSxNxH.dtype, q_BxSxNxH.shape[-1], requested)
   return attend_padded(q_BxSxNxH, k_BxSxGxH, v_BxSxGxV, scale, implementation,
                        padded_length(q_BxSxNxH.shape[1], implementation))
 
@@ -96,29 +90,33 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                rope: rope_lib.Rope, dtype, rngs: nnx.Rngs, qkv_bias: bool = False,
-               qk_norm: str = "none", norm_eps: float = 1e-6):
+               qk_norm: str = "none", norm_eps: float = 1e-6, implementation: str = "auto"):
     init = scaled_normal(d_model)
-    self.w_q = nnx.Param(init(rngs.params(), (d_model, num_heads, head_dim)))
-    self.w_k = nnx.Param(init(rngs.params(), (d_model, num_kv_heads, head_dim)))
-    self.w_v = nnx.Param(init(rngs.params(), (d_model, num_kv_heads, head_dim)))
-    self.w_o = nnx.Param(scaled_normal(num_heads * head_dim)(
-        rngs.params(), (num_heads, head_dim, d_model)))
+    self.w_q = param(init(rngs.params(), (d_model, num_heads, head_dim)),
+                     "embed", "heads", "head_dim")
+    self.w_k = param(init(rngs.params(), (d_model, num_kv_heads, head_dim)),
+                     "embed", "kv_heads", "head_dim")
+    self.w_v = param(init(rngs.params(), (d_model, num_kv_heads, head_dim)),
+                     "embed", "kv_heads", "head_dim")
+    self.w_o = param(scaled_normal(num_heads * head_dim)(
+        rngs.params(), (num_heads, head_dim, d_model)), "heads", "head_dim", "embed")
     if qkv_bias:
-      self.b_q = nnx.Param(jnp.zeros((num_heads, head_dim), jnp.float32))
-      self.b_k = nnx.Param(jnp.zeros((num_kv_heads, head_dim), jnp.float32))
-      self.b_v = nnx.Param(jnp.zeros((num_kv_heads, head_dim), jnp.float32))
-    if qk_norm != "none":
-      per_head = qk_norm == "per_head"
-      self.query_norm_scale = nnx.Param(
-          jnp.ones((head_dim,) if per_head else (num_heads * head_dim,), jnp.float32))
-      self.key_norm_scale = nnx.Param(
-          jnp.ones((head_dim,) if per_head else (num_kv_heads * head_dim,), jnp.float32))
+      self.b_q = param(jnp.zeros((num_heads, head_dim), jnp.float32), "heads", "head_dim")
+      self.b_k = param(jnp.zeros((num_kv_heads, head_dim), jnp.float32), "kv_heads", "head_dim")
+      self.b_v = param(jnp.zeros((num_kv_heads, head_dim), jnp.float32), "kv_heads", "head_dim")
+    if qk_norm == "per_head":
+      self.query_norm_scale = param(jnp.ones((head_dim,), jnp.float32), "head_dim")
+      self.key_norm_scale = param(jnp.ones((head_dim,), jnp.float32), "head_dim")
+    elif qk_norm != "none":   # over all heads: [N * H] and [G * H], head by head
+      self.query_norm_scale = param(jnp.ones((num_heads * head_dim,), jnp.float32), "heads")
+      self.key_norm_scale = param(jnp.ones((num_kv_heads * head_dim,), jnp.float32), "kv_heads")
     self.rope, self.dtype = rope, dtype
     self.qkv_bias, self.qk_norm, self.norm_eps = qkv_bias, qk_norm, norm_eps
+    self.implementation = implementation
 
   def __call__(self, x_BxSxD, positions_S):
     q, k, v = self._project(x_BxSxD.astype(self.dtype), positions_S)
-    return self._output(attend(q, k, v))
+    return self._output(attend(q, k, v, requested=self.implementation))
 
   def _cast(self, w):
     return w[...].astype(self.dtype)

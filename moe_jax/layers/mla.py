@@ -22,31 +22,37 @@ from moe_jax.layers import rope as rope_lib
 from moe_jax.layers.attention import attend, cached_attention_weights, write_cache
 from moe_jax.layers.mlp import scaled_normal
 from moe_jax.layers.norms import rms_norm
+from moe_jax.layers.params import param
 
 
 class LatentAttention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, q_lora_rank: int, kv_lora_rank: int,
                qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
-               rope: rope_lib.Rope, norm_eps: float, dtype, rngs: nnx.Rngs):
+               rope: rope_lib.Rope, norm_eps: float, dtype, rngs: nnx.Rngs,
+               implementation: str = "auto"):
     qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
     init = scaled_normal(d_model)
     if q_lora_rank:
-      self.w_q_down = nnx.Param(init(rngs.params(), (d_model, q_lora_rank)))
-      self.q_norm_scale = nnx.Param(jnp.ones((q_lora_rank,), jnp.float32))
-      self.w_q_up = nnx.Param(scaled_normal(q_lora_rank)(
-          rngs.params(), (q_lora_rank, num_heads, qk_head_dim)))
+      self.w_q_down = param(init(rngs.params(), (d_model, q_lora_rank)), "embed", "latent")
+      self.q_norm_scale = param(jnp.ones((q_lora_rank,), jnp.float32), "latent")
+      self.w_q_up = param(scaled_normal(q_lora_rank)(
+          rngs.params(), (q_lora_rank, num_heads, qk_head_dim)), "latent", "heads", "head_dim")
     else:
-      self.w_q = nnx.Param(init(rngs.params(), (d_model, num_heads, qk_head_dim)))
-    self.w_kv_down = nnx.Param(init(rngs.params(), (d_model, kv_lora_rank + qk_rope_head_dim)))
-    self.kv_norm_scale = nnx.Param(jnp.ones((kv_lora_rank,), jnp.float32))
-    self.w_kv_up = nnx.Param(scaled_normal(kv_lora_rank)(
-        rngs.params(), (kv_lora_rank, num_heads, qk_nope_head_dim + v_head_dim)))
-    self.w_o = nnx.Param(scaled_normal(num_heads * v_head_dim)(
-        rngs.params(), (num_heads, v_head_dim, d_model)))
+      self.w_q = param(init(rngs.params(), (d_model, num_heads, qk_head_dim)),
+                       "embed", "heads", "head_dim")
+    self.w_kv_down = param(init(rngs.params(), (d_model, kv_lora_rank + qk_rope_head_dim)),
+                           "embed", "latent")
+    self.kv_norm_scale = param(jnp.ones((kv_lora_rank,), jnp.float32), "latent")
+    self.w_kv_up = param(scaled_normal(kv_lora_rank)(
+        rngs.params(), (kv_lora_rank, num_heads, qk_nope_head_dim + v_head_dim)),
+        "latent", "heads", "head_dim")
+    self.w_o = param(scaled_normal(num_heads * v_head_dim)(
+        rngs.params(), (num_heads, v_head_dim, d_model)), "heads", "head_dim", "embed")
     self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
     self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
     self.rope, self.norm_eps, self.dtype = rope, norm_eps, dtype
+    self.implementation = implementation   # attention's, see attention.IMPLEMENTATIONS
     self.softmax_scale = qk_head_dim ** -0.5 * rope_lib.softmax_scale_factor(rope)
 
   def _cast(self, w):
@@ -85,7 +91,7 @@ class LatentAttention(nnx.Module):
     x = x_BxSxD.astype(self.dtype)
     q = self.queries(x, positions_S)
     k, v = self.keys_and_values(*self.latent(x, positions_S))
-    out_BxSxNxV = attend(q, k, v, self.softmax_scale)
+    out_BxSxNxV = attend(q, k, v, self.softmax_scale, self.implementation)
     return jnp.einsum("bsnv,nvd->bsd", out_BxSxNxV, self._cast(self.w_o))
 
   def init_cache(self, batch: int, max_len: int):

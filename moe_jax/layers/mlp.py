@@ -3,6 +3,8 @@
 import jax
 from flax import nnx
 
+from moe_jax.layers.params import param
+
 
 def swiglu(x, w_gate, w_up, w_down):
   """down(silu(x @ gate) * (x @ up)) for one FFN (the experts' version: dispatch/experts.py)."""
@@ -18,9 +20,9 @@ class SwiGLU(nnx.Module):
   """A dense SwiGLU MLP D -> F -> D with float32 parameters, computed in `dtype`."""
 
   def __init__(self, d_model: int, hidden: int, dtype, rngs: nnx.Rngs):
-    self.w_gate = nnx.Param(scaled_normal(d_model)(rngs.params(), (d_model, hidden)))
-    self.w_up = nnx.Param(scaled_normal(d_model)(rngs.params(), (d_model, hidden)))
-    self.w_down = nnx.Param(scaled_normal(hidden)(rngs.params(), (hidden, d_model)))
+    self.w_gate = param(scaled_normal(d_model)(rngs.params(), (d_model, hidden)), "embed", "mlp")
+    self.w_up = param(scaled_normal(d_model)(rngs.params(), (d_model, hidden)), "embed", "mlp")
+    self.w_down = param(scaled_normal(hidden)(rngs.params(), (hidden, d_model)), "mlp", "embed")
     self.dtype = dtype
 
   def __call__(self, x):

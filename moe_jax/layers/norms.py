@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.layers.params import param
+
 
 def rms_norm(x, scale, eps: float):
   """x / rms(x) * scale over the last axis, in float32, returned in x's dtype."""
@@ -15,8 +17,8 @@ def rms_norm(x, scale, eps: float):
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale, computed in float32 and returned in the input's dtype."""
 
-  def __init__(self, dim: int, eps: float):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+  def __init__(self, dim: int, eps: float, axis: str = "embed"):
+    self.scale = param(jnp.ones((dim,), jnp.float32), axis)
     self.eps = eps
 
   def __call__(self, x):

@@ -79,7 +79,8 @@ def group_limited_mask(choice_scores: Float[Array, "T E"], unbiased: Float[Array
 
 
 def topk_route(logits: Float[Array, "T E"], bias: Float[Array, "E"] | None, *, top_k: int,
-               score_function: str = "sigmoid", normalize: bool = True, route_scale: float = 1.0,
+               score_function: str = "sigmoid", norm_topk_prob: bool = True,
+               route_scale: float = 1.0,
                num_groups: int = 1, topk_groups: int = 1, group_score: str = "top2_sum") -> Routing:
   """Token-choice top-k routing (see the module docstring)."""
   probs = scores(logits, score_function)
@@ -88,7 +89,7 @@ def topk_route(logits: Float[Array, "T E"], bias: Float[Array, "E"] | None, *, t
     choice_scores = group_limited_mask(choice_scores, probs, num_groups, topk_groups, group_score)
   _, expert_ids = jax.lax.top_k(choice_scores, top_k)
   gates = jnp.take_along_axis(probs, expert_ids, axis=-1)
-  if normalize:
+  if norm_topk_prob:
     gates = gates / (jnp.sum(gates, axis=-1, keepdims=True) + 1e-20)
   return Routing(expert_ids, gates * route_scale, probs, expert_counts(expert_ids, probs.shape[-1]))
 

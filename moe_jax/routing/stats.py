@@ -40,6 +40,12 @@ def chosen_mask(expert_ids: Int[Array, "... K"], num_experts: int) -> Float[Arra
   return jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), axis=-2)
 
 
+def expert_choice_mask(token_ids: Int[Array, "E C"], num_tokens: int) -> Float[Array, "T E"]:
+  """1.0 where expert e took token t (expert choice: each expert's C tokens)."""
+  num_experts = token_ids.shape[0]
+  return jnp.zeros((num_tokens, num_experts)).at[token_ids, jnp.arange(num_experts)[:, None]].set(1.0)
+
+
 def coactivation(chosen_TxE: Float[Array, "T E"]) -> Float[Array, "E E"]:
   """C[i, j]: tokens that used both i and j (C[i, i]: tokens that used i), from a 0/1 mask."""
   return chosen_TxE.T @ chosen_TxE

@@ -1,0 +1,52 @@
+"""How the MoE layer moves tokens to its experts (`dispatch` section of a config)."""
+
+import dataclasses
+
+from moe_jax.dispatch.expert_parallel import DISPATCHER_OF_VARIANT, VARIANTS
+from moe_jax.dispatch.strategies import DISPATCHERS
+from moe_jax.kernels.grouped_matmul import IMPLEMENTATIONS as GROUPED_MATMULS
+from moe_jax.settings import Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchSettings(Settings):
+  """The dispatch strategy, its capacity, and whether the experts are sharded over devices.
+
+  An expert-parallel variant performs one strategy across devices (`all_to_all` is capacity
+  dispatch, `all_gather` and `ragged_all_to_all` are dropless), so the two fields must agree.
+  """
+
+  SECTION = "dispatch"
+
+  strategy: str = "capacity"       # a key of DISPATCHERS (one file each in moe_jax/dispatch/)
+  capacity_factor: float = 1.25    # per-expert buffer = factor * tokens * K / E; overflow drops
+  expert_parallel: str = "none"    # experts sharded over mesh.expert: "all_to_all" (strategy
+                                   # "capacity") | "all_gather" ("dropless") |
+                                   # "ragged_all_to_all" (GPU/TPU, "dropless"); "none" replicates
+  expert_parallel_chunks: int = 1  # >1: each device's tokens in this many slices, so one
+                                   # slice's exchange can overlap another's expert compute
+  grouped_matmul: str = "auto"     # ragged expert matmuls (dropless): a name of
+                                   # kernels/grouped_matmul.IMPLEMENTATIONS
+
+  def problems(self) -> list[str]:
+    problems = []
+    if self.strategy not in DISPATCHERS:
+      problems.append(f"dispatch.strategy={self.strategy!r} is unknown; choose from "
+                      f"{sorted(DISPATCHERS)}")
+    if self.capacity_factor <= 0:
+      problems.append(f"dispatch.capacity_factor={self.capacity_factor} must be > 0")
+    if self.expert_parallel_chunks < 1:
+      problems.append(f"dispatch.expert_parallel_chunks={self.expert_parallel_chunks} must be >= 1")
+    if self.expert_parallel not in ("none", *VARIANTS):
+      problems.append(f"dispatch.expert_parallel={self.expert_parallel!r} is unknown; choose "
+                      f"from {['none', *VARIANTS]}")
+    if self.grouped_matmul not in GROUPED_MATMULS:
+      problems.append(f"dispatch.grouped_matmul={self.grouped_matmul!r} is unknown; choose from "
+                      f"{list(GROUPED_MATMULS)}")
+    implied = DISPATCHER_OF_VARIANT.get(self.expert_parallel)
+    if implied and self.strategy != implied:
+      problems.append(f"dispatch.expert_parallel={self.expert_parallel!r} dispatches as "
+                      f"{implied!r} does, but dispatch.strategy={self.strategy!r}: set "
+                      f"dispatch.strategy={implied!r} (all_to_all is capacity dispatch; "
+                      f"all_gather and ragged_all_to_all are dropless)")
+    return problems
