@@ -50,8 +50,12 @@ class SwiGLUExperts:
                                                   self.implementation)
     if choice == "xla":
       return self.swiglu(rows, lambda x, w: jax.lax.ragged_dot(x, w, group_sizes))
-    if choice == "mosaic":
-      return self.swiglu(rows, lambda x, w: grouped_matmul.mosaic_grouped_matmul(x, w, group_sizes))
+    if choice == "mosaic":   # zero rows appended past the groups (any row count, e.g. decoding)
+      count = rows.shape[0]
+      padded = jnp.pad(rows, ((0, grouped_matmul.mosaic_row_count(count) - count), (0, 0)))
+      out = self.swiglu(padded,
+                        lambda x, w: grouped_matmul.mosaic_grouped_matmul(x, w, group_sizes))
+      return out[:count]
     interpret = choice == "interpret"
     # Interpret mode runs the kernels op by op: small tiles keep it quick.
     blocks = grouped_matmul.Blocks(m=16, n=32, k=32) if interpret else grouped_matmul.Blocks()

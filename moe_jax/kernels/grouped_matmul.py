@@ -26,6 +26,7 @@ from jaxtyping import Array, Float, Int
 
 MIN_BLOCK = 16          # the smallest dot Triton takes
 MOSAIC_MIN_BLOCK = 64   # the Mosaic GPU kernels' smallest tile (128-byte swizzle of bf16)
+MOSAIC_ROW_MULTIPLE = 8  # their row count: below this or a multiple of it (TMA tiling)
 
 
 class Blocks(NamedTuple):
@@ -246,9 +247,17 @@ def _mosaic_ragged(rows, w, group_sizes, blocks: MosaicBlocks, transpose_rhs: bo
   return jnp.where(inside[:, None], out, 0)
 
 
+def mosaic_row_count(rows: int) -> int:
+  """The row count the Mosaic kernels take for `rows` rows (a few zero rows appended)."""
+  if rows <= MOSAIC_ROW_MULTIPLE:
+    return rows
+  return -(-rows // MOSAIC_ROW_MULTIPLE) * MOSAIC_ROW_MULTIPLE
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def mosaic_grouped_matmul(rows, w, group_sizes, blocks: MosaicBlocks = MosaicBlocks()):
-  """ragged_dot(rows, w, group_sizes) on Hopper GPUs (rows past the groups give 0)."""
+  """ragged_dot(rows, w, group_sizes) on Hopper GPUs (rows past the groups give 0); the
+  number of rows must be what `mosaic_row_count` gives."""
   return _mosaic_ragged(rows, w, group_sizes, blocks, transpose_rhs=False)
 
 
