@@ -1,6 +1,10 @@
 """One early check of a whole config, so that a mistake is reported by name, before compiling.
 
 `validate_config` raises `ConfigError` listing every problem found, each naming its field.
+The schema is the settings dataclasses' fields (plus `mesh` and `sharding`, whose checks need
+the devices); each section's own values are checked by its dataclass; what is checked here
+spans sections (the context against MTP depth, the vocabulary against the tokenizer, warmup
+against the steps, the mesh and sharding rules against batch and experts, the backend).
 """
 
 import difflib
@@ -8,30 +12,25 @@ import math
 
 from moe_jax import parallel
 from moe_jax import tokenizer as tokenization
+from moe_jax.data import DataSettings
 from moe_jax.dispatch import DispatchSettings
 from moe_jax.model import ModelSpec
 from moe_jax.routing import BalancingSettings, RouterSettings
 from moe_jax.settings import ConfigError, Settings, type_name, value_problem
+from moe_jax.steps import OptimizerSettings
+from moe_jax.train_settings import TrainSettings
 
-# The sections built into settings objects: their fields and types are the dataclasses'.
+# The sections read into settings objects, each checking its own fields: their fields and
+# types are the dataclasses'. The checks here are those that span sections.
 SETTINGS_SECTIONS: dict[str, type[Settings]] = {
-    "model": ModelSpec, "router": RouterSettings, "balancing": BalancingSettings,
-    "dispatch": DispatchSettings}
+    "data": DataSettings, "model": ModelSpec, "router": RouterSettings,
+    "balancing": BalancingSettings, "dispatch": DispatchSettings,
+    "optimizer": OptimizerSettings, "train": TrainSettings}
+MODEL_SECTIONS = ("model", "router", "balancing", "dispatch")
 # Every field the code reads, with its type: the contract of a config file. A field outside it
 # is a typo or a setting that does nothing, so it is refused with the closest known name.
 FIELDS: dict[str, dict[str, type]] = {
-    "data": {"source": str, "path": str, "tokenizer": str, "token_dtype": str,
-             "validation_percent": int,
-             "seq_len": int, "batch_size": int, "shuffle_seed": int},
     **{name: kind.field_types() for name, kind in SETTINGS_SECTIONS.items()},
-    "optimizer": {"learning_rate": float, "warmup_steps": int, "final_lr_fraction": float,
-                  "b1": float, "b2": float, "weight_decay": float, "grad_clip_norm": float,
-                  "shard_over_data": bool},
-    "train": {"steps": int, "log_every": int, "eval_every": int, "eval_batches": int,
-              "checkpoint_every": int, "checkpoints_to_keep": int, "sample_tokens": int,
-              "sample_prompt": str, "metrics_port": int, "metrics_host": str,
-              "peak_tflops": float, "spike_factor": float, "spike_window": int,
-              "max_rollbacks": int},
     "mesh": {"data": int, "expert": int},
     "sharding": {name: str for name in parallel.LOGICAL_AXES},
 }
@@ -62,7 +61,8 @@ def upgrade_saved_config(saved: dict) -> dict:
     if old_field in upgraded.get(old_section, {}):
       value = upgraded[old_section].pop(old_field)
       upgraded.setdefault(new_section, {}).setdefault(new_field, value)
-  for section, kind in SETTINGS_SECTIONS.items():
+  for section in MODEL_SECTIONS:
+    kind = SETTINGS_SECTIONS[section]
     upgraded[section] = {**kind.field_defaults(), **upgraded.get(section, {})}
     upgraded[section] = {k: v for k, v in upgraded[section].items() if k in kind.field_types()}
   return upgraded
@@ -175,13 +175,24 @@ def model_spec(config) -> tuple[ModelSpec | None, list[str]]:
   return (None if problems else spec), problems
 
 
+def _section_problems(config, section: str) -> list[str]:
+  try:
+    SETTINGS_SECTIONS[section].from_section(config[section])
+    return []
+  except ConfigError as error:
+    return error.problems
+
+
 def _problems(config, num_devices: int, backend: str) -> list[str]:
   problems = _schema_problems(config)
   if problems:   # the value checks below assume every field is there with its type
     return problems
-  spec, problems = model_spec(config)
+  problems = [p for s in ("data", "optimizer", "train") for p in _section_problems(config, s)]
+  spec, model_problems = model_spec(config)
+  problems += model_problems
   need = lambda ok, message: ok or problems.append(message)
   d, o, t = config.data, config.optimizer, config.train
+  need(config.seed >= 0, f"seed={config.seed} must be >= 0")
 
   # checks that span sections
   need(config.model.mtp_depth < d.seq_len,
@@ -189,50 +200,12 @@ def _problems(config, num_devices: int, backend: str) -> list[str]:
   if config.dispatch.expert_parallel == "ragged_all_to_all" and backend == "cpu":
     problems.append("dispatch.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend: the "
                     "cpu backend has no ragged_all_to_all; use 'all_to_all' or 'all_gather'")
-  need(d.tokenizer in tokenization.KINDS,
-       f"data.tokenizer={d.tokenizer!r} is unknown; choose from {list(tokenization.KINDS)}")
   if d.source in ("stdlib", "text"):
     need(config.model.vocab_size >= tokenization.MIN_VOCAB,
-         f"model.vocab_size={config.model.vocab_size} is too small for data.tokenizer={d.tokenizer!r}: "
-         f"needs >= {tokenization.MIN_VOCAB} (256 bytes + pad + bos)")
-  need(d.source != "tokens" or d.tokenizer == "bytes",
-       f"data.tokenizer={d.tokenizer!r} does nothing with data.source='tokens' (the file holds "
-       f"token ids already): leave data.tokenizer at 'bytes'")
-
-  need(d.source in ("stdlib", "text", "tokens"),
-       f"data.source={d.source!r} is unknown; choose from ['stdlib', 'text', 'tokens']")
-  need(d.source == "stdlib" or bool(d.path), f"data.path is required when data.source={d.source!r}")
-  need(d.token_dtype in ("uint16", "uint32"), f"data.token_dtype={d.token_dtype!r}: uint16 or uint32")
-  need(0 < d.validation_percent < 100,
-       f"data.validation_percent={d.validation_percent} must be between 1 and 99")
-  need(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
-  need(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
-  need(d.shuffle_seed >= 0, f"data.shuffle_seed={d.shuffle_seed} must be >= 0")
-  need(config.seed >= 0, f"seed={config.seed} must be >= 0")
-
-  need(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be > 0")
-  need(0 <= o.warmup_steps < t.steps,
+         f"model.vocab_size={config.model.vocab_size} is too small for data.tokenizer="
+         f"{d.tokenizer!r}: needs >= {tokenization.MIN_VOCAB} (256 bytes + pad + bos)")
+  need(o.warmup_steps < t.steps,
        f"optimizer.warmup_steps={o.warmup_steps} must be >= 0 and below train.steps={t.steps}")
-  need(0 <= o.final_lr_fraction <= 1,
-       f"optimizer.final_lr_fraction={o.final_lr_fraction} must be in [0, 1]")
-  need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1={o.b1}, b2={o.b2} must be in [0, 1)")
-  need(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
-  need(o.grad_clip_norm > 0, f"optimizer.grad_clip_norm={o.grad_clip_norm} must be > 0")
-
-  need(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
-  for name in ("log_every", "eval_every", "checkpoint_every", "checkpoints_to_keep"):
-    need(t[name] >= 1, f"train.{name}={t[name]} must be >= 1")
-  need(t.eval_batches >= 0, f"train.eval_batches={t.eval_batches} must be >= 0 (0: the whole "
-       f"validation split)")
-  need(t.sample_tokens >= 0, f"train.sample_tokens={t.sample_tokens} must be >= 0")
-  need(0 <= t.metrics_port <= 65535, f"train.metrics_port={t.metrics_port} must be 0 (off) or a port")
-  need(bool(t.metrics_host.strip()), "train.metrics_host is empty: give an address to serve the "
-       "live metrics on (127.0.0.1, or 0.0.0.0 for every interface)")
-  need(t.peak_tflops >= 0, f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: look the device up)")
-  need(t.spike_factor == 0 or t.spike_factor > 1,
-       f"train.spike_factor={t.spike_factor} must be 0 (off) or above 1 (a multiple of the mean loss)")
-  need(t.spike_window >= 1, f"train.spike_window={t.spike_window} must be >= 1")
-  need(t.max_rollbacks >= 0, f"train.max_rollbacks={t.max_rollbacks} must be >= 0")
 
   try:
     data_size, expert_size = resolve_mesh_shape(config.mesh.data, config.mesh.expert, num_devices)

@@ -28,9 +28,48 @@ import grain
 import numpy as np
 
 from moe_jax import tokenizer as tokenization
+from moe_jax.settings import Settings
 from moe_jax.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"   # a BPE run's tokenizer, in its workdir
+SOURCES = ("stdlib", "text", "tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings(Settings):
+  """Which text, how it is tokenized and split, and the batches it is cut into (`data`)."""
+
+  SECTION = "data"
+
+  source: str = "stdlib"        # a name of SOURCES
+  path: str = ""                # "text": a directory or a glob; "tokens": a file of token ids
+  tokenizer: str = "bpe"        # text: a name of tokenizer.KINDS
+  token_dtype: str = "uint16"   # "tokens" only: uint16 | uint32
+  validation_percent: int = 5   # share of files (text) or of the token stream held out
+  seq_len: int = 128            # tokens per training sequence
+  batch_size: int = 16          # global batch, in sequences
+  shuffle_seed: int = 0
+
+  def problems(self) -> list[str]:
+    problems = []
+    need = lambda ok, message: ok or problems.append(message)
+    need(self.tokenizer in tokenization.KINDS,
+         f"data.tokenizer={self.tokenizer!r} is unknown; choose from {list(tokenization.KINDS)}")
+    need(self.source != "tokens" or self.tokenizer == "bytes",
+         f"data.tokenizer={self.tokenizer!r} does nothing with data.source='tokens' (the file "
+         f"holds token ids already): leave data.tokenizer at 'bytes'")
+    need(self.source in SOURCES,
+         f"data.source={self.source!r} is unknown; choose from {list(SOURCES)}")
+    need(self.source == "stdlib" or bool(self.path),
+         f"data.path is required when data.source={self.source!r}")
+    need(self.token_dtype in ("uint16", "uint32"),
+         f"data.token_dtype={self.token_dtype!r}: uint16 or uint32")
+    need(0 < self.validation_percent < 100,
+         f"data.validation_percent={self.validation_percent} must be between 1 and 99")
+    need(self.seq_len >= 2, f"data.seq_len={self.seq_len} must be >= 2")
+    need(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
+    need(self.shuffle_seed >= 0, f"data.shuffle_seed={self.shuffle_seed} must be >= 0")
+    return problems
 
 
 class DataError(ValueError):

@@ -5,6 +5,7 @@ parameters: no gradient, not seen by the optimizer), the optimizer state and the
 function takes the few values it needs and is jitted by the loop in `train.py`.
 """
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -16,6 +17,7 @@ from flax import nnx
 from moe_jax import routing
 from moe_jax.layers.moe import BalancingBias
 from moe_jax.model import ModelSpec, Transformer
+from moe_jax.settings import Settings
 
 
 class TrainState(NamedTuple):
@@ -23,6 +25,42 @@ class TrainState(NamedTuple):
   params: nnx.State
   biases: nnx.State
   opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings(Settings):
+  """AdamW with linear warmup, cosine decay and global-norm clipping (`optimizer`)."""
+
+  SECTION = "optimizer"
+
+  learning_rate: float = 1e-3
+  warmup_steps: int = 0
+  final_lr_fraction: float = 0.1   # the cosine decay ends at this fraction of the peak
+  b1: float = 0.9
+  b2: float = 0.95
+  weight_decay: float = 0.1
+  grad_clip_norm: float = 1.0
+  shard_over_data: bool = False    # ZeRO-1: moments of replicated parameters split over `data`
+
+  def problems(self) -> list[str]:
+    problems = []
+    need = lambda ok, message: ok or problems.append(message)
+    need(self.learning_rate > 0, f"optimizer.learning_rate={self.learning_rate} must be > 0")
+    need(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0")
+    need(0 <= self.final_lr_fraction <= 1,
+         f"optimizer.final_lr_fraction={self.final_lr_fraction} must be in [0, 1]")
+    need(0 <= self.b1 < 1 and 0 <= self.b2 < 1,
+         f"optimizer.b1={self.b1}, b2={self.b2} must be in [0, 1)")
+    need(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+    need(self.grad_clip_norm > 0, f"optimizer.grad_clip_norm={self.grad_clip_norm} must be > 0")
+    return problems
+
+  def make(self, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """(learning-rate schedule, optimizer) for a run of `total_steps`."""
+    schedule = make_schedule(self.learning_rate, self.warmup_steps, total_steps,
+                             self.final_lr_fraction)
+    return schedule, make_optimizer(schedule, self.b1, self.b2, self.weight_decay,
+                                    self.grad_clip_norm)
 
 
 def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int,

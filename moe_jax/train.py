@@ -35,10 +35,7 @@ from moe_jax.workdir import WorkdirError, WorkdirLock, check_workdir
 
 def optimizer_from_config(config) -> tuple:
   """(learning-rate schedule, optax optimizer) of a validated config."""
-  o = config.optimizer
-  schedule = steps.make_schedule(o.learning_rate, o.warmup_steps, config.train.steps,
-                                 o.final_lr_fraction)
-  return schedule, steps.make_optimizer(schedule, o.b1, o.b2, o.weight_decay, o.grad_clip_norm)
+  return steps.OptimizerSettings.from_section(config.optimizer).make(config.train.steps)
 
 
 def jit_train_step(spec: ModelSpec, total_steps: int, graphdef, tx, shardings):
