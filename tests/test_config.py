@@ -167,3 +167,23 @@ def test_sharding_rules_that_do_not_fit_a_parameter_are_refused(tmp_path):
   with pytest.raises(ConfigError, match="has 260 along 'vocab', not divisible by 8 devices"):
     train_and_evaluate(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+def test_a_config_saved_before_the_router_balancing_and_dispatch_sections_reads_as_today():
+  """A run's config.json from before the sections existed (those fields under `model`, some
+  fields missing) reads back with every value in its new place and defaults for the rest."""
+  import ml_collections
+  from moe_jax.config_validation import upgrade_saved_config
+  from moe_jax.model import ModelSpec
+  saved = get_config("tiny").to_dict()
+  for section in ("router", "balancing", "dispatch"):
+    del saved[section]
+  saved["model"].update(router="softmax", top_k=3, dispatcher="dropless", capacity_factor=2.0,
+                        bias_update_rate=0.05, sequence_loss_alpha=0.0)
+  upgraded = upgrade_saved_config(saved)
+  spec = ModelSpec.from_config(ml_collections.ConfigDict(upgraded))
+  assert (spec.router.score_function, spec.router.top_k) == ("softmax", 3)
+  assert (spec.dispatch.strategy, spec.dispatch.capacity_factor) == ("dropless", 2.0)
+  assert (spec.balancing.bias_update_rate, spec.balancing.z_loss_coef) == (0.05, 0.0)
+  assert spec.dispatch.expert_parallel_chunks == 1 and spec.router.num_groups == 1   # defaults
+  assert "top_k" not in upgraded["model"] and "dispatcher" not in upgraded["model"]
