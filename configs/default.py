@@ -197,14 +197,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.final_lr_fraction = 0.1
   elif size not in ("", "default"):
     raise ValueError(f"configs/default.py: unknown size {size!r}; expected 'default' or 'tiny'")
-  _apply_shorthands(c, overrides)
+  apply_shorthands(c, overrides)
   return c
 
 
 _SHORTHANDS = {"steps": "train.steps", "batch": "data.batch_size", "seq": "data.seq_len"}
 
 
-def _apply_shorthands(c: ml_collections.ConfigDict, overrides: str) -> None:
+def apply_shorthands(c: ml_collections.ConfigDict, overrides: str) -> None:
   """Applies "steps=N,batch=B,seq=S,ep=VARIANT" from the config argument string.
 
   ep=VARIANT puts every device on the `expert` axis and turns on that expert-parallel

@@ -31,19 +31,14 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configs.default import get_config   # noqa: E402
+from configs.deepseek import get_config   # noqa: E402
 from moe_jax import steps   # noqa: E402
 from moe_jax.layers import attention   # noqa: E402
 from moe_jax.model import ModelSpec, parameter_counts   # noqa: E402
 
 # About 1.3B parameters, about 0.26B used per token: 16 blocks of width 1024 (the first dense),
-# 64 routed experts of width 384 top-6 plus 2 shared, a 32K vocabulary.
-_DEFAULT = ModelSpec.from_config(get_config(""))
-SPEC = _DEFAULT.replace(
-    vocab_size=32768, d_model=1024, num_layers=16, num_dense_layers=1, num_heads=16,
-    num_kv_heads=4, head_dim=64, dense_mlp_dim=4096, compute_dtype="bfloat16",
-    num_routed_experts=64, num_shared_experts=2, expert_dim=384, mtp_depth=0,
-    router=_DEFAULT.router.replace(top_k=6))
+# 64 routed experts of width 384 top-6 plus 2 shared, a 32K vocabulary (configs/deepseek.py).
+SPEC = ModelSpec.from_config(get_config("bench_1b"))
 
 
 def model_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
