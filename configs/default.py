@@ -134,6 +134,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- training loop ----------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2330              # 4.8M tokens (16 MB of text), about 6.5 minutes on a 2-core CPU
+  c.train.microbatches = 1          # >1: each batch in this many slices, gradients accumulated
+                                    # (memory of one slice's activations; same optimizer step)
   c.train.log_every = 50
   c.train.eval_every = 2330         # once, at the end: the whole split costs 10-15 s on the CPU
   c.train.eval_batches = 0          # validation batches per evaluation; 0: the whole split

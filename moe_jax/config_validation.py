@@ -98,14 +98,19 @@ def _sharding_problems(config, spec: ModelSpec, mesh_sizes: dict[str, int]) -> l
     return problems
   size = lambda name: math.prod(mesh_sizes[a] for a in rules.get(name, ()))
   d, ep = config.data, spec.dispatch
+  microbatches = config.train.microbatches
   if d.batch_size % size("batch"):
     problems.append(f"data.batch_size={d.batch_size} does not divide over the {size('batch')} "
                     f"devices that split tokens (sharding.batch={config.sharding.batch!r}, mesh "
                     f"data={mesh_sizes['data']} x expert={mesh_sizes['expert']})")
+  elif microbatches >= 1 and d.batch_size % (microbatches * size("batch")):
+    problems.append(f"data.batch_size={d.batch_size} does not split into train.microbatches="
+                    f"{microbatches} slices that each divide over the {size('batch')} "
+                    f"device(s) that split tokens")
   if spec.num_routed_experts % size("experts"):
     problems.append(f"model.num_routed_experts={spec.num_routed_experts} is not divisible by the "
                     f"{size('experts')} devices of sharding.experts={config.sharding.experts!r}")
-  per_device = d.batch_size * d.seq_len // max(size("batch"), 1)
+  per_device = d.batch_size // max(microbatches, 1) * d.seq_len // max(size("batch"), 1)
   if ep.expert_parallel != "none" and per_device % ep.expert_parallel_chunks:
     problems.append(f"dispatch.expert_parallel_chunks={ep.expert_parallel_chunks} does not divide "
                     f"the {per_device} tokens of each device")

@@ -111,7 +111,8 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
     step_flops = flops * batch * seq_len
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32,
                                   sharding=parallel.batch_sharding(mesh, rules["batch"]))
-    compiled = jit_train_step(spec, config.train.steps, graphdef, tx, shardings).lower(
+    compiled = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
+                              config.train.microbatches).lower(
         abstract_state, tokens).compile()
   params_bytes = _per_device_bytes(abstract_state.params)
   optimizer_bytes = _per_device_bytes(abstract_state.opt_state)

@@ -165,17 +165,49 @@ def routing_metrics(stats) -> dict:
           "sequence_loss": stats.sequence_loss, "z_loss": stats.z_loss}
 
 
+# MoEStats fields that are sums over the batch's tokens; the others are means.
+_SUMMED_STATS = ("counts", "coactivation")
+
+
+def accumulated_gradients(grad_fn, tokens, microbatches: int):
+  """`grad_fn(tokens)` -> ((loss, (cross_entropy, stats, mtp)), grads) over the whole batch
+  as `microbatches` equal slices, one after another in a scan (one slice's activations at a
+  time): losses, metrics and gradients are the slices' means, expert counts and
+  co-activations their sums. Slice m takes rows m, m + M, m + 2M, ..., so that every device
+  keeps its share of each slice. Equal to one pass over the batch for every loss that is a
+  mean over tokens or sequences (cross-entropy, z-loss, the sequence-wise loss, MTP); the
+  Switch loss (a product of batch means) is taken per slice."""
+  batch = tokens.shape[0]
+  slices = tokens.reshape(batch // microbatches, microbatches, -1).swapaxes(0, 1)
+  shapes = jax.eval_shape(grad_fn, slices[0])
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  add = lambda total, micro: (jax.tree.map(jnp.add, total, grad_fn(micro)), None)
+  (loss, (cross_entropy, stats, mtp)), grads = jax.lax.scan(add, zeros, slices)[0]
+  mean = lambda tree: jax.tree.map(lambda a: a / microbatches, tree)
+  if stats is not None:
+    stats = stats._replace(**{name: getattr(stats, name) / microbatches
+                              for name in stats._fields if name not in _SUMMED_STATS})
+  return (mean(loss), (mean(cross_entropy), stats, mean(mtp))), mean(grads)
+
+
 def train_step(state: TrainState, tokens, *, graphdef, tx,
                balancing: routing.BalancingSettings = routing.BalancingSettings(),
-               mtp_weights: MTPWeights = MTPWeights()):
-  """One optimizer step, then the bias update from this batch's global expert counts.
+               mtp_weights: MTPWeights = MTPWeights(), microbatches: int = 1):
+  """One optimizer step, then the bias update from this batch's global expert counts. With
+  `microbatches` > 1 the gradient is accumulated over that many slices of the batch
+  (`accumulated_gradients`); the bias still sees the counts of the whole batch.
 
   Returns the new state and the step's metrics: scalars plus, under "routing", per-layer
   arrays (see `routing_metrics`). Nothing here waits for the host.
   """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (cross_entropy, stats, mtp)), grads = grad_fn(state.params, state.biases, graphdef,
-                                                       tokens, mtp_weights.at(state.step))
+  mtp_weight = mtp_weights.at(state.step)
+  grad_fn = lambda batch: jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, state.biases, graphdef, batch, mtp_weight)
+  if microbatches > 1:
+    (loss, (cross_entropy, stats, mtp)), grads = accumulated_gradients(grad_fn, tokens,
+                                                                       microbatches)
+  else:
+    (loss, (cross_entropy, stats, mtp)), grads = grad_fn(tokens)
   with jax.named_scope("optimizer"):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

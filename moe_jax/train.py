@@ -38,13 +38,16 @@ def optimizer_from_config(config) -> tuple:
   return steps.OptimizerSettings.from_section(config.optimizer).make(config.train.steps)
 
 
-def jit_train_step(spec: ModelSpec, total_steps: int, graphdef, tx, shardings):
-  """The jitted training step of a model trained for `total_steps`: state and batch in, new
-  state (laid out by `shardings`, the old one donated) and metrics out."""
+def jit_train_step(spec: ModelSpec, total_steps: int, graphdef, tx, shardings,
+                   microbatches: int = 1):
+  """The jitted training step of a model trained for `total_steps`, each batch in
+  `microbatches` slices: state and batch in, new state (laid out by `shardings`, the old one
+  donated) and metrics out."""
   return jax.jit(functools.partial(
       steps.train_step, graphdef=graphdef, tx=tx, balancing=spec.balancing,
       mtp_weights=steps.MTPWeights(spec.mtp_loss_weight, spec.mtp_loss_weight_final,
-                                   round(spec.mtp_weight_switch_fraction * total_steps))),
+                                   round(spec.mtp_weight_switch_fraction * total_steps)),
+      microbatches=microbatches),
       out_shardings=(shardings, None), donate_argnums=0)
 
 
@@ -199,7 +202,8 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
       if corpus.tokenizer and not (workdir / data.TOKENIZER_FILE).exists():
         corpus.tokenizer.save(workdir / data.TOKENIZER_FILE)
 
-    train_fn = jit_train_step(spec, config.train.steps, graphdef, tx, shardings)
+    train_fn = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
+                              config.train.microbatches)
     eval_fn = jax.jit(functools.partial(
         steps.eval_step, graphdef=graphdef,
         byte_counts=corpus.tokenizer.byte_counts if corpus.tokenizer else None))

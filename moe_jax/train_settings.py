@@ -12,6 +12,8 @@ class TrainSettings(Settings):
   SECTION = "train"
 
   steps: int = 1000
+  microbatches: int = 1            # the global batch in this many slices, one at a time
+                                   # (gradient accumulation: one optimizer step per batch)
   log_every: int = 50
   eval_every: int = 500
   eval_batches: int = 0            # validation batches per evaluation; 0: the whole split
@@ -30,6 +32,7 @@ class TrainSettings(Settings):
     problems = []
     need = lambda ok, message: ok or problems.append(message)
     need(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+    need(self.microbatches >= 1, f"train.microbatches={self.microbatches} must be >= 1")
     for name in ("log_every", "eval_every", "checkpoint_every", "checkpoints_to_keep"):
       need(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
     need(self.eval_batches >= 0, f"train.eval_batches={self.eval_batches} must be >= 0 (0: the "

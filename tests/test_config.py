@@ -21,6 +21,9 @@ def test_config_argument_shorthands():
 
 
 BAD = [
+    ("train.microbatches", 0, "train.microbatches=0 must be >= 1"),
+    ("train.microbatches", 3, "data.batch_size=8 does not split into train.microbatches=3 "
+                              "slices that each divide over the 8 device(s)"),
     ("router.top_k", 9, "router.top_k=9 is larger than model.num_routed_experts=8"),
     ("router.score_function", "bogus", "router.score_function='bogus' is unknown"),
     ("dispatch.strategy", "magic", "dispatch.strategy='magic' is unknown"),
