@@ -70,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dense_mlp_dim = 288       # hidden width of the dense SwiGLU MLP
   c.model.norm_eps = 1e-6
   c.model.compute_dtype = "float32"  # "bfloat16" computes in bf16; parameters stay float32
+  c.model.remat = "none"            # what each block keeps for backward, the rest recomputed:
+                                    # "none" | "block" (its input) | "matmuls" | "expert_io"
+                                    # (the routed experts' inputs and outputs)
   c.model.attention_implementation = "auto"  # "cudnn" (fused, NVIDIA GPUs, 16-bit) | "xla" |
                                              # "auto" (cudnn where it applies, else xla)
   # MoE blocks

@@ -62,6 +62,7 @@ def load_run(workdir, step: int | None = None) -> Run:
   config = ml_collections.ConfigDict(
       upgrade_saved_config(json.loads((workdir / "config.json").read_text())))
   config.dispatch.expert_parallel = "none"   # one device here, whatever the run used
+  config.model.remat = "none"                # forward only here
   spec = ModelSpec.from_config(config)
   _, tx = optimizer_from_config(config)   # the optimizer state's layout is in the checkpoint
   graphdef, abstract = steps.abstract_state(spec, tx, config.seed)

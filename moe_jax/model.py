@@ -26,6 +26,16 @@ from moe_jax.routing import BalancingSettings, RouterSettings
 from moe_jax.settings import Settings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# model.remat: what a block keeps for its backward pass; the rest is recomputed there.
+REMAT_POLICIES = {
+    "none": None,                                                   # everything (no remat)
+    "block": jax.checkpoint_policies.nothing_saveable,              # only the block's input
+    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # matmul outputs
+    # the routed experts' inputs and outputs (what crossed the dispatch): the backward pass
+    # recomputes attention, routing and the experts' insides, not the token exchange
+    "expert_io": jax.checkpoint_policies.save_only_these_names("expert_inputs",
+                                                               "expert_outputs"),
+}
 ATTENTIONS = ("gqa", "mla")
 PARAMETER_FIELDS = ("vocab_size", "d_model", "num_layers", "num_dense_layers", "attention",
                     "num_heads", "num_kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank",
@@ -73,6 +83,7 @@ class ModelSpec(Settings):
   norm_eps: float = 1e-6
   compute_dtype: str = "float32"
   attention_implementation: str = "auto"   # a name of attention.IMPLEMENTATIONS
+  remat: str = "none"               # a name of REMAT_POLICIES
   num_routed_experts: int = 16
   num_shared_experts: int = 1
   shared_expert_gate: bool = False
@@ -122,6 +133,8 @@ class ModelSpec(Settings):
     need(self.attention_implementation in ATTENTION_IMPLEMENTATIONS,
          f"model.attention_implementation={self.attention_implementation!r} is unknown; "
          f"choose from {list(ATTENTION_IMPLEMENTATIONS)}")
+    need(self.remat in REMAT_POLICIES,
+         f"model.remat={self.remat!r} is unknown; choose from {list(REMAT_POLICIES)}")
     need(self.compute_dtype in DTYPES,
          f"model.compute_dtype={self.compute_dtype!r} is unknown; choose from {sorted(DTYPES)}")
     need(self.mtp_depth >= 0,
@@ -290,6 +303,7 @@ class Transformer(nnx.Module):
     self.mtp = nnx.List([MTPModule(spec, spec.num_dense_layers < spec.num_layers, rngs)
                          for _ in range(spec.mtp_depth)])
     self.dtype = DTYPES[spec.compute_dtype]
+    self.remat = spec.remat
 
   def embed_tokens(self, tokens: Int[Array, "B S"]) -> Float[Array, "B S D"]:
     return self.embed[...][tokens].astype(self.dtype)
@@ -306,10 +320,20 @@ class Transformer(nnx.Module):
       x = self.embed_tokens(tokens)
     all_stats = []
     for block in self.blocks:
-      x, stats = block(x, positions)
+      x, stats = self.run_block(block, x, positions)
       if stats is not None:
         all_stats.append(stats)
     return x, all_stats
+
+  def run_block(self, block: Block, x, positions):
+    """`block(x, positions)`, under the remat policy: what its backward pass keeps."""
+    if self.remat == "none":
+      return block(x, positions)
+    # A pure function of the block's state (which its forward leaves unchanged), so that
+    # jax.checkpoint can recompute it in the backward pass.
+    graphdef, state = nnx.split(block)
+    run = lambda state, x, positions: nnx.merge(graphdef, state)(x, positions)
+    return jax.checkpoint(run, policy=REMAT_POLICIES[self.remat])(state, x, positions)
 
   def logits(self, normed_BxSxD) -> Float[Array, "B S V"]:
     """The shared output projection, float32 logits."""
@@ -358,8 +382,8 @@ class Transformer(nnx.Module):
     with jax.named_scope("mtp"):
       for depth, module in enumerate(self.mtp, start=1):
         length = tokens.shape[1] - depth
-        hidden, stats = module(hidden[:, :length], self.embed_tokens(tokens[:, depth:]),
-                               jnp.arange(length))
+        joined = module.join(hidden[:, :length], self.embed_tokens(tokens[:, depth:]))
+        hidden, stats = self.run_block(module.block, joined, jnp.arange(length))
         if stats is not None:
           all_stats.append(stats)
         mtp_logits.append(self.logits(module.final_norm(hidden)))

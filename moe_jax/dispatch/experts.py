@@ -8,6 +8,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from moe_jax.kernels import grouped_matmul
@@ -33,7 +34,9 @@ class SwiGLUExperts:
     """The three products of every expert's SwiGLU through `dot(x, w)` (w one of the [E, ., .]
     weights): batched, ragged or padded-grouped, the same function."""
     with jax.named_scope("experts"):
-      return dot(jax.nn.silu(dot(x, self.w_gate)) * dot(x, self.w_up), self.w_down)
+      x = checkpoint_name(x, "expert_inputs")   # names a remat policy can keep
+      return checkpoint_name(dot(jax.nn.silu(dot(x, self.w_gate)) * dot(x, self.w_up),
+                                 self.w_down), "expert_outputs")
 
   def __call__(self, buffer: Float[Array, "E C D"]) -> Float[Array, "E C D"]:
     """Expert e on buffer[e]: one batched matmul per weight."""
