@@ -3,6 +3,7 @@
 
   python scripts/bench_train.py                          # capacity and dropless
   python scripts/bench_train.py --dispatchers=dropless --batch=16
+  python scripts/bench_train.py --dispatchers=dropless --remat=none,block   # memory vs time
 
 One full training step (forward, backward, AdamW update, balancing-bias update) on random
 tokens, jitted as in `moe_jax.train`; the median of --repeats steps after --warmup steps.
@@ -10,7 +11,8 @@ Model FLOPs per token: 6 x the parameters a token uses (routed experts count top
 embedding lookup is not a matmul and is left out, the output projection is in) plus attention,
 12 x layers x heads x head_dim x sequence (PaLM's count, no causal discount). MFU is those
 FLOPs per second over the chip's dense bf16 peak (--peak_tflops, 989 for an H100 SXM), and
-also over a bf16 matmul measured in the same run.
+also over a bf16 matmul measured in the same run. Each variant also reports its compile time
+and the memory XLA plans for the step (arguments + outputs + temporaries - donated).
 """
 
 import argparse
@@ -125,7 +127,12 @@ def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
                                    balancing=spec.balancing.replace(bias_update_rate=1e-3)),
                  donate_argnums=0)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, spec.vocab_size)
+  start = time.perf_counter()
   step = step.lower(state, tokens).compile()
+  compile_seconds = time.perf_counter() - start
+  memory = step.memory_analysis()   # XLA's plan for the step: what the device must hold
+  planned = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**30
   holder = [state]
 
   def one_step():
@@ -140,7 +147,8 @@ def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
     top_device_ops(profile_dir, 3, hlo_scopes(step.as_text()))
   tokens_per_second = batch * seq_len / seconds
   return {"seconds": seconds, "tokens_per_second": tokens_per_second,
-          "model_tflops": model_flops_per_token(spec, seq_len) * tokens_per_second / 1e12}
+          "model_tflops": model_flops_per_token(spec, seq_len) * tokens_per_second / 1e12,
+          "compile_seconds": compile_seconds, "planned_gib": planned}
 
 
 def main():
@@ -155,6 +163,8 @@ def main():
                       help="comma-separated attention paths to time: auto, cudnn, xla")
   parser.add_argument("--profile", type=Path, default=None,
                       help="trace 3 steps of each variant under this folder and print the top ops")
+  parser.add_argument("--remat", default="none",
+                      help="comma-separated activation-checkpointing policies (model.remat)")
   parser.add_argument("--dense_reference", action="store_true",
                       help="also time a dense model of the same FLOPs per token")
   args = parser.parse_args()
@@ -172,23 +182,29 @@ def main():
     variants.append((f"dense model, MLP width {width} (same FLOPs per token)",
                      SPEC.replace(num_dense_layers=SPEC.num_layers, dense_mlp_dim=width)))
   rows = []
-  for (dispatcher, spec), path in itertools.product(variants, args.attention.split(",")):
+  for (dispatcher, spec), path, remat in itertools.product(variants, args.attention.split(","),
+                                                          args.remat.split(",")):
     name = dispatcher if path == "auto" else f"{dispatcher}, attention {path}"
+    name = name if remat == "none" else f"{name}, remat {remat}"
     profile = args.profile / name.replace(" ", "_").replace(",", "") if args.profile else None
-    spec = spec.replace(attention_implementation=path)
+    spec = spec.replace(attention_implementation=path, remat=remat)
     print(f"{name}: attention "
           f"{attention.chosen_implementation(jnp.bfloat16, spec.head_dim, path)}", flush=True)
     result = bench(spec, args.batch, args.seq, args.warmup, args.repeats, profile)
     rows.append((name, result))
     print(f"  {name}: {result['seconds'] * 1e3:.1f} ms/step, "
-          f"{result['tokens_per_second']:,.0f} tokens/s, {result['model_tflops']:.0f} TFLOP/s", flush=True)
+          f"{result['tokens_per_second']:,.0f} tokens/s, {result['model_tflops']:.0f} TFLOP/s, "
+          f"compiled in {result['compile_seconds']:.0f} s, planned {result['planned_gib']:.2f} GiB",
+          flush=True)
   print("\ncommand: python scripts/bench_train.py " + " ".join(sys.argv[1:]))
-  print("| dispatcher | ms / step | tokens/s | model TFLOP/s | MFU (of peak) | of measured matmul |")
-  print("|---|---|---|---|---|---|")
+  print("| variant | ms / step | tokens/s | model TFLOP/s | MFU (of peak) | of measured matmul "
+        "| compile s | step memory (XLA plan), GiB |")
+  print("|---|---|---|---|---|---|---|---|")
   for dispatcher, r in rows:
     print(f"| {dispatcher} | {r['seconds'] * 1e3:.1f} | {r['tokens_per_second']:,.0f} | "
           f"{r['model_tflops']:.0f} | {100 * r['model_tflops'] / args.peak_tflops:.1f}% | "
-          f"{100 * r['model_tflops'] / ceiling:.1f}% |")
+          f"{100 * r['model_tflops'] / ceiling:.1f}% | {r['compile_seconds']:.0f} | "
+          f"{r['planned_gib']:.2f} |")
 
 
 if __name__ == "__main__":
