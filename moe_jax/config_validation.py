@@ -16,7 +16,7 @@ from moe_jax.data import DataSettings
 from moe_jax.dispatch import DispatchSettings
 from moe_jax.model import ModelSpec
 from moe_jax.routing import BalancingSettings, RouterSettings
-from moe_jax.settings import ConfigError, Settings, type_name, value_problem
+from moe_jax.settings import ConfigError, Settings, value_problem
 from moe_jax.steps import OptimizerSettings
 from moe_jax.train_settings import TrainSettings
 
