@@ -159,19 +159,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- device mesh: sizes of the named axes; -1 takes the devices left over -------------------
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.expert = 1
+  c.mesh.data = -1                  # model replicas
+  c.mesh.fsdp = 1                   # replicas that split parameters, gradients and optimizer
+                                    # state (FSDP: sharding.embed), gathered per layer by XLA
+  c.mesh.tensor = 1                 # attention heads and MLP widths split (sharding.heads, mlp)
+  c.mesh.expert = 1                 # routed experts split (dispatch.expert_parallel)
 
   # ---- sharding rules: logical axis name -> mesh axes ("a,b"; "" replicates) ----------------
   # Parameter dimensions carry logical names from creation (moe_jax/layers/params.py).
   c.sharding = ml_collections.ConfigDict()
-  c.sharding.batch = "data,expert"  # every axis that splits tokens
+  c.sharding.batch = "data,fsdp,expert"  # every axis that splits tokens
   c.sharding.experts = "expert"     # routed experts (required by dispatch.expert_parallel)
   c.sharding.router = ""
-  c.sharding.embed = ""
-  c.sharding.mlp = ""
-  c.sharding.heads = ""
-  c.sharding.kv_heads = ""
+  c.sharding.embed = "fsdp"         # every parameter with a model-width dimension: FSDP
+  c.sharding.mlp = "tensor"
+  c.sharding.heads = "tensor"
+  c.sharding.kv_heads = "tensor"
   c.sharding.head_dim = ""
   c.sharding.latent = ""            # MLA's query and key/value latents
   c.sharding.vocab = ""

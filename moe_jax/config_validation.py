@@ -31,7 +31,7 @@ MODEL_SECTIONS = ("model", "router", "balancing", "dispatch")
 # is a typo or a setting that does nothing, so it is refused with the closest known name.
 FIELDS: dict[str, dict[str, type]] = {
     **{name: kind.field_types() for name, kind in SETTINGS_SECTIONS.items()},
-    "mesh": {"data": int, "expert": int},
+    "mesh": {axis: int for axis in parallel.MESH_AXES},
     "sharding": {name: str for name in parallel.LOGICAL_AXES},
 }
 TOP_LEVEL = {"seed": int}
@@ -68,22 +68,24 @@ def upgrade_saved_config(saved: dict) -> dict:
   return upgraded
 
 
-def resolve_mesh_shape(data_size: int, expert_size: int, num_devices: int) -> tuple[int, int]:
-  """Mesh (data, expert) sizes, a -1 taking the devices the other axis leaves."""
-  sizes = [data_size, expert_size]
-  if sizes.count(-1) > 1:
+def resolve_mesh_shape(requested: dict[str, int], num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes (every axis of parallel.MESH_AXES; an absent one is 1), a -1 taking the
+  devices the other axes leave."""
+  sizes = {axis: int(requested.get(axis, 1)) for axis in parallel.MESH_AXES}
+  shown = lambda: " x ".join(f"{axis}={size}" for axis, size in sizes.items())
+  if list(sizes.values()).count(-1) > 1:
     raise ConfigError("mesh: at most one axis may be -1")
-  if any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f"mesh: sizes must be positive or -1, got data={data_size}, expert={expert_size}")
-  known = abs(data_size * expert_size) if -1 in sizes else data_size * expert_size
-  if -1 in sizes:
+  if any(s == 0 or s < -1 for s in sizes.values()):
+    raise ConfigError(f"mesh: sizes must be positive or -1, got {shown()}")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if -1 in sizes.values():
     if num_devices % known:
-      raise ConfigError(f"mesh: {num_devices} devices cannot be split with a fixed axis of {known}")
-    sizes[sizes.index(-1)] = num_devices // known
-  if sizes[0] * sizes[1] != num_devices:
-    raise ConfigError(f"mesh: data={sizes[0]} x expert={sizes[1]} = {sizes[0] * sizes[1]} devices, "
-                      f"but {num_devices} are available")
-  return sizes[0], sizes[1]
+      raise ConfigError(f"mesh: {num_devices} devices cannot be split with fixed axes of {known}")
+    sizes[next(a for a, s in sizes.items() if s == -1)] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(f"mesh: {shown()} = {math.prod(sizes.values())} devices, but "
+                      f"{num_devices} are available")
+  return sizes
 
 
 def _sharding_problems(config, spec: ModelSpec, mesh_sizes: dict[str, int]) -> list[str]:
@@ -102,7 +104,7 @@ def _sharding_problems(config, spec: ModelSpec, mesh_sizes: dict[str, int]) -> l
   if d.batch_size % size("batch"):
     problems.append(f"data.batch_size={d.batch_size} does not divide over the {size('batch')} "
                     f"devices that split tokens (sharding.batch={config.sharding.batch!r}, mesh "
-                    f"data={mesh_sizes['data']} x expert={mesh_sizes['expert']})")
+                    f"{' x '.join(f'{a}={s}' for a, s in mesh_sizes.items())})")
   elif microbatches >= 1 and d.batch_size % (microbatches * size("batch")):
     problems.append(f"data.batch_size={d.batch_size} does not split into train.microbatches="
                     f"{microbatches} slices that each divide over the {size('batch')} "
@@ -117,7 +119,8 @@ def _sharding_problems(config, spec: ModelSpec, mesh_sizes: dict[str, int]) -> l
   if ep.expert_parallel != "none" and (rules.get("experts") != ("expert",)
                                        or rules.get("batch") != parallel.BATCH_AXES):
     problems.append(f"dispatch.expert_parallel={ep.expert_parallel!r} needs "
-                    f"sharding.experts='expert' and sharding.batch='data,expert'")
+                    f"sharding.experts='expert' and sharding.batch="
+                    f"{','.join(parallel.BATCH_AXES)!r}")
   return problems
 
 
@@ -154,6 +157,8 @@ def _schema_problems(config) -> list[str]:
       continue
     problems += [_unknown(f"{section}.{k}", fields) for k in values.keys() if k not in fields]
     for name, kind in fields.items():
+      if name not in values and section == "mesh":
+        continue   # an axis a config does not name has size 1 (configs from before fsdp, tensor)
       if name not in values:
         problems.append(f"{section}.{name}: missing")
       else:
@@ -213,12 +218,12 @@ def _problems(config, num_devices: int, backend: str) -> list[str]:
        f"optimizer.warmup_steps={o.warmup_steps} must be >= 0 and below train.steps={t.steps}")
 
   try:
-    data_size, expert_size = resolve_mesh_shape(config.mesh.data, config.mesh.expert, num_devices)
+    mesh_sizes = resolve_mesh_shape(dict(config.mesh), num_devices)
   except ConfigError as e:
     problems.append(str(e))
   else:
     if spec is not None:
-      problems.extend(_sharding_problems(config, spec, {"data": data_size, "expert": expert_size}))
+      problems.extend(_sharding_problems(config, spec, mesh_sizes))
   return problems
 
 

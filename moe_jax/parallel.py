@@ -16,13 +16,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.layers.params import logical_axes
 
-MESH_AXES = ("data", "expert")
-BATCH_AXES = ("data", "expert")     # every axis that splits tokens
+# data: replicas of the model; fsdp: replicas whose parameters, gradients and optimizer state
+# are split among them (gathered per layer by XLA); tensor: attention heads and MLP widths
+# split; expert: routed experts split (and tokens, outside the experts).
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")     # every axis that splits tokens
 
 
-def make_mesh(data_size: int, expert_size: int, devices=None) -> Mesh:
+def make_mesh(data_size: int, expert_size: int, devices=None, *, fsdp: int = 1,
+              tensor: int = 1) -> Mesh:
+  """The mesh of MESH_AXES over `devices` (default: all), `expert` varying fastest."""
   devices = np.asarray(devices if devices is not None else jax.devices())
-  return Mesh(devices.reshape(data_size, expert_size), MESH_AXES,
+  return Mesh(devices.reshape(data_size, fsdp, tensor, expert_size), MESH_AXES,
               axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -41,7 +46,8 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh, batch_axes=BATCH_AXES) -> 
 
 LOGICAL_AXES = ("batch", "experts", "router", "embed", "mlp", "heads", "kv_heads", "head_dim",
                 "latent", "vocab")
-DEFAULT_RULES = {"batch": BATCH_AXES, "experts": ("expert",)}
+DEFAULT_RULES = {"batch": BATCH_AXES, "experts": ("expert",), "embed": ("fsdp",),
+                 "heads": ("tensor",), "kv_heads": ("tensor",), "mlp": ("tensor",)}
 
 
 def parse_rules(sharding_config) -> dict[str, tuple[str, ...]]:
@@ -79,6 +85,9 @@ def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES, shard_optimizer_over
   replicate go over `data` along their first axis when it divides. A parameter created without
   logical names, or a rule that does not fit a parameter, is a LayoutError.
   """
+  # A mesh axis of size 1 splits nothing: left out, so that a replicated parameter reads as one.
+  rules = {name: tuple(a for a in axes if mesh.shape[a] > 1) for name, axes in rules.items()}
+
   def spec_for(path, variable) -> P:
     names = logical_axes(variable)
     if names is None:

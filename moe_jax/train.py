@@ -96,8 +96,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
 def mesh_of(config):
   """The device mesh a validated config asks for, over every device."""
-  return parallel.make_mesh(*resolve_mesh_shape(config.mesh.data, config.mesh.expert,
-                                                jax.device_count()))
+  sizes = resolve_mesh_shape(dict(config.mesh), jax.device_count())
+  return parallel.make_mesh(sizes["data"], sizes["expert"], fsdp=sizes["fsdp"],
+                            tensor=sizes["tensor"])
 
 
 def _all_agree(ok: bool) -> bool:

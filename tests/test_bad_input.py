@@ -90,8 +90,9 @@ BAD_CONFIGS = {
     "experts over expert axis": ({"model__num_routed_experts": 6, "mesh__data": 2, "mesh__expert": 4},
                                  ["model.num_routed_experts=6 is not divisible by the 4 devices"]),
     # mesh shapes
-    "mesh too small": ({"mesh__data": 3}, ["mesh: data=3 x expert=1 = 3 devices, but 8 are available"]),
-    "mesh not dividing": ({"mesh__expert": 3}, ["mesh: 8 devices cannot be split with a fixed axis of 3"]),
+    "mesh too small": ({"mesh__data": 3}, ["mesh: data=3 x fsdp=1 x tensor=1 x expert=1 = 3 devices, but 8 are "
+                                             "available"]),
+    "mesh not dividing": ({"mesh__expert": 3}, ["mesh: 8 devices cannot be split with fixed axes of 3"]),
     "two free axes": ({"mesh__expert": -1}, ["mesh: at most one axis may be -1"]),
     "zero axis": ({"mesh__expert": 0}, ["mesh: sizes must be positive or -1"]),
     # unknown names
@@ -101,7 +102,7 @@ BAD_CONFIGS = {
                                 ["dispatch.expert_parallel='all_reduce' is unknown"]),
     "bias rule": ({"balancing__bias_update_rule": "pid"}, ["balancing.bias_update_rule='pid' is unknown"]),
     "data source": ({"data__source": "web"}, ["data.source='web' is unknown"]),
-    "sharding axis": ({"sharding__embed": "tensor"}, ["sharding.embed=tensor: unknown mesh axis"]),
+    "sharding axis": ({"sharding__embed": "stage"}, ["sharding.embed=stage: unknown mesh axis"]),
     "rule that does not fit": ({"sharding__vocab": "data"},
                                ["has 260 along 'vocab', not divisible by 8 devices"]),
 }

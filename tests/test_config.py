@@ -34,8 +34,8 @@ BAD = [
     ("model.compute_dtype", "float16", "model.compute_dtype='float16' is unknown"),
     ("data.batch_size", 12, "data.batch_size=12 does not divide over the 8 devices"),
     ("data.source", "web", "data.source='web' is unknown"),
-    ("mesh.expert", 3, "mesh: 8 devices cannot be split with a fixed axis of 3"),
-    ("mesh.data", 3, "mesh: data=3 x expert=1 = 3 devices, but 8 are available"),
+    ("mesh.expert", 3, "mesh: 8 devices cannot be split with fixed axes of 3"),
+    ("mesh.data", 3, "mesh: data=3 x fsdp=1 x tensor=1 x expert=1 = 3 devices, but 8 are available"),
     ("optimizer.warmup_steps", 100, "optimizer.warmup_steps=100 must be >= 0 and below"),
     ("router.num_groups", 3, "router.num_groups=3 must divide model.num_routed_experts=8"),
     ("router.topk_groups", 2, "router.topk_groups=2 must be between 1 and router.num_groups=1"),
@@ -45,7 +45,7 @@ BAD = [
     ("train.metrics_port", 70000, "train.metrics_port=70000 must be 0 (off) or a port"),
     ("dispatch.expert_parallel", "magic", "dispatch.expert_parallel='magic' is unknown"),
     ("dispatch.expert_parallel_chunks", 0, "dispatch.expert_parallel_chunks=0 must be >= 1"),
-    ("sharding.embed", "tensor", "sharding.embed=tensor: unknown mesh axis"),
+    ("sharding.embed", "stage", "sharding.embed=stage: unknown mesh axis"),
     ("dispatch.expert_parallel", "ragged_all_to_all",
      "dispatch.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend"),
     ("model.attention", "flash", "model.attention='flash' is unknown; choose from ['gqa', 'mla']"),
@@ -85,6 +85,7 @@ def test_a_rule_that_puts_a_mesh_axis_twice_on_a_parameter_is_refused_before_com
   from moe_jax.train import laid_out_state, mesh_of
   config = get_config("tiny")
   config.sharding.mlp = "expert"   # w_gate: experts and mlp both over `expert`
+  config.mesh.data, config.mesh.expert = 2, 4
   validate_config(config, num_devices=8)
   with pytest.raises(ConfigError, match=r"sharding: parameter blocks\.1\.mlp\.w_(gate|up|down) "
                      r"\(experts, .*mlp.*\) would use a mesh axis twice: \['expert', 'expert'\]"):
@@ -125,11 +126,15 @@ def test_all_problems_are_listed_at_once():
 
 
 def test_mesh_shape_resolution():
-  assert resolve_mesh_shape(-1, 1, 8) == (8, 1)
-  assert resolve_mesh_shape(2, -1, 8) == (2, 4)
-  assert resolve_mesh_shape(4, 2, 8) == (4, 2)
+  sizes = lambda **axes: tuple(resolve_mesh_shape(axes, 8).values())   # data, fsdp, tensor, expert
+  assert sizes(data=-1, expert=1) == (8, 1, 1, 1)
+  assert sizes(data=2, expert=-1) == (2, 1, 1, 4)
+  assert sizes(data=4, expert=2) == (4, 1, 1, 2)
+  assert sizes(data=2, fsdp=-1, tensor=2) == (2, 2, 2, 1)
   with pytest.raises(ConfigError, match="at most one axis"):
-    resolve_mesh_shape(-1, -1, 8)
+    resolve_mesh_shape({"data": -1, "expert": -1}, 8)
+  with pytest.raises(ConfigError, match="8 devices cannot be split with fixed axes of 3"):
+    resolve_mesh_shape({"data": -1, "tensor": 3}, 8)
 
 
 def test_expert_parallel_chunks_divide_each_devices_tokens():
@@ -190,3 +195,12 @@ def test_a_config_saved_before_the_router_balancing_and_dispatch_sections_reads_
   assert (spec.balancing.bias_update_rate, spec.balancing.z_loss_coef) == (0.05, 0.0)
   assert spec.dispatch.expert_parallel_chunks == 1 and spec.router.num_groups == 1   # defaults
   assert "top_k" not in upgraded["model"] and "dispatcher" not in upgraded["model"]
+
+
+def test_a_mesh_without_the_fsdp_and_tensor_axes_has_them_at_1():
+  """A config written before those axes existed still validates and gets the same mesh."""
+  config = get_config("tiny")
+  del config.mesh["fsdp"], config.mesh["tensor"]
+  validate_config(config, num_devices=8)
+  assert resolve_mesh_shape(dict(config.mesh), 8) == {"data": 8, "fsdp": 1, "tensor": 1,
+                                                     "expert": 1}

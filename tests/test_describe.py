@@ -59,7 +59,7 @@ def test_dry_run_reports_sizes_flops_mesh_and_memory_and_writes_nothing(tmp_path
   assert (f"parameters: {total:,} total, {active:,} active per token (18,432 of them in "
           f"experts), 33,280 in the embedding and output matrices") in out
   assert "training FLOPs per token: 0.56 M; per step of 8 x 64 tokens" in out   # 557,568
-  assert "mesh: data 8 x expert 1" in out
+  assert "mesh: data 8 x fsdp 1 x tensor 1 x expert 1" in out
   assert f"per device: parameters {total * 4 / 2**20:.1f} MiB" in out   # replicated float32
   assert "one training step as XLA compiled it: " in out
   assert "dry run: nothing was trained or written" in out

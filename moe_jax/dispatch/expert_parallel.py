@@ -28,7 +28,7 @@ from moe_jax.dispatch.capacity import capacity_dispatch
 from moe_jax.dispatch.experts import SwiGLUExperts
 
 EXPERT_AXIS = "expert"
-TOKEN_AXES = ("data", "expert")
+TOKEN_AXES = ("data", "fsdp", "expert")   # parallel.BATCH_AXES
 VARIANTS = ("all_to_all", "all_gather", "ragged_all_to_all")
 # The single-device dispatch each variant performs across devices (what dispatch.strategy must say).
 DISPATCHER_OF_VARIANT = {"all_to_all": "capacity", "all_gather": "dropless",
