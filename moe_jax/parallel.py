@@ -25,10 +25,13 @@ BATCH_AXES = ("data", "fsdp", "expert")     # every axis that splits tokens
 
 def make_mesh(data_size: int, expert_size: int, devices=None, *, fsdp: int = 1,
               tensor: int = 1) -> Mesh:
-  """The mesh of MESH_AXES over `devices` (default: all), `expert` varying fastest."""
-  devices = np.asarray(devices if devices is not None else jax.devices())
-  return Mesh(devices.reshape(data_size, fsdp, tensor, expert_size), MESH_AXES,
-              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  """The mesh of MESH_AXES, `expert` varying fastest: over every device through
+  `jax.make_mesh` (which orders them by the machine's topology: neighbours in the interconnect
+  on the inner axes), or over `devices` in their given order."""
+  shape, types = (data_size, fsdp, tensor, expert_size), (jax.sharding.AxisType.Auto,) * 4
+  if devices is None:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=types)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
