@@ -63,27 +63,30 @@ def upgrade_saved_config(saved: dict) -> dict:
       upgraded.setdefault(new_section, {}).setdefault(new_field, value)
   for section in MODEL_SECTIONS:
     kind = SETTINGS_SECTIONS[section]
-    upgraded[section] = {**kind.field_defaults(), **upgraded.get(section, {})}
-    upgraded[section] = {k: v for k, v in upgraded[section].items() if k in kind.field_types()}
+    values = {**kind.field_defaults(), **upgraded.get(section, {})}
+    upgraded[section] = {k: v for k, v in values.items() if k in kind.field_types()}
   return upgraded
+
+
+def _mesh_text(sizes: dict[str, int]) -> str:
+  return " x ".join(f"{axis}={size}" for axis, size in sizes.items())
 
 
 def resolve_mesh_shape(requested: dict[str, int], num_devices: int) -> dict[str, int]:
   """Mesh axis sizes (every axis of parallel.MESH_AXES; an absent one is 1), a -1 taking the
   devices the other axes leave."""
   sizes = {axis: int(requested.get(axis, 1)) for axis in parallel.MESH_AXES}
-  shown = lambda: " x ".join(f"{axis}={size}" for axis, size in sizes.items())
   if list(sizes.values()).count(-1) > 1:
     raise ConfigError("mesh: at most one axis may be -1")
   if any(s == 0 or s < -1 for s in sizes.values()):
-    raise ConfigError(f"mesh: sizes must be positive or -1, got {shown()}")
+    raise ConfigError(f"mesh: sizes must be positive or -1, got {_mesh_text(sizes)}")
   known = math.prod(s for s in sizes.values() if s != -1)
   if -1 in sizes.values():
     if num_devices % known:
       raise ConfigError(f"mesh: {num_devices} devices cannot be split with fixed axes of {known}")
     sizes[next(a for a, s in sizes.items() if s == -1)] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
-    raise ConfigError(f"mesh: {shown()} = {math.prod(sizes.values())} devices, but "
+    raise ConfigError(f"mesh: {_mesh_text(sizes)} = {math.prod(sizes.values())} devices, but "
                       f"{num_devices} are available")
   return sizes
 
@@ -104,7 +107,7 @@ def _sharding_problems(config, spec: ModelSpec, mesh_sizes: dict[str, int]) -> l
   if d.batch_size % size("batch"):
     problems.append(f"data.batch_size={d.batch_size} does not divide over the {size('batch')} "
                     f"devices that split tokens (sharding.batch={config.sharding.batch!r}, mesh "
-                    f"{' x '.join(f'{a}={s}' for a, s in mesh_sizes.items())})")
+                    f"{_mesh_text(mesh_sizes)})")
   elif microbatches >= 1 and d.batch_size % (microbatches * size("batch")):
     problems.append(f"data.batch_size={d.batch_size} does not split into train.microbatches="
                     f"{microbatches} slices that each divide over the {size('batch')} "

@@ -11,18 +11,14 @@ from moe_jax import parallel, steps
 from moe_jax.layers.moe import BalancingBias
 from moe_jax.layers.params import logical_axes
 from moe_jax.model import ModelSpec, Transformer
+from tests import model_variants
 
-SMALL = ModelSpec(vocab_size=64, d_model=32, num_layers=3, num_heads=2, num_kv_heads=1,
-                  head_dim=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                  v_head_dim=8, dense_mlp_dim=48, num_routed_experts=8, expert_dim=16)
 VARIANTS = {
-    "gqa": SMALL,
-    "gqa, q/k/v biases, per-head q/k norms, gated shared expert, MTP":
-        SMALL.replace(qkv_bias=True, qk_norm="per_head", shared_expert_gate=True, mtp_depth=1),
-    "gqa, q/k norms over all heads": SMALL.replace(qk_norm="whole"),
-    "mla": SMALL.replace(attention="mla"),
-    "mla with a query latent, MTP": SMALL.replace(attention="mla", q_lora_rank=16, mtp_depth=2),
-    "all dense": SMALL.replace(num_dense_layers=3),
+    **model_variants.VARIANTS,
+    "gqa, q/k norms over all heads": model_variants.SMALL.replace(qk_norm="whole"),
+    "mla with a query latent, MTP 2": model_variants.SMALL.replace(attention="mla",
+                                                                   q_lora_rank=16, mtp_depth=2),
+    "all dense": model_variants.SMALL.replace(num_dense_layers=3),
 }
 
 
@@ -45,7 +41,7 @@ def test_every_parameter_of_every_variant_has_logical_names(variant):
 
 def test_the_parameters_a_name_table_missed_have_their_names():
   """Biases, q/k norm scales, the shared-expert gate and the MTP projection, by hand."""
-  gqa = _variables(VARIANTS["gqa, q/k/v biases, per-head q/k norms, gated shared expert, MTP"])
+  gqa = _variables(VARIANTS["gqa, biases, per-head norms, gated shared expert, MTP"])
   expected = {
       "blocks/0/attention/b_q": ("heads", "head_dim"),
       "blocks/0/attention/b_k": ("kv_heads", "head_dim"),
@@ -63,7 +59,7 @@ def test_the_parameters_a_name_table_missed_have_their_names():
 
 def test_a_rule_reaches_a_bias_and_its_optimizer_moments():
   """sharding.heads='expert' splits the query bias and both of its Adam moments."""
-  spec = VARIANTS["gqa, q/k/v biases, per-head q/k norms, gated shared expert, MTP"]
+  spec = VARIANTS["gqa, biases, per-head norms, gated shared expert, MTP"]
   _, state = steps.abstract_state(spec, optax.adam(1e-3), 0)
   mesh = parallel.make_mesh(4, 2)
   rules = {**parallel.DEFAULT_RULES, "heads": ("expert",)}

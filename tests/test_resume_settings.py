@@ -7,17 +7,8 @@ from flax import nnx
 
 from moe_jax.model import PARAMETER_FIELDS, ModelSpec, Transformer
 from moe_jax.steps import BalancingBias
+from tests.model_variants import SMALL, VARIANTS
 
-SMALL = ModelSpec(vocab_size=64, d_model=32, num_layers=3, num_heads=2, num_kv_heads=1,
-                  head_dim=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                  v_head_dim=8, dense_mlp_dim=48, num_routed_experts=8, expert_dim=16)
-VARIANTS = {
-    "gqa": SMALL,
-    "gqa, biases, per-head norms, gated shared expert, MTP":
-        SMALL.replace(qkv_bias=True, qk_norm="per_head", shared_expert_gate=True, mtp_depth=1),
-    "mla": SMALL.replace(attention="mla"),
-    "mla with a query latent": SMALL.replace(attention="mla", q_lora_rank=16),
-}
 # Another valid value of each field (valid in every variant above).
 OTHER = {
     "vocab_size": 80, "d_model": 48, "num_layers": 4, "num_dense_layers": 2, "attention": "mla",
