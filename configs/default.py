@@ -73,6 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.remat = "none"            # what each block keeps for backward, the rest recomputed:
                                     # "none" | "block" (its input) | "matmuls" | "expert_io"
                                     # (the routed experts' inputs and outputs)
+  c.model.scan_layers = False       # dense and MoE blocks as two scans over stacked parameters:
+                                    # one block compiled per kind (deep models compile in
+                                    # seconds); the checkpoint layout follows it
   c.model.attention_implementation = "auto"  # "cudnn" (fused, NVIDIA GPUs, 16-bit) | "xla" |
                                              # "auto" (cudnn where it applies, else xla)
   # MoE blocks
@@ -178,6 +181,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sharding.head_dim = ""
   c.sharding.latent = ""            # MLA's query and key/value latents
   c.sharding.vocab = ""
+  c.sharding.layers = ""            # the leading dimension of scanned blocks' parameters
 
   size, _, overrides = (arg or "").partition(",")
   if size == "tiny":

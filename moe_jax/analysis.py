@@ -120,7 +120,7 @@ def validation_batches(run: Run, num_batches: int, batch_size: int | None = None
 
 def _trace(graphdef, params, biases, tokens_BxS):
   """The model's own forward, each main-block MoE layer keeping its decision."""
-  model = nnx.merge(graphdef, params, biases)
+  model = nnx.merge(graphdef, params, biases).with_layout(scan_layers=False)
   layers = [block.mlp for block in model.blocks if isinstance(block.mlp, MoE)]
   for layer in layers:
     if layer.router.expert_choice:

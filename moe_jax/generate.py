@@ -18,8 +18,9 @@ from moe_jax.model import Transformer
 
 
 def decoding_model(graphdef, params, biases) -> Transformer:
-  """The model with every MoE layer dropless (capacity = tokens) and experts on one device."""
-  model = nnx.merge(graphdef, params, biases)
+  """The model with every MoE layer dropless (capacity = tokens) and experts on one device,
+  its blocks as a list (one KV cache each)."""
+  model = nnx.merge(graphdef, params, biases).with_layout(scan_layers=False)
   for layer in model.moe_layers():
     layer.dispatch = layer.dispatch.replace(
         capacity_factor=layer.num_experts / layer.router.top_k, expert_parallel="none")

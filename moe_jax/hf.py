@@ -285,9 +285,10 @@ def _put(flat: dict, path: tuple, value, name: str, dtype):
   flat[path] = flat[path].replace(jnp.asarray(value, dtype))
 
 
-def from_tensors(tensors: dict, hf: dict, dtype=jnp.float32) -> Imported:
+def from_tensors(tensors: dict, hf: dict, dtype=jnp.float32, scan_layers: bool = False) -> Imported:
   """The moe_jax model of a Hugging Face config and its tensors (name -> array), with
-  parameters stored in `dtype` (bfloat16 halves the memory of a large checkpoint)."""
+  parameters stored in `dtype` (bfloat16 halves the memory of a large checkpoint), its blocks
+  as a list or, with `scan_layers`, as stacks (`model.scan_layers`)."""
   spec = spec_from_hf_config(hf, _mtp_layers_in(tensors, hf))
   family = hf["model_type"]
   model = nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=0)))
@@ -309,16 +310,16 @@ def from_tensors(tensors: dict, hf: dict, dtype=jnp.float32) -> Imported:
     if path[-1] != "balancing_bias":
       raise ImportError_(f"parameter {path} got no tensor from the checkpoint")
     flat[path] = flat[path].replace(jnp.zeros(flat[path].shape, dtype))
-  model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  model = nnx.merge(graphdef, nnx.from_flat_state(flat)).with_layout(scan_layers)
   graphdef, params, biases = nnx.split(model, nnx.Param, BalancingBias)
-  return Imported(spec, graphdef, params, biases, hf)
+  return Imported(model.spec, graphdef, params, biases, hf)
 
 
 def to_tensors(imported: Imported) -> dict[str, jax.Array]:
   """The Hugging Face tensors (name -> array in the parameters' dtype) of a model; MTP
   modules included, with DeepSeek's copies of the shared embedding and head in each."""
-  spec, family = imported.spec, imported.hf_config["model_type"]
-  model = nnx.merge(imported.graphdef, imported.params, imported.biases)
+  spec, family = imported.spec.replace(scan_layers=False), imported.hf_config["model_type"]
+  model = nnx.merge(imported.graphdef, imported.params, imported.biases).with_layout(False)
   flat = {path: v[...] for path, v in nnx.to_flat_state(nnx.state(model))}
   rules, stacks = weight_rules(family, spec)
   tensors = {name: to_theirs(flat[path], spec) for name, path, _, to_theirs in rules}
@@ -333,9 +334,9 @@ def to_tensors(imported: Imported) -> dict[str, jax.Array]:
 
 # ---- files --------------------------------------------------------------------------------
 
-def load(directory, dtype=jnp.float32) -> Imported:
+def load(directory, dtype=jnp.float32, scan_layers: bool = False) -> Imported:
   """A Hugging Face checkpoint directory (config.json and one or more .safetensors), its
-  parameters in `dtype`."""
+  parameters in `dtype`, its blocks stacked for scans with `scan_layers`."""
   from safetensors.flax import load_file
   directory = Path(directory)
   config_path = directory / "config.json"
@@ -347,7 +348,7 @@ def load(directory, dtype=jnp.float32) -> Imported:
   tensors = {}
   for path in files:
     tensors.update(load_file(path))
-  return from_tensors(tensors, json.loads(config_path.read_text()), dtype)
+  return from_tensors(tensors, json.loads(config_path.read_text()), dtype, scan_layers)
 
 
 def save(directory, imported: Imported) -> None:

@@ -22,6 +22,7 @@ from moe_jax.layers.moe import MoE, MoEStats
 from moe_jax.layers.norms import RMSNorm
 from moe_jax.layers.params import param
 from moe_jax.layers.rope import SCALINGS, Rope
+from moe_jax.layers.stack import LayerStack, stacked_paths, unstacked_paths
 from moe_jax.routing import BalancingSettings, RouterSettings
 from moe_jax.settings import Settings
 
@@ -41,7 +42,7 @@ PARAMETER_FIELDS = ("vocab_size", "d_model", "num_layers", "num_dense_layers", "
                     "num_heads", "num_kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "qkv_bias", "qk_norm",
                     "dense_mlp_dim", "num_routed_experts", "num_shared_experts",
-                    "shared_expert_gate", "expert_dim", "mtp_depth")
+                    "shared_expert_gate", "expert_dim", "mtp_depth", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,7 @@ class ModelSpec(Settings):
   compute_dtype: str = "float32"
   attention_implementation: str = "auto"   # a name of attention.IMPLEMENTATIONS
   remat: str = "none"               # a name of REMAT_POLICIES
+  scan_layers: bool = False         # dense and MoE blocks as two scans over stacked parameters
   num_routed_experts: int = 16
   num_shared_experts: int = 1
   shared_expert_gate: bool = False
@@ -283,18 +285,28 @@ class MTPModule(nnx.Module):
     return self.block(self.join(hidden_BxSxD, embedded_BxSxD), positions_S)
 
 
-def _stack(all_stats: list) -> MoEStats | None:
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *all_stats) if all_stats else None
+def _concatenated(stats_chunks: list) -> MoEStats | None:
+  """MoE statistics with a leading layer axis, chunks joined in order."""
+  return (jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *stats_chunks)
+          if stats_chunks else None)
 
 
 class Transformer(nnx.Module):
+  """The blocks are a list (`blocks`) or, with `spec.scan_layers`, two stacks run by scans
+  (`dense_blocks`, `moe_blocks`; moe_jax/layers/stack.py) holding the same parameters:
+  `with_layout` converts a model between the two."""
 
   def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
     self.embed = param(nnx.initializers.normal(1.0)(rngs.params(),
                                                     (spec.vocab_size, spec.d_model)),
                        "vocab", "embed")
-    self.blocks = nnx.List([Block(spec, i >= spec.num_dense_layers, rngs)
-                            for i in range(spec.num_layers)])
+    blocks = [Block(spec, i >= spec.num_dense_layers, rngs) for i in range(spec.num_layers)]
+    if spec.scan_layers:
+      dense, moe = blocks[:spec.num_dense_layers], blocks[spec.num_dense_layers:]
+      self.dense_blocks = LayerStack(dense) if dense else None
+      self.moe_blocks = LayerStack(moe) if moe else None
+    else:
+      self.blocks = nnx.List(blocks)
     self.final_norm = RMSNorm(spec.d_model, spec.norm_eps)
     self.unembed = param(scaled_normal(spec.d_model)(rngs.params(),
                                                      (spec.d_model, spec.vocab_size)),
@@ -303,37 +315,67 @@ class Transformer(nnx.Module):
     self.mtp = nnx.List([MTPModule(spec, spec.num_dense_layers < spec.num_layers, rngs)
                          for _ in range(spec.mtp_depth)])
     self.dtype = DTYPES[spec.compute_dtype]
-    self.remat = spec.remat
+    self.spec = spec
 
   def embed_tokens(self, tokens: Int[Array, "B S"]) -> Float[Array, "B S D"]:
     return self.embed[...][tokens].astype(self.dtype)
 
+  def _stacks(self) -> list[LayerStack]:
+    return [s for s in (self.dense_blocks, self.moe_blocks) if s is not None]
+
   def moe_layers(self) -> list[MoE]:
-    """Every MoE layer: the main blocks' in order, then the MTP modules' blocks'."""
-    blocks = [*self.blocks, *(m.block for m in self.mtp)]
+    """Every MoE layer in the order of the statistics: the main blocks' (with scanned layers,
+    one MoE whose variables hold every MoE block's), then the MTP modules' blocks'."""
+    blocks = [s.layers for s in self._stacks()] if self.spec.scan_layers else list(self.blocks)
+    blocks += [m.block for m in self.mtp]
     return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
 
   def hidden_states(self, tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S D"], list]:
-    """The last block's output (before the final norm) and each MoE block's statistics."""
+    """The last block's output (before the final norm) and the MoE blocks' statistics, in
+    chunks with a leading layer axis."""
     positions = jnp.arange(tokens.shape[1])
     with jax.named_scope("embed"):
       x = self.embed_tokens(tokens)
-    all_stats = []
+    stats_chunks = []
+    if self.spec.scan_layers:
+      for stack in self._stacks():
+        x, stats = stack(x, positions, policy=REMAT_POLICIES[self.spec.remat])
+        if stats is not None:
+          stats_chunks.append(stats)
+      return x, stats_chunks
     for block in self.blocks:
       x, stats = self.run_block(block, x, positions)
       if stats is not None:
-        all_stats.append(stats)
-    return x, all_stats
+        stats_chunks.append(jax.tree.map(lambda a: a[None], stats))
+    return x, stats_chunks
 
   def run_block(self, block: Block, x, positions):
     """`block(x, positions)`, under the remat policy: what its backward pass keeps."""
-    if self.remat == "none":
+    if self.spec.remat == "none":
       return block(x, positions)
     # A pure function of the block's state (which its forward leaves unchanged), so that
     # jax.checkpoint can recompute it in the backward pass.
     graphdef, state = nnx.split(block)
     run = lambda state, x, positions: nnx.merge(graphdef, state)(x, positions)
-    return jax.checkpoint(run, policy=REMAT_POLICIES[self.remat])(state, x, positions)
+    return jax.checkpoint(run, policy=REMAT_POLICIES[self.spec.remat])(state, x, positions)
+
+  def with_layout(self, scan_layers: bool) -> "Transformer":
+    """This model (same arrays) with its blocks as a list or as stacks: the other layout's
+    model is built abstractly and takes this one's values, path by path."""
+    if scan_layers == self.spec.scan_layers:
+      return self
+    spec = self.spec.replace(scan_layers=scan_layers)
+    target = nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=0)))
+    values = {path: variable[...] for path, variable in nnx.to_flat_state(nnx.state(self))}
+    dense, moe = self.spec.num_dense_layers, self.spec.num_layers - self.spec.num_dense_layers
+    if scan_layers:
+      values = stacked_paths(values, {"dense_blocks": ("blocks", 0, dense),
+                                      "moe_blocks": ("blocks", dense, moe)})
+    else:
+      values = unstacked_paths(values, {"dense_blocks": ("blocks", 0),
+                                        "moe_blocks": ("blocks", dense)})
+    nnx.update(target, nnx.from_flat_state(values))
+    return target
 
   def logits(self, normed_BxSxD) -> Float[Array, "B S V"]:
     """The shared output projection, float32 logits."""
@@ -342,11 +384,12 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S V"], MoEStats]:
     """Logits in float32 and the MoE blocks' statistics stacked along a leading layer axis."""
-    x, all_stats = self.hidden_states(tokens)
-    return self.logits(self.final_norm(x)), _stack(all_stats)
+    x, stats_chunks = self.hidden_states(tokens)
+    return self.logits(self.final_norm(x)), _concatenated(stats_chunks)
 
   def init_cache(self, batch: int, max_len: int) -> tuple[list, list]:
-    """Empty decoding caches: one per main block, one per MTP module."""
+    """Empty decoding caches: one per main block, one per MTP module. Decoding runs on the
+    blocks as a list (`with_layout(scan_layers=False)`)."""
     return ([b.attention.init_cache(batch, max_len) for b in self.blocks],
             [m.block.attention.init_cache(batch, max_len) for m in self.mtp])
 
@@ -376,7 +419,7 @@ class Transformer(nnx.Module):
     Depth k's logits [B, S - k, V] at position i predict token i + k + 1 of the window that
     `tokens` starts (the main logits predict i + 1).
     """
-    hidden, all_stats = self.hidden_states(tokens)
+    hidden, stats_chunks = self.hidden_states(tokens)
     logits = self.logits(self.final_norm(hidden))
     mtp_logits = []
     with jax.named_scope("mtp"):
@@ -385,9 +428,9 @@ class Transformer(nnx.Module):
         joined = module.join(hidden[:, :length], self.embed_tokens(tokens[:, depth:]))
         hidden, stats = self.run_block(module.block, joined, jnp.arange(length))
         if stats is not None:
-          all_stats.append(stats)
+          stats_chunks.append(jax.tree.map(lambda a: a[None], stats))
         mtp_logits.append(self.logits(module.final_norm(hidden)))
-    return logits, _stack(all_stats), tuple(mtp_logits)
+    return logits, _concatenated(stats_chunks), tuple(mtp_logits)
 
 
 ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
@@ -398,6 +441,7 @@ def parameter_counts(spec: ModelSpec) -> dict[str, int]:
   count top_k / E of theirs); active_experts (the routed and shared expert weights one token
   uses); embedding (the input and output matrices); active_matmul (the active weights a token
   is multiplied by: matrices, not the embedding lookup, norm scales or biases)."""
+  spec = spec.replace(scan_layers=False)   # one array per layer
   params = nnx.state(nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=0))), nnx.Param)
   counts = dict.fromkeys(("total", "active", "active_experts", "embedding", "active_matmul"), 0)
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):

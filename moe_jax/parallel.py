@@ -48,7 +48,7 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh, batch_axes=BATCH_AXES) -> 
 
 
 LOGICAL_AXES = ("batch", "experts", "router", "embed", "mlp", "heads", "kv_heads", "head_dim",
-                "latent", "vocab")
+                "latent", "vocab", "layers")
 DEFAULT_RULES = {"batch": BATCH_AXES, "experts": ("expert",), "embed": ("fsdp",),
                  "heads": ("tensor",), "kv_heads": ("tensor",), "mlp": ("tensor",)}
 
@@ -81,11 +81,31 @@ def _path_name(path) -> str:
   return ".".join(str(k) for k in keys)
 
 
+def _also_over_data(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """`spec` with `data` added to the first dimension whose size its split leaves divisible
+  by the data size (unchanged when data is 1, already used, or no dimension divides)."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  as_tuple = lambda axes: () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  data = mesh.shape["data"]
+  if data == 1 or any("data" in as_tuple(axes) for axes in entries):
+    return spec
+  for i, (size, axes) in enumerate(zip(shape, entries)):
+    parts = int(np.prod([mesh.shape[a] for a in as_tuple(axes)]))
+    if size % (parts * data) == 0:
+      axes = (*as_tuple(axes), "data")
+      entries[i] = axes[0] if len(axes) == 1 else axes
+      while entries and entries[-1] is None:
+        entries.pop()
+      return P(*entries)
+  return spec
+
+
 def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES, shard_optimizer_over_data: bool = False):
   """A NamedSharding per leaf of a TrainState, from each variable's logical names and the rules.
 
-  With `shard_optimizer_over_data` (ZeRO-1) the optimizer moments of parameters the rules
-  replicate go over `data` along their first axis when it divides. A parameter created without
+  With `shard_optimizer_over_data` (ZeRO-1) the optimizer moments are split over `data` too,
+  on top of their parameter's split (fsdp, tensor, expert), along their first dimension
+  where it divides (`_also_over_data`). A parameter created without
   logical names, or a rule that does not fit a parameter, is a LayoutError.
   """
   # A mesh axis of size 1 splits nothing: left out, so that a replicated parameter reads as one.
@@ -116,9 +136,8 @@ def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES, shard_optimizer_over
     if not _is_variable(leaf):   # the optimizer's own counters
       return NamedSharding(mesh, P())
     spec = spec_for(path, leaf)
-    if (shard_optimizer_over_data and all(a is None for a in spec)
-        and leaf.ndim >= 1 and leaf.shape[0] % mesh.shape["data"] == 0):
-      spec = P("data")
+    if shard_optimizer_over_data:
+      spec = _also_over_data(spec, leaf.shape, mesh)
     return leaf.replace(NamedSharding(mesh, spec))
 
   with_path = functools.partial(jax.tree_util.tree_map_with_path, is_leaf=_is_variable)

@@ -151,9 +151,15 @@ def loss_fn(params, biases, graphdef, tokens, mtp_weight=0.0):
 def updated_biases(graphdef, params, biases, counts_LxE, rate, rule: str) -> nnx.State:
   """Applies the aux-loss-free update to every MoE layer's bias from its global counts."""
   model = nnx.merge(graphdef, params, biases)
-  for layer, counts_E in zip(model.moe_layers(), counts_LxE):
-    layer.balancing_bias[...] = routing.update_balancing_bias(
-        layer.balancing_bias[...], counts_E, rate, rule)
+  first = 0
+  for layer in model.moe_layers():   # a bias [E], or [L, E] for L scanned layers
+    bias = layer.balancing_bias[...]
+    layers = bias.shape[0] if bias.ndim == 2 else 1
+    counts = counts_LxE[first:first + layers].reshape(bias.shape)
+    update = lambda b, c: routing.update_balancing_bias(b, c, rate, rule)
+    layer.balancing_bias[...] = jax.vmap(update)(bias, counts) if bias.ndim == 2 else update(
+        bias, counts)
+    first += layers
   return nnx.state(model, BalancingBias)
 
 

@@ -18,6 +18,7 @@ MESHES = {   # (data, fsdp, tensor, expert), expert parallelism on when expert >
     "data 2 x fsdp 4": (2, 4, 1, 1),
     "fsdp 2 x expert 4, all_to_all": (1, 2, 1, 4),
     "data 2 x tensor 2 x expert 2, all_to_all": (2, 1, 2, 2),
+    "fsdp 4 x expert 2, all_to_all, scanned layers": (1, 4, 1, 2),
 }
 
 
@@ -29,7 +30,7 @@ def _config(tiny_config, expert_parallel: bool):
   return tiny_config
 
 
-def _train(config, sizes, batches, tx=None):
+def _train(config, sizes, batches, tx=None, zero1: bool = False):
   """(state after the steps, losses) on a mesh of `sizes` with the config's sharding rules;
   AdamW unless another optimizer `tx` is given."""
   data, fsdp, tensor, expert = sizes
@@ -39,7 +40,7 @@ def _train(config, sizes, batches, tx=None):
   tx = tx or steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0)
   graphdef, state = steps.init_state(ModelSpec.from_config(config), tx, 0)
   with jax.set_mesh(mesh):
-    shardings = parallel.state_shardings(state, mesh, rules)
+    shardings = parallel.state_shardings(state, mesh, rules, shard_optimizer_over_data=zero1)
     state = jax.device_put(state, shardings)
     step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                      balancing=BalancingSettings(bias_update_rate=1e-2)),
@@ -64,6 +65,7 @@ def test_a_step_on_the_mesh_equals_the_single_device_step(tiny_config, batches, 
   1e-6 (float32 sums in another order)."""
   sizes = MESHES[mesh]
   config = _config(tiny_config, expert_parallel=sizes[3] > 1)
+  config.model.scan_layers = "scanned" in mesh   # stacked parameters: a leading layer axis
   sharded, sharded_losses = _train(config, sizes, batches, optax.sgd(0.1))
   single, losses = _train(config, (1, 1, 1, 1), batches, optax.sgd(0.1))
   np.testing.assert_allclose(sharded_losses, losses, rtol=2e-5)
@@ -94,3 +96,23 @@ def test_each_device_holds_its_share_of_parameters_and_optimizer_state(tiny_conf
   counters = sum(leaf.nbytes for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim == 0)
   moments = total(state.opt_state) - counters
   assert _device_bytes(state.opt_state, device) == moments // share + counters
+
+
+def test_zero1_splits_the_moments_over_data_on_top_of_fsdp_and_adam_steps_alike(tiny_config,
+                                                                               batches):
+  """data 2 x fsdp 4 with ZeRO-1: each device holds 1/4 of the parameters and 1/8 of the Adam
+  moments; two AdamW steps (lr 1e-2) give the losses (2e-5 relative) and parameters (1e-4
+  relative + 1e-5, a thousandth of a step: Adam divides by the root of a float32 second
+  moment, which magnifies the noise of near-zero gradients) of one device."""
+  config = _config(tiny_config, expert_parallel=False)
+  two = batches * 2
+  state, losses = _train(config, MESHES["data 2 x fsdp 4"], two, zero1=True)
+  single, single_losses = _train(config, (1, 1, 1, 1), two)
+  device = jax.devices()[0]
+  total = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+  assert _device_bytes(state.params, device) * 4 == total(state.params)
+  counters = sum(leaf.nbytes for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim == 0)
+  assert _device_bytes(state.opt_state, device) == (total(state.opt_state) - counters) // 8 + counters
+  np.testing.assert_allclose(losses, single_losses, rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(single.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -162,3 +162,19 @@ def test_deepseek_mtp_layers_import_export_and_transformers_ignores_them(tmp_pat
   tokens = jax.random.randint(jax.random.key(2), (1, 7), 0, COMMON["vocab_size"])
   np.testing.assert_allclose(_hf_choices(reloaded, tokens)[0], _hf_choices(theirs, tokens)[0],
                              atol=1e-6)
+
+
+def test_an_import_with_scanned_layers_runs_traces_and_exports_the_same_tensors(tmp_path):
+  _hf_model("deepseek_v3", tmp_path)
+  listed, scanned = hf.load(tmp_path), hf.load(tmp_path, scan_layers=True)
+  assert scanned.spec.scan_layers and "moe_blocks" in scanned.params
+  tokens = jax.random.randint(jax.random.key(2), (1, 9), 0, COMMON["vocab_size"])
+  logits = lambda i: np.asarray(nnx.merge(i.graphdef, i.params, i.biases)(tokens)[0])
+  np.testing.assert_allclose(logits(scanned), logits(listed), atol=1e-5)
+  traces = [analysis.routing_trace(analysis.run_from_hf(i), tokens) for i in (listed, scanned)]
+  for a, b in zip(*traces):
+    np.testing.assert_array_equal(a.expert_ids, b.expert_ids)
+  want, got = hf.to_tensors(listed), hf.to_tensors(scanned)
+  assert want.keys() == got.keys()
+  for name in want:
+    np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)

@@ -19,7 +19,7 @@ OTHER = {
     "rope_theta": 500.0, "rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max_len": 16,
     "yarn_beta_fast": 16.0, "yarn_beta_slow": 2.0, "yarn_mscale": 0.7, "yarn_mscale_all_dim": 0.5,
     "norm_eps": 1e-5, "compute_dtype": "bfloat16", "attention_implementation": "xla",
-    "remat": "block", "mtp_loss_weight": 0.5,
+    "remat": "block", "scan_layers": True, "mtp_loss_weight": 0.5,
     "mtp_loss_weight_final": 0.2, "mtp_weight_switch_fraction": 0.5,
 }
 # Other values of the settings the MoE layers read (pairs that must agree change together).
@@ -171,5 +171,8 @@ def test_a_checkpoint_from_before_a_field_existed_resumes_and_a_shape_change_is_
   with pytest.raises(CheckpointMismatch, match="model.shared_expert_gate: False in the "
                                                "checkpoint, True now"):
     train_and_evaluate(_config({"model.shared_expert_gate": True}), workdir)
+  with pytest.raises(CheckpointMismatch, match="model.scan_layers: False in the checkpoint, "
+                                               "True now"):   # another parameter layout
+    train_and_evaluate(_config({"model.scan_layers": True}), workdir)
   train_and_evaluate(_config(), workdir)
   assert _losses(workdir)[11] == _losses(ten_steps / "straight")[11]
