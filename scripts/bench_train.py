@@ -4,6 +4,9 @@
   python scripts/bench_train.py                          # capacity and dropless
   python scripts/bench_train.py --dispatchers=dropless --batch=16
   python scripts/bench_train.py --dispatchers=dropless --remat=none,block   # memory vs time
+  python scripts/bench_train.py --dispatchers=dropless --scan=off,on        # compile time
+  python scripts/bench_train.py --preset=v2_lite --layers=10 --batch=8 --seq=4096 \
+      --microbatches=4 --remat=block --dispatchers=dropless                # a larger model
 
 One full training step (forward, backward, AdamW update, balancing-bias update) on random
 tokens, jitted as in `moe_jax.train`; the median of --repeats steps after --warmup steps.
@@ -38,9 +41,9 @@ from moe_jax import steps   # noqa: E402
 from moe_jax.layers import attention   # noqa: E402
 from moe_jax.model import ModelSpec, parameter_counts   # noqa: E402
 
-# About 1.3B parameters, about 0.26B used per token: 16 blocks of width 1024 (the first dense),
-# 64 routed experts of width 384 top-6 plus 2 shared, a 32K vocabulary (configs/deepseek.py).
-SPEC = ModelSpec.from_config(get_config("bench_1b"))
+# By default about 1.3B parameters, about 0.26B used per token: 16 blocks of width 1024 (the
+# first dense), 64 routed experts of width 384 top-6 plus 2 shared, a 32K vocabulary
+# (configs/deepseek.py: bench_1b).
 
 
 def model_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
@@ -120,11 +123,12 @@ def top_device_ops(trace_dir: Path, steps_traced: int, scopes: dict[str, str],
 
 
 def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
-          profile_dir: Path | None = None) -> dict:
+          profile_dir: Path | None = None, microbatches: int = 1) -> dict:
   tx = steps.make_optimizer(steps.make_schedule(1e-3, 10, 1000, 0.1), 0.9, 0.95, 0.1, 1.0)
   graphdef, state = steps.init_state(spec, tx, 0)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                                   balancing=spec.balancing.replace(bias_update_rate=1e-3)),
+                                   balancing=spec.balancing.replace(bias_update_rate=1e-3),
+                                   microbatches=microbatches),
                  donate_argnums=0)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, spec.vocab_size)
   start = time.perf_counter()
@@ -153,6 +157,12 @@ def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--preset", default="bench_1b", help="a size of configs/deepseek.py")
+  parser.add_argument("--layers", type=int, default=0,
+                      help="blocks (0: the preset's), keeping its dense ones")
+  parser.add_argument("--microbatches", type=int, default=1)
+  parser.add_argument("--scan", default="on",
+                      help="comma-separated model.scan_layers values to time: on, off")
   parser.add_argument("--dispatchers", default="capacity,dropless")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=2048)
@@ -168,29 +178,34 @@ def main():
   parser.add_argument("--dense_reference", action="store_true",
                       help="also time a dense model of the same FLOPs per token")
   args = parser.parse_args()
-  counts = parameter_counts(SPEC)
+  spec0 = ModelSpec.from_config(get_config(args.preset))
+  if args.layers:
+    spec0 = spec0.replace(num_layers=args.layers)
+  counts = parameter_counts(spec0)
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {datetime.date.today()}: "
         f"{counts['total'] / 1e9:.2f}B parameters, {counts['active'] / 1e9:.3f}B used per token "
         f"({counts['embedding'] / 1e6:.0f}M in embedding and output), batch {args.batch} x "
         f"{args.seq} tokens", flush=True)
   ceiling = matmul_ceiling()
   print(f"bf16 8192^3 matmul: {ceiling:.0f} TFLOP/s", flush=True)
-  variants = [(d, SPEC.replace(dispatch=SPEC.dispatch.replace(strategy=d)))
+  variants = [(d, spec0.replace(dispatch=spec0.dispatch.replace(strategy=d)))
               for d in args.dispatchers.split(",") if d]
   if args.dense_reference:   # every block dense, as wide as the experts a token uses
-    width = (SPEC.router.top_k + SPEC.num_shared_experts) * SPEC.expert_dim
+    width = (spec0.router.top_k + spec0.num_shared_experts) * spec0.expert_dim
     variants.append((f"dense model, MLP width {width} (same FLOPs per token)",
-                     SPEC.replace(num_dense_layers=SPEC.num_layers, dense_mlp_dim=width)))
+                     spec0.replace(num_dense_layers=spec0.num_layers, dense_mlp_dim=width)))
   rows = []
-  for (dispatcher, spec), path, remat in itertools.product(variants, args.attention.split(","),
-                                                          args.remat.split(",")):
+  for (dispatcher, spec), path, remat, scan in itertools.product(
+      variants, args.attention.split(","), args.remat.split(","), args.scan.split(",")):
     name = dispatcher if path == "auto" else f"{dispatcher}, attention {path}"
     name = name if remat == "none" else f"{name}, remat {remat}"
+    name = f"{name}, scan {scan}"
     profile = args.profile / name.replace(" ", "_").replace(",", "") if args.profile else None
-    spec = spec.replace(attention_implementation=path, remat=remat)
+    spec = spec.replace(attention_implementation=path, remat=remat, scan_layers=scan == "on")
     print(f"{name}: attention "
           f"{attention.chosen_implementation(jnp.bfloat16, spec.head_dim, path)}", flush=True)
-    result = bench(spec, args.batch, args.seq, args.warmup, args.repeats, profile)
+    result = bench(spec, args.batch, args.seq, args.warmup, args.repeats, profile,
+                   args.microbatches)
     rows.append((name, result))
     print(f"  {name}: {result['seconds'] * 1e3:.1f} ms/step, "
           f"{result['tokens_per_second']:,.0f} tokens/s, {result['model_tflops']:.0f} TFLOP/s, "
