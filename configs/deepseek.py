@@ -69,7 +69,6 @@ BENCH_1B = {
     "model.vocab_size": 32_768, "model.d_model": 1024, "model.num_layers": 16,
     "model.num_dense_layers": 1, "model.num_heads": 16, "model.num_kv_heads": 4,
     "model.head_dim": 64, "model.dense_mlp_dim": 4096, "model.compute_dtype": "bfloat16",
-    "model.scan_layers": True,
     "model.num_routed_experts": 64, "model.num_shared_experts": 2, "model.expert_dim": 384,
     "router.top_k": 6, "dispatch.strategy": "dropless",
     "data.seq_len": 2048,

@@ -167,6 +167,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                     # state (FSDP: sharding.embed), gathered per layer by XLA
   c.mesh.tensor = 1                 # attention heads and MLP widths split (sharding.heads, mlp)
   c.mesh.expert = 1                 # routed experts split (dispatch.expert_parallel)
+  # Hybrid mesh for multi-host or multi-slice runs: how many granules (TPU slices, else hosts)
+  # each axis spans; the axis's size above is its total, each granule holding size / dcn_<axis>
+  # of it, so only these axes' collectives cross the data-centre network (usually data or fsdp).
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
+  c.mesh.dcn_expert = 1
 
   # ---- sharding rules: logical axis name -> mesh axes ("a,b"; "" replicates) ----------------
   # Parameter dimensions carry logical names from creation (moe_jax/layers/params.py).

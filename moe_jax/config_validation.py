@@ -31,7 +31,7 @@ MODEL_SECTIONS = ("model", "router", "balancing", "dispatch")
 # is a typo or a setting that does nothing, so it is refused with the closest known name.
 FIELDS: dict[str, dict[str, type]] = {
     **{name: kind.field_types() for name, kind in SETTINGS_SECTIONS.items()},
-    "mesh": {axis: int for axis in parallel.MESH_AXES},
+    "mesh": {axis: int for axis in parallel.MESH_AXES + parallel.DCN_AXES},
     "sharding": {name: str for name in parallel.LOGICAL_AXES},
 }
 TOP_LEVEL = {"seed": int}
@@ -89,6 +89,25 @@ def resolve_mesh_shape(requested: dict[str, int], num_devices: int) -> dict[str,
     raise ConfigError(f"mesh: {_mesh_text(sizes)} = {math.prod(sizes.values())} devices, but "
                       f"{num_devices} are available")
   return sizes
+
+
+def dcn_sizes(config) -> dict[str, int]:
+  """{mesh axis: granules (slices or hosts) it spans} from `mesh.dcn_<axis>` (absent: 1)."""
+  return {axis: int(config.mesh.get(f"dcn_{axis}", 1)) for axis in parallel.MESH_AXES}
+
+
+def _dcn_problems(dcn: dict[str, int], mesh_sizes: dict[str, int], granules: int) -> list[str]:
+  """A hybrid mesh: each axis spans a whole number of granules, and they are all there."""
+  problems = [f"mesh.dcn_{a}={n} must be >= 1" for a, n in dcn.items() if n < 1]
+  if problems:
+    return problems
+  problems = [f"mesh.dcn_{a}={n} does not divide mesh.{a}={mesh_sizes[a]} (each of the {n} "
+              f"granules must hold the same number of the axis's devices)"
+              for a, n in dcn.items() if mesh_sizes[a] % n]
+  if math.prod(dcn.values()) > 1 and math.prod(dcn.values()) != granules:
+    problems.append(f"mesh.dcn_*: {_mesh_text(dcn)} = {math.prod(dcn.values())} granules, but "
+                    f"the run has {granules} (TPU slices, else processes)")
+  return problems
 
 
 def _sharding_problems(config, spec: ModelSpec, mesh_sizes: dict[str, int]) -> list[str]:
@@ -196,7 +215,7 @@ def _section_problems(config, section: str) -> list[str]:
     return error.problems
 
 
-def _problems(config, num_devices: int, backend: str) -> list[str]:
+def _problems(config, num_devices: int, backend: str, granules: int) -> list[str]:
   problems = _schema_problems(config)
   if problems:   # the value checks below assume every field is there with its type
     return problems
@@ -227,17 +246,22 @@ def _problems(config, num_devices: int, backend: str) -> list[str]:
   else:
     if spec is not None:
       problems.extend(_sharding_problems(config, spec, mesh_sizes))
+    problems.extend(_dcn_problems(dcn_sizes(config), mesh_sizes, granules))
   return problems
 
 
-def validate_config(config, num_devices: int, backend: str | None = None) -> None:
+def validate_config(config, num_devices: int, backend: str | None = None,
+                    granules: int | None = None) -> None:
   """Raises ConfigError naming every field that makes `config` impossible to run.
 
-  `backend` ("cpu", "gpu", "tpu") defaults to jax's default backend.
+  `backend` ("cpu", "gpu", "tpu") defaults to jax's default backend, `granules` (TPU slices
+  or processes, for a hybrid mesh) to this run's.
   """
   if backend is None:
     import jax
     backend = jax.default_backend()
-  problems = _problems(config, num_devices, backend)
+  if granules is None:
+    granules = parallel.granule_count()
+  problems = _problems(config, num_devices, backend, granules)
   if problems:
     raise ConfigError.listing(problems)

@@ -8,6 +8,7 @@ ZeRO-1 the moments of replicated parameters go over `data`.
 """
 
 import functools
+import math
 
 import jax
 import numpy as np
@@ -23,12 +24,33 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")     # every axis that splits tokens
 
 
+DCN_AXES = tuple(f"dcn_{axis}" for axis in MESH_AXES)   # config: how many granules each spans
+
+
+def granule_count() -> int:
+  """Groups of devices joined by the data-centre network rather than the chips' interconnect:
+  TPU slices where the devices say which slice they are on, else processes (hosts)."""
+  if jax.default_backend() == "tpu":
+    return len({getattr(d, "slice_index", 0) for d in jax.devices()})
+  return jax.process_count()
+
+
 def make_mesh(data_size: int, expert_size: int, devices=None, *, fsdp: int = 1,
-              tensor: int = 1) -> Mesh:
+              tensor: int = 1, dcn: dict[str, int] | None = None) -> Mesh:
   """The mesh of MESH_AXES, `expert` varying fastest: over every device through
   `jax.make_mesh` (which orders them by the machine's topology: neighbours in the interconnect
-  on the inner axes), or over `devices` in their given order."""
+  on the inner axes), or over `devices` in their given order. With `dcn` ({axis: granules}),
+  a hybrid mesh: each axis of size n spans dcn[axis] granules (slices or hosts) of
+  n / dcn[axis] devices each, so only those axes' collectives cross the slower network."""
   shape, types = (data_size, fsdp, tensor, expert_size), (jax.sharding.AxisType.Auto,) * 4
+  dcn_shape = tuple((dcn or {}).get(axis, 1) for axis in MESH_AXES)
+  if math.prod(dcn_shape) > 1:
+    from jax.experimental import mesh_utils
+    devices = list(jax.devices() if devices is None else devices)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        tuple(n // d for n, d in zip(shape, dcn_shape)), dcn_shape, devices,
+        process_is_granule=devices[0].platform != "tpu")
+    return Mesh(grid, MESH_AXES, axis_types=types)
   if devices is None:
     return jax.make_mesh(shape, MESH_AXES, axis_types=types)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)

@@ -30,16 +30,18 @@ from flax import nnx
 from ml_collections import config_flags
 
 from moe_jax import checkpoint, parallel, steps
-from moe_jax.config_validation import ConfigError, validate_config
+from moe_jax.config_validation import ConfigError, dcn_sizes, validate_config
 from moe_jax.main import (config_argument, config_file_problem, override_problem,
                           with_located_config)
+from moe_jax.layers import attention
 from moe_jax.layers.params import logical_axes
 from moe_jax.model import DTYPES, Block, ModelSpec, parameter_counts
 from moe_jax.paths import DEFAULT_CONFIG
 
-GB = 1e9
-DEVICE_MEMORY_GB = {"h200": 141, "h100": 80, "a100": 80, "b200": 192, "tpu-v5p": 95,
-                    "tpu-v5e": 16, "tpu-v6e": 32, "tpu-v4": 32}
+GIB = 2 ** 30
+# What one device holds, GiB (NVIDIA's "141 GB" H200 reports 143,771 MiB).
+DEVICE_MEMORY_GIB = {"h200": 140, "h100": 80, "a100": 80, "b200": 179, "tpu-v5p": 95,
+                     "tpu-v5e": 16, "tpu-v6e": 32, "tpu-v4": 32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,15 +140,25 @@ def working_bytes(spec: ModelSpec, batch: int, seq_len: int, mesh_sizes: dict[st
   return widest
 
 
+def _traced_attention(spec: ModelSpec, backend: str) -> str:
+  """The attention path to trace for a run on `backend`: where it would take cuDNN's fused
+  kernel, the XLA path that keeps what that kernel keeps (q, k, v) instead of the scores."""
+  head_dim = spec.head_dim if spec.attention == "gqa" else (spec.qk_nope_head_dim
+                                                            + spec.qk_rope_head_dim)
+  chosen = attention.chosen_implementation(DTYPES[spec.compute_dtype], head_dim,
+                                           spec.attention_implementation, backend)
+  return "xla_recompute" if chosen == "cudnn" else chosen
+
+
 @functools.lru_cache(maxsize=4)
 def _abstract_state(spec: ModelSpec, optimizer: steps.OptimizerSettings, total_steps: int):
   """The training state's ShapeDtypeStructs (the optimizer's state depends on its settings)."""
   return steps.abstract_state(spec, optimizer.make(total_steps)[1], 0)[1]
 
 
-def plan(config, mesh_sizes: dict[str, int]) -> MemoryPlan:
+def plan(config, mesh_sizes: dict[str, int], backend: str = "gpu") -> MemoryPlan:
   """The per-device plan of a config (validated for the mesh's size) on a mesh of
-  `mesh_sizes` (every axis of parallel.MESH_AXES)."""
+  `mesh_sizes` (every axis of parallel.MESH_AXES) of `backend` devices ("gpu": NVIDIA's)."""
   mesh = jax.sharding.AbstractMesh(tuple(mesh_sizes[a] for a in parallel.MESH_AXES),
                                    parallel.MESH_AXES)
   spec = ModelSpec.from_config(config)
@@ -160,11 +172,14 @@ def plan(config, mesh_sizes: dict[str, int]) -> MemoryPlan:
   state = checkpoint.abstract_like(abstract, shardings)
   # Activations of one device's tokens, dispatched locally (the expert exchange moves about
   # as many tokens as it receives).
-  spec = spec.replace(dispatch=spec.dispatch.replace(expert_parallel="none"))
+  spec = spec.replace(dispatch=spec.dispatch.replace(expert_parallel="none"),
+                      attention_implementation=_traced_attention(spec, backend))
   token_split = math.prod(mesh_sizes[a] for a in rules["batch"])
   batch = config.data.batch_size // (config.train.microbatches * token_split)
+  # With micro-batches the step holds the running sum of gradients and the current slice's.
+  gradient_copies = 2 if config.train.microbatches > 1 else 1
   return MemoryPlan(mesh_sizes, _shard_bytes((state.params, state.biases)),
-                    _shard_bytes(state.params), _shard_bytes(state.opt_state),
+                    gradient_copies * _shard_bytes(state.params), _shard_bytes(state.opt_state),
                     activation_bytes(spec, batch, config.data.seq_len),
                     working_bytes(spec, batch, config.data.seq_len, mesh_sizes, rules))
 
@@ -191,7 +206,7 @@ def candidate_meshes(spec: ModelSpec, devices: int) -> list[dict[str, int]]:
 
 
 def find(config, device_bytes: float, batch_per_device: int, max_devices: int = 2 ** 16,
-         progress=None):
+         progress=None, backend: str = "gpu"):
   """(devices, plan) of the fewest devices (a power of two) on which a mesh holds the config
   with `batch_per_device` sequences per device and micro-batch; None when none up to
   `max_devices` does. Each candidate is validated like a run's config."""
@@ -204,8 +219,8 @@ def find(config, device_bytes: float, batch_per_device: int, max_devices: int = 
       candidate = _with(config, mesh_sizes,
                         batch_per_device * split * config.train.microbatches)
       try:
-        validate_config(candidate, devices, "gpu")
-        p = plan(candidate, mesh_sizes)
+        validate_config(candidate, devices, backend, granules=_granules(candidate))
+        p = plan(candidate, mesh_sizes, backend)
       except ConfigError:
         continue
       if best is None or p.total < best.total:
@@ -219,12 +234,17 @@ def find(config, device_bytes: float, batch_per_device: int, max_devices: int = 
   return None
 
 
+def _granules(config) -> int:
+  """The granules a hybrid mesh asks for (the plan is of one device: any number will do)."""
+  return math.prod(dcn_sizes(config).values())
+
+
 def _mesh_name(sizes: dict[str, int]) -> str:
   return " x ".join(f"{a} {n}" for a, n in sizes.items() if n > 1) or "one device"
 
 
 def _gb(n: float) -> str:
-  return f"{n / GB:,.2f} GB" if n >= GB else f"{n / 1e6:,.1f} MB"
+  return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / 2 ** 20:,.1f} MiB"
 
 
 def report(p: MemoryPlan, config, device_bytes: float | None) -> str:
@@ -239,7 +259,9 @@ def report(p: MemoryPlan, config, device_bytes: float | None) -> str:
       f"{config.data.seq_len} tokens in {config.train.microbatches} micro-batch(es)",
       "per device:",
       f"  parameters        {_gb(p.parameters):>12}",
-      f"  gradients         {_gb(p.gradients):>12}",
+      f"  gradients         {_gb(p.gradients):>12}"
+      + ("   (their sum over micro-batches and the current one's)"
+         if config.train.microbatches > 1 else ""),
       f"  optimizer state   {_gb(p.optimizer):>12}",
       f"  activations kept  {_gb(p.kept_activations):>12}   (for the backward pass)",
       f"  backward working  {_gb(p.working):>12}   (one block at a time: activations, "
@@ -257,7 +279,7 @@ def _mesh_flag(text: str) -> dict[str, int]:
   sizes = {}
   for item in filter(None, text.split(",")):
     axis, _, size = item.partition("=")
-    if axis not in parallel.MESH_AXES or not size.lstrip("-").isdigit():
+    if axis not in parallel.MESH_AXES or not size.isdigit() or int(size) < 1:
       raise ConfigError(f"--mesh={text}: expected AXIS=SIZE,... with axes "
                         f"{list(parallel.MESH_AXES)}, e.g. --mesh=fsdp=8,expert=4")
     sizes[axis] = int(size)
@@ -266,12 +288,12 @@ def _mesh_flag(text: str) -> dict[str, int]:
 
 def _device_bytes(device: str, device_memory: float) -> float | None:
   if device_memory > 0:
-    return device_memory * GB
+    return device_memory * GIB
   if device:
-    if device.lower() not in DEVICE_MEMORY_GB:
-      raise ConfigError(f"--device={device}: unknown; known {sorted(DEVICE_MEMORY_GB)}, or give "
-                        f"--device_memory in GB")
-    return DEVICE_MEMORY_GB[device.lower()] * GB
+    if device.lower() not in DEVICE_MEMORY_GIB:
+      raise ConfigError(f"--device={device}: unknown; known {sorted(DEVICE_MEMORY_GIB)}, or give "
+                        f"--device_memory in GiB")
+    return DEVICE_MEMORY_GIB[device.lower()] * GIB
   return None
 
 
@@ -281,11 +303,12 @@ def main(argv):
   config = f.config
   try:
     device_bytes = _device_bytes(f.device, f.device_memory)
+    backend = "tpu" if f.device.lower().startswith("tpu") else "gpu"
     if f.find:
       if not device_bytes:
         raise ConfigError("--find needs --device or --device_memory")
       found = find(config, device_bytes * f.usable_fraction, f.batch_per_device,
-                   progress=lambda line: print(line, flush=True))
+                   progress=lambda line: print(line, flush=True), backend=backend)
       if found is None:
         print(f"no mesh of up to {2 ** 16} devices holds this config", flush=True)
         return 1
@@ -296,11 +319,11 @@ def main(argv):
                                * best.mesh["expert"] * config.train.microbatches),
                    device_bytes * f.usable_fraction))
       return 0
-    sizes = _mesh_flag(f.mesh) if f.mesh else {a: int(config.mesh.get(a, 1))
-                                                 for a in parallel.MESH_AXES}
+    sizes = _mesh_flag(f.mesh) if f.mesh else {a: max(int(config.mesh.get(a, 1)), 1)
+                                                 for a in parallel.MESH_AXES}   # -1: one
     config = _with(config, sizes)
-    validate_config(config, math.prod(sizes.values()), "gpu")
-    print(report(plan(config, sizes), config,
+    validate_config(config, math.prod(sizes.values()), backend, granules=_granules(config))
+    print(report(plan(config, sizes, backend), config,
                  device_bytes * f.usable_fraction if device_bytes else None))
     return 0
   except ConfigError as error:
@@ -313,10 +336,10 @@ def define_flags() -> None:
                                   "PATH[:ARG], with --config.SECTION.FIELD=VALUE overrides.",
                                   lock_config=True)
   flags.DEFINE_string("mesh", "", "Mesh sizes AXIS=SIZE,... (axes data, fsdp, tensor, expert; "
-                      "absent ones 1); default: the config's mesh section, -1 not allowed.")
+                      "absent ones 1); default: the config's mesh section, -1 read as 1.")
   flags.DEFINE_string("device", "", f"Device kind whose memory to compare with: "
-                      f"{', '.join(sorted(DEVICE_MEMORY_GB))}.")
-  flags.DEFINE_float("device_memory", 0.0, "Memory of one device in GB (instead of --device).")
+                      f"{', '.join(sorted(DEVICE_MEMORY_GIB))}.")
+  flags.DEFINE_float("device_memory", 0.0, "Memory of one device in GiB (instead of --device).")
   flags.DEFINE_float("usable_fraction", 0.9, "Share of a device's memory a run can use (the "
                      "rest: the runtime, fragmentation; JAX takes 75% unless "
                      "XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).")

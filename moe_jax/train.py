@@ -23,7 +23,8 @@ from tqdm import tqdm
 from moe_jax import checkpoint, data, parallel, steps, throughput
 from moe_jax.checkpoint import (CheckpointCorrupt, CheckpointMismatch, CheckpointSaveFailed,
                                 Checkpointer)
-from moe_jax.config_validation import ConfigError, resolve_mesh_shape, validate_config
+from moe_jax.config_validation import (ConfigError, dcn_sizes, resolve_mesh_shape,
+                                       validate_config)
 from moe_jax.guard import LossGuard
 from moe_jax.live import LiveRoutingMetrics
 from moe_jax.metrics import MetricWriter, plot_expert_load, summarize_routing
@@ -98,7 +99,7 @@ def mesh_of(config):
   """The device mesh a validated config asks for, over every device."""
   sizes = resolve_mesh_shape(dict(config.mesh), jax.device_count())
   return parallel.make_mesh(sizes["data"], sizes["expert"], fsdp=sizes["fsdp"],
-                            tensor=sizes["tensor"])
+                            tensor=sizes["tensor"], dcn=dcn_sizes(config))
 
 
 def _all_agree(ok: bool) -> bool:

@@ -161,8 +161,8 @@ def main():
   parser.add_argument("--layers", type=int, default=0,
                       help="blocks (0: the preset's), keeping its dense ones")
   parser.add_argument("--microbatches", type=int, default=1)
-  parser.add_argument("--scan", default="on",
-                      help="comma-separated model.scan_layers values to time: on, off")
+  parser.add_argument("--scan", default="preset",
+                      help="comma-separated model.scan_layers values to time: on, off, preset")
   parser.add_argument("--dispatchers", default="capacity,dropless")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=2048)
@@ -199,9 +199,10 @@ def main():
       variants, args.attention.split(","), args.remat.split(","), args.scan.split(",")):
     name = dispatcher if path == "auto" else f"{dispatcher}, attention {path}"
     name = name if remat == "none" else f"{name}, remat {remat}"
-    name = f"{name}, scan {scan}"
+    scanned = spec.scan_layers if scan == "preset" else scan == "on"
+    name = f"{name}, scan {'on' if scanned else 'off'}"
     profile = args.profile / name.replace(" ", "_").replace(",", "") if args.profile else None
-    spec = spec.replace(attention_implementation=path, remat=remat, scan_layers=scan == "on")
+    spec = spec.replace(attention_implementation=path, remat=remat, scan_layers=scanned)
     print(f"{name}: attention "
           f"{attention.chosen_implementation(jnp.bfloat16, spec.head_dim, path)}", flush=True)
     result = bench(spec, args.batch, args.seq, args.warmup, args.repeats, profile,

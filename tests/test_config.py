@@ -50,6 +50,10 @@ BAD = [
      "dispatch.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend"),
     ("model.attention", "flash", "model.attention='flash' is unknown; choose from ['gqa', 'mla']"),
     ("model.rope_scaling", "ntk", "model.rope_scaling='ntk' is unknown"),
+    ("mesh.dcn_data", 3, "mesh.dcn_data=3 does not divide mesh.data=8"),
+    ("mesh.dcn_data", 2, "mesh.dcn_*: data=2 x fsdp=1 x tensor=1 x expert=1 = 2 granules, but "
+                         "the run has 1 (TPU slices, else processes)"),
+    ("mesh.dcn_fsdp", 0, "mesh.dcn_fsdp=0 must be >= 1"),
 ]
 
 

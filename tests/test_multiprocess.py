@@ -1,5 +1,6 @@
 """Two processes x 4 CPU devices through jax.distributed train, checkpoint and resume exactly
-like one process with 8 devices (expert parallelism across the processes)."""
+like one process with 8 devices (expert parallelism across the processes, on a hybrid mesh:
+the expert axis spans both processes, mesh.dcn_expert=2)."""
 
 import json
 import os
@@ -43,7 +44,7 @@ def _pair(workdir, steps):
   processes = [subprocess.Popen(
       [sys.executable, "-m", "moe_jax.main", *ARGS, f"--config.train.steps={steps}",
        f"--workdir={workdir}", "--distributed", f"--coordinator_address=localhost:{port}",
-       "--num_processes=2", f"--process_id={i}"],
+       "--num_processes=2", f"--process_id={i}", "--config.mesh.dcn_expert=2"],
       cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in processes]

@@ -13,18 +13,23 @@ from moe_jax.layers.norms import rms_norm
 from moe_jax.layers.params import param
 
 # model.attention_implementation: "cudnn" (fused flash attention, NVIDIA GPUs, bf16/fp16),
-# "xla" (scores materialised; any backend) or "auto" (cudnn where it applies, xla elsewhere).
-IMPLEMENTATIONS = ("auto", "cudnn", "xla")
+# "xla" (scores materialised; any backend), "xla_recompute" (the XLA path keeping only q, k, v
+# for the backward pass, which recomputes the scores: a fused kernel's memory, any backend)
+# or "auto" (cudnn where it applies, xla elsewhere).
+IMPLEMENTATIONS = ("auto", "cudnn", "xla", "xla_recompute")
 
 
-def chosen_implementation(dtype, head_dim: int, requested: str = "auto") -> str:
+def chosen_implementation(dtype, head_dim: int, requested: str = "auto",
+                          backend: str | None = None) -> str:
   """The path `jax.nn.dot_product_attention` takes for `requested`: with "auto", cuDNN's fused
-  kernel on a GPU for 16-bit inputs and head dims it supports (jax's own default is the XLA
-  path, which writes the [B, N, S, S] scores to memory several times in each pass)."""
+  kernel on an NVIDIA GPU for 16-bit inputs and head dims it supports (jax's own default is
+  the XLA path, which writes the [B, N, S, S] scores to memory several times in each pass).
+  `backend`: the one to choose for (default: this process's, "gpu" meaning NVIDIA's)."""
   if requested != "auto":
     return requested
-  fused = (jax.default_backend() == "gpu" and "rocm" not in jax.devices()[0].client.platform_version
-           and jnp.dtype(dtype).itemsize == 2
+  on_nvidia = backend == "gpu" or backend is None and jax.default_backend() == "gpu" and (
+      "rocm" not in jax.devices()[0].client.platform_version)
+  fused = (on_nvidia and jnp.dtype(dtype).itemsize == 2
            and head_dim % 8 == 0 and head_dim <= 128)
   return "cudnn" if fused else "xla"
 
@@ -57,9 +62,12 @@ def attend_padded(q_BxSxNxH, k_BxSxGxH, v_BxSxGxV, scale, implementation: str, l
   fused kernels take one head width."""
   (_, real_length, _, width), v_width = q_BxSxNxH.shape, v_BxSxGxV.shape[-1]
   pad = lambda t, channels: jnp.pad(t, [(0, 0), (0, length - real_length), (0, 0), (0, channels)])
-  out = jax.nn.dot_product_attention(
-      pad(q_BxSxNxH, 0), pad(k_BxSxGxH, 0), pad(v_BxSxGxV, width - v_width), scale=scale,
-      is_causal=True, implementation=implementation)
+  attention = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, scale=scale, is_causal=True,
+      implementation="xla" if implementation == "xla_recompute" else implementation)
+  if implementation == "xla_recompute":
+    attention = jax.checkpoint(attention)
+  out = attention(pad(q_BxSxNxH, 0), pad(k_BxSxGxH, 0), pad(v_BxSxGxV, width - v_width))
   return out[:, :real_length, :, :v_width]
 
 
