@@ -17,7 +17,10 @@ embedding and output head, which this model shares). Per token: the weights a to
 multiplied by, output head included, input embedding lookup not; the published per-token
 figures are rounded to two digits.
 
-These are shapes for planning and for pretraining on your own data: the data section keeps
+The V3 and V2-Lite presets scan their layers (`model.scan_layers`: one block compiled per
+kind); the 1.29B benchmark does not, its unrolled step being faster (docs/performance.md).
+`python -m moe_jax.plan --config=configs/deepseek.py:v3 --find --device=h200` says how many
+devices a preset needs. These are shapes for planning and for pretraining on your own data: the data section keeps
 the default's (the embedded corpus, read as bytes); a real run sets `data.source='tokens'`
 and `data.path`. Optimizer and schedule are the default's; DeepSeek-V3's own were AdamW with
 b2 0.95, weight decay 0.1, peak 2.2e-4 after 2K warmup steps, which a run sets by override.

@@ -77,7 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                     # one block compiled per kind (deep models compile in
                                     # seconds); the checkpoint layout follows it
   c.model.attention_implementation = "auto"  # "cudnn" (fused, NVIDIA GPUs, 16-bit) | "xla" |
-                                             # "auto" (cudnn where it applies, else xla)
+                                             # "xla_recompute" (keeps q, k, v; the backward
+                                             # recomputes the scores) | "auto" (cudnn where
+                                             # it applies, else xla)
   # MoE blocks
   c.model.num_routed_experts = 16   # fine-grained routed experts E
   c.model.num_shared_experts = 1    # always-on shared experts, each of width expert_dim

@@ -125,3 +125,19 @@ def test_an_mla_model_is_causal_and_every_attention_weight_gets_a_gradient():
                                               "kv_norm_scale", "w_kv_up", "w_o"}
   for path, g in attention_grads.items():
     assert float(jnp.abs(g[...]).max()) > 0, path
+
+
+def test_recomputed_attention_equals_the_xla_path_and_keeps_only_its_inputs():
+  """"xla_recompute" gives the XLA path's outputs and gradients, and its forward keeps q, k
+  and v for the backward pass, not the [B, N, S, S] scores."""
+  from moe_jax.layers.attention import attend
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 64, 4, 16)) for i in range(3))
+  loss = lambda implementation: lambda q, k, v: jnp.sum(attend(q, k, v, None, implementation) ** 2)
+  for a, b in zip(jax.grad(loss("xla_recompute"), (0, 1, 2))(q, k, v),
+                  jax.grad(loss("xla"), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  kept = lambda implementation: sum(
+      r.size for r in jax.tree.leaves(jax.vjp(loss(implementation), q, k, v)[1]))
+  # q, k, v, and the output the squared loss keeps; the XLA path adds [2, 4, 64, 64] scores
+  assert kept("xla_recompute") <= 4 * q.size + 8
+  assert kept("xla") >= kept("xla_recompute") + 2 * 4 * 64 * 64

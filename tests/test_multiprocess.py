@@ -61,7 +61,7 @@ def _losses(workdir):
 def test_two_processes_match_one_and_resume_across_processes(tmp_path):
   one, two = tmp_path / "one", tmp_path / "two"
   for steps in (6, 8):   # 6 steps, then the same run extended to 8 resumes from step 6
-    _single(one, steps)
+    _single(one, steps)   # (the learning-rate schedule follows train.steps: the same path)
     output = _pair(two, steps)
   assert "Resumed from the checkpoint at step 6" in output
   single, pair = _losses(one), _losses(two)

@@ -15,10 +15,9 @@ from moe_jax.model import Transformer
 from moe_jax.routing import BalancingSettings
 from tests import model_variants
 
-VARIANTS = {
-    "gqa": model_variants.SMALL,
-    "mla, MTP (stats of the scan and of the MTP block), remat expert_io":
-        model_variants.SMALL.replace(attention="mla", mtp_depth=1, remat="expert_io"),
+VARIANTS = {   # (MLA's scanned forward: tests/test_hf.py, a DeepSeek-V3 import)
+    "MTP (stats of the scan and of the MTP block), remat expert_io":
+        model_variants.SMALL.replace(mtp_depth=1, remat="expert_io"),
     "two dense blocks, remat block": model_variants.SMALL.replace(num_layers=4,
                                                                   num_dense_layers=2,
                                                                   remat="block"),
