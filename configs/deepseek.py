@@ -18,7 +18,9 @@ multiplied by, output head included, input embedding lookup not; the published p
 figures are rounded to two digits.
 
 The V3 and V2-Lite presets scan their layers (`model.scan_layers`: one block compiled per
-kind); the 1.29B benchmark does not, its unrolled step being faster (docs/performance.md).
+kind) and keep only each block's input for the backward pass (`model.remat='block'`: a
+third of the memory, and under a scan no slower); the 1.29B benchmark does neither, its
+unrolled step being faster (docs/performance.md).
 `python -m moe_jax.plan --config=configs/deepseek.py:v3 --find --device=h200` says how many
 devices a preset needs. These are shapes for planning and for pretraining on your own data: the data section keeps
 the default's (the embedded corpus, read as bytes); a real run sets `data.source='tokens'`
@@ -41,6 +43,7 @@ V3 = {
     "model.rope_original_max_len": 4096, "model.dense_mlp_dim": 18_432,
     "model.num_routed_experts": 256, "model.num_shared_experts": 1, "model.expert_dim": 2048,
     "model.compute_dtype": "bfloat16", "model.mtp_depth": 1, "model.scan_layers": True,
+    "model.remat": "block",
     "router.score_function": "sigmoid", "router.top_k": 8, "router.num_groups": 8,
     "router.topk_groups": 4, "router.group_score": "top2_sum", "router.route_scale": 2.5,
     "router.norm_topk_prob": True,
@@ -59,7 +62,7 @@ V2_LITE = {
     "model.rope_original_max_len": 4096, "model.yarn_mscale": 0.707,
     "model.yarn_mscale_all_dim": 0.707, "model.dense_mlp_dim": 10_944,
     "model.num_routed_experts": 64, "model.num_shared_experts": 2, "model.expert_dim": 1408,
-    "model.compute_dtype": "bfloat16", "model.scan_layers": True,
+    "model.compute_dtype": "bfloat16", "model.scan_layers": True, "model.remat": "block",
     "router.score_function": "softmax", "router.top_k": 6, "router.norm_topk_prob": False,
     "balancing.bias_update_rate": 0.0, "balancing.sequence_loss_alpha": 0.0,
     "balancing.switch_loss_alpha": 1e-3,

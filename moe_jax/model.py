@@ -22,7 +22,7 @@ from moe_jax.layers.moe import MoE, MoEStats
 from moe_jax.layers.norms import RMSNorm
 from moe_jax.layers.params import param
 from moe_jax.layers.rope import SCALINGS, Rope
-from moe_jax.layers.stack import LayerStack, stacked_paths, unstacked_paths
+from moe_jax.layers.stack import LayerStack, converted_state
 from moe_jax.routing import BalancingSettings, RouterSettings
 from moe_jax.settings import Settings
 
@@ -43,6 +43,8 @@ PARAMETER_FIELDS = ("vocab_size", "d_model", "num_layers", "num_dense_layers", "
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "qkv_bias", "qk_norm",
                     "dense_mlp_dim", "num_routed_experts", "num_shared_experts",
                     "shared_expert_gate", "expert_dim", "mtp_depth", "scan_layers")
+# Parameter fields whose checkpoints convert on restore (moe_jax/train.py: restore_in_layout).
+LAYOUT_FIELDS = ("scan_layers",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,15 +368,8 @@ class Transformer(nnx.Module):
       return self
     spec = self.spec.replace(scan_layers=scan_layers)
     target = nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=0)))
-    values = {path: variable[...] for path, variable in nnx.to_flat_state(nnx.state(self))}
-    dense, moe = self.spec.num_dense_layers, self.spec.num_layers - self.spec.num_dense_layers
-    if scan_layers:
-      values = stacked_paths(values, {"dense_blocks": ("blocks", 0, dense),
-                                      "moe_blocks": ("blocks", dense, moe)})
-    else:
-      values = unstacked_paths(values, {"dense_blocks": ("blocks", 0),
-                                        "moe_blocks": ("blocks", dense)})
-    nnx.update(target, nnx.from_flat_state(values))
+    nnx.update(target, converted_state(nnx.state(self), scan_layers, spec.num_layers,
+                                       spec.num_dense_layers))
     return target
 
   def logits(self, normed_BxSxD) -> Float[Array, "B S V"]:

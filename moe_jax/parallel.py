@@ -1,10 +1,14 @@
 """The device mesh and where arrays live on it, through logical axis names.
 
-Mesh axes: `data` and `expert`. Every parameter dimension carries a logical name given where
-the parameter is created (moe_jax/layers/params.py), and the batch is "batch"; the config's
-`sharding` rules map each logical name to mesh axes (none: replicated). Defaults: the batch over `data` and `expert`, routed experts
-over `expert`, everything else replicated. Optimizer moments follow their parameters, or with
-ZeRO-1 the moments of replicated parameters go over `data`.
+Mesh axes: `data`, `fsdp`, `tensor` and `expert` (MESH_AXES), over one slice through
+`jax.make_mesh` or, for several hosts or TPU slices, as a hybrid mesh whose `dcn` sizes say
+how many granules each axis spans. Every parameter dimension carries a logical name given
+where the parameter is created (moe_jax/layers/params.py; a scanned stack's leading dimension
+is "layers"), and the batch is "batch"; the config's `sharding` rules map each logical name to
+mesh axes (none: replicated). Defaults (DEFAULT_RULES): the batch over `data`, `fsdp` and
+`expert`, model-width dimensions over `fsdp`, heads and MLP widths over `tensor`, routed
+experts over `expert`. Optimizer moments follow their parameters; with ZeRO-1 they are split
+over `data` too.
 """
 
 import functools

@@ -5,12 +5,16 @@ abstract arrays and the run's own shardings; nothing is allocated or compiled.
   python -m moe_jax.plan --config=configs/deepseek.py:v3 --find --device=h200
 
 Per device:
-- parameters, gradients (laid out as the parameters, float32) and optimizer state: the shard
-  shapes of the abstract training state under the config's `sharding` rules on the mesh;
-- activations: what the forward pass keeps for the backward pass under `model.remat` (the
-  residuals of `jax.vjp`, traced on abstract arrays) for one device's share of one micro-batch,
-  plus the working memory of the backward pass through one block (it recomputes the block and
-  holds all of its residuals at once: one block's residuals without remat).
+- parameters, gradients (laid out as the parameters, float32; two copies with micro-batches)
+  and optimizer state: the shard shapes of the abstract training state under the config's
+  `sharding` rules on an abstract mesh;
+- activations kept: what the forward pass keeps for the backward pass under `model.remat`
+  (the residuals of `jax.vjp`, traced on abstract arrays, their part that grows with the
+  batch) for one device's share of one micro-batch, attention traced as the target device
+  runs it (where cuDNN's fused kernel would run, a path that keeps what it keeps);
+- backward working memory: the backward pass through the widest block, which holds the
+  block's activations without remat (recomputed, or their cotangents), its weights gathered
+  over fsdp in the compute dtype and their float32 gradients before the reduce-scatter.
 `--find` looks for the fewest devices of a kind (powers of two) on which some mesh of fsdp x
 tensor x expert holds the config, each device training `--batch_per_device` sequences per
 micro-batch (data replicas only add memory, so the search leaves `data` at 1).
@@ -25,7 +29,7 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 

@@ -28,7 +28,8 @@ from moe_jax.config_validation import (ConfigError, dcn_sizes, resolve_mesh_shap
 from moe_jax.guard import LossGuard
 from moe_jax.live import LiveRoutingMetrics
 from moe_jax.metrics import MetricWriter, plot_expert_load, summarize_routing
-from moe_jax.model import ModelSpec
+from moe_jax.layers.stack import converted_tree
+from moe_jax.model import LAYOUT_FIELDS, ModelSpec
 from moe_jax.preemption import Preempted, StopSignals
 from moe_jax.sample import sample_text
 from moe_jax.workdir import WorkdirError, WorkdirLock, check_workdir
@@ -123,6 +124,21 @@ def _lock(workdir: Path, is_chief: bool) -> WorkdirLock | None:
   return lock
 
 
+def restore_in_layout(checkpointer: Checkpointer, step: int, abstract_state):
+  """`checkpointer.restore(step, abstract_state)` of a checkpoint whose blocks may be laid out
+  the other way (`model.scan_layers`): read in its own layout, then stacked or unstacked into
+  `abstract_state`'s, on its shardings."""
+  saved = {**ModelSpec.field_defaults(), **checkpointer.saved_config(step).get("model", {})}
+  scanned = "blocks" not in abstract_state.params
+  if bool(saved["scan_layers"]) == scanned:
+    return checkpointer.restore(step, abstract_state)
+  layers, dense = saved["num_layers"], saved["num_dense_layers"]
+  state, data, loop = checkpointer.restore(
+      step, converted_tree(abstract_state, not scanned, layers, dense))
+  shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
+  return jax.device_put(converted_tree(state, scanned, layers, dense), shardings), data, loop
+
+
 def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_state,
                             spec: ModelSpec | None, skip_corrupt: bool, say):
   """(step, restored state) of the newest checkpoint at or before `step` that verifies (0 and
@@ -132,8 +148,9 @@ def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_stat
   while step:
     try:
       if spec is not None:
-        checkpointer.check_model(step, spec.parameter_settings(), ModelSpec.field_defaults())
-      return step, checkpointer.restore(step, abstract_state)
+        checkpointer.check_model(step, {k: v for k, v in spec.parameter_settings().items()
+                                        if k not in LAYOUT_FIELDS}, ModelSpec.field_defaults())
+      return step, restore_in_layout(checkpointer, step, abstract_state)
     except CheckpointCorrupt as error:
       if not skip_corrupt:
         raise
