@@ -76,16 +76,15 @@ def test_each_parameter_setting_changes_the_parameters_of_some_model():
 CHANGES = {   # from capacity dispatch on a data-only mesh of 8, replicated experts, float32
     "data x expert mesh, all_to_all": {"dispatch.expert_parallel": "all_to_all", "mesh.data": 2,
                                        "mesh.expert": 4, "sharding.experts": "expert"},
-    "dropless": {"dispatch.strategy": "dropless"},
+    "dropless, and the checkpoint's list of blocks stacked (scanned layers)":
+        {"dispatch.strategy": "dropless", "model.scan_layers": True},
     "bf16 and a new bias rate": {"model.compute_dtype": "bfloat16", "balancing.bias_update_rate": 0.05},
-    "scanned layers (the checkpoint's list of blocks stacked)": {"model.scan_layers": True},
 }
 
 
 def _config(changes=None):
   from configs.default import get_config
   config = get_config("tiny,steps=11")
-  config.model.num_layers = 4   # 3 MoE blocks: a stack whose order matters
   config.dispatch.capacity_factor = 8.0   # room for every token: the dispatchers compute alike
   config.train.update(log_every=1, eval_every=100, checkpoint_every=10, sample_tokens=0)
   config.optimizer.warmup_steps = 2

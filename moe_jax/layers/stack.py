@@ -3,8 +3,9 @@ variable has a leading "layers" dimension, run by `jax.lax.scan`, so that XLA co
 layer instead of L (compile time of deep models: docs/performance.md).
 
 A stack is made from L built modules (the same random draws, in the same order, as the
-unstacked model), and the layout converts both ways (`stacked_paths`, `unstacked_paths`):
-a checkpoint, a Hugging Face import and a decoding cache can each use the layout it needs.
+unstacked model), and the layout converts both ways, for a model's state or a whole training
+state, arrays or abstract ones (`converted_state`, `converted_tree`): a checkpoint, a Hugging
+Face import and a decoding cache can each use the layout it needs.
 """
 
 import jax
