@@ -75,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                     # (the routed experts' inputs and outputs)
   c.model.scan_layers = False       # dense and MoE blocks as two scans over stacked parameters:
                                     # one block compiled per kind (deep models compile in
-                                    # seconds); the checkpoint layout follows it
+                                    # seconds); a checkpoint of either layout resumes
   c.model.attention_implementation = "auto"  # "cudnn" (fused, NVIDIA GPUs, 16-bit) | "xla" |
                                              # "xla_recompute" (keeps q, k, v; the backward
                                              # recomputes the scores) | "auto" (cudnn where
