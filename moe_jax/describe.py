@@ -85,15 +85,6 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _per_device_bytes(abstract_state) -> int:
-  """Bytes of `abstract_state` (ShapeDtypeStructs with shardings) on its fullest device."""
-  total = 0
-  for leaf in jax.tree.leaves(abstract_state):
-    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-    total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
-  return total
-
-
 def dry_run(config: ml_collections.ConfigDict) -> str:
   """Validates `config` (ConfigError names every problem), then compiles one training step on
   abstract inputs and reports sizes, FLOPs, the mesh and per-device memory."""
@@ -114,8 +105,8 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
     compiled = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
                               config.train.microbatches).lower(
         abstract_state, tokens).compile()
-  params_bytes = _per_device_bytes(abstract_state.params)
-  optimizer_bytes = _per_device_bytes(abstract_state.opt_state)
+  params_bytes = parallel.per_device_bytes(abstract_state.params)
+  optimizer_bytes = parallel.per_device_bytes(abstract_state.opt_state)
   memory = compiled.memory_analysis()
   device = jax.devices()[0]
   peak = throughput.peak_tflops(device.device_kind, config.train.peak_tflops)

@@ -85,6 +85,16 @@ def parse_rules(sharding_config) -> dict[str, tuple[str, ...]]:
           for name, value in dict(sharding_config).items()}
 
 
+def per_device_bytes(tree) -> int:
+  """Bytes of `tree`'s leaves (arrays or ShapeDtypeStructs, with shardings or whole) that one
+  device holds."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
 def logical_spec(logical_names, rules) -> P:
   """Logical names of an array's dimensions -> its PartitionSpec under `rules`."""
   def mesh_axes(name):

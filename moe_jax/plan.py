@@ -65,12 +65,6 @@ class MemoryPlan:
             + self.working)
 
 
-def _shard_bytes(tree) -> int:
-  """Bytes of the leaves (ShapeDtypeStructs with NamedShardings) on one device."""
-  return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
-             for leaf in jax.tree.leaves(tree))
-
-
 def _tree_bytes(tree) -> int:
   return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
@@ -182,8 +176,9 @@ def plan(config, mesh_sizes: dict[str, int], backend: str = "gpu") -> MemoryPlan
   batch = config.data.batch_size // (config.train.microbatches * token_split)
   # With micro-batches the step holds the running sum of gradients and the current slice's.
   gradient_copies = 2 if config.train.microbatches > 1 else 1
-  return MemoryPlan(mesh_sizes, _shard_bytes((state.params, state.biases)),
-                    gradient_copies * _shard_bytes(state.params), _shard_bytes(state.opt_state),
+  held = parallel.per_device_bytes
+  return MemoryPlan(mesh_sizes, held((state.params, state.biases)),
+                    gradient_copies * held(state.params), held(state.opt_state),
                     activation_bytes(spec, batch, config.data.seq_len),
                     working_bytes(spec, batch, config.data.seq_len, mesh_sizes, rules))
 

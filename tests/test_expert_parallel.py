@@ -1,7 +1,6 @@
 """Expert parallelism on 8 simulated devices: every variant against the loop-over-experts
 reference on meshes (8,1), (4,2), (2,4), (1,8); drop counts; a whole training step."""
 
-import functools
 import json
 
 import jax
@@ -11,13 +10,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.default import get_config
-from moe_jax import parallel, routing, steps
+from moe_jax import parallel, routing
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.dispatch import SwiGLUExperts, expert_capacity, reference_dispatch
 from moe_jax.dispatch.expert_parallel import DISPATCHER_OF_VARIANT, expert_parallel_dispatch
 from moe_jax.model import ModelSpec
-from moe_jax.routing import BalancingSettings
 from moe_jax.train import train_and_evaluate
+from tests.mesh_steps import train_on_mesh
 
 B, S, D, F, E, K = 16, 8, 16, 8, 8, 2
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -147,20 +146,8 @@ def _train_steps(config, batches, mesh_shape, expert_parallel, zero1=False):
   """Training steps jitted as the training loop jits them (state layout kept across steps)."""
   config.dispatch.expert_parallel = expert_parallel
   config.dispatch.strategy = DISPATCHER_OF_VARIANT.get(expert_parallel, "capacity")
-  mesh = parallel.make_mesh(*mesh_shape)
-  tx = steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0)
-  graphdef, state = steps.init_state(ModelSpec.from_config(config), tx, 0)
-  with jax.set_mesh(mesh):
-    shardings = parallel.state_shardings(state, mesh, parallel.DEFAULT_RULES, zero1)
-    state = jax.device_put(state, shardings)
-    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                                     balancing=BalancingSettings(bias_update_rate=1e-2)),
-                   out_shardings=(shardings, None))
-    losses = []
-    for batch in batches:
-      state, metrics = step(state, parallel.global_batch(batch, mesh))
-      losses.append(float(metrics["loss"]))
-  return state, losses
+  return train_on_mesh(config, parallel.make_mesh(*mesh_shape), batches,
+                       parallel.DEFAULT_RULES, zero1=zero1)
 
 
 def test_training_run_with_expert_parallelism_resumes(tmp_path):

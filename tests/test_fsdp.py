@@ -2,16 +2,13 @@
 `sharding.embed`) and heads/MLP widths over `tensor`, XLA gathering per layer. A training step on
 8 simulated devices equals the single-device step, and each device holds its share."""
 
-import functools
-
 import jax
 import numpy as np
 import optax
 import pytest
 
-from moe_jax import parallel, steps
-from moe_jax.model import ModelSpec
-from moe_jax.routing import BalancingSettings
+from moe_jax import parallel
+from tests.mesh_steps import train_on_mesh
 
 MESHES = {   # (data, fsdp, tensor, expert), expert parallelism on when expert > 1
     "fsdp 8": (1, 8, 1, 1),
@@ -31,25 +28,11 @@ def _config(tiny_config, expert_parallel: bool):
 
 
 def _train(config, sizes, batches, tx=None, zero1: bool = False):
-  """(state after the steps, losses) on a mesh of `sizes` with the config's sharding rules;
-  AdamW unless another optimizer `tx` is given."""
+  """(state after the steps, losses) on a mesh of `sizes` with the config's sharding rules."""
   data, fsdp, tensor, expert = sizes
   mesh = parallel.make_mesh(data, expert, jax.devices()[:data * fsdp * tensor * expert],
                             fsdp=fsdp, tensor=tensor)
-  rules = parallel.parse_rules(config.sharding)
-  tx = tx or steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0)
-  graphdef, state = steps.init_state(ModelSpec.from_config(config), tx, 0)
-  with jax.set_mesh(mesh):
-    shardings = parallel.state_shardings(state, mesh, rules, shard_optimizer_over_data=zero1)
-    state = jax.device_put(state, shardings)
-    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                                     balancing=BalancingSettings(bias_update_rate=1e-2)),
-                   out_shardings=(shardings, None))
-    losses = []
-    for batch in batches:
-      state, metrics = step(state, parallel.global_batch(batch, mesh, rules["batch"]))
-      losses.append(float(metrics["loss"]))
-  return state, losses
+  return train_on_mesh(config, mesh, batches, parallel.parse_rules(config.sharding), tx, zero1)
 
 
 @pytest.fixture(scope="module")

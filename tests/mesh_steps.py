@@ -1,0 +1,28 @@
+"""Training steps on a mesh, jitted as the training loop jits them (the state's layout kept
+across steps): shared by the tests that compare meshes with one device."""
+
+import functools
+
+import jax
+
+from moe_jax import parallel, steps
+from moe_jax.model import ModelSpec
+from moe_jax.routing import BalancingSettings
+
+
+def train_on_mesh(config, mesh, batches, rules, tx=None, zero1: bool = False):
+  """(state after one step per batch, losses) of the config's model laid out on `mesh` by
+  `rules` (ZeRO-1 with `zero1`); AdamW unless another optimizer `tx` is given."""
+  tx = tx or steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0)
+  graphdef, state = steps.init_state(ModelSpec.from_config(config), tx, 0)
+  with jax.set_mesh(mesh):
+    shardings = parallel.state_shardings(state, mesh, rules, zero1)
+    state = jax.device_put(state, shardings)
+    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
+                                     balancing=BalancingSettings(bias_update_rate=1e-2)),
+                   out_shardings=(shardings, None))
+    losses = []
+    for batch in batches:
+      state, metrics = step(state, parallel.global_batch(batch, mesh, rules["batch"]))
+      losses.append(float(metrics["loss"]))
+  return state, losses
