@@ -72,7 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.compute_dtype = "float32"  # "bfloat16" computes in bf16; parameters stay float32
   c.model.remat = "none"            # what each block keeps for backward, the rest recomputed:
                                     # "none" | "block" (its input) | "matmuls" | "expert_io"
-                                    # (the routed experts' inputs and outputs)
+                                    # (the routed experts' inputs and outputs) | "costly" (all
+                                    # but elementwise results and gathers: for scanned layers)
   c.model.scan_layers = False       # dense and MoE blocks as two scans over stacked parameters:
                                     # one block compiled per kind (deep models compile in
                                     # seconds); a checkpoint of either layout resumes

@@ -27,6 +27,36 @@ from moe_jax.routing import BalancingSettings, RouterSettings
 from moe_jax.settings import Settings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Primitives whose results are cheaper to recompute than to store and read back: elementwise
+# arithmetic, casts, layout changes and gathers (each reads its inputs and writes its output
+# once, which storing the output for the backward pass would cost as well).
+CHEAP_PRIMITIVES = frozenset((
+    "abs", "add", "add_any", "and", "broadcast_in_dim", "concatenate", "convert_element_type",
+    "cos", "div", "eq", "erf", "exp", "expand_dims", "gather", "ge", "gt", "integer_pow",
+    "iota", "is_finite", "le", "log", "logistic", "lt", "max", "min", "mul", "name", "ne",
+    "neg", "not", "or", "pad", "pow", "rem", "reshape", "rsqrt", "select_n", "sign", "sin",
+    "slice", "split", "sqrt", "square", "squeeze", "stop_gradient", "sub", "tanh",
+    "transpose"))
+
+
+def _cheap(prim, params) -> bool:
+  """A primitive in CHEAP_PRIMITIVES, or a jitted function or one with its own gradient (the
+  dispatch's row gathers) made of nothing else."""
+  inner = params.get("call_jaxpr") if prim.name == "custom_vjp_call" else (
+      params.get("jaxpr") if prim.name in ("jit", "pjit") else None)
+  if inner is not None:
+    return all(_cheap(e.primitive, e.params) for e in inner.jaxpr.eqns)
+  return prim.name in CHEAP_PRIMITIVES
+
+
+def costly_saveable(prim, *_, **params) -> bool:
+  """Keep the results that cost more to recompute than to store: matmuls, attention, sorts,
+  scatters, reductions. Unrolled, XLA fuses cheap results into their consumers and never
+  stores them; a scanned block's residuals are all stored, stacked per layer, and this keeps
+  them to what the unrolled step stores (docs/performance.md)."""
+  return not _cheap(prim, params)
+
+
 # model.remat: what a block keeps for its backward pass; the rest is recomputed there.
 REMAT_POLICIES = {
     "none": None,                                                   # everything (no remat)
@@ -36,6 +66,7 @@ REMAT_POLICIES = {
     # recomputes attention, routing and the experts' insides, not the token exchange
     "expert_io": jax.checkpoint_policies.save_only_these_names("expert_inputs",
                                                                "expert_outputs"),
+    "costly": costly_saveable,   # all but elementwise results and gathers
 }
 ATTENTIONS = ("gqa", "mla")
 PARAMETER_FIELDS = ("vocab_size", "d_model", "num_layers", "num_dense_layers", "attention",

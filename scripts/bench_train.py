@@ -173,6 +173,8 @@ def main():
                       help="comma-separated attention paths to time: auto, cudnn, xla")
   parser.add_argument("--profile", type=Path, default=None,
                       help="trace 3 steps of each variant under this folder and print the top ops")
+  parser.add_argument("--grouped_matmul", default="auto",
+                      help="comma-separated dispatch.grouped_matmul implementations to time")
   parser.add_argument("--remat", default="none",
                       help="comma-separated activation-checkpointing policies (model.remat)")
   parser.add_argument("--dense_reference", action="store_true",
@@ -195,14 +197,17 @@ def main():
     variants.append((f"dense model, MLP width {width} (same FLOPs per token)",
                      spec0.replace(num_dense_layers=spec0.num_layers, dense_mlp_dim=width)))
   rows = []
-  for (dispatcher, spec), path, remat, scan in itertools.product(
-      variants, args.attention.split(","), args.remat.split(","), args.scan.split(",")):
+  for (dispatcher, spec), path, kernels, remat, scan in itertools.product(
+      variants, args.attention.split(","), args.grouped_matmul.split(","),
+      args.remat.split(","), args.scan.split(",")):
     name = dispatcher if path == "auto" else f"{dispatcher}, attention {path}"
+    name = name if kernels == "auto" else f"{name}, grouped matmul {kernels}"
     name = name if remat == "none" else f"{name}, remat {remat}"
     scanned = spec.scan_layers if scan == "preset" else scan == "on"
     name = f"{name}, scan {'on' if scanned else 'off'}"
     profile = args.profile / name.replace(" ", "_").replace(",", "") if args.profile else None
-    spec = spec.replace(attention_implementation=path, remat=remat, scan_layers=scanned)
+    spec = spec.replace(attention_implementation=path, remat=remat, scan_layers=scanned,
+                        dispatch=spec.dispatch.replace(grouped_matmul=kernels))
     print(f"{name}: attention "
           f"{attention.chosen_implementation(jnp.bfloat16, spec.head_dim, path)}", flush=True)
     result = bench(spec, args.batch, args.seq, args.warmup, args.repeats, profile,

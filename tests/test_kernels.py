@@ -82,3 +82,30 @@ def test_implementation_choice():
   assert gm.chosen_implementation(1024, 352, "mosaic") == "pallas"   # mosaic tiles: multiples of 64
   with pytest.raises(ConfigError, match="dispatch.grouped_matmul='cuda' is unknown"):
     DispatchSettings(strategy="dropless", grouped_matmul="cuda")
+
+
+def test_layers_share_each_kernels_lowering():
+  """Each kernel call is lowered once per shapes, however many layers make it: an unrolled
+  model's compile time does not grow by one kernel lowering per layer (docs/performance.md)."""
+  import functools
+  import re
+
+  from configs.default import get_config
+  from moe_jax import steps
+  from moe_jax.model import ModelSpec
+
+  tiny = ModelSpec.from_config(get_config("tiny"))
+  kernels, calls = {}, {}
+  for layers in (2, 4):
+    spec = tiny.replace(num_layers=layers, num_dense_layers=0, dispatch=tiny.dispatch.replace(
+        strategy="dropless", grouped_matmul="interpret"))
+    tx = steps.make_optimizer(1e-3, 0.9, 0.95, 0.0, 1.0)
+    graphdef, state = steps.init_state(spec, tx, 0)
+    step = functools.partial(steps.train_step, graphdef=graphdef, tx=tx, balancing=spec.balancing)
+    text = jax.jit(step).lower(state, jnp.zeros((2, 33), jnp.int32)).as_text()
+    kernels[layers] = set(re.findall(r"func\.func private @(t?gmm_padded\w*)", text))
+    calls[layers] = len(re.findall(r"call @t?gmm_padded", text))
+  # Per layer: 3 forward products, 3 x 2 backward ones (through the rows and the weights);
+  # the three forward products take 2 distinct shapes, the backward ones 4.
+  assert len(kernels[2]) == 6 and kernels[4] == kernels[2], kernels
+  assert (calls[2], calls[4]) == (2 * 9, 4 * 9), calls

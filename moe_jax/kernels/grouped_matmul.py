@@ -123,6 +123,12 @@ def _compiler_params(blocks: Blocks, interpret: bool):
   return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
+# Each kernel call is a jitted function of its own: jax lowers a jitted function once per
+# shapes and static arguments, so a kernel's lowering (slow in Python for the Mosaic ones) runs
+# once for all the layers that call it, not once per layer (an unrolled 16-layer step
+# compiled in 274 s, mostly these lowerings, and in 37 s with them shared:
+# docs/performance.md).
+@functools.partial(jax.jit, static_argnames=("blocks", "transpose_w", "interpret"))
 def gmm_padded(x: Float[Array, "M K"], w, tile_group: Int[Array, "G"], *, blocks: Blocks,
                transpose_w: bool = False, interpret: bool = False) -> Float[Array, "M F"]:
   """x's row tiles times their group's weight: w [E, K, F] (or [E, F, K] with transpose_w)."""
@@ -137,6 +143,7 @@ def gmm_padded(x: Float[Array, "M K"], w, tile_group: Int[Array, "G"], *, blocks
   )(tile_group, x, w)
 
 
+@functools.partial(jax.jit, static_argnames=("num_groups", "blocks", "out_dtype", "interpret"))
 def tgmm_padded(x: Float[Array, "M K"], dy: Float[Array, "M F"], group_tile_start, num_groups: int,
                 *, blocks: Blocks, out_dtype, interpret: bool = False) -> Float[Array, "E K F"]:
   """Per group, the sum over its row tiles of x^T dy: the weight gradient of gmm."""
@@ -236,6 +243,8 @@ def _mosaic_kernels():
   return ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot
 
 
+# Jitted, as the Pallas kernels above, so that the layers share each kernel's lowering.
+@functools.partial(jax.jit, static_argnames=("blocks", "transpose_rhs"))
 def _mosaic_ragged(rows, w, group_sizes, blocks: MosaicBlocks, transpose_rhs: bool):
   ragged_dot, _ = _mosaic_kernels()
   contraction, width = (w.shape[2], w.shape[1]) if transpose_rhs else (w.shape[1], w.shape[2])
@@ -269,11 +278,18 @@ def _mosaic_backward(blocks, residuals, dy):
   rows, w, group_sizes = residuals
   dy = dy.astype(rows.dtype)
   dx = _mosaic_ragged(dy, w, group_sizes, blocks, transpose_rhs=True)
+  return dx, _mosaic_weight_gradient(rows, dy, group_sizes, blocks).astype(w.dtype), None
+
+
+@functools.partial(jax.jit, static_argnames=("blocks",))
+def _mosaic_weight_gradient(rows, dy, group_sizes, blocks: MosaicBlocks):
+  """[E, K, N] gradient of the weights: group e's rows^T dy."""
   _, transposed_ragged_dot = _mosaic_kernels()
-  dw = transposed_ragged_dot(rows, dy, group_sizes=group_sizes, block_m=_block(w.shape[1], blocks.m),
-                             block_n=_block(w.shape[2], blocks.n), block_k=blocks.k,
-                             max_concurrent_steps=blocks.steps, grid_block_n=blocks.grid_block_n)
-  return dx, dw.astype(w.dtype), None
+  return transposed_ragged_dot(rows, dy, group_sizes=group_sizes,
+                               block_m=_block(rows.shape[1], blocks.m),
+                               block_n=_block(dy.shape[1], blocks.n), block_k=blocks.k,
+                               max_concurrent_steps=blocks.steps,
+                               grid_block_n=blocks.grid_block_n)
 
 
 mosaic_grouped_matmul.defvjp(_mosaic_forward, _mosaic_backward)
