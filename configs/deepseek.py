@@ -18,9 +18,10 @@ multiplied by, output head included, input embedding lookup not; the published p
 figures are rounded to two digits.
 
 The V3 and V2-Lite presets scan their layers (`model.scan_layers`: one block compiled per
-kind) and keep only each block's input for the backward pass (`model.remat='block'`: a
-third of the memory, and under a scan no slower); the 1.29B benchmark does neither, its
-unrolled step being faster (docs/performance.md).
+kind) and keep only each block's input for the backward pass (`model.remat='block'`, the
+least memory; `costly` is 10% faster where memory allows); the 1.29B benchmark does
+neither, its unrolled step being faster and compiling in well under a minute
+(docs/performance.md).
 `python -m moe_jax.plan --config=configs/deepseek.py:v3 --find --device=h200` says how many
 devices a preset needs. These are shapes for planning and for pretraining on your own data: the data section keeps
 the default's (the embedded corpus, read as bytes); a real run sets `data.source='tokens'`

@@ -189,11 +189,24 @@ def check_data_state(data_state, step: int) -> str | None:
 # The manager
 
 
+def _save_each_array_from_one_replica_on_cpu() -> None:
+  """Orbax splits the saving of a replicated array among its replicas, on every backend but
+  GPU, slicing each array on its devices: on CPU devices, which share the host's memory, that
+  saves nothing and compiles one slicing program per array shape and device, seconds for the
+  first save of a run (3.6 s against 0.2 s for 60 small arrays replicated on 8 devices). As
+  orbax does for GPU, one replica writes each array there. (Orbax's handler for jax arrays is
+  registered once per process; this replaces it only where the devices are CPUs.)"""
+  if jax.default_backend() == "cpu":
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
 
   def __init__(self, directory: Path, keep: int, read_only: bool = False):
     """`read_only` opens another process's checkpoints (analysis) without touching them: no
     directory made, no partial checkpoint of a run still saving removed."""
+    _save_each_array_from_one_replica_on_cpu()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            cleanup_tmp_directories=not read_only,
                                            read_only=read_only)
