@@ -31,7 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- data -------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.source = "stdlib"       # "stdlib" (embedded corpus) | "text" (files) | "tokens" (binary ids)
+  c.data.source = "stdlib"       # "stdlib" (embedded corpus) | "python" (stdlib + installed packages)
+                                 # | "text" (files) | "tokens" (binary ids)
   c.data.path = ""               # "text": a directory or a glob; "tokens": a file of token ids
   c.data.tokenizer = "bpe"       # text: "bpe" (a byte-level BPE of model.vocab_size ids learned
                                  # from the training split, kept in the workdir) | "bytes"

@@ -16,6 +16,7 @@ disk) without waiting, so the loop stops at the next step instead of training on
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging as std_logging
@@ -189,16 +190,24 @@ def check_data_state(data_state, step: int) -> str | None:
 # The manager
 
 
+@functools.cache
 def _save_each_array_from_one_replica_on_cpu() -> None:
   """Orbax splits the saving of a replicated array among its replicas, on every backend but
   GPU, slicing each array on its devices: on CPU devices, which share the host's memory, that
   saves nothing and compiles one slicing program per array shape and device, seconds for the
   first save of a run (3.6 s against 0.2 s for 60 small arrays replicated on 8 devices). As
   orbax does for GPU, one replica writes each array there. (Orbax's handler for jax arrays is
-  registered once per process; this replaces it only where the devices are CPUs.)"""
-  if jax.default_backend() == "cpu":
+  registered once per process; this replaces it, once, only where the devices are CPUs.)"""
+  if jax.default_backend() != "cpu":
+    return
+  absl = std_logging.getLogger("absl")   # orbax warns of the override: expected, so quiet
+  level = absl.level
+  absl.setLevel(std_logging.ERROR)
+  try:
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  finally:
+    absl.setLevel(level)
 
 
 class Checkpointer:

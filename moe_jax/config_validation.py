@@ -232,7 +232,7 @@ def _problems(config, num_devices: int, backend: str, granules: int) -> list[str
   if config.dispatch.expert_parallel == "ragged_all_to_all" and backend == "cpu":
     problems.append("dispatch.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend: the "
                     "cpu backend has no ragged_all_to_all; use 'all_to_all' or 'all_gather'")
-  if d.source in ("stdlib", "text"):
+  if d.source != "tokens":
     need(config.model.vocab_size >= tokenization.MIN_VOCAB,
          f"model.vocab_size={config.model.vocab_size} is too small for data.tokenizer="
          f"{d.tokenizer!r}: needs >= {tokenization.MIN_VOCAB} (256 bytes + pad + bos)")

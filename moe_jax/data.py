@@ -1,9 +1,14 @@
 """Corpora, their tokenization and grain pipelines.
 
-Three sources, one shape of result (`Corpus`: a train and a validation token stream plus a
+Four sources, one shape of result (`Corpus`: a train and a validation token stream plus a
 manifest that identifies the data exactly):
   * "stdlib": the Python standard library source of the running interpreter (found through
     `sysconfig`), the embedded default corpus: every machine with Python has it.
+  * "python": every .py file the interpreter can import: the standard library plus the
+    installed packages (its site-packages directories; a few hundred MB where the test extras
+    are installed). Validation is exactly the "stdlib" source's validation split, so the two
+    are measured on the same text; every package file is training data, less exact copies of
+    a validation file. The manifest names each installed package and its version.
   * "text": a user's text files, a directory (searched recursively) or a glob.
   * "tokens": a pre-tokenized binary file of uint16 or uint32 ids, read through a memmap.
 Text is tokenized by `data.tokenizer` (moe_jax/tokenizer.py: raw bytes, or a byte-level BPE
@@ -32,7 +37,8 @@ from moe_jax.settings import Settings
 from moe_jax.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"   # a BPE run's tokenizer, in its workdir
-SOURCES = ("stdlib", "text", "tokens")
+SOURCES = ("stdlib", "python", "text", "tokens")
+EMBEDDED_SOURCES = ("stdlib", "python")   # found on every machine with Python: no data.path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +66,7 @@ class DataSettings(Settings):
          f"holds token ids already): leave data.tokenizer at 'bytes'")
     need(self.source in SOURCES,
          f"data.source={self.source!r} is unknown; choose from {list(SOURCES)}")
-    need(self.source == "stdlib" or bool(self.path),
+    need(self.source in EMBEDDED_SOURCES or bool(self.path),
          f"data.path is required when data.source={self.source!r}")
     need(self.token_dtype in ("uint16", "uint32"),
          f"data.token_dtype={self.token_dtype!r}: uint16 or uint32")
@@ -96,6 +102,33 @@ def stdlib_files(root: Path) -> list[Path]:
   """Every .py file of the standard library, without installed third-party packages."""
   return sorted(p for p in root.rglob("*.py")
                 if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+
+
+def package_roots() -> list[Path]:
+  """The directories the interpreter's installed packages live in (site-packages)."""
+  import site
+  candidates = site.getsitepackages() + (
+      [site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+  return [Path(p) for p in dict.fromkeys(candidates) if os.path.isdir(p)]
+
+
+def package_files(roots: list[Path]) -> list[tuple[str, Path]]:
+  """(name, path) of every .py file under the package directories, named
+  "packages/<path under its directory>"; a name found under two directories counts once."""
+  named = {}
+  for root in roots:
+    for path in sorted(root.rglob("*.py")):
+      if path.is_file():
+        named.setdefault("packages/" + path.relative_to(root).as_posix(), path)
+  return sorted(named.items())
+
+
+def installed_packages(roots: list[Path]) -> dict[str, str]:
+  """{distribution name: version} of the packages installed in `roots`."""
+  from importlib import metadata
+  found = {d.metadata["Name"]: d.version
+           for d in metadata.distributions(path=[str(r) for r in roots]) if d.metadata["Name"]}
+  return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
 
 
 def text_files(path: str) -> tuple[Path, list[Path]]:
@@ -193,8 +226,8 @@ def _refuse_binary(path: Path, content: bytes) -> None:
                     f"or use data.source='tokens' for a file of token ids")
 
 
-def _read_files(named_files: list[tuple[str, Path]], digest, refuse_binary: bool) -> list[bytes]:
-  """Each file's bytes; feeds names and contents into `digest`."""
+def _read_files(named_files: list[tuple[str, Path]], refuse_binary: bool) -> list[bytes]:
+  """Each file's bytes."""
   contents = []
   for relative, path in named_files:
     try:
@@ -203,9 +236,14 @@ def _read_files(named_files: list[tuple[str, Path]], digest, refuse_binary: bool
       raise DataError(f"{path} cannot be read ({error.strerror or error})") from None
     if refuse_binary:
       _refuse_binary(path, content)
-    digest.update(relative.encode() + b"\0" + content + b"\0")
     contents.append(content)
   return contents
+
+
+def _digest(named_files: list[tuple[str, Path]], contents: list[bytes], digest) -> None:
+  """Feeds each file's name and content into `digest`."""
+  for (relative, _), content in zip(named_files, contents):
+    digest.update(relative.encode() + b"\0" + content + b"\0")
 
 
 def _token_stream(contents: list[bytes], tokenizer: Tokenizer) -> np.ndarray:
@@ -247,12 +285,28 @@ def _saved_bpe(path: Path) -> Tokenizer:
 
 
 def load_text_corpus(root: Path, files: list[Path], validation_percent: int, source: str,
-                     tokenizer: str, vocab_size: int, saved_tokenizer: Path | None) -> Corpus:
+                     tokenizer: str, vocab_size: int, saved_tokenizer: Path | None,
+                     package_roots: list[Path] = ()) -> Corpus:
+  """Files split by path; with `package_roots` ("python"), every package file joins the
+  training split unless its content is that of a validation file."""
   train_files, validation_files = split_by_file(root, files, validation_percent)
+  refuse_binary = source == "text"   # the embedded corpora are known text
+  train_contents = _read_files(train_files, refuse_binary)
+  validation_contents = _read_files(validation_files, refuse_binary)
+  extra = {}
+  if package_roots:
+    held_out = {hashlib.sha256(c).digest() for c in validation_contents if c}   # empty: no text
+    named = package_files(package_roots)
+    contents = _read_files(named, refuse_binary)
+    kept = [hashlib.sha256(c).digest() not in held_out for c in contents]
+    train_files += [f for f, k in zip(named, kept) if k]
+    train_contents += [c for c, k in zip(contents, kept) if k]
+    extra = {"package_roots": [str(r) for r in package_roots],
+             "package_files": sum(kept), "package_copies_of_validation_files": kept.count(False),
+             "packages": installed_packages(package_roots)}
   digest = hashlib.sha256()
-  refuse_binary = source == "text"   # the embedded corpus is known text
-  train_contents = _read_files(train_files, digest, refuse_binary)
-  validation_contents = _read_files(validation_files, digest, refuse_binary)
+  _digest(train_files, train_contents, digest)
+  _digest(validation_files, validation_contents, digest)
   train_bytes = sum(map(len, train_contents))
   validation_bytes = sum(map(len, validation_contents))
   if train_bytes + validation_bytes == 0:
@@ -263,13 +317,15 @@ def load_text_corpus(root: Path, files: list[Path], validation_percent: int, sou
   manifest = {
       "source": source, "root": str(root),
       "python_version": sys.version.split()[0],
-      "file_count": len(files), "bytes": train_bytes + validation_bytes,
+      "file_count": len(train_files) + len(validation_files),
+      "bytes": train_bytes + validation_bytes,
       "train_files": len(train_files), "validation_files": len(validation_files),
       "train_bytes": train_bytes, "validation_bytes": validation_bytes,
       "train_tokens": int(train.size), "validation_tokens": int(validation.size),
       "sha256": digest.hexdigest(),
       "tokenizer": {"kind": chosen.kind, "vocab_size": chosen.vocab_size,
                     "sha256": chosen.digest},
+      **extra,
   }
   return Corpus(train, validation, manifest, chosen)
 
@@ -310,17 +366,19 @@ def load_corpus(source: str, path: str, token_dtype: str, validation_percent: in
   when that file exists (a run's workdir), else learned from the training split."""
   if source == "tokens":
     return load_token_file(path, token_dtype, validation_percent, vocab_size)
-  if source == "stdlib":
+  roots = []
+  if source in EMBEDDED_SOURCES:
     root = stdlib_root()
     files = stdlib_files(root)
     if not files:
       raise DataError(f"no .py files under the standard library at {root}")
+    roots = package_roots() if source == "python" else []
   elif source == "text":
     root, files = text_files(path)
   else:
-    raise DataError(f"data.source={source!r}: expected 'stdlib', 'text' or 'tokens'")
+    raise DataError(f"data.source={source!r}: expected one of {list(SOURCES)}")
   return load_text_corpus(root, files, validation_percent, source, tokenizer, vocab_size,
-                          saved_tokenizer)
+                          saved_tokenizer, roots)
 
 
 def run_tokenizer(source: str, tokenizer: str, workdir: Path) -> Tokenizer | None:

@@ -27,6 +27,40 @@ def test_stdlib_corpus_and_manifest(stdlib_corpus):
   assert stdlib_corpus.train.max() <= BYTE_BOS_ID and stdlib_corpus.tokenizer.kind == "bytes"
 
 
+def test_python_corpus_adds_the_installed_packages_and_keeps_the_stdlib_validation(
+    stdlib_corpus):
+  from importlib import metadata
+  corpus = data.load_corpus("python", "", "uint16", 5, 260)
+  m, stdlib = corpus.manifest, stdlib_corpus.manifest
+  # The same held-out text as the stdlib source, so the two are measured alike...
+  np.testing.assert_array_equal(corpus.validation, stdlib_corpus.validation)
+  assert m["validation_files"] == stdlib["validation_files"]
+  # ...and training is the stdlib's training files, then every package file.
+  np.testing.assert_array_equal(corpus.train[:stdlib_corpus.train.size], stdlib_corpus.train)
+  assert m["train_files"] == stdlib["train_files"] + m["package_files"]
+  assert m["train_bytes"] > 5 * stdlib["train_bytes"]
+  assert m["train_tokens"] == m["train_bytes"] + m["train_files"]   # one BOS per file
+  for name in ("jax", "numpy", "flax", "grain"):   # what the tests need is installed
+    assert m["packages"][name] == metadata.version(name)
+  json.dumps(m)
+
+
+def test_a_package_copy_of_a_validation_file_stays_out_of_training(tmp_path, stdlib_corpus):
+  root = data.stdlib_root()
+  _, validation = data.split_by_file(root, data.stdlib_files(root), 5)
+  site = tmp_path / "site-packages"
+  (site / "vendored").mkdir(parents=True)
+  (site / "vendored" / "copy.py").write_bytes(validation[0][1].read_bytes())
+  (site / "mine.py").write_bytes(b"x = 1\n")
+  corpus = data.load_text_corpus(root, data.stdlib_files(root), 5, "python", "bytes", 260,
+                                 None, [site])
+  m = corpus.manifest
+  assert (m["package_files"], m["package_copies_of_validation_files"]) == (1, 1)
+  assert corpus.train.size == stdlib_corpus.train.size + 1 + 6   # BOS + "x = 1\n"
+  np.testing.assert_array_equal(corpus.train[-7:], [BYTE_BOS_ID, *b"x = 1\n"])
+  np.testing.assert_array_equal(corpus.validation, stdlib_corpus.validation)
+
+
 def test_split_is_deterministic_and_disjoint(tmp_path):
   for i in range(40):
     (tmp_path / f"f{i}.txt").write_text(f"file {i}\n" * 10)

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from tests.conftest import ROOT
+from tests.conftest import QUICK_COMPILE_FLAGS, ROOT
 
 ARGS = ["--config=configs/default.py:tiny,ep=all_to_all", "--config.train.log_every=1",
         "--config.train.eval_every=100", "--config.train.checkpoint_every=3",
@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"{QUICK_COMPILE_FLAGS} --xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
