@@ -41,6 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.seq_len = 128           # tokens per training sequence (the context)
   c.data.batch_size = 16         # global batch, in sequences; split over every data-parallel device
   c.data.shuffle_seed = 0
+  c.data.cache_dir = ""           # text sources: keep tokenized corpora (and a learned BPE) here,
+                                 # by a hash of the text and tokenizer, for the next run ("": off)
 
   # ---- model ------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()

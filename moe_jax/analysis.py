@@ -103,7 +103,7 @@ def run_corpus(run: Run) -> data.Corpus:
   d = run.config.data
   return data.load_corpus(d.source, d.path, d.token_dtype, d.validation_percent,
                           run.config.model.vocab_size, d.get("tokenizer", "bytes"),
-                          run.workdir / data.TOKENIZER_FILE)
+                          run.workdir / data.TOKENIZER_FILE, d.get("cache_dir", ""))
 
 
 def validation_batches(run: Run, num_batches: int, batch_size: int | None = None) -> np.ndarray:

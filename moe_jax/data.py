@@ -24,8 +24,10 @@ import fnmatch
 import glob
 import hashlib
 import os
+import shutil
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +39,7 @@ from moe_jax.settings import Settings
 from moe_jax.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"   # a BPE run's tokenizer, in its workdir
+CACHE_FORMAT = 1                    # of data.cache_dir's entries
 SOURCES = ("stdlib", "python", "text", "tokens")
 EMBEDDED_SOURCES = ("stdlib", "python")   # found on every machine with Python: no data.path
 
@@ -55,6 +58,7 @@ class DataSettings(Settings):
   seq_len: int = 128            # tokens per training sequence
   batch_size: int = 16          # global batch, in sequences
   shuffle_seed: int = 0
+  cache_dir: str = ""           # text: keep tokenized corpora here, by content ("": none)
 
   def problems(self) -> list[str]:
     problems = []
@@ -284,11 +288,57 @@ def _saved_bpe(path: Path) -> Tokenizer:
     raise DataError(str(error)) from None
 
 
+def _tokenized(cache_dir: str, corpus_digest: str, kind: str, vocab_size: int,
+               saved: Path | None, train_contents: list[bytes],
+               validation_contents: list[bytes]) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+  """(tokenizer, train stream, validation stream); with `cache_dir`, read from the entry named
+  by a hash of the text and the tokenizer (a saved one, or one learned from this text) when
+  there, else made and written there."""
+  learned = kind == "bpe" and not (saved is not None and saved.exists())
+  chosen = None if learned else make_tokenizer(kind, vocab_size, [], saved)   # its checks too
+  tokenizer_id = f"bpe learned, {vocab_size} ids" if learned else chosen.digest
+  entry = (Path(cache_dir) / hashlib.sha256(
+      f"{CACHE_FORMAT}|{corpus_digest}|{tokenizer_id}".encode()).hexdigest()
+           if cache_dir else None)
+  if entry is not None and entry.is_dir():
+    chosen = _saved_bpe(entry / TOKENIZER_FILE) if learned else chosen
+    return (chosen, np.load(entry / "train.npy", mmap_mode="r"),
+            np.load(entry / "validation.npy", mmap_mode="r"))
+  chosen = chosen or make_tokenizer(kind, vocab_size, train_contents, saved)
+  train = _token_stream(train_contents, chosen)
+  validation = _token_stream(validation_contents, chosen)
+  if entry is not None:
+    _write_cache_entry(entry, chosen, train, validation)
+  return chosen, train, validation
+
+
+def _write_cache_entry(entry: Path, chosen: Tokenizer, train, validation) -> None:
+  """Writes a cache entry whole or not at all (processes writing the same entry at once: the
+  first rename wins, the others' copies are dropped)."""
+  partial = None
+  try:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=entry.name + ".partial.", dir=entry.parent))
+    np.save(partial / "train.npy", train)
+    np.save(partial / "validation.npy", validation)
+    chosen.save(partial / TOKENIZER_FILE)
+    os.rename(partial, entry)
+  except OSError as error:
+    if not entry.is_dir():
+      raise DataError(f"data.cache_dir={str(entry.parent)!r} cannot hold the tokenized corpus "
+                      f"({error.strerror or error})") from None
+  finally:
+    if partial is not None:
+      shutil.rmtree(partial, ignore_errors=True)
+
+
 def load_text_corpus(root: Path, files: list[Path], validation_percent: int, source: str,
                      tokenizer: str, vocab_size: int, saved_tokenizer: Path | None,
-                     package_roots: list[Path] = ()) -> Corpus:
+                     package_roots: list[Path] = (), cache_dir: str = "") -> Corpus:
   """Files split by path; with `package_roots` ("python"), every package file joins the
-  training split unless its content is that of a validation file."""
+  training split unless its content is that of a validation file. With `cache_dir`, the
+  tokenized streams (and a learned tokenizer) are kept there under a hash of the text and
+  the tokenizer, and read back instead of tokenizing again."""
   train_files, validation_files = split_by_file(root, files, validation_percent)
   refuse_binary = source == "text"   # the embedded corpora are known text
   train_contents = _read_files(train_files, refuse_binary)
@@ -311,9 +361,8 @@ def load_text_corpus(root: Path, files: list[Path], validation_percent: int, sou
   validation_bytes = sum(map(len, validation_contents))
   if train_bytes + validation_bytes == 0:
     raise DataError(f"the {len(files)} files under {root} are all empty")
-  chosen = make_tokenizer(tokenizer, vocab_size, train_contents, saved_tokenizer)
-  train = _token_stream(train_contents, chosen)
-  validation = _token_stream(validation_contents, chosen)
+  chosen, train, validation = _tokenized(cache_dir, digest.hexdigest(), tokenizer, vocab_size,
+                                         saved_tokenizer, train_contents, validation_contents)
   manifest = {
       "source": source, "root": str(root),
       "python_version": sys.version.split()[0],
@@ -359,7 +408,7 @@ def load_token_file(path: str, dtype: str, validation_percent: int, vocab_size: 
 
 def load_corpus(source: str, path: str, token_dtype: str, validation_percent: int,
                 vocab_size: int, tokenizer: str = "bytes",
-                saved_tokenizer: Path | None = None) -> Corpus:
+                saved_tokenizer: Path | None = None, cache_dir: str = "") -> Corpus:
   """Loads the configured corpus; raises DataError with the reason when it cannot be used.
 
   Text is tokenized by `tokenizer` ("bytes" or "bpe"); a BPE is read from `saved_tokenizer`
@@ -378,7 +427,7 @@ def load_corpus(source: str, path: str, token_dtype: str, validation_percent: in
   else:
     raise DataError(f"data.source={source!r}: expected one of {list(SOURCES)}")
   return load_text_corpus(root, files, validation_percent, source, tokenizer, vocab_size,
-                          saved_tokenizer, roots)
+                          saved_tokenizer, roots, cache_dir)
 
 
 def run_tokenizer(source: str, tokenizer: str, workdir: Path) -> Tokenizer | None:

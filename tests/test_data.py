@@ -136,3 +136,31 @@ def test_processes_read_disjoint_windows():
     iterator = iter(data.train_dataset(windows, 10, seed=0, process_index=process, process_count=2))
     seen.append({int(b[0]) for _ in range(5) for b in next(iterator)})
   assert seen[0].isdisjoint(seen[1]) and len(seen[0] | seen[1]) == 100
+
+
+def test_a_tokenized_corpus_is_kept_by_content_and_read_back(tmp_path):
+  corpus_dir, cache = tmp_path / "text", tmp_path / "cache"
+  corpus_dir.mkdir()
+  for i in range(12):
+    (corpus_dir / f"f{i}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+  load = lambda: data.load_corpus("text", str(corpus_dir), "uint16", 20, 300, "bpe", None,
+                                  str(cache))
+  first = load()
+  [entry] = list(cache.iterdir())
+  # The next load reads the entry instead of learning and encoding again (changed on purpose
+  # here, so that reading it shows)...
+  np.save(entry / "train.npy", np.asarray(first.train)[::-1])
+  second = load()
+  np.testing.assert_array_equal(second.train, np.asarray(first.train)[::-1])
+  assert second.tokenizer.digest == first.tokenizer.digest
+  assert second.manifest == first.manifest
+  # ...and other text, or another tokenizer, is another entry.
+  (corpus_dir / "f0.txt").write_text("changed\n")
+  load()
+  data.load_corpus("text", str(corpus_dir), "uint16", 20, 300, "bytes", None, str(cache))
+  assert len(list(cache.iterdir())) == 3
+  # A cached entry does not skip a tokenizer's checks: bytes where the workdir holds a BPE.
+  saved = tmp_path / "tokenizer.json"
+  first.tokenizer.save(saved)
+  with pytest.raises(data.DataError, match="data.tokenizer='bytes'"):
+    data.load_corpus("text", str(corpus_dir), "uint16", 20, 300, "bytes", saved, str(cache))

@@ -66,9 +66,29 @@ def attend_padded(q_BxSxNxH, k_BxSxGxH, v_BxSxGxV, scale, implementation: str, l
       q, k, v, scale=scale, is_causal=True,
       implementation="xla" if implementation == "xla_recompute" else implementation)
   if implementation == "xla_recompute":
-    attention = jax.checkpoint(attention)
+    attention = _recomputed(attention)
   out = attention(pad(q_BxSxNxH, 0), pad(k_BxSxGxH, 0), pad(v_BxSxGxV, width - v_width))
   return out[:, :real_length, :, :v_width]
+
+
+def _recomputed(attention):
+  """`attention(q, k, v)` whose backward pass recomputes it from q, k and v alone. A function
+  with its own gradient rather than a `jax.checkpoint`: a block's remat policy then sees one
+  call whose output it may keep, never the score matrices inside it (a policy that keeps
+  matmul results would keep those of a nested checkpoint)."""
+
+  @jax.custom_vjp
+  def run(q, k, v):
+    return attention(q, k, v)
+
+  def forward(q, k, v):
+    return attention(q, k, v), (q, k, v)
+
+  def backward(residuals, d_out):
+    return jax.vjp(attention, *residuals)[1](d_out)
+
+  run.defvjp(forward, backward)
+  return run
 
 
 def cached_attention_weights(scores_BxNxTxS, positions_T):
