@@ -24,9 +24,9 @@ MEMBERS = {
 }
 
 QUESTION = ("Does aux-loss-free balancing keep MaxVio over the validation set at or below 0.1 "
-            "while matching or beating the best aux-loss validation loss? (DeepSeek-V3's "
-            "published comparison at 1B parameters: MaxVio 0.04 against 0.72, perplexity 9.50 "
-            "against 9.56.) Router scores are sigmoid unless the member says softmax; dispatch "
+            "while matching or beating the best aux-loss validation loss? (Wang et al. 2024, "
+            "arXiv:2408.15664, the aux-loss-free method's paper, at 1B parameters: MaxVio_global "
+            "0.04 against 0.72 for the aux loss, perplexity 9.50 against 9.56.) Router scores are sigmoid unless the member says softmax; dispatch "
             "drops tokens over a capacity factor of 1.25.")
 
 

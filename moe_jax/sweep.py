@@ -6,8 +6,12 @@ A sweep file (experiments/*.py) defines `get_sweep(size) -> Sweep`. Then
   python -m moe_jax.sweep experiments/load_balancing.py:gpu --print_commands   # for a cluster
   python -m moe_jax.sweep experiments/load_balancing.py:tiny --collect_only    # tables only
 
-Each member is an ordinary `moe_jax.main` run in its own workdir (<workdir_root>/<sweep>_<size>/
-<member>), so a member that finished (final_metrics.json) is skipped and one that stopped
+With several seeds (`Sweep.seeds`, or `--seeds=0,1,2`) each member runs once per seed
+(`seed` and `data.shuffle_seed` set to it) and the table gives each measure's mean ± sample
+standard deviation over the seeds, then every run.
+
+Each run is an ordinary `moe_jax.main` run in its own workdir (<workdir_root>/<sweep>_<size>/
+<member>, or <member>_seed<N> with several seeds), so a member that finished (final_metrics.json) is skipped and one that stopped
 resumes from its checkpoint. The results directory receives results.csv, results.md, the
 curves and validation expert counts behind the plots (curves.json, expert_loads.json), and
 three plots (validation loss, training MaxVio, per-layer validation expert load).
@@ -44,9 +48,21 @@ class Sweep:
   base: dict[str, object]            # overrides every member gets ("router.top_k": 2)
   members: dict[str, dict[str, object]]   # member name -> its own overrides
   question: str = ""                 # what the sweep is for, printed above its table
+  seeds: tuple[int, ...] = (0,)      # each member runs once per seed (seed and data order)
 
-  def overrides(self, member: str) -> dict[str, object]:
-    return {**self.base, **self.members[member]}
+  def overrides(self, member: str, seed: int | None = None) -> dict[str, object]:
+    """The member's overrides; with more seeds than the default one, also its seed's."""
+    seeded = {} if self.seeds == (0,) or seed is None else {"seed": seed,
+                                                            "data.shuffle_seed": seed}
+    return {**self.base, **self.members[member], **seeded}
+
+  def runs(self) -> list[tuple[str, str, int]]:
+    """(run name, member, seed) of every run: the member's name, with its seed when the
+    sweep has several ("aux_free_seed1")."""
+    if self.seeds == (0,):
+      return [(member, member, 0) for member in self.members]
+    return [(f"{member}_seed{seed}", member, seed) for member in self.members
+            for seed in self.seeds]
 
 
 def load_sweep(spec: str) -> tuple[Sweep, str]:
@@ -75,14 +91,14 @@ def _load_module(path: str):
   return module
 
 
-def member_config(sweep: Sweep, member: str) -> ml_collections.ConfigDict:
-  """The member's full config, built as the command line would build it."""
+def member_config(sweep: Sweep, member: str, seed: int | None = None) -> ml_collections.ConfigDict:
+  """The member's full config (for one seed), built as the command line would build it."""
   path, _, arg = sweep.config.partition(":")
   found = locate(path)
   if found is None:
     raise SweepError(not_found(f"the sweep's config {sweep.config!r}", path))
   config = _load_module(str(found)).get_config(arg)
-  for dotted, value in sweep.overrides(member).items():
+  for dotted, value in sweep.overrides(member, seed).items():
     *sections, name = dotted.split(".")
     node = config
     try:
@@ -101,10 +117,11 @@ def _flag_value(value) -> str:
   return repr(value) if isinstance(value, float) else str(value)
 
 
-def command(sweep: Sweep, member: str, workdir: Path, python: str = sys.executable) -> list[str]:
-  """The `moe_jax.main` command line of one member."""
+def command(sweep: Sweep, member: str, workdir: Path, python: str = sys.executable,
+            seed: int | None = None) -> list[str]:
+  """The `moe_jax.main` command line of one member (and seed)."""
   return ([python, "-m", "moe_jax.main", f"--config={sweep.config}"]
-          + [f"--config.{k}={_flag_value(v)}" for k, v in sweep.overrides(member).items()]
+          + [f"--config.{k}={_flag_value(v)}" for k, v in sweep.overrides(member, seed).items()]
           + [f"--workdir={workdir}"])
 
 
@@ -171,26 +188,26 @@ def run_sweep(sweep: Sweep, size: str, root: Path, print_commands: bool = False)
   if problems and not print_commands:
     raise SweepError("sweep members that cannot run here:\n" + "\n".join(problems))
 
-  statuses, names = {}, list(sweep.members)
+  statuses, runs = {}, sweep.runs()
   root.mkdir(parents=True, exist_ok=True)
-  for i, member in enumerate(names, 1):
-    workdir = root / member
+  for i, (name, member, seed) in enumerate(runs, 1):
+    workdir = root / name
     if is_finished(workdir):
-      statuses[member] = "finished"
-      print(f"[{i}/{len(names)}] {member}: finished earlier, skipped", flush=True)
+      statuses[name] = "finished"
+      print(f"[{i}/{len(runs)}] {name}: finished earlier, skipped", flush=True)
       continue
-    argv = command(sweep, member, workdir)
+    argv = command(sweep, member, workdir, seed=seed)
     if print_commands:
       print(" ".join(argv))
       continue
-    print(f"[{i}/{len(names)}] {member}: running (output in {root / (member + '.log')})", flush=True)
+    print(f"[{i}/{len(runs)}] {name}: running (output in {root / (name + '.log')})", flush=True)
     started = time.time()
-    code, received = run_member(argv, root / f"{member}.log")
-    statuses[member] = _status(code)
-    print(f"[{i}/{len(names)}] {member}: {statuses[member]} in {time.time() - started:.0f} s",
+    code, received = run_member(argv, root / f"{name}.log")
+    statuses[name] = _status(code)
+    print(f"[{i}/{len(runs)}] {name}: {statuses[name]} in {time.time() - started:.0f} s",
           flush=True)
     if received or code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-      raise SweepStopped(received or code - 128, member)
+      raise SweepStopped(received or code - 128, name)
   return statuses
 
 
@@ -198,8 +215,9 @@ def run_sweep(sweep: Sweep, size: str, root: Path, print_commands: bool = False)
 # Collecting
 
 
-def member_result(sweep: Sweep, member: str, workdir: Path) -> dict:
-  """One table row: final and best validation numbers and training routing statistics."""
+def member_result(sweep: Sweep, member: str, workdir: Path, seed: int = 0) -> dict:
+  """One run's table row: final and best validation numbers and training routing
+  statistics."""
   from moe_jax.model import ModelSpec, parameter_counts
   records = metrics.read_jsonl(workdir / "metrics.jsonl")
   train = [r for r in records if "loss" in r]
@@ -207,7 +225,7 @@ def member_result(sweep: Sweep, member: str, workdir: Path) -> dict:
   counts = parameter_counts(ModelSpec.from_config(member_config(sweep, member)))
   mean = lambda key: (sum(r[key] for r in train) / len(train)) if train and key in train[0] else None
   row = {
-      "member": member,
+      "member": member, "seed": seed,
       "status": "finished" if is_finished(workdir) else ("partial" if records else "not run"),
       "overrides": " ".join(f"{k.split('.')[-1]}={_flag_value(v)}"
                             for k, v in sweep.members[member].items()),
@@ -237,12 +255,58 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
-def markdown_table(rows: list[dict]) -> str:
-  cell = lambda row, key, fmt: "-" if row.get(key) is None else fmt.format(row[key])
-  lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-           "|" + "---|" * len(COLUMNS)]
-  lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
+SPREAD_KEYS = ("validation_loss", "best_validation_loss", "validation_bits_per_byte",
+               "validation_max_violation", "train_max_violation", "dropped_fraction")
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+  """One row per member: for each measure of SPREAD_KEYS, (mean, sample standard deviation)
+  over the member's finished runs (0 for one run), and how many runs that is."""
+  import statistics
+  summary = []
+  for member in dict.fromkeys(r["member"] for r in rows):
+    runs = [r for r in rows if r["member"] == member]
+    finished = [r for r in runs if r["status"] == "finished"]
+    row = {k: runs[0][k] for k in ("member", "overrides", "active_params",
+                                   "active_expert_params", "total_params", "steps")}
+    row.update(seeds=len(finished), status=f"{len(finished)} of {len(runs)} finished")
+    for key in SPREAD_KEYS:
+      values = [r[key] for r in finished if r[key] is not None]
+      row[key] = ((statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+                  if values else None)
+    summary.append(row)
+  return summary
+
+
+def markdown_table(rows: list[dict], columns=None) -> str:
+  """Rows as a markdown table; a (mean, std) value shows as "mean ± std"."""
+  columns = columns or COLUMNS
+
+  def cell(row, key, fmt):
+    value = row.get(key)
+    if value is None:
+      return "-"
+    if isinstance(value, tuple):
+      return f"{fmt.format(value[0])} ± {fmt.format(value[1])}"
+    return fmt.format(value)
+
+  lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
   return "\n".join(lines) + "\n"
+
+
+def results_markdown(sweep: Sweep, rows: list[dict]) -> str:
+  """The results table: one row per member; with several seeds, mean ± standard deviation
+  over them, then every run."""
+  if sweep.seeds == (0,):
+    return markdown_table(rows)
+  summary_columns = [c for c in COLUMNS if c[0] != "status"] + [("status", "runs", "{}")]
+  per_seed = [c for c in COLUMNS if c[0] in ("member", *SPREAD_KEYS, "steps", "status")]
+  per_seed.insert(1, ("seed", "seed", "{}"))
+  return (f"Mean ± sample standard deviation over seeds {', '.join(map(str, sweep.seeds))} "
+          f"(`seed` and `data.shuffle_seed`):\n\n" + markdown_table(seed_summary(rows),
+                                                                 summary_columns)
+          + "\nEach seed:\n\n" + markdown_table(rows, per_seed))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -255,7 +319,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def collect(sweep: Sweep, size: str, root: Path, results: Path, invocation: str) -> list[dict]:
   """Writes results.csv, results.md and the plots for every member run so far."""
-  rows = [member_result(sweep, m, root / m) for m in sweep.members]
+  rows = [member_result(sweep, member, root / name, seed) for name, member, seed in sweep.runs()]
   results.mkdir(parents=True, exist_ok=True)
   write_csv(rows, results / "results.csv")
   import jax
@@ -266,8 +330,8 @@ def collect(sweep: Sweep, size: str, root: Path, results: Path, invocation: str)
             f"({jax.default_backend()}), {os.cpu_count()} CPU cores, Python "
             f"{platform.python_version()}, jax {jax.__version__}\n"
             f"- date: {datetime.date.today().isoformat()}\n\n")
-  (results / "results.md").write_text(header + markdown_table(rows))
-  records = {m: metrics.read_jsonl(root / m / "metrics.jsonl") for m in sweep.members}
+  (results / "results.md").write_text(header + results_markdown(sweep, rows))
+  records = {name: metrics.read_jsonl(root / name / "metrics.jsonl") for name, _, _ in sweep.runs()}
   curve = lambda key: {m: [(r["step"], r[key]) for r in rs if key in r] for m, rs in records.items()}
   curves = {"validation_loss": curve("validation_loss"), "max_violation": curve("max_violation")}
   (results / "curves.json").write_text(json.dumps(curves))
@@ -276,15 +340,25 @@ def collect(sweep: Sweep, size: str, root: Path, results: Path, invocation: str)
   metrics.plot_curves(curves["max_violation"], "MaxVio per batch (mean over MoE layers)",
                       results / "max_violation.png", f"{sweep.name}: training MaxVio", log_y=True)
   loads = {}
-  for member in sweep.members:
-    path = root / member / "expert_load.json"
+  for name, _, _ in sweep.runs():
+    path = root / name / "expert_load.json"
     if path.is_file():
-      loads[member] = json.loads(path.read_text())["counts"]
+      loads[name] = json.loads(path.read_text())["counts"]
   (results / "expert_loads.json").write_text(json.dumps(loads))
   if loads:
     metrics.plot_load_grid(loads, results / "expert_load.png",
                            f"{sweep.name}: validation expert load / mean, per MoE layer")
   return rows
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+  try:
+    seeds = tuple(int(part) for part in text.split(","))
+  except ValueError:
+    raise SweepError(f"--seeds={text!r}: expected comma-separated integers such as 0,1,2") from None
+  if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    raise SweepError(f"--seeds={text!r}: seeds must be distinct and >= 0")
+  return seeds
 
 
 def main(argv=None) -> int:
@@ -296,18 +370,23 @@ def main(argv=None) -> int:
   parser.add_argument("--print_commands", action="store_true",
                       help="print one launch command per unfinished member instead of running")
   parser.add_argument("--collect_only", action="store_true", help="only write tables and plots")
+  parser.add_argument("--seeds", default="",
+                      help="comma-separated seeds to run each member with (default: the sweep's)")
   args = parser.parse_args(argv)
   try:
     sweep, size = load_sweep(args.sweep)
+    if args.seeds:
+      sweep = dataclasses.replace(sweep, seeds=_seeds(args.seeds))
     label = f"{sweep.name}_{size}"
     root = Path(args.workdir_root) / label
     if not args.collect_only:
       run_sweep(sweep, size, root, args.print_commands)
     if not args.print_commands:
       invocation = f"python -m moe_jax.sweep {args.sweep}" + (
+          f" --seeds={args.seeds}" if args.seeds else "") + (
           f" --workdir_root={args.workdir_root}" if args.workdir_root != "runs/sweeps" else "")
       rows = collect(sweep, size, root, Path(args.results) / label, invocation)
-      print(markdown_table(rows))
+      print(results_markdown(sweep, rows))
       print(f"Results in {Path(args.results) / label}")
   except SweepError as error:
     print(f"error: {error}", file=sys.stderr)

@@ -121,3 +121,35 @@ def test_granularity_members_use_equal_active_parameters(monkeypatch):
   # Everything else but the router (which grows with E) is the same in every member.
   assert len({c["active"] - c["active_experts"] - 2 * 64 * e
               for c, e in zip(counts, [8, 8, 16, 16, 32, 32, 64, 64])}) == 1
+
+
+def test_seeds_run_each_member_once_per_seed(pair_file, tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  args = [f"{pair_file}:tiny", f"--workdir_root={tmp_path}", "--print_commands"]
+  assert sweep.main(args + ["--seeds=0,2"]) == 0
+  lines = [l for l in capsys.readouterr().out.splitlines() if "moe_jax.main" in l]
+  assert len(lines) == 4
+  assert "--config.seed=2 --config.data.shuffle_seed=2" in lines[1]
+  assert f"--workdir={tmp_path / 'pair_tiny' / 'top2_seed2'}" in lines[1]
+  assert "--config.seed=0 --config.data.shuffle_seed=0" in lines[2]
+  assert sweep.main(args + ["--seeds=0,x"]) == 2
+  assert "--seeds='0,x': expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_seed_table_gives_mean_and_sample_deviation_over_finished_runs(pair_file):
+  loaded, _ = sweep.load_sweep(f"{pair_file}:tiny")
+  loaded = sweep.dataclasses.replace(loaded, seeds=(0, 1, 2, 3))
+  row = lambda member, seed, loss, status="finished": {
+      "member": member, "seed": seed, "status": status, "overrides": "", "steps": 6,
+      "active_params": 1, "active_expert_params": 1, "total_params": 1,
+      "validation_loss": loss, "best_validation_loss": loss, "validation_bits_per_byte": None,
+      "validation_max_violation": 0.5, "train_max_violation": None, "dropped_fraction": None}
+  rows = [row("top2", 0, 1.0), row("top2", 1, 1.2), row("top2", 2, 1.4),
+          row("top2", 3, 9.0, "partial"),   # not finished: left out
+          row("top1_softmax", 0, 2.0)]
+  top2, top1 = sweep.seed_summary(rows)
+  assert top2["seeds"] == 3 and top2["validation_loss"] == pytest.approx((1.2, 0.2))
+  assert top1["validation_loss"] == (2.0, 0.0)
+  table = sweep.results_markdown(loaded, rows)
+  assert "| top2 |  | 1.2000 ± 0.2000 | 1.2000 ± 0.2000 | - | 0.500 ± 0.000 |" in table
+  assert "| top2 | 3 | 9.0000 |" in table   # each seed's own row follows
