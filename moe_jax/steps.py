@@ -247,12 +247,15 @@ def eval_step(state: TrainState, tokens, *, graphdef, byte_counts=None):
 
 def summarize_evaluation(sums: dict) -> dict[str, float]:
   """Validation loss, bits per byte (text corpora: all nats over the bytes the targets stand
-  for, whatever the tokenizer) and MaxVio."""
+  for, whatever the tokenizer) and MaxVio of the expert counts summed over every evaluated
+  batch (Wang et al. 2024's MaxVio_global when the evaluation covers the whole split): per
+  MoE layer, their mean, and the worst layer's as `validation_max_violation`."""
   result = {"validation_loss": float(sums["nats"] / sums["targets"])}
   if "bytes" in sums:
     result["validation_bits_per_byte"] = float(sums["nats"] / sums["bytes"] / math.log(2))
   if "counts" in sums:
     per_layer = [float(routing.max_violation(c)) for c in sums["counts"]]
     result["validation_max_violation"] = max(per_layer)
+    result["validation_max_violation_mean"] = sum(per_layer) / len(per_layer)
     result.update({f"validation_max_violation/layer{i}": v for i, v in enumerate(per_layer)})
   return result

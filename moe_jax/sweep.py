@@ -236,6 +236,8 @@ def member_result(sweep: Sweep, member: str, workdir: Path, seed: int = 0) -> di
       "best_validation_loss": min(r["validation_loss"] for r in evals) if evals else None,
       "validation_bits_per_byte": evals[-1].get("validation_bits_per_byte") if evals else None,
       "validation_max_violation": evals[-1].get("validation_max_violation") if evals else None,
+      "validation_max_violation_mean": (evals[-1].get("validation_max_violation_mean")
+                                        if evals else None),
       "train_max_violation": mean("max_violation"),
       "dropped_fraction": mean("dropped_fraction"),
       "rollbacks": sum(1 for r in records if r.get("event") == "rollback"),
@@ -247,7 +249,8 @@ COLUMNS = [  # (key, header, format)
     ("member", "member", "{}"), ("overrides", "overrides", "{}"),
     ("validation_loss", "val loss", "{:.4f}"), ("best_validation_loss", "best val loss", "{:.4f}"),
     ("validation_bits_per_byte", "val bits/byte", "{:.4f}"),
-    ("validation_max_violation", "val MaxVio", "{:.3f}"),
+    ("validation_max_violation_mean", "val MaxVio (mean of layers)", "{:.3f}"),
+    ("validation_max_violation", "val MaxVio (worst layer)", "{:.3f}"),
     ("train_max_violation", "train MaxVio/batch", "{:.3f}"),
     ("dropped_fraction", "dropped", "{:.4f}"), ("active_params", "active params", "{:,}"),
     ("active_expert_params", "active expert params", "{:,}"),
@@ -256,7 +259,8 @@ COLUMNS = [  # (key, header, format)
 
 
 SPREAD_KEYS = ("validation_loss", "best_validation_loss", "validation_bits_per_byte",
-               "validation_max_violation", "train_max_violation", "dropped_fraction")
+               "validation_max_violation_mean", "validation_max_violation",
+               "train_max_violation", "dropped_fraction")
 
 
 def seed_summary(rows: list[dict]) -> list[dict]:

@@ -200,3 +200,16 @@ def test_relative_load_is_each_layers_counts_over_their_mean():
   np.testing.assert_allclose(routing.relative_load(jnp.asarray(counts)), expected)
   np.testing.assert_allclose(routing.relative_load(jnp.asarray(counts[0])), expected[0])
   np.testing.assert_allclose(on_host(counts), expected)
+
+
+def test_validation_max_violation_per_layer_their_mean_and_the_worst_by_hand():
+  from moe_jax import steps
+  # Expert counts summed over the evaluated batches: layer 0 [3, 1] (MaxVio 3/2 - 1 = 0.5),
+  # layer 1 [2, 2] (0), layer 2 [0, 4] (4/2 - 1 = 1).
+  sums = {"nats": np.float32(6.0), "targets": np.float32(3.0),
+          "counts": np.array([[3, 1], [2, 2], [0, 4]], np.float32)}
+  summary = steps.summarize_evaluation(sums)
+  assert summary["validation_loss"] == 2.0
+  assert [summary[f"validation_max_violation/layer{i}"] for i in range(3)] == [0.5, 0.0, 1.0]
+  assert summary["validation_max_violation"] == 1.0
+  assert summary["validation_max_violation_mean"] == 0.5

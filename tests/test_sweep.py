@@ -55,7 +55,8 @@ def test_runner_runs_skips_and_tabulates_a_two_member_sweep(pair_file, tmp_path,
   for row in rows:
     assert row["status"] == "finished" and row["steps"] == "6"
     for key in ("validation_loss", "best_validation_loss", "validation_bits_per_byte",
-                "validation_max_violation", "train_max_violation", "dropped_fraction"):
+                "validation_max_violation", "validation_max_violation_mean",
+                "train_max_violation", "dropped_fraction"):
       assert math.isfinite(float(row[key])), key
     evaluations = [r["validation_loss"] for r in map(json.loads, open(
         runs / "pair_tiny" / row["member"] / "metrics.jsonl")) if "validation_loss" in r]
@@ -143,7 +144,8 @@ def test_seed_table_gives_mean_and_sample_deviation_over_finished_runs(pair_file
       "member": member, "seed": seed, "status": status, "overrides": "", "steps": 6,
       "active_params": 1, "active_expert_params": 1, "total_params": 1,
       "validation_loss": loss, "best_validation_loss": loss, "validation_bits_per_byte": None,
-      "validation_max_violation": 0.5, "train_max_violation": None, "dropped_fraction": None}
+      "validation_max_violation": 0.5, "validation_max_violation_mean": None,
+      "train_max_violation": None, "dropped_fraction": None}
   rows = [row("top2", 0, 1.0), row("top2", 1, 1.2), row("top2", 2, 1.4),
           row("top2", 3, 9.0, "partial"),   # not finished: left out
           row("top1_softmax", 0, 2.0)]
@@ -151,5 +153,5 @@ def test_seed_table_gives_mean_and_sample_deviation_over_finished_runs(pair_file
   assert top2["seeds"] == 3 and top2["validation_loss"] == pytest.approx((1.2, 0.2))
   assert top1["validation_loss"] == (2.0, 0.0)
   table = sweep.results_markdown(loaded, rows)
-  assert "| top2 |  | 1.2000 ± 0.2000 | 1.2000 ± 0.2000 | - | 0.500 ± 0.000 |" in table
+  assert "| top2 |  | 1.2000 ± 0.2000 | 1.2000 ± 0.2000 | - | - | 0.500 ± 0.000 |" in table
   assert "| top2 | 3 | 9.0000 |" in table   # each seed's own row follows
