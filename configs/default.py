@@ -32,8 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- data -------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"       # "stdlib" (embedded corpus) | "python" (stdlib + installed packages)
-                                 # | "text" (files) | "tokens" (binary ids)
-  c.data.path = ""               # "text": a directory or a glob; "tokens": a file of token ids
+                                 # | "text" (files) | "documents" (shards) | "tokens" (binary ids)
+  c.data.path = ""               # "text"/"documents": a directory or a glob; "tokens": a file
+  c.data.text_field = "text"     # "documents": JSONL/Parquet/ArrayRecord records' text field
   c.data.tokenizer = "bpe"       # text: "bpe" (a byte-level BPE of model.vocab_size ids learned
                                  # from the training split, kept in the workdir) | "bytes"
   c.data.token_dtype = "uint16"  # "tokens" only: uint16 | uint32

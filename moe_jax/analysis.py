@@ -103,7 +103,8 @@ def run_corpus(run: Run) -> data.Corpus:
   d = run.config.data
   return data.load_corpus(d.source, d.path, d.token_dtype, d.validation_percent,
                           run.config.model.vocab_size, d.get("tokenizer", "bytes"),
-                          run.workdir / data.TOKENIZER_FILE, d.get("cache_dir", ""))
+                          run.workdir / data.TOKENIZER_FILE, d.get("cache_dir", ""),
+                          d.get("text_field", "text"))
 
 
 def validation_batches(run: Run, num_batches: int, batch_size: int | None = None) -> np.ndarray:

@@ -10,6 +10,8 @@ manifest that identifies the data exactly):
     are measured on the same text; every package file is training data, less exact copies of
     a validation file. The manifest names each installed package and its version.
   * "text": a user's text files, a directory (searched recursively) or a glob.
+  * "documents": JSONL, Parquet or ArrayRecord shards whose records hold a text field
+    (moe_jax/documents.py); documents split by a hash of "<shard>#<record index>".
   * "tokens": a pre-tokenized binary file of uint16 or uint32 ids, read through a memmap.
 Text is tokenized by `data.tokenizer` (moe_jax/tokenizer.py: raw bytes, or a byte-level BPE
 learned from the training split and kept in the workdir); one BOS starts every file. Files
@@ -34,13 +36,14 @@ from typing import Iterator
 import grain
 import numpy as np
 
+from moe_jax import documents
 from moe_jax import tokenizer as tokenization
 from moe_jax.settings import Settings
 from moe_jax.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"   # a BPE run's tokenizer, in its workdir
 CACHE_FORMAT = 1                    # of data.cache_dir's entries
-SOURCES = ("stdlib", "python", "text", "tokens")
+SOURCES = ("stdlib", "python", "text", "documents", "tokens")
 EMBEDDED_SOURCES = ("stdlib", "python")   # found on every machine with Python: no data.path
 
 
@@ -51,7 +54,8 @@ class DataSettings(Settings):
   SECTION = "data"
 
   source: str = "stdlib"        # a name of SOURCES
-  path: str = ""                # "text": a directory or a glob; "tokens": a file of token ids
+  path: str = ""                # "text"/"documents": a directory or a glob; "tokens": a file
+  text_field: str = "text"      # "documents": the field of each record that holds its text
   tokenizer: str = "bpe"        # text: a name of tokenizer.KINDS
   token_dtype: str = "uint16"   # "tokens" only: uint16 | uint32
   validation_percent: int = 5   # share of files (text) or of the token stream held out
@@ -79,6 +83,7 @@ class DataSettings(Settings):
     need(self.seq_len >= 2, f"data.seq_len={self.seq_len} must be >= 2")
     need(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
     need(self.shuffle_seed >= 0, f"data.shuffle_seed={self.shuffle_seed} must be >= 0")
+    need(bool(self.text_field), "data.text_field is empty: name the records' text field")
     return problems
 
 
@@ -200,22 +205,27 @@ def _path_hash(relative: str) -> int:
   return int(hashlib.sha256(relative.encode()).hexdigest()[:8], 16)
 
 
-def split_by_file(root: Path, files: list[Path], validation_percent: int) -> tuple[list, list]:
-  """Deterministic split: a file is held out when the hash of its relative path says so.
-
-  If no file's hash falls in the held-out share (tiny corpora), the file with the smallest
-  hash is held out, so validation is never empty while there are two files or more.
-  """
-  if len(files) < 2:
-    raise DataError(f"{len(files)} file(s) under {root}: a split by file needs at least 2")
-  files = sorted(files)
-  relative = [p.relative_to(root).as_posix() for p in files]
-  hashes = [_path_hash(r) for r in relative]
+def held_out_by_name(names: list[str], validation_percent: int) -> list[bool]:
+  """Whether each name's item is held out, by a hash of the name. If no hash falls in the
+  held-out share (tiny corpora), the smallest is held out, and if all do, the largest is not,
+  so both splits have an item while there are two or more."""
+  hashes = [_path_hash(n) for n in names]
   held_out = [h % 100 < validation_percent for h in hashes]
   if not any(held_out):
     held_out[int(np.argmin(hashes))] = True
   if all(held_out):
     held_out[int(np.argmax(hashes))] = False
+  return held_out
+
+
+def split_by_file(root: Path, files: list[Path], validation_percent: int) -> tuple[list, list]:
+  """Deterministic split: a file is held out when the hash of its relative path says so
+  (`held_out_by_name`), so the split does not move when files are added."""
+  if len(files) < 2:
+    raise DataError(f"{len(files)} file(s) under {root}: a split by file needs at least 2")
+  files = sorted(files)
+  relative = [p.relative_to(root).as_posix() for p in files]
+  held_out = held_out_by_name(relative, validation_percent)
   train = [(r, p) for r, p, v in zip(relative, files, held_out) if not v]
   validation = [(r, p) for r, p, v in zip(relative, files, held_out) if v]
   return train, validation
@@ -354,21 +364,58 @@ def load_text_corpus(root: Path, files: list[Path], validation_percent: int, sou
     extra = {"package_roots": [str(r) for r in package_roots],
              "package_files": sum(kept), "package_copies_of_validation_files": kept.count(False),
              "packages": installed_packages(package_roots)}
+  return tokenized_corpus(source, root, train_files, train_contents, validation_files,
+                          validation_contents, tokenizer, vocab_size, saved_tokenizer, cache_dir,
+                          extra)
+
+
+def load_document_corpus(root: Path, shards: list[Path], text_field: str,
+                         validation_percent: int, tokenizer: str, vocab_size: int,
+                         saved_tokenizer: Path | None, cache_dir: str = "") -> Corpus:
+  """Every record's text of every shard, each a document named "<shard>#<index>", split by a
+  hash of that name."""
+  names, texts = [], []
+  for shard in shards:
+    try:
+      found = documents.read_documents(shard, text_field)
+    except documents.DocumentError as error:
+      raise DataError(str(error)) from None
+    relative = shard.relative_to(root).as_posix() if shard != root else shard.name
+    names += [f"{relative}#{i}" for i in range(len(found))]
+    texts += found
+  if len(names) < 2:
+    raise DataError(f"{len(names)} document(s) under {root}: a split needs at least 2")
+  held_out = held_out_by_name(names, validation_percent)
+  pick = lambda held: ([(n, None) for n, h in zip(names, held_out) if h == held],
+                       [t for t, h in zip(texts, held_out) if h == held])
+  (train_names, train_texts), (validation_names, validation_texts) = pick(False), pick(True)
+  return tokenized_corpus("documents", root, train_names, train_texts, validation_names,
+                          validation_texts, tokenizer, vocab_size, saved_tokenizer, cache_dir,
+                          {"text_field": text_field, "shards": len(shards)})
+
+
+def tokenized_corpus(source: str, root: Path, train_names: list, train_contents: list[bytes],
+                     validation_names: list, validation_contents: list[bytes], tokenizer: str,
+                     vocab_size: int, saved_tokenizer: Path | None, cache_dir: str,
+                     extra: dict) -> Corpus:
+  """The Corpus of split texts (`*_names`: (name, path) pairs, names hashed into the digest):
+  tokenized, one BOS before each text, with its manifest."""
   digest = hashlib.sha256()
-  _digest(train_files, train_contents, digest)
-  _digest(validation_files, validation_contents, digest)
+  _digest(train_names, train_contents, digest)
+  _digest(validation_names, validation_contents, digest)
   train_bytes = sum(map(len, train_contents))
   validation_bytes = sum(map(len, validation_contents))
   if train_bytes + validation_bytes == 0:
-    raise DataError(f"the {len(files)} files under {root} are all empty")
+    raise DataError(f"the {len(train_names) + len(validation_names)} texts under {root} are all "
+                    f"empty")
   chosen, train, validation = _tokenized(cache_dir, digest.hexdigest(), tokenizer, vocab_size,
                                          saved_tokenizer, train_contents, validation_contents)
   manifest = {
       "source": source, "root": str(root),
       "python_version": sys.version.split()[0],
-      "file_count": len(train_files) + len(validation_files),
+      "file_count": len(train_names) + len(validation_names),
       "bytes": train_bytes + validation_bytes,
-      "train_files": len(train_files), "validation_files": len(validation_files),
+      "train_files": len(train_names), "validation_files": len(validation_names),
       "train_bytes": train_bytes, "validation_bytes": validation_bytes,
       "train_tokens": int(train.size), "validation_tokens": int(validation.size),
       "sha256": digest.hexdigest(),
@@ -408,7 +455,8 @@ def load_token_file(path: str, dtype: str, validation_percent: int, vocab_size: 
 
 def load_corpus(source: str, path: str, token_dtype: str, validation_percent: int,
                 vocab_size: int, tokenizer: str = "bytes",
-                saved_tokenizer: Path | None = None, cache_dir: str = "") -> Corpus:
+                saved_tokenizer: Path | None = None, cache_dir: str = "",
+                text_field: str = "text") -> Corpus:
   """Loads the configured corpus; raises DataError with the reason when it cannot be used.
 
   Text is tokenized by `tokenizer` ("bytes" or "bpe"); a BPE is read from `saved_tokenizer`
@@ -424,6 +472,10 @@ def load_corpus(source: str, path: str, token_dtype: str, validation_percent: in
     roots = package_roots() if source == "python" else []
   elif source == "text":
     root, files = text_files(path)
+  elif source == "documents":
+    root, shards = text_files(path)
+    return load_document_corpus(root, shards, text_field, validation_percent, tokenizer,
+                                vocab_size, saved_tokenizer, cache_dir)
   else:
     raise DataError(f"data.source={source!r}: expected one of {list(SOURCES)}")
   return load_text_corpus(root, files, validation_percent, source, tokenizer, vocab_size,

@@ -172,7 +172,8 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
   corpus = data.load_corpus(config.data.source, config.data.path, config.data.token_dtype,
                             config.data.validation_percent, config.model.vocab_size,
                             config.data.tokenizer, workdir / data.TOKENIZER_FILE,
-                            config.data.get("cache_dir", ""))
+                            config.data.get("cache_dir", ""),
+                            config.data.get("text_field", "text"))
   seq_len, batch_size = config.data.seq_len, config.data.batch_size
   train_windows = data.Windows(corpus.train, seq_len, "train")
   validation_windows = data.Windows(corpus.validation, seq_len, "validation")

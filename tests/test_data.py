@@ -164,3 +164,58 @@ def test_a_tokenized_corpus_is_kept_by_content_and_read_back(tmp_path):
   first.tokenizer.save(saved)
   with pytest.raises(data.DataError, match="data.tokenizer='bytes'"):
     data.load_corpus("text", str(corpus_dir), "uint16", 20, 300, "bytes", saved, str(cache))
+
+
+def _split_at_bos(stream) -> list[bytes]:
+  """The texts of a byte-tokenized stream, each after its BOS."""
+  texts, current = [], None
+  for token in np.asarray(stream).tolist():
+    if token == BYTE_BOS_ID:
+      if current is not None:
+        texts.append(bytes(current))
+      current = []
+    else:
+      current.append(token)
+  return texts + [bytes(current)]
+
+
+def test_documents_from_jsonl_parquet_and_array_record_shards(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from array_record.python.array_record_module import ArrayRecordWriter
+  docs = [f"document {i}: " + "é" * (i % 5) + "x" * i for i in range(36)]
+  shards = tmp_path / "shards"
+  shards.mkdir()
+  (shards / "a.jsonl").write_text("".join(json.dumps({"id": i, "body": d}) + "\n"
+                                          for i, d in enumerate(docs[:12])), encoding="utf-8")
+  pq.write_table(pa.table({"body": docs[12:24], "n": list(range(12))}), shards / "b.parquet")
+  writer = ArrayRecordWriter(str(shards / "c.array_record"), "group_size:1")
+  for d in docs[24:]:
+    writer.write(json.dumps({"body": d}).encode())
+  writer.close()
+  corpus = data.load_corpus("documents", str(shards), "uint16", 20, 260, "bytes",
+                            text_field="body")
+  m = corpus.manifest
+  encoded = [d.encode() for d in docs]
+  assert (m["shards"], m["file_count"], m["bytes"]) == (3, 36, sum(map(len, encoded)))
+  # Each document once, after its BOS, in the split its name "<shard>#<index>" hashes to.
+  names = ([f"a.jsonl#{i}" for i in range(12)] + [f"b.parquet#{i}" for i in range(12)]
+           + [f"c.array_record#{i}" for i in range(12)])
+  held_out = data.held_out_by_name(names, 20)
+  assert _split_at_bos(corpus.validation) == [e for e, h in zip(encoded, held_out) if h]
+  assert _split_at_bos(corpus.train) == [e for e, h in zip(encoded, held_out) if not h]
+
+
+@pytest.mark.parametrize("shard, content, message", [
+    ("a.jsonl", '{"text": "one"}\n{"body": "two"}\n',
+     "a.jsonl, line 2 has no field 'text' (its fields: 'body'); set data.text_field"),
+    ("a.jsonl", '{"text": 3}\n', "a.jsonl, line 1: field 'text' holds int, not text"),
+    ("a.jsonl", "", "a.jsonl holds no records: remove the empty shard"),
+    ("a.csv", "text\nx\n", "a.csv: data.source='documents' reads .jsonl, .parquet"),
+])
+def test_bad_document_shards_are_refused_by_name(tmp_path, shard, content, message):
+  (tmp_path / shard).write_text(content)
+  (tmp_path / "z.jsonl").write_text('{"text": "fine"}\n')
+  with pytest.raises(data.DataError) as refused:
+    data.load_corpus("documents", str(tmp_path), "uint16", 20, 260, "bytes")
+  assert message in str(refused.value)

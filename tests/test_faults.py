@@ -105,6 +105,13 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], Path, list[str]]]:
                                 [f"--workdir={tmp / 'a_file'} is not a directory"])
   cases["workdir below a file"] = (_command(tmp / "a_file" / "run"), tmp / "a_file",
                                    [f"lies below {tmp / 'a_file'}, which is not a directory"])
+  shards = tmp / "shards"
+  shards.mkdir()
+  (shards / "a.jsonl").write_text('{"body": "x"}\n{"body": "y"}\n')
+  cases["documents without the text field"] = (
+      _command(tmp / "run", "--config.data.source=documents", f"--config.data.path={shards}"),
+      tmp / "run", ["a.jsonl, line 1 has no field 'text' (its fields: 'body'); set "
+                    "data.text_field"])
   # These two run in `tmp` (every case's working directory): nothing may appear there.
   cases["empty workdir"] = (_command(""), tmp, ["--workdir is empty"])
   cases["no workdir"] = ([a for a in _command("x") if not a.startswith("--workdir")], tmp,
