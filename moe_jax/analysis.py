@@ -100,11 +100,8 @@ def train_tiny(workdir, arg: str = "tiny", **train_overrides) -> Path:
 
 def run_corpus(run: Run) -> data.Corpus:
   """The run's corpus, tokenized as the run tokenized it (a BPE from its workdir)."""
-  d = run.config.data
-  return data.load_corpus(d.source, d.path, d.token_dtype, d.validation_percent,
-                          run.config.model.vocab_size, d.get("tokenizer", "bytes"),
-                          run.workdir / data.TOKENIZER_FILE, d.get("cache_dir", ""),
-                          d.get("text_field", "text"))
+  return data.configured_corpus(run.config.data, run.config.model.vocab_size,
+                                run.workdir / data.TOKENIZER_FILE)
 
 
 def validation_batches(run: Run, num_batches: int, batch_size: int | None = None) -> np.ndarray:

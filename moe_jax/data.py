@@ -380,7 +380,7 @@ def load_document_corpus(root: Path, shards: list[Path], text_field: str,
       found = documents.read_documents(shard, text_field)
     except documents.DocumentError as error:
       raise DataError(str(error)) from None
-    relative = shard.relative_to(root).as_posix() if shard != root else shard.name
+    relative = shard.relative_to(root).as_posix()
     names += [f"{relative}#{i}" for i in range(len(found))]
     texts += found
   if len(names) < 2:
@@ -469,7 +469,8 @@ def load_corpus(source: str, path: str, token_dtype: str, validation_percent: in
     files = stdlib_files(root)
     if not files:
       raise DataError(f"no .py files under the standard library at {root}")
-    roots = package_roots() if source == "python" else []
+    if source == "python":
+      roots = package_roots()
   elif source == "text":
     root, files = text_files(path)
   elif source == "documents":
@@ -480,6 +481,15 @@ def load_corpus(source: str, path: str, token_dtype: str, validation_percent: in
     raise DataError(f"data.source={source!r}: expected one of {list(SOURCES)}")
   return load_text_corpus(root, files, validation_percent, source, tokenizer, vocab_size,
                           saved_tokenizer, roots, cache_dir)
+
+
+def configured_corpus(section, vocab_size: int, saved_tokenizer: Path | None = None) -> Corpus:
+  """`load_corpus` for a config's `data` section (a run's, or one saved by an older run that
+  lacks the newer fields: their defaults)."""
+  return load_corpus(section.source, section.path, section.token_dtype,
+                     section.validation_percent, vocab_size, section.get("tokenizer", "bytes"),
+                     saved_tokenizer, section.get("cache_dir", ""),
+                     section.get("text_field", "text"))
 
 
 def run_tokenizer(source: str, tokenizer: str, workdir: Path) -> Tokenizer | None:

@@ -13,9 +13,6 @@ the same token stream as files (moe_jax/data.py).
 import json
 from pathlib import Path
 
-SUFFIXES = (".jsonl", ".parquet", ".array_record", ".arrayrecord")
-
-
 class DocumentError(ValueError):
   """A shard cannot be read as documents; the message names the shard and what to change."""
 
@@ -89,16 +86,18 @@ def _array_record(path: Path, field: str) -> list[bytes]:
   return texts
 
 
+READERS = {".jsonl": _jsonl, ".parquet": _parquet, ".array_record": _array_record,
+           ".arrayrecord": _array_record}   # by file suffix
+
+
 def read_documents(path: Path, field: str) -> list[bytes]:
   """The text of every record of one shard, in order; DocumentError for an unknown format, a
   record without the field or an empty shard."""
   suffix = path.suffix.lower()
-  readers = {".jsonl": _jsonl, ".parquet": _parquet, ".array_record": _array_record,
-             ".arrayrecord": _array_record}
-  if suffix not in readers:
-    raise DocumentError(f"{path}: data.source='documents' reads {', '.join(SUFFIXES)} shards; "
+  if suffix not in READERS:
+    raise DocumentError(f"{path}: data.source='documents' reads {', '.join(READERS)} shards; "
                         f"narrow data.path to those (a glob such as '*.jsonl')")
-  texts = readers[suffix](path, field)
+  texts = READERS[suffix](path, field)
   if not texts:
     raise DocumentError(f"{path} holds no records: remove the empty shard or narrow data.path")
   return texts

@@ -11,8 +11,8 @@ With several seeds (`Sweep.seeds`, or `--seeds=0,1,2`) each member runs once per
 standard deviation over the seeds, then every run.
 
 Each run is an ordinary `moe_jax.main` run in its own workdir (<workdir_root>/<sweep>_<size>/
-<member>, or <member>_seed<N> with several seeds), so a member that finished (final_metrics.json) is skipped and one that stopped
-resumes from its checkpoint. The results directory receives results.csv, results.md, the
+<member>, or <member>_seed<N> with several seeds), so a run that finished
+(final_metrics.json) is skipped and one that stopped resumes from its checkpoint. The results directory receives results.csv, results.md, the
 curves and validation expert counts behind the plots (curves.json, expert_loads.json), and
 three plots (validation loss, training MaxVio, per-layer validation expert load).
 """

@@ -169,11 +169,8 @@ def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_stat
 
 def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrupt: bool) -> dict:
   is_chief = jax.process_index() == 0
-  corpus = data.load_corpus(config.data.source, config.data.path, config.data.token_dtype,
-                            config.data.validation_percent, config.model.vocab_size,
-                            config.data.tokenizer, workdir / data.TOKENIZER_FILE,
-                            config.data.get("cache_dir", ""),
-                            config.data.get("text_field", "text"))
+  corpus = data.configured_corpus(config.data, config.model.vocab_size,
+                                  workdir / data.TOKENIZER_FILE)
   seq_len, batch_size = config.data.seq_len, config.data.batch_size
   train_windows = data.Windows(corpus.train, seq_len, "train")
   validation_windows = data.Windows(corpus.validation, seq_len, "validation")

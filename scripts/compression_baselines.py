@@ -48,8 +48,7 @@ def main() -> None:
   args = parser.parse_args()
   config = load_config(args.config)
   d = config.data
-  corpus = data.load_corpus(d.source, d.path, d.token_dtype, d.validation_percent,
-                            config.model.vocab_size, d.tokenizer)
+  corpus = data.configured_corpus(d, config.model.vocab_size)
   if corpus.tokenizer is None:
     sys.exit("error: the config's corpus is token ids, not bytes: bits per byte do not apply")
   m = corpus.manifest
