@@ -12,6 +12,7 @@ Run (what `make train` does):
 Variants are picked with an argument string, big_vision style:
   --config=configs/default.py:tiny          # seconds-scale model used by the tests
   --config=configs/default.py:tiny,steps=50 # steps=, batch=, seq= set train.steps etc.
+  --config=configs/default.py:gpu           # one GPU, ten minutes (set_gpu_size)
   --config=configs/default.py:default,ep=all_to_all  # experts sharded over all devices
 Any field can be overridden from the command line: --config.router.top_k=4
 
@@ -221,10 +222,46 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 3e-3
     c.optimizer.b2 = 0.95
     c.optimizer.final_lr_fraction = 0.1
+  elif size == "gpu":
+    set_gpu_size(c)
   elif size not in ("", "default"):
-    raise ValueError(f"configs/default.py: unknown size {size!r}; expected 'default' or 'tiny'")
+    raise ValueError(f"configs/default.py: unknown size {size!r}; expected 'default', 'tiny' "
+                     f"or 'gpu'")
   apply_shorthands(c, overrides)
   return c
+
+
+def set_gpu_size(c: ml_collections.ConfigDict) -> None:
+  """One GPU, ten minutes (README "Ten minutes on one GPU"): 8 blocks (1 dense, 7 MoE) of
+  width 512, 64 routed experts of width 256 plus one shared, top-6, MTP depth 1, bfloat16,
+  dropless; 7,000 steps of 64 x 1,024 bytes of the `python` corpus (460M bytes, under one
+  epoch of it), evaluated on the whole validation split (the `stdlib` source's)."""
+  c.data.source = "python"
+  c.data.tokenizer = "bytes"
+  c.model.vocab_size = 260
+  c.data.seq_len = 1024
+  c.data.batch_size = 64
+  c.model.d_model = 512
+  c.model.num_layers = 8
+  c.model.num_heads = 8
+  c.model.num_kv_heads = 4
+  c.model.head_dim = 64
+  c.model.dense_mlp_dim = 1536
+  c.model.num_routed_experts = 64
+  c.model.expert_dim = 256
+  c.router.top_k = 6
+  c.model.compute_dtype = "bfloat16"
+  c.model.mtp_depth = 1
+  c.dispatch.strategy = "dropless"
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.b2 = 0.95
+  c.optimizer.final_lr_fraction = 0.1
+  c.optimizer.warmup_steps = 200
+  c.train.steps = 7000
+  c.train.log_every = 50
+  c.train.eval_every = 1000
+  c.train.eval_batches = 0
+  c.train.checkpoint_every = 1000
 
 
 _SHORTHANDS = {"steps": "train.steps", "batch": "data.batch_size", "seq": "data.seq_len"}

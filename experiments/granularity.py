@@ -5,7 +5,7 @@ Every member activates about the same expert hidden width per token, ACTIVE: k r
 of width ACTIVE / k, or, with a shared expert, k + 1 experts of width ACTIVE / (k + 1)
 (rounded; the table reports the exact active parameter counts).
 
-  python -m moe_jax.sweep experiments/granularity.py:tiny
+  python -m moe_jax.sweep experiments/granularity.py:tiny --seeds=0,1,2
 """
 
 from experiments.sizes import size
@@ -31,4 +31,4 @@ def get_sweep(size_name: str) -> Sweep:
   return Sweep("granularity", config, base, members(ACTIVE[size_name]),
                "At equal active parameters, how do finer experts and a shared expert change "
                "validation loss and balance? Aux-loss-free balancing (gamma 1e-2) plus the "
-               "sequence-wise loss (1e-4), capacity factor 1.25, for every member.")
+               "sequence-wise loss (1e-4) and dropless dispatch for every member.")

@@ -1,7 +1,12 @@
 """Load-balancing study: no balancing, the Switch aux loss, DeepSeek-V3's aux-loss-free bias
 (alone and with the sequence-wise loss), and sigmoid against softmax scores, at equal compute.
 
-  python -m moe_jax.sweep experiments/load_balancing.py:tiny
+  python -m moe_jax.sweep experiments/load_balancing.py:tiny --seeds=0,1,2
+  python -m moe_jax.sweep experiments/load_balancing.py:gpu --seeds=0,1 \
+      --members=none,switch_1e-3,aux_free_1e-3,aux_free_1e-2
+
+On one GPU the study runs its four main arms (GPU_ARMS below): no balancing, the Switch loss,
+and aux-loss-free balancing at two rates.
 """
 
 from experiments.sizes import size
@@ -23,11 +28,14 @@ MEMBERS = {
     "aux_free_1e-3_softmax": {**AUX_FREE, "router.score_function": "softmax"},
 }
 
+GPU_ARMS = "none,switch_1e-3,aux_free_1e-3,aux_free_1e-2"
+
 QUESTION = ("Does aux-loss-free balancing keep MaxVio over the validation set at or below 0.1 "
             "while matching or beating the best aux-loss validation loss? (Wang et al. 2024, "
             "arXiv:2408.15664, the aux-loss-free method's paper, at 1B parameters: MaxVio_global "
-            "0.04 against 0.72 for the aux loss, perplexity 9.50 against 9.56.) Router scores are sigmoid unless the member says softmax; dispatch "
-            "drops tokens over a capacity factor of 1.25.")
+            "0.04 against 0.72 for the aux loss, perplexity 9.50 against 9.56.) Router scores are "
+            "sigmoid unless the member says softmax; dispatch is dropless, so no member buys "
+            "balance or loss with dropped tokens.")
 
 
 def get_sweep(size_name: str) -> Sweep:

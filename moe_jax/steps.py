@@ -233,7 +233,8 @@ def train_step(state: TrainState, tokens, *, graphdef, tx,
 
 def eval_step(state: TrainState, tokens, *, graphdef, byte_counts=None):
   """Sums over one batch: cross-entropy, targets, the bytes the targets stand for (with the
-  tokenizer's `byte_counts`, int32[vocab]), and expert counts per layer."""
+  tokenizer's `byte_counts`, int32[vocab]), expert counts per layer, and the batch's MaxVio
+  (mean over MoE layers) with a batch count, for the mean of per-batch MaxVio."""
   inputs, targets = split_batch(tokens)
   logits, stats = forward(graphdef, state.params, state.biases, inputs)
   nats = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -242,6 +243,8 @@ def eval_step(state: TrainState, tokens, *, graphdef, byte_counts=None):
     sums["bytes"] = jnp.sum(jnp.asarray(byte_counts)[targets]).astype(jnp.float32)
   if stats is not None:
     sums["counts"] = stats.counts
+    sums["batch_max_violation"] = jnp.mean(routing.max_violation(stats.counts))
+    sums["batches"] = jnp.ones((), jnp.float32)
   return sums
 
 
@@ -249,7 +252,8 @@ def summarize_evaluation(sums: dict) -> dict[str, float]:
   """Validation loss, bits per byte (text corpora: all nats over the bytes the targets stand
   for, whatever the tokenizer) and MaxVio of the expert counts summed over every evaluated
   batch (Wang et al. 2024's MaxVio_global when the evaluation covers the whole split): per
-  MoE layer, their mean, and the worst layer's as `validation_max_violation`."""
+  MoE layer, their mean, and the worst layer's as `validation_max_violation`; and the mean
+  over batches of each batch's MaxVio (averaged over layers; their MaxVio_batch)."""
   result = {"validation_loss": float(sums["nats"] / sums["targets"])}
   if "bytes" in sums:
     result["validation_bits_per_byte"] = float(sums["nats"] / sums["bytes"] / math.log(2))
@@ -258,4 +262,7 @@ def summarize_evaluation(sums: dict) -> dict[str, float]:
     result["validation_max_violation"] = max(per_layer)
     result["validation_max_violation_mean"] = sum(per_layer) / len(per_layer)
     result.update({f"validation_max_violation/layer{i}": v for i, v in enumerate(per_layer)})
+  if "batch_max_violation" in sums:
+    result["validation_max_violation_batch"] = float(sums["batch_max_violation"]
+                                                     / sums["batches"])
   return result

@@ -5,6 +5,7 @@ A sweep file (experiments/*.py) defines `get_sweep(size) -> Sweep`. Then
   python -m moe_jax.sweep experiments/load_balancing.py:tiny            # run every member here
   python -m moe_jax.sweep experiments/load_balancing.py:gpu --print_commands   # for a cluster
   python -m moe_jax.sweep experiments/load_balancing.py:tiny --collect_only    # tables only
+  python -m moe_jax.sweep experiments/load_balancing.py:gpu --members=none,switch_1e-2  # some
 
 With several seeds (`Sweep.seeds`, or `--seeds=0,1,2`) each member runs once per seed
 (`seed` and `data.shuffle_seed` set to it) and the table gives each measure's mean ± sample
@@ -238,6 +239,8 @@ def member_result(sweep: Sweep, member: str, workdir: Path, seed: int = 0) -> di
       "validation_max_violation": evals[-1].get("validation_max_violation") if evals else None,
       "validation_max_violation_mean": (evals[-1].get("validation_max_violation_mean")
                                         if evals else None),
+      "validation_max_violation_batch": (evals[-1].get("validation_max_violation_batch")
+                                         if evals else None),
       "train_max_violation": mean("max_violation"),
       "dropped_fraction": mean("dropped_fraction"),
       "rollbacks": sum(1 for r in records if r.get("event") == "rollback"),
@@ -251,6 +254,7 @@ COLUMNS = [  # (key, header, format)
     ("validation_bits_per_byte", "val bits/byte", "{:.4f}"),
     ("validation_max_violation_mean", "val MaxVio (mean of layers)", "{:.3f}"),
     ("validation_max_violation", "val MaxVio (worst layer)", "{:.3f}"),
+    ("validation_max_violation_batch", "val MaxVio/batch", "{:.3f}"),
     ("train_max_violation", "train MaxVio/batch", "{:.3f}"),
     ("dropped_fraction", "dropped", "{:.4f}"), ("active_params", "active params", "{:,}"),
     ("active_expert_params", "active expert params", "{:,}"),
@@ -260,7 +264,7 @@ COLUMNS = [  # (key, header, format)
 
 SPREAD_KEYS = ("validation_loss", "best_validation_loss", "validation_bits_per_byte",
                "validation_max_violation_mean", "validation_max_violation",
-               "train_max_violation", "dropped_fraction")
+               "validation_max_violation_batch", "train_max_violation", "dropped_fraction")
 
 
 def seed_summary(rows: list[dict]) -> list[dict]:
@@ -355,6 +359,16 @@ def collect(sweep: Sweep, size: str, root: Path, results: Path, invocation: str)
   return rows
 
 
+def _members(sweep: Sweep, text: str) -> Sweep:
+  """The sweep restricted to the named members (comma-separated), in the sweep's order."""
+  names = [name for name in text.split(",") if name]
+  unknown = [name for name in names if name not in sweep.members]
+  if unknown or not names:
+    raise SweepError(f"--members={text!r}: unknown member(s) {unknown}; the sweep has "
+                     f"{list(sweep.members)}")
+  return dataclasses.replace(sweep, members={m: o for m, o in sweep.members.items() if m in names})
+
+
 def _seeds(text: str) -> tuple[int, ...]:
   try:
     seeds = tuple(int(part) for part in text.split(","))
@@ -376,11 +390,15 @@ def main(argv=None) -> int:
   parser.add_argument("--collect_only", action="store_true", help="only write tables and plots")
   parser.add_argument("--seeds", default="",
                       help="comma-separated seeds to run each member with (default: the sweep's)")
+  parser.add_argument("--members", default="",
+                      help="comma-separated members to run or tabulate (default: every member)")
   args = parser.parse_args(argv)
   try:
     sweep, size = load_sweep(args.sweep)
     if args.seeds:
       sweep = dataclasses.replace(sweep, seeds=_seeds(args.seeds))
+    if args.members:
+      sweep = _members(sweep, args.members)
     label = f"{sweep.name}_{size}"
     root = Path(args.workdir_root) / label
     if not args.collect_only:
@@ -388,6 +406,7 @@ def main(argv=None) -> int:
     if not args.print_commands:
       invocation = f"python -m moe_jax.sweep {args.sweep}" + (
           f" --seeds={args.seeds}" if args.seeds else "") + (
+          f" --members={args.members}" if args.members else "") + (
           f" --workdir_root={args.workdir_root}" if args.workdir_root != "runs/sweeps" else "")
       rows = collect(sweep, size, root, Path(args.results) / label, invocation)
       print(results_markdown(sweep, rows))

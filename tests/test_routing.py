@@ -213,3 +213,32 @@ def test_validation_max_violation_per_layer_their_mean_and_the_worst_by_hand():
   assert [summary[f"validation_max_violation/layer{i}"] for i in range(3)] == [0.5, 0.0, 1.0]
   assert summary["validation_max_violation"] == 1.0
   assert summary["validation_max_violation_mean"] == 0.5
+
+
+def test_validation_max_violation_per_batch_is_the_mean_of_each_batchs_not_the_summed_counts():
+  """Two validation batches through train.evaluate: MaxVio_batch averages each batch's MaxVio
+  (mean over layers), computed here with numpy from each batch's own counts; MaxVio_global
+  is taken of the summed counts, so the two differ."""
+  from configs.default import get_config
+  from moe_jax import data, parallel, steps, train
+  from moe_jax.model import ModelSpec
+  config = get_config("tiny")
+  spec = ModelSpec.from_config(config)
+  tx = steps.make_optimizer(steps.make_schedule(1e-3, 1, 10, 0.1), 0.9, 0.95, 0.0, 1.0)
+  graphdef, state = steps.init_state(spec, tx, 0)
+  rng = np.random.default_rng(0)
+  windows = data.Windows(rng.integers(1, 256, 2 * 8 * 16 + 1).astype(np.int32), 16, "validation")
+  eval_fn = jax.jit(lambda s, t: steps.eval_step(s, t, graphdef=graphdef))
+  mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
+  summary, counts = train.evaluate(eval_fn, state, windows, 2, 8, mesh, parallel.BATCH_AXES)
+
+  def max_violation(c):   # per layer: (max - mean) / mean
+    c = np.asarray(c, np.float64)
+    return (c.max(-1) - c.mean(-1)) / c.mean(-1)
+
+  per_batch = [max_violation(eval_fn(state, np.stack([windows[8 * b + i] for i in range(8)]))
+                             ["counts"]).mean() for b in range(2)]
+  assert summary["validation_max_violation_batch"] == pytest.approx(np.mean(per_batch), rel=1e-5)
+  assert summary["validation_max_violation_mean"] == pytest.approx(
+      max_violation(counts).mean(), rel=1e-5)
+  assert summary["validation_max_violation_batch"] > summary["validation_max_violation_mean"]

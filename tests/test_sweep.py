@@ -56,7 +56,7 @@ def test_runner_runs_skips_and_tabulates_a_two_member_sweep(pair_file, tmp_path,
     assert row["status"] == "finished" and row["steps"] == "6"
     for key in ("validation_loss", "best_validation_loss", "validation_bits_per_byte",
                 "validation_max_violation", "validation_max_violation_mean",
-                "train_max_violation", "dropped_fraction"):
+                "validation_max_violation_batch", "train_max_violation", "dropped_fraction"):
       assert math.isfinite(float(row[key])), key
     evaluations = [r["validation_loss"] for r in map(json.loads, open(
         runs / "pair_tiny" / row["member"] / "metrics.jsonl")) if "validation_loss" in r]
@@ -135,6 +135,13 @@ def test_seeds_run_each_member_once_per_seed(pair_file, tmp_path, capsys, monkey
   assert "--config.seed=0 --config.data.shuffle_seed=0" in lines[2]
   assert sweep.main(args + ["--seeds=0,x"]) == 2
   assert "--seeds='0,x': expected comma-separated integers" in capsys.readouterr().err
+  # --members runs (here: prints) only the named members, each with every seed.
+  assert sweep.main(args + ["--seeds=0,2", "--members=top1_softmax"]) == 0
+  lines = [l for l in capsys.readouterr().out.splitlines() if "moe_jax.main" in l]
+  assert [l.split("--workdir=")[1] for l in lines] == [
+      str(tmp_path / "pair_tiny" / f"top1_softmax_seed{s}") for s in (0, 2)]
+  assert sweep.main(args + ["--members=top1,top2"]) == 2
+  assert "--members='top1,top2': unknown member(s) ['top1']" in capsys.readouterr().err
 
 
 def test_seed_table_gives_mean_and_sample_deviation_over_finished_runs(pair_file):
@@ -145,7 +152,7 @@ def test_seed_table_gives_mean_and_sample_deviation_over_finished_runs(pair_file
       "active_params": 1, "active_expert_params": 1, "total_params": 1,
       "validation_loss": loss, "best_validation_loss": loss, "validation_bits_per_byte": None,
       "validation_max_violation": 0.5, "validation_max_violation_mean": None,
-      "train_max_violation": None, "dropped_fraction": None}
+      "validation_max_violation_batch": None, "train_max_violation": None, "dropped_fraction": None}
   rows = [row("top2", 0, 1.0), row("top2", 1, 1.2), row("top2", 2, 1.4),
           row("top2", 3, 9.0, "partial"),   # not finished: left out
           row("top1_softmax", 0, 2.0)]
