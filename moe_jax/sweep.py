@@ -24,7 +24,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -50,17 +49,21 @@ class Sweep:
   members: dict[str, dict[str, object]]   # member name -> its own overrides
   question: str = ""                 # what the sweep is for, printed above its table
   seeds: tuple[int, ...] = (0,)      # each member runs once per seed (seed and data order)
+  named_seeds: bool = False          # runs carry their seed even for seeds (0,) (--seeds=0)
+
+  @property
+  def seeded(self) -> bool:
+    return self.named_seeds or self.seeds != (0,)
 
   def overrides(self, member: str, seed: int | None = None) -> dict[str, object]:
-    """The member's overrides; with more seeds than the default one, also its seed's."""
-    seeded = {} if self.seeds == (0,) or seed is None else {"seed": seed,
-                                                            "data.shuffle_seed": seed}
+    """The member's overrides; in a seeded sweep, also its seed's."""
+    seeded = {"seed": seed, "data.shuffle_seed": seed} if self.seeded and seed is not None else {}
     return {**self.base, **self.members[member], **seeded}
 
   def runs(self) -> list[tuple[str, str, int]]:
-    """(run name, member, seed) of every run: the member's name, with its seed when the
-    sweep has several ("aux_free_seed1")."""
-    if self.seeds == (0,):
+    """(run name, member, seed) of every run: the member's name, with its seed in a seeded
+    sweep (several seeds, or any given by --seeds: "aux_free_seed1")."""
+    if not self.seeded:
       return [(member, member, 0) for member in self.members]
     return [(f"{member}_seed{seed}", member, seed) for member in self.members
             for seed in self.seeds]
@@ -306,7 +309,7 @@ def markdown_table(rows: list[dict], columns=None) -> str:
 def results_markdown(sweep: Sweep, rows: list[dict]) -> str:
   """The results table: one row per member; with several seeds, mean ± standard deviation
   over them, then every run."""
-  if sweep.seeds == (0,):
+  if not sweep.seeded:
     return markdown_table(rows)
   summary_columns = [c for c in COLUMNS if c[0] != "status"] + [("status", "runs", "{}")]
   per_seed = [c for c in COLUMNS if c[0] in ("member", *SPREAD_KEYS, "steps", "status")]
@@ -330,13 +333,10 @@ def collect(sweep: Sweep, size: str, root: Path, results: Path, invocation: str)
   rows = [member_result(sweep, member, root / name, seed) for name, member, seed in sweep.runs()]
   results.mkdir(parents=True, exist_ok=True)
   write_csv(rows, results / "results.csv")
-  import jax
   header = (f"# {sweep.name} ({size})\n\n{sweep.question}\n\n"
             f"- command: `{invocation}`\n- base: `--config={sweep.config}` "
             + " ".join(f"`--config.{k}={_flag_value(v)}`" for k, v in sweep.base.items())
-            + f"\n- machine: {jax.device_count()} x {jax.devices()[0].device_kind} "
-            f"({jax.default_backend()}), {os.cpu_count()} CPU cores, Python "
-            f"{platform.python_version()}, jax {jax.__version__}\n"
+            + f"\n- machine: {'; '.join(_machines(root, sweep))}\n"
             f"- date: {datetime.date.today().isoformat()}\n\n")
   (results / "results.md").write_text(header + results_markdown(sweep, rows))
   records = {name: metrics.read_jsonl(root / name / "metrics.jsonl") for name, _, _ in sweep.runs()}
@@ -369,6 +369,20 @@ def _members(sweep: Sweep, text: str) -> Sweep:
   return dataclasses.replace(sweep, members={m: o for m, o in sweep.members.items() if m in names})
 
 
+def _machines(root: Path, sweep: Sweep) -> list[str]:
+  """Where the runs ran (each run's machine.json), or this machine for runs without one."""
+  from moe_jax.train import MACHINE_FILE, machine
+  seen = []
+  for name, _, _ in sweep.runs():
+    path = root / name / MACHINE_FILE
+    m = json.loads(path.read_text()) if path.is_file() else machine()
+    line = (f"{m['devices']} ({m['backend']}), {m['cpu_cores']} CPU cores, Python "
+            f"{m['python']}, jax {m['jax']}")
+    if line not in seen:
+      seen.append(line)
+  return seen
+
+
 def _seeds(text: str) -> tuple[int, ...]:
   try:
     seeds = tuple(int(part) for part in text.split(","))
@@ -396,7 +410,7 @@ def main(argv=None) -> int:
   try:
     sweep, size = load_sweep(args.sweep)
     if args.seeds:
-      sweep = dataclasses.replace(sweep, seeds=_seeds(args.seeds))
+      sweep = dataclasses.replace(sweep, seeds=_seeds(args.seeds), named_seeds=True)
     if args.members:
       sweep = _members(sweep, args.members)
     label = f"{sweep.name}_{size}"

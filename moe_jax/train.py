@@ -1,6 +1,6 @@
 """train_and_evaluate(config, workdir): the training loop.
 
-Per run the workdir gets: config.json, data_manifest.json, metrics.jsonl, routing.jsonl,
+Per run the workdir gets: config.json, data_manifest.json, machine.json, metrics.jsonl, routing.jsonl,
 tensorboard/, checkpoints/ (orbax; resumed automatically), and at the end final_metrics.json,
 sample.txt and expert_load.png. A step with bad numbers rolls back to the newest checkpoint
 (moe_jax.guard); SIGTERM/SIGINT checkpoint and stop at the next step (moe_jax.preemption).
@@ -67,6 +67,19 @@ def laid_out_state(config, mesh):
     raise ConfigError(f"invalid config:\n  - {error}") from None
   return (spec, schedule, tx, graphdef, checkpoint.abstract_like(abstract_state, shardings),
           shardings, rules)
+
+
+MACHINE_FILE = "machine.json"   # where the run (its latest start) ran
+
+
+def machine() -> dict:
+  """The devices, host and software of this run, for tables that compare runs."""
+  import os
+  import platform
+  return {"devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+          "backend": jax.default_backend(), "processes": jax.process_count(),
+          "cpu_cores": os.cpu_count(), "python": platform.python_version(),
+          "jax": jax.__version__}
 
 
 def evaluate(eval_fn, state, corpus_windows, num_batches, batch_per_process, mesh, batch_axes):
@@ -217,6 +230,7 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     if is_chief:
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
       (workdir / "data_manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
+      (workdir / MACHINE_FILE).write_text(json.dumps(machine(), indent=2))
       if corpus.tokenizer and not (workdir / data.TOKENIZER_FILE).exists():
         corpus.tokenizer.save(workdir / data.TOKENIZER_FILE)
 
