@@ -272,7 +272,7 @@ SPREAD_KEYS = ("validation_loss", "best_validation_loss", "validation_bits_per_b
 
 def seed_summary(rows: list[dict]) -> list[dict]:
   """One row per member: for each measure of SPREAD_KEYS, (mean, sample standard deviation)
-  over the member's finished runs (0 for one run), and how many runs that is."""
+  over the member's finished runs (no deviation for one run), and how many runs that is."""
   import statistics
   summary = []
   for member in dict.fromkeys(r["member"] for r in rows):
@@ -283,14 +283,15 @@ def seed_summary(rows: list[dict]) -> list[dict]:
     row.update(seeds=len(finished), status=f"{len(finished)} of {len(runs)} finished")
     for key in SPREAD_KEYS:
       values = [r[key] for r in finished if r[key] is not None]
-      row[key] = ((statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+      row[key] = ((statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None)
                   if values else None)
     summary.append(row)
   return summary
 
 
 def markdown_table(rows: list[dict], columns=None) -> str:
-  """Rows as a markdown table; a (mean, std) value shows as "mean ± std"."""
+  """Rows as a markdown table; a (mean, std) value shows as "mean ± std" (the mean alone
+  when there is no std: one run)."""
   columns = columns or COLUMNS
 
   def cell(row, key, fmt):
@@ -298,7 +299,8 @@ def markdown_table(rows: list[dict], columns=None) -> str:
     if value is None:
       return "-"
     if isinstance(value, tuple):
-      return f"{fmt.format(value[0])} ± {fmt.format(value[1])}"
+      mean, std = value
+      return fmt.format(mean) + ("" if std is None else f" ± {fmt.format(std)}")
     return fmt.format(value)
 
   lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
@@ -370,17 +372,19 @@ def _members(sweep: Sweep, text: str) -> Sweep:
 
 
 def _machines(root: Path, sweep: Sweep) -> list[str]:
-  """Where the runs ran (each run's machine.json), or this machine for runs without one."""
+  """Where the runs ran (each run's machine.json; this machine for a run that has none)."""
   from moe_jax.train import MACHINE_FILE, machine
   seen = []
   for name, _, _ in sweep.runs():
+    if not (root / name).is_dir():
+      continue
     path = root / name / MACHINE_FILE
     m = json.loads(path.read_text()) if path.is_file() else machine()
     line = (f"{m['devices']} ({m['backend']}), {m['cpu_cores']} CPU cores, Python "
             f"{m['python']}, jax {m['jax']}")
     if line not in seen:
       seen.append(line)
-  return seen
+  return seen or ["no run yet"]
 
 
 def _seeds(text: str) -> tuple[int, ...]:

@@ -339,9 +339,9 @@ class TrainingLoop:
     stopped early at `stop_after_step`."""
     data_state = self.load(start_step, resumed)
     self.step = start_step
+    self.writer.rewind(start_step)   # records past the checkpoint (all, from step 0) go
     if start_step:
       self.data_iterator.set_state(data_state)
-      self.writer.rewind(start_step)
       self.say(f"Resumed from the checkpoint at step {start_step} in {self.checkpointer.manager.directory}")
     self.bar.update(start_step)
     t = self.t

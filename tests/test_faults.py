@@ -256,6 +256,20 @@ def test_skip_corrupt_checkpoints_resumes_from_the_newest_that_verifies(trained,
   assert retrained == original    # steps 5-8 again from step 4's checkpoint: the same losses
 
 
+def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(trained, tmp_path):
+  """A run killed before it saved anything starts again from step 0: the killed attempt's
+  records go, so every step appears once, with the losses of the new attempt."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  shutil.rmtree(workdir / "checkpoints")
+  (workdir / "final_metrics.json").unlink()
+  original = [(r["step"], r["loss"]) for r in _records(trained) if "loss" in r]
+  result = _run(_command(workdir, "--config.train.steps=8", "--config.train.log_every=1",
+                         "--config.train.eval_every=100", "--config.train.checkpoint_every=4"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [(r["step"], r["loss"]) for r in _records(workdir) if "loss" in r] == original
+
+
 # ---- one run per workdir ---------------------------------------------------------------------
 
 

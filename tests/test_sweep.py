@@ -66,6 +66,9 @@ def test_runner_runs_skips_and_tabulates_a_two_member_sweep(pair_file, tmp_path,
   assert int(rows[1]["active_params"]) < int(rows[0]["active_params"])   # top-1 uses fewer
   table = (results / "pair_tiny" / "results.md").read_text()
   assert "| top1_softmax | top_k=1 score_function=softmax |" in table and "- command: `" in table
+  # Where the runs ran, from each run's machine.json (8 simulated CPU devices here).
+  assert json.loads((runs / "pair_tiny" / "top2" / "machine.json").read_text())["devices"] == "8 x cpu"
+  assert "- machine: 8 x cpu (cpu), " in table
   for plot in ("validation_loss.png", "max_violation.png", "expert_load.png"):
     assert (results / "pair_tiny" / plot).stat().st_size > 10_000, plot
 
@@ -158,7 +161,8 @@ def test_seed_table_gives_mean_and_sample_deviation_over_finished_runs(pair_file
           row("top1_softmax", 0, 2.0)]
   top2, top1 = sweep.seed_summary(rows)
   assert top2["seeds"] == 3 and top2["validation_loss"] == pytest.approx((1.2, 0.2))
-  assert top1["validation_loss"] == (2.0, 0.0)
+  assert top1["validation_loss"] == (2.0, None)   # one run: a mean, no deviation
   table = sweep.results_markdown(loaded, rows)
   assert "| top2 |  | 1.2000 ± 0.2000 | 1.2000 ± 0.2000 | - | - | 0.500 ± 0.000 |" in table
   assert "| top2 | 3 | 9.0000 |" in table   # each seed's own row follows
+  assert "| top1_softmax |  | 2.0000 | 2.0000 | - |" in table
