@@ -38,6 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.text_field = "text"     # "documents": JSONL/Parquet/ArrayRecord records' text field
   c.data.tokenizer = "bpe"       # text: "bpe" (a byte-level BPE of model.vocab_size ids learned
                                  # from the training split, kept in the workdir) | "bytes"
+  c.data.tokenizer_file = ""     # "bpe": use this byte-level BPE tokenizer.json instead of
+                                 # learning one (copied into the workdir)
   c.data.token_dtype = "uint16"  # "tokens" only: uint16 | uint32
   c.data.validation_percent = 5  # share of files (text) or of the token stream (tokens) held out
   c.data.seq_len = 128           # tokens per training sequence (the context)

@@ -57,6 +57,7 @@ class DataSettings(Settings):
   path: str = ""                # "text"/"documents": a directory or a glob; "tokens": a file
   text_field: str = "text"      # "documents": the field of each record that holds its text
   tokenizer: str = "bpe"        # text: a name of tokenizer.KINDS
+  tokenizer_file: str = ""      # "bpe": a tokenizer.json to use instead of learning one
   token_dtype: str = "uint16"   # "tokens" only: uint16 | uint32
   validation_percent: int = 5   # share of files (text) or of the token stream held out
   seq_len: int = 128            # tokens per training sequence
@@ -84,6 +85,9 @@ class DataSettings(Settings):
     need(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
     need(self.shuffle_seed >= 0, f"data.shuffle_seed={self.shuffle_seed} must be >= 0")
     need(bool(self.text_field), "data.text_field is empty: name the records' text field")
+    need(not self.tokenizer_file or self.tokenizer == "bpe",
+         f"data.tokenizer_file={self.tokenizer_file!r} is a BPE: it needs data.tokenizer='bpe', "
+         f"not {self.tokenizer!r}")
     return problems
 
 
@@ -278,15 +282,15 @@ def make_tokenizer(kind: str, vocab_size: int, train_files: list[bytes],
   saved = saved if saved is not None and saved.exists() else None
   if kind == "bytes":
     if saved:
-      raise DataError(f"the workdir holds a BPE tokenizer ({saved}) but data.tokenizer='bytes': "
-                      f"set data.tokenizer='bpe' to resume this run, or use a new --workdir")
+      raise DataError(f"there is a BPE tokenizer ({saved}) but data.tokenizer='bytes': set "
+                      f"data.tokenizer='bpe' to use it (or resume with it), or use a new --workdir")
     return tokenization.byte_tokenizer()
   if not saved:
     return tokenization.train_bpe(train_files, vocab_size)
   tokenizer = _saved_bpe(saved)
   if tokenizer.vocab_size > vocab_size:
-    raise DataError(f"the workdir's tokenizer ({saved}) has {tokenizer.vocab_size} ids, more "
-                    f"than model.vocab_size={vocab_size}")
+    raise DataError(f"the tokenizer {saved} has {tokenizer.vocab_size} ids, more than "
+                    f"model.vocab_size={vocab_size}")
   return tokenizer
 
 
@@ -485,11 +489,26 @@ def load_corpus(source: str, path: str, token_dtype: str, validation_percent: in
 
 def configured_corpus(section, vocab_size: int, saved_tokenizer: Path | None = None) -> Corpus:
   """`load_corpus` for a config's `data` section (a run's, or one saved by an older run that
-  lacks the newer fields: their defaults)."""
+  lacks the newer fields: their defaults), with the BPE of `bpe_file`."""
   return load_corpus(section.source, section.path, section.token_dtype,
                      section.validation_percent, vocab_size, section.get("tokenizer", "bytes"),
-                     saved_tokenizer, section.get("cache_dir", ""),
-                     section.get("text_field", "text"))
+                     bpe_file(section.get("tokenizer_file", ""), saved_tokenizer),
+                     section.get("cache_dir", ""), section.get("text_field", "text"))
+
+
+def bpe_file(given: str, in_workdir: Path | None) -> Path | None:
+  """The BPE file a run reads: its workdir's (a resumed run), else `data.tokenizer_file`
+  (`given`; a new run copies it into its workdir). A workdir tokenizer that differs from the
+  given file is refused; a new run's given file must exist."""
+  if in_workdir is not None and in_workdir.exists():
+    if given and Path(given).is_file() and (_saved_bpe(Path(given)).digest
+                                            != _saved_bpe(in_workdir).digest):
+      raise DataError(f"data.tokenizer_file={given!r} differs from the tokenizer this run was "
+                      f"started with ({in_workdir}): resume without it, or use a new --workdir")
+    return in_workdir
+  if given and not Path(given).is_file():
+    raise DataError(f"data.tokenizer_file={given!r}: no such file")
+  return Path(given) if given else in_workdir
 
 
 def run_tokenizer(source: str, tokenizer: str, workdir: Path) -> Tokenizer | None:

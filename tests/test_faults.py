@@ -85,7 +85,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], Path, list[str]]]:
                                   [f"no such file '{tmp / 'nope.py'}'"])
   cases["empty --config"] = (_command(tmp / "run", config=""), tmp / "run", ["--config is empty"])
   cases["unknown size"] = (_command(tmp / "run", config="configs/default.py:huge"), tmp / "run",
-                           ["unknown size 'huge'; expected 'default' or 'tiny'"])
+                           ["unknown size 'huge'; expected 'default', 'tiny' or 'gpu'"])
   cases["field that moved"] = (_command(tmp / "run", "--config.model.router=softmax"), tmp / "run",
                                ["--config.model.router: the field moved; it is now "
                                 "--config.router.score_function"])

@@ -86,7 +86,8 @@ def test_bits_per_byte_divide_by_the_bytes_the_targets_stand_for(bpe):
 
 def test_a_bpe_run_keeps_its_tokenizer_and_resumes_with_it(tmp_path, bpe):
   """Through the command line: a BPE run writes tokenizer.json and reports bits per byte; a
-  resume reads the workdir's tokenizer (not a new one), and refuses the byte tokenizer."""
+  resume reads the workdir's tokenizer (not a new one), and refuses the byte tokenizer; a
+  run given data.tokenizer_file uses that file."""
   import json
   import subprocess
   import sys
@@ -121,3 +122,20 @@ def test_a_bpe_run_keeps_its_tokenizer_and_resumes_with_it(tmp_path, bpe):
   refused = run(12, "--config.data.tokenizer=bytes", "--config.model.vocab_size=400")
   assert refused.returncode == 2 and refused.stderr.startswith("error: "), refused.stderr[-2000:]
   assert "data.tokenizer='bytes'" in refused.stderr and "Traceback" not in refused.stderr
+  # A given tokenizer.json: a new run uses it (and keeps a copy); a resume with another one is
+  # refused, as is a file that does not exist.
+  given = tmp_path / "given.json"
+  other.save(given)        # not what learning from this corpus gives (`learned`)
+  workdir = tmp_path / "given_run"
+  started = run(4, f"--config.data.tokenizer_file={given}", "--config.train.sample_tokens=0")
+  assert started.returncode == 0, started.stderr[-2000:]
+  manifest = json.loads((workdir / "data_manifest.json").read_text())
+  assert manifest["tokenizer"]["sha256"] == other.digest
+  assert tokenization.load_bpe(workdir / "tokenizer.json").digest == other.digest
+  learned.save(given)
+  for path, workdir, expected in [
+      (given, workdir, "differs from the tokenizer this run was started with"),
+      (tmp_path / "none.json", tmp_path / "new_run", "no such file")]:
+    refused = run(8, f"--config.data.tokenizer_file={path}")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: "), refused.stderr[-2000:]
+    assert f"data.tokenizer_file='{path}'" in refused.stderr and expected in refused.stderr
