@@ -132,7 +132,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dispatch.expert_parallel_chunks = 1  # >1: each device's tokens in this many slices, so one
                                          # slice's exchange can overlap another's expert compute
   c.dispatch.grouped_matmul = "auto"  # dropless expert matmuls: "mosaic" (Hopper) | "pallas"
-                                      # (CUDA GPUs) | "interpret" | "xla" (ragged_dot) | "auto"
+                                      # (CUDA GPUs) | "interpret" | "tiles" (XLA, CPU's) |
+                                      # "xla" (ragged_dot) | "auto"
 
   # ---- optimizer (AdamW, linear warmup then cosine decay, global-norm clipping) ------------
   c.optimizer = ml_collections.ConfigDict()

@@ -1,4 +1,5 @@
-"""The grouped-matmul kernels in Pallas interpret mode against jax.lax.ragged_dot."""
+"""The grouped-matmul kernels in Pallas interpret mode, and the tiled XLA matmul, against
+jax.lax.ragged_dot."""
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +41,16 @@ def test_kernels_match_ragged_dot_with_gradients(sizes):
     out, vjp = jax.vjp(fn, rows, w)
     return (out, *vjp(cotangent))
 
-  got = with_grads(lambda r, w: gm.grouped_matmul(r, w, group_sizes, blocks=SMALL, interpret=True))
+  def tiled(r, w):
+    layout = gm.group_layout(group_sizes, r.shape[0], 16)
+    return gm.unpad(gm.tiled_dot(layout, 16)(gm.pad(r, layout), w), layout)
+
   want = with_grads(lambda r, w: jax.lax.ragged_dot(r, w, group_sizes))
-  for name, a, b in zip(("out", "d_rows", "d_w"), got, want):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
+  for fn in (lambda r, w: gm.grouped_matmul(r, w, group_sizes, blocks=SMALL, interpret=True),
+             tiled):
+    got = with_grads(fn)
+    for name, a, b in zip(("out", "d_rows", "d_w"), got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
 
 
 def test_bf16_inputs_accumulate_in_float32():
@@ -56,18 +63,19 @@ def test_bf16_inputs_accumulate_in_float32():
   assert got.dtype == jnp.float32 and float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2
 
 
-def test_dropless_dispatch_through_the_kernels_matches_the_reference():
+@pytest.mark.parametrize("implementation", ["interpret", "tiles"])
+def test_dropless_dispatch_through_the_kernels_matches_the_reference(implementation):
   rng = np.random.default_rng(1)
   tokens, width, hidden, experts, k = 48, 32, 48, 8, 2
   x = jnp.asarray(rng.normal(size=(tokens, width)), jnp.float32)
   weights = SwiGLUExperts(*(jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32) for s in
                             [(experts, width, hidden), (experts, width, hidden),
-                             (experts, hidden, width)]), implementation="interpret")
+                             (experts, hidden, width)]), implementation=implementation)
   ids = jnp.asarray(rng.choice(3, (tokens, k)), jnp.int32)   # very skewed: 3 of 8 experts used
   ids = ids.at[:, 1].set((ids[:, 0] + 1) % 3)
   gates = jnp.asarray(rng.random((tokens, k)), jnp.float32)
   loss = lambda fn: lambda x, w: jnp.sum(jnp.sin(fn(x, ids, gates, w).output))
-  assert gm.chosen_implementation(width, hidden, weights.implementation) == "interpret"
+  assert gm.chosen_implementation(width, hidden, weights.implementation) == implementation
   got = jax.value_and_grad(loss(dropless_dispatch), (0, 1))(x, weights)
   want = jax.value_and_grad(loss(reference_dispatch), (0, 1))(x, weights)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -75,7 +83,8 @@ def test_dropless_dispatch_through_the_kernels_matches_the_reference():
 
 
 def test_implementation_choice():
-  assert gm.chosen_implementation(64, 128) == "xla"          # auto on CPU
+  assert gm.chosen_implementation(64, 128) == "tiles"        # auto on CPU
+  assert gm.chosen_implementation(64, 100, "tiles") == "tiles"      # any widths
   assert gm.chosen_implementation(64, 128, "pallas") == "pallas"
   assert gm.chosen_implementation(64, 100, "pallas") == "xla"        # not a multiple of 16
   assert gm.chosen_implementation(1024, 384, "mosaic") == "mosaic"

@@ -47,7 +47,8 @@ class SwiGLUExperts:
 
     On GPU the grouped matmuls are kernels (moe_jax/kernels): jax's Mosaic GPU ones on ragged
     groups (Hopper), or this repository's Pallas ones with rows padded once per group to the
-    row tile; elsewhere `jax.lax.ragged_dot`.
+    row tile; on CPU one batched XLA matmul over such padded row tiles; elsewhere
+    `jax.lax.ragged_dot`.
     """
     choice = grouped_matmul.chosen_implementation(self.w_gate.shape[1], self.w_gate.shape[2],
                                                   self.implementation)
@@ -59,6 +60,10 @@ class SwiGLUExperts:
       out = self.swiglu(padded,
                         lambda x, w: grouped_matmul.mosaic_grouped_matmul(x, w, group_sizes))
       return out[:count]
+    if choice == "tiles":
+      layout = grouped_matmul.group_layout(group_sizes, rows.shape[0], grouped_matmul.TILE_ROWS)
+      dot = grouped_matmul.tiled_dot(layout, grouped_matmul.TILE_ROWS)
+      return grouped_matmul.unpad(self.swiglu(grouped_matmul.pad(rows, layout), dot), layout)
     interpret = choice == "interpret"
     # Interpret mode runs the kernels op by op: small tiles keep it quick.
     blocks = grouped_matmul.Blocks(m=16, n=32, k=32) if interpret else grouped_matmul.Blocks()
