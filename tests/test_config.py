@@ -8,7 +8,7 @@ from configs.default import get_config
 from moe_jax.config_validation import ConfigError, resolve_mesh_shape, validate_config
 
 
-@pytest.mark.parametrize("arg", ["", "tiny", "tiny,steps=7,batch=16,seq=32"])
+@pytest.mark.parametrize("arg", ["", "tiny", "tiny,steps=7,batch=16,seq=32", "gpu"])
 def test_shipped_configs_are_valid(arg):
   validate_config(get_config(arg), num_devices=8)
 
