@@ -9,6 +9,8 @@ sample.txt and expert_load.png. A step with bad numbers rolls back to the newest
 import contextlib
 import functools
 import json
+import os
+import platform
 import signal
 import sys
 import time
@@ -74,8 +76,6 @@ MACHINE_FILE = "machine.json"   # where the run (its latest start) ran
 
 def machine() -> dict:
   """The devices, host and software of this run, for tables that compare runs."""
-  import os
-  import platform
   return {"devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
           "backend": jax.default_backend(), "processes": jax.process_count(),
           "cpu_cores": os.cpu_count(), "python": platform.python_version(),

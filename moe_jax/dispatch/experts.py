@@ -60,13 +60,16 @@ class SwiGLUExperts:
       out = self.swiglu(padded,
                         lambda x, w: grouped_matmul.mosaic_grouped_matmul(x, w, group_sizes))
       return out[:count]
+    # The rest pad each group to a row tile once, run the three products, and un-pad.
     if choice == "tiles":
-      layout = grouped_matmul.group_layout(group_sizes, rows.shape[0], grouped_matmul.TILE_ROWS)
-      dot = grouped_matmul.tiled_dot(layout, grouped_matmul.TILE_ROWS)
-      return grouped_matmul.unpad(self.swiglu(grouped_matmul.pad(rows, layout), dot), layout)
-    interpret = choice == "interpret"
-    # Interpret mode runs the kernels op by op: small tiles keep it quick.
-    blocks = grouped_matmul.Blocks(m=16, n=32, k=32) if interpret else grouped_matmul.Blocks()
-    layout = grouped_matmul.group_layout(group_sizes, rows.shape[0], blocks.m)
-    dot = grouped_matmul.padded_dot(layout, blocks, interpret)
-    return grouped_matmul.unpad(self.swiglu(grouped_matmul.pad(rows, layout), dot), layout)
+      block_m = grouped_matmul.TILE_ROWS
+      make_dot = lambda layout: grouped_matmul.tiled_dot(layout, block_m)
+    else:
+      interpret = choice == "interpret"
+      # Interpret mode runs the kernels op by op: small tiles keep it quick.
+      blocks = grouped_matmul.Blocks(m=16, n=32, k=32) if interpret else grouped_matmul.Blocks()
+      block_m = blocks.m
+      make_dot = lambda layout: grouped_matmul.padded_dot(layout, blocks, interpret)
+    layout = grouped_matmul.group_layout(group_sizes, rows.shape[0], block_m)
+    return grouped_matmul.unpad(self.swiglu(grouped_matmul.pad(rows, layout), make_dot(layout)),
+                                layout)
