@@ -258,7 +258,7 @@ COLUMNS = [  # (key, header, format)
     ("validation_max_violation_mean", "val MaxVio (mean of layers)", "{:.3f}"),
     ("validation_max_violation", "val MaxVio (worst layer)", "{:.3f}"),
     ("validation_max_violation_batch", "val MaxVio/batch", "{:.3f}"),
-    ("train_max_violation", "train MaxVio/batch", "{:.3f}"),
+    ("train_max_violation", "train MaxVio/batch (run mean)", "{:.3f}"),
     ("dropped_fraction", "dropped", "{:.4f}"), ("active_params", "active params", "{:,}"),
     ("active_expert_params", "active expert params", "{:,}"),
     ("total_params", "total params", "{:,}"), ("steps", "steps", "{}"), ("status", "status", "{}"),
