@@ -32,13 +32,13 @@ def _problem(seed=0):
   return x, weights, decision.expert_ids.reshape(B, S, K), decision.gates.reshape(B, S, K)
 
 
-def _reference(x, weights, ids, gates):
+def _reference(x, weights, ids, gates, fp8=False):
   out = reference_dispatch(x.reshape(B * S, D), ids.reshape(B * S, K), gates.reshape(B * S, K),
-                           SwiGLUExperts(*weights))
+                           SwiGLUExperts(*weights, fp8=fp8))
   return out.output.reshape(B, S, D)
 
 
-def _expert_parallel(variant, mesh_shape, capacity_factor):
+def _expert_parallel(variant, mesh_shape, capacity_factor, fp8=False):
   mesh = parallel.make_mesh(*mesh_shape)
   tokens = NamedSharding(mesh, P(("data", "expert")))
   experts = NamedSharding(mesh, P("expert"))
@@ -47,8 +47,8 @@ def _expert_parallel(variant, mesh_shape, capacity_factor):
     with jax.set_mesh(mesh):
       placed = (jax.device_put(x, tokens), jax.device_put(weights, experts),
                 jax.device_put(ids, tokens), jax.device_put(gates, tokens))
-      fn = lambda x, w, ids, g: expert_parallel_dispatch(variant, x, ids, g, SwiGLUExperts(*w),
-                                                         capacity_factor)
+      fn = lambda x, w, ids, g: expert_parallel_dispatch(
+          variant, x, ids, g, SwiGLUExperts(*w, fp8=fp8), capacity_factor)
       return jax.jit(fn)(*placed), placed
   return run, mesh
 
@@ -73,6 +73,17 @@ def test_outputs_and_gradients_match_reference(variant, mesh_shape):
         jax.device_put(x, tokens), jax.device_put(weights, NamedSharding(mesh, P("expert"))))
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_fp8_experts_stay_fp8_across_devices(variant):
+  """Each device's experts quantize as one device's do: a token's output is the FP8 reference's
+  (activations are scaled per token), and not the unquantized one."""
+  x, weights, ids, gates = _problem()
+  run, _ = _expert_parallel(variant, (2, 4), capacity_factor=E / K, fp8=True)
+  (y, _), _ = run(x, weights, ids, gates)
+  np.testing.assert_allclose(y, _reference(x, weights, ids, gates, fp8=True), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(y) - np.asarray(_reference(x, weights, ids, gates))).max() > 1e-4
 
 
 @pytest.mark.parametrize("chunks", [2, 4])

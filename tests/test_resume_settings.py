@@ -33,7 +33,7 @@ OTHER_SETTINGS = {
     "dispatch": [{"strategy": "dropless"}, {"strategy": "dense"}, {"capacity_factor": 2.0},
                  {"strategy": "dropless", "expert_parallel": "all_gather"},
                  {"expert_parallel": "all_to_all", "expert_parallel_chunks": 2},
-                 {"grouped_matmul": "interpret"}],
+                 {"grouped_matmul": "interpret"}, {"fp8_experts": True}],
 }
 
 

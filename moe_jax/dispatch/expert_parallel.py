@@ -16,6 +16,7 @@ the tokens (the batch is split over every token axis, `data` and `expert`). Vari
 Shape letters: T tokens of this device, D model width, K top-k, E experts, P expert-axis size.
 """
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -150,7 +151,7 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
 
   def per_device(x, ids, gates, w_gate, w_up, w_down):
     batch, seq, width = x.shape
-    local = SwiGLUExperts(w_gate, w_up, w_down, experts.implementation)
+    local = dataclasses.replace(experts, w_gate=w_gate, w_up=w_up, w_down=w_down)
     out = function(x.reshape(batch * seq, width), ids.reshape(batch * seq, -1),
                    gates.reshape(batch * seq, -1), local, capacity_factor)
     return out.output.reshape(batch, seq, width), jax.lax.psum(out.dropped, TOKEN_AXES)

@@ -11,20 +11,22 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
-from moe_jax.kernels import grouped_matmul
+from moe_jax.kernels import fp8, grouped_matmul
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["w_gate", "w_up", "w_down"],
-                   meta_fields=["implementation"])
+                   meta_fields=["implementation", "fp8"])
 @dataclasses.dataclass(frozen=True)
 class SwiGLUExperts:
-  """The weights, and which grouped-matmul implementation ragged groups use (a name of
-  `grouped_matmul.IMPLEMENTATIONS`, from `dispatch.grouped_matmul`)."""
+  """The weights, which grouped-matmul implementation ragged groups use (a name of
+  `grouped_matmul.IMPLEMENTATIONS`, from `dispatch.grouped_matmul`), and whether the three
+  products run in FP8 (`dispatch.fp8_experts`: kernels/fp8.py's numerics, every backend)."""
 
   w_gate: Float[Array, "E D F"]
   w_up: Float[Array, "E D F"]
   w_down: Float[Array, "E F D"]
   implementation: str = "auto"
+  fp8: bool = False
 
   @property
   def num_experts(self) -> int:
@@ -40,6 +42,8 @@ class SwiGLUExperts:
 
   def __call__(self, buffer: Float[Array, "E C D"]) -> Float[Array, "E C D"]:
     """Expert e on buffer[e]: one batched matmul per weight."""
+    if self.fp8:
+      return self.swiglu(buffer, fp8.fp8_matmul)
     return self.swiglu(buffer, lambda x, w: jnp.einsum("eci,eio->eco", x, w))
 
   def ragged(self, rows: Float[Array, "N D"], group_sizes: Int[Array, "E"]) -> Float[Array, "N D"]:
@@ -48,8 +52,13 @@ class SwiGLUExperts:
     On GPU the grouped matmuls are kernels (moe_jax/kernels): jax's Mosaic GPU ones on ragged
     groups (Hopper), or this repository's Pallas ones with rows padded once per group to the
     row tile; on CPU one batched XLA matmul over such padded row tiles; elsewhere
-    `jax.lax.ragged_dot`.
+    `jax.lax.ragged_dot`. FP8 experts always take the padded row tiles, 128 rows each (one
+    scaling tile of the weight gradient per row tile).
     """
+    if self.fp8:
+      layout = grouped_matmul.group_layout(group_sizes, rows.shape[0], fp8.TILE)
+      return self._on_row_tiles(rows, layout,
+                                grouped_matmul.tiled_dot(layout, fp8.TILE, fp8.fp8_matmul))
     choice = grouped_matmul.chosen_implementation(self.w_gate.shape[1], self.w_gate.shape[2],
                                                   self.implementation)
     if choice == "xla":
@@ -71,5 +80,8 @@ class SwiGLUExperts:
       block_m = blocks.m
       make_dot = lambda layout: grouped_matmul.padded_dot(layout, blocks, interpret)
     layout = grouped_matmul.group_layout(group_sizes, rows.shape[0], block_m)
-    return grouped_matmul.unpad(self.swiglu(grouped_matmul.pad(rows, layout), make_dot(layout)),
-                                layout)
+    return self._on_row_tiles(rows, layout, make_dot(layout))
+
+  def _on_row_tiles(self, rows, layout: grouped_matmul.GroupLayout, dot):
+    """Pad each group to the layout's row tiles, run the three products, un-pad."""
+    return grouped_matmul.unpad(self.swiglu(grouped_matmul.pad(rows, layout), dot), layout)

@@ -27,6 +27,9 @@ class DispatchSettings(Settings):
                                    # slice's exchange can overlap another's expert compute
   grouped_matmul: str = "auto"     # ragged expert matmuls (dropless): a name of
                                    # kernels/grouped_matmul.IMPLEMENTATIONS
+  fp8_experts: bool = False        # the routed experts' matmuls in e4m3 with DeepSeek-V3's
+                                   # 1x128 / 128x128 scaling (kernels/fp8.py: its numerics in
+                                   # XLA, no faster than bf16 yet)
 
   def problems(self) -> list[str]:
     problems = []

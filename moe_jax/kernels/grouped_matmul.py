@@ -221,17 +221,22 @@ def padded_dot(layout: GroupLayout, blocks: Blocks, interpret: bool):
 TILE_ROWS = 64   # the "tiles" implementation's row tile (CPU: 32-128 take about the same time)
 
 
-def tiled_dot(layout: GroupLayout, block_m: int):
+def batched_matmul(tiles: Float[Array, "G m K"], weights: Float[Array, "G K F"]) -> Float[Array, "G m F"]:
+  """Each tile times its own weight, accumulated in float32."""
+  return jnp.einsum("gmk,gkf->gmf", tiles, weights, preferred_element_type=jnp.float32)
+
+
+def tiled_dot(layout: GroupLayout, block_m: int, product=batched_matmul):
   """(x [M, K] in the layout's block-padded order, w [E, K, F]) -> each row tile times its
-  group's weight, as one batched XLA matmul over the tiles, accumulated in float32. The
-  result of `jax.lax.ragged_dot` without its CPU lowering, which multiplies every row by
-  every group's weight (E times the work: 17x slower at 16 groups, 60x at 64, forward and
-  backward). Tiles past the groups hold zero rows, so any weight gives them zero."""
+  group's weight, as one batched XLA matmul over the tiles (`product`, float32 accumulation;
+  `fp8.fp8_matmul` for FP8 experts). The result of `jax.lax.ragged_dot` without its CPU
+  lowering, which multiplies every row by every group's weight (E times the work: 17x slower
+  at 16 groups, 60x at 64, forward and backward). Tiles past the groups hold zero rows, so
+  any weight gives them zero."""
   def dot(x: Float[Array, "M K"], w: Float[Array, "E K F"]) -> Float[Array, "M F"]:
     tiles = x.reshape(-1, block_m, x.shape[-1])
     weights = w[jnp.minimum(layout.tile_group, w.shape[0] - 1)]
-    out = jnp.einsum("gmk,gkf->gmf", tiles, weights, preferred_element_type=jnp.float32)
-    return out.reshape(x.shape[0], w.shape[-1]).astype(x.dtype)
+    return product(tiles, weights).reshape(x.shape[0], w.shape[-1]).astype(x.dtype)
   return dot
 
 
