@@ -4,6 +4,7 @@ FLOPs, timed in the same run, on one accelerator.
   python scripts/bench_moe.py                      # shapes a, b, c; 16K tokens; balanced, skewed
   python scripts/bench_moe.py --shapes=a --tokens=16384,65536 --routing=skewed
   python scripts/bench_moe.py --check              # kernels against jax.lax.ragged_dot first
+  python scripts/bench_moe.py --dispatchers=dropless,dropless_fp8   # FP8 experts against bf16
   python scripts/bench_moe.py --torch              # adds the PyTorch reference layer's rows
 
 The layer is the routed part of moe_jax's MoE block (router, dispatch, SwiGLU experts; shared
@@ -22,6 +23,7 @@ choice scores. Each time is the median of --repeats runs after --warmup runs.
 
 import argparse
 import datetime
+import functools
 import math
 import statistics
 import sys
@@ -49,11 +51,12 @@ SHAPES = {   # name: (D, routed experts E, expert width F, top-k, what it is)
     "tiny": (64, 8, 32, 2, "a smoke test of this script on CPU"),
 }
 ZIPF = 0.6
-DISPATCHERS = {   # name: (dispatcher, grouped matmul implementation)
-    "capacity": ("capacity", "auto"),
-    "dropless": ("dropless", "auto"),           # mosaic on Hopper, pallas on other GPUs
-    "dropless_pallas": ("dropless", "pallas"),  # this repository's Triton kernels
-    "dropless_xla": ("dropless", "xla"),        # jax.lax.ragged_dot
+DISPATCHERS = {   # name: (dispatcher, grouped matmul implementation, FP8 experts)
+    "capacity": ("capacity", "auto", False),
+    "dropless": ("dropless", "auto", False),           # mosaic on Hopper, pallas on other GPUs
+    "dropless_pallas": ("dropless", "pallas", False),  # this repository's Triton kernels
+    "dropless_xla": ("dropless", "xla", False),        # jax.lax.ragged_dot
+    "dropless_fp8": ("dropless", "auto", True),        # the FP8 Triton kernels
 }
 
 
@@ -68,9 +71,10 @@ def median_ms(fn, *args, warmup: int, repeats: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def moe_layer(d, e, f, k, dispatcher, skew: bool, seed=0, grouped_matmul="auto"):
+def moe_layer(d, e, f, k, dispatcher, skew: bool, seed=0, grouped_matmul="auto", fp8=False):
   layer = MoE(d, e, f, 0, nnx.Rngs(params=seed), router=RouterSettings(top_k=k),
-              dispatch=DispatchSettings(strategy=dispatcher, grouped_matmul=grouped_matmul),
+              dispatch=DispatchSettings(strategy=dispatcher, grouped_matmul=grouped_matmul,
+                                        fp8_experts=fp8),
               dtype=jnp.bfloat16)
   if skew:
     ranks = np.random.default_rng(seed).permutation(e) + 1
@@ -140,6 +144,40 @@ def check_kernels(interpret: bool) -> None:
       print(f"  {name}: N={n} K={k_dim} F={f_dim} E={e} sizes min/max {sizes.min()}/{sizes.max()}: "
             f"out {errors[0]:.1e}  d_rows {errors[1]:.1e}  d_w {errors[2]:.1e}  finite={finite}")
       assert finite and max(errors) < 2e-2, errors
+
+
+def check_fp8_kernels(interpret: bool) -> None:
+  """The FP8 kernels against kernels/fp8.py's XLA numerics over the same 128-row tiles, and
+  both against the bf16-free float32 product: forward and both gradients, relative errors."""
+  from moe_jax.kernels import fp8
+  from moe_jax.kernels import fp8_grouped_matmul as fgm
+  rng = np.random.default_rng(int(time.time()))
+  print("FP8 kernel check (relative error against the XLA FP8 numerics; against float32):")
+  cases = [(300, 200, 136, 5)] if interpret else [(20000, 2048, 1408, 64), (4096, 7168, 2048, 8)]
+  for n, k_dim, f_dim, e in cases:
+    sizes = rng.multinomial(n - 37, rng.dirichlet(np.full(e, 0.3)))
+    sizes[rng.integers(e)] = 0
+    rows = jnp.asarray(rng.normal(size=(n, k_dim)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(e, k_dim, f_dim)) / math.sqrt(k_dim), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(n, f_dim)), jnp.bfloat16)
+    layout = gm.group_layout(jnp.asarray(sizes, jnp.int32), n, fp8.TILE)
+    dots = {"kernel": fgm.padded_fp8_dot(layout, interpret), "xla": gm.tiled_dot(layout, fp8.TILE, fp8.fp8_matmul),
+            "float32": gm.tiled_dot(layout, fp8.TILE)}
+
+    def with_grads(dot, rows, w, cotangent):
+      fn = lambda r, w: gm.unpad(dot(gm.pad(r, layout), w), layout)
+      out, vjp = jax.vjp(fn, rows, w)
+      return [a.astype(jnp.float32) for a in (out, *vjp(cotangent.astype(out.dtype)))]
+
+    got, xla, exact = (jax.jit(functools.partial(with_grads, dot))(
+        rows.astype(jnp.float32) if name == "float32" else rows, w, cotangent)
+        for name, dot in dots.items())
+    error = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    print(f"  N={n} K={k_dim} F={f_dim} E={e}: out {error(got[0], xla[0]):.1e} "
+          f"({error(got[0], exact[0]):.1e})  d_rows {error(got[1], xla[1]):.1e} "
+          f"({error(got[1], exact[1]):.1e})  d_w {error(got[2], xla[2]):.1e} "
+          f"({error(got[2], exact[2]):.1e})", flush=True)
+    assert max(error(a, b) for a, b in zip(got, xla)) < 1e-2
 
 
 TUNE_BLOCKS = [gm.Blocks(128, 128, 64, 4, 4), gm.Blocks(64, 128, 64, 4, 4),
@@ -360,12 +398,12 @@ def run(shapes, token_counts, routings, dispatchers, warmup, repeats, with_torch
           print(f"  PyTorch torch._grouped_mm {routing}: {ms:.2f} ms {tflops:.0f} TFLOP/s "
                 f"({100 * tflops / dense_tflops:.0f}% of dense)", flush=True)
         for name in dispatchers:
-          dispatcher, implementation = DISPATCHERS[name]
+          dispatcher, implementation, fp8 = DISPATCHERS[name]
           if name == "dropless_xla" and e > 16:
             rows_out.append((shape, tokens, routing, name, None, None, None, None, None))
             continue   # XLA's ragged_dot is a dense product over all E groups: out of memory
           layer = moe_layer(d, e, f, k, dispatcher, routing == "skewed",
-                            grouped_matmul=implementation)
+                            grouped_matmul=implementation, fp8=fp8)
           fn, params = layer_step(layer)
           try:
             (_, _), stats = fn(params, x)
@@ -418,6 +456,7 @@ def main():
         f"{datetime.date.today().isoformat()}", flush=True)
   if args.check:
     check_kernels(interpret=jax.default_backend() != "gpu")
+    check_fp8_kernels(interpret=jax.default_backend() != "gpu")
   if args.tune:
     tune(args.shapes.split(","), int(args.tokens.split(",")[0]), args.warmup, args.repeats)
     return

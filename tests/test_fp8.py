@@ -239,3 +239,27 @@ def test_a_tiny_run_with_fp8_experts_tracks_bf16(tmp_path):
   print("FP8 / bf16 - 1 per logged step:", np.round(fp8_run / bf16 - 1, 5))
   assert relative.max() < 0.005, relative
   assert relative.max() > 0, "the FP8 run gave bf16's losses exactly"
+
+
+def test_the_fp8_gpu_kernels_in_interpret_mode_equal_the_xla_numerics():
+  """The Pallas FP8 kernels (scales applied per 128-chunk inside the accumulation) against
+  fp8_matmul over the same row tiles: values and both gradients, with widths that need padding,
+  an empty expert, a group over two tiles and rows past the groups."""
+  rng = np.random.default_rng(6)
+  num_experts, width, hidden = 3, 200, 136
+  group_sizes = jnp.asarray([130, 0, 60])
+  rows = jnp.asarray(spread_values(rng, (200, width)))
+  weights = [jnp.asarray(rng.standard_normal(shape) * 0.1, jnp.float32)
+             for shape in [(num_experts, width, hidden)] * 2 + [(num_experts, hidden, width)]]
+
+  def layer(implementation):
+    return lambda rows, *w: SwiGLUExperts(*w, implementation=implementation,
+                                          fp8=True).ragged(rows, group_sizes)
+
+  cotangent = jnp.asarray(rng.standard_normal((200, width)), jnp.float32)
+  got, got_vjp = jax.vjp(layer("interpret"), rows, *weights)
+  expected, expected_vjp = jax.vjp(layer("tiles"), rows, *weights)
+  scale = np.abs(np.asarray(expected)).max()
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
+  for g, e in zip(got_vjp(cotangent), expected_vjp(cotangent)):
+    np.testing.assert_allclose(g, e, rtol=0, atol=1e-5 * np.abs(np.asarray(e)).max())

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
-from moe_jax.kernels import fp8, grouped_matmul
+from moe_jax.kernels import fp8, fp8_grouped_matmul, grouped_matmul
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["w_gate", "w_up", "w_down"],
@@ -52,13 +52,18 @@ class SwiGLUExperts:
     On GPU the grouped matmuls are kernels (moe_jax/kernels): jax's Mosaic GPU ones on ragged
     groups (Hopper), or this repository's Pallas ones with rows padded once per group to the
     row tile; on CPU one batched XLA matmul over such padded row tiles; elsewhere
-    `jax.lax.ragged_dot`. FP8 experts always take the padded row tiles, 128 rows each (one
-    scaling tile of the weight gradient per row tile).
+    `jax.lax.ragged_dot`. FP8 experts always take padded row tiles of 128 rows (one scaling
+    tile of the weight gradient each): the FP8 Pallas kernels on GPU (and in interpret mode),
+    kernels/fp8.py's XLA numerics elsewhere.
     """
-    if self.fp8:
+    if self.fp8:   # widths are padded to whole scaling tiles: any width suits the kernels
+      choice = grouped_matmul.chosen_implementation(fp8.TILE, fp8.TILE, self.implementation)
       layout = grouped_matmul.group_layout(group_sizes, rows.shape[0], fp8.TILE)
-      return self._on_row_tiles(rows, layout,
-                                grouped_matmul.tiled_dot(layout, fp8.TILE, fp8.fp8_matmul))
+      if choice in ("tiles", "xla"):   # the numerics in XLA
+        dot = grouped_matmul.tiled_dot(layout, fp8.TILE, fp8.fp8_matmul)
+      else:                            # GPU kernels (or them in interpret mode)
+        dot = fp8_grouped_matmul.padded_fp8_dot(layout, interpret=choice == "interpret")
+      return self._on_row_tiles(rows, layout, dot)
     choice = grouped_matmul.chosen_implementation(self.w_gate.shape[1], self.w_gate.shape[2],
                                                   self.implementation)
     if choice == "xla":

@@ -116,7 +116,7 @@ def _tgmm_kernel(group_tile_start_ref, x_ref, dy_ref, dw_ref, *, blocks: Blocks)
   dw_ref[group, k_columns, n_columns] = acc.astype(dw_ref.dtype)
 
 
-def _compiler_params(blocks: Blocks, interpret: bool):
+def compiler_params(blocks: Blocks, interpret: bool):
   if interpret:
     return None
   from jax.experimental.pallas import triton as plgpu
@@ -139,7 +139,7 @@ def gmm_padded(x: Float[Array, "M K"], w, tile_group: Int[Array, "G"], *, blocks
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((x.shape[0], out_width), x.dtype),
       grid=(x.shape[0] // blocks.m, out_width // blocks.n), interpret=interpret,
-      compiler_params=_compiler_params(blocks, interpret), name="moe_gmm",
+      compiler_params=compiler_params(blocks, interpret), name="moe_gmm",
   )(tile_group, x, w)
 
 
@@ -152,7 +152,7 @@ def tgmm_padded(x: Float[Array, "M K"], dy: Float[Array, "M F"], group_tile_star
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((num_groups, width_in, width_out), out_dtype),
       grid=(num_groups, width_in // blocks.k, width_out // blocks.n), interpret=interpret,
-      compiler_params=_compiler_params(blocks, interpret), name="moe_tgmm",
+      compiler_params=compiler_params(blocks, interpret), name="moe_tgmm",
   )(group_tile_start, x, dy)
 
 
