@@ -18,7 +18,8 @@ that precision.
 
 This module is the numerics, written in XLA: it multiplies the dequantized operands in float32,
 which equals the tile-by-tile scaled accumulation up to float32 rounding. It is the reference
-an FP8 kernel is checked against and runs on every backend, but it is not faster than bf16.
+the GPU kernels (fp8_grouped_matmul.py) are checked against, and runs on every backend, but it
+is not faster than bf16.
 
 Shape letters: M rows, K contraction, N output columns, T tiles along a dimension; leading
 batch dimensions (one weight per batch entry, e.g. per expert) are written `...`.
@@ -69,8 +70,14 @@ def quantize_rows(x: Float[Array, "... M K"]) -> Quantized:
   return Quantized(values.reshape(x.shape), scales)
 
 
+def _e4m3_to_float32(values: Array) -> Array:
+  # The barrier keeps XLA from folding the float32 -> e4m3 -> float32 round trip into nothing
+  # (the GPU compiler removes such convert pairs, which would skip the quantization).
+  return jax.lax.optimization_barrier(values).astype(jnp.float32)
+
+
 def dequantize_rows(q: Quantized) -> Float[Array, "... M K"]:
-  tiles = q.values.astype(jnp.float32).reshape(*q.scales.shape, TILE)
+  tiles = _e4m3_to_float32(q.values).reshape(*q.scales.shape, TILE)
   return (tiles * q.scales[..., None]).reshape(q.values.shape)
 
 
@@ -87,7 +94,7 @@ def quantize_blocks(w: Float[Array, "... K N"]) -> Quantized:
 
 def dequantize_blocks(q: Quantized) -> Float[Array, "... K N"]:
   *batch, rows, columns = q.values.shape
-  blocks = q.values.astype(jnp.float32).reshape(*batch, rows // TILE, TILE, columns // TILE, TILE)
+  blocks = _e4m3_to_float32(q.values).reshape(*batch, rows // TILE, TILE, columns // TILE, TILE)
   return (blocks * q.scales[..., :, None, :, None]).reshape(q.values.shape)
 
 
