@@ -172,6 +172,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.spike_factor = 2.0        # 0 turns spike detection off (non-finite values still roll back)
   c.train.spike_window = 50
   c.train.max_rollbacks = 3         # rollbacks in a row (no checkpoint between) before giving up
+  c.train.compilation_cache_dir = "~/.cache/moe_jax/xla"  # compiled programs kept across runs
+                                    # (jax's persistent cache): a restart, resume or sweep member
+                                    # skips recompiling; "" turns it off; $JAX_COMPILATION_CACHE_DIR wins
 
   # ---- device mesh: sizes of the named axes; -1 takes the devices left over -------------------
   c.mesh = ml_collections.ConfigDict()

@@ -34,6 +34,7 @@ from moe_jax.layers.stack import converted_tree
 from moe_jax.model import LAYOUT_FIELDS, ModelSpec
 from moe_jax.preemption import Preempted, StopSignals
 from moe_jax.sample import sample_text
+from moe_jax.train_settings import TrainSettings
 from moe_jax.workdir import WorkdirError, WorkdirLock, check_workdir
 
 
@@ -104,9 +105,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   """
   validate_config(config, jax.device_count())
   workdir = check_workdir(workdir)
+  use_compilation_cache(config.train.get("compilation_cache_dir",
+                                         TrainSettings.compilation_cache_dir))
   mesh = mesh_of(config)
   with jax.set_mesh(mesh):   # the context mesh of the expert-parallel shard_maps
     return _train(config, workdir, mesh, stop_after_step, skip_corrupt_checkpoints)
+
+
+def use_compilation_cache(directory: str) -> None:
+  """Keeps compiled programs in `directory` (jax's persistent compilation cache), so that a
+  restart, a resume or a sweep's next member with the same programs skips compiling them (on
+  one H200, 55 s of a `gpu`-size study member's 255). The JAX_COMPILATION_CACHE_DIR environment
+  variable, when set, wins; "" leaves the cache off."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not directory:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
 
 
 def mesh_of(config):

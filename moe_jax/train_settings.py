@@ -27,6 +27,8 @@ class TrainSettings(Settings):
   spike_factor: float = 2.0        # a loss above this x the recent mean rolls back; 0: off
   spike_window: int = 50
   max_rollbacks: int = 3           # rollbacks in a row before giving up
+  compilation_cache_dir: str = "~/.cache/moe_jax/xla"   # jax's persistent compilation cache;
+                                   # "" off; the JAX_COMPILATION_CACHE_DIR variable wins
 
   def problems(self) -> list[str]:
     problems = []

@@ -270,6 +270,26 @@ def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(trained
   assert [(r["step"], r["loss"]) for r in _records(workdir) if "loss" in r] == original
 
 
+def test_a_second_run_reuses_the_compiled_programs_the_first_kept(tmp_path):
+  """train.compilation_cache_dir keeps every compiled program: a second run of the same config
+  in a new workdir finds all of them there and adds nothing (the suite's own cache variable
+  is removed, so the config's directory is the one used)."""
+  cache = tmp_path / "cache"
+  environment = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  entries = []
+  for run in ("first", "second"):
+    result = subprocess.run(
+        _command(tmp_path / run, "--config.train.steps=4", "--config.train.log_every=2",
+                 "--config.train.eval_every=4", "--config.train.eval_batches=1",
+                 "--config.optimizer.warmup_steps=1",
+                 f"--config.train.compilation_cache_dir={cache}"),
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    entries.append(sorted(p.name for p in cache.iterdir()))
+  assert len(entries[0]) >= 2            # the training step and the evaluation, at least
+  assert entries[1] == entries[0]
+
+
 # ---- one run per workdir ---------------------------------------------------------------------
 
 
