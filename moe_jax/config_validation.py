@@ -215,6 +215,20 @@ def _section_problems(config, section: str) -> list[str]:
     return error.problems
 
 
+def _backend_problems(config, backend: str) -> list[str]:
+  """GPU-only kernels asked for on another backend (they would fail inside the first step)."""
+  problems = []
+  kernels = config.dispatch.grouped_matmul
+  if backend != "gpu" and config.dispatch.strategy == "dropless" and kernels in ("mosaic",
+                                                                                 "pallas"):
+    problems.append(f"dispatch.grouped_matmul={kernels!r} runs GPU kernels, but the backend is "
+                    f"{backend}: use 'auto' (or 'tiles', 'xla', 'interpret')")
+  if backend != "gpu" and config.model.attention_implementation == "cudnn":
+    problems.append(f"model.attention_implementation='cudnn' needs an NVIDIA GPU, but the backend "
+                    f"is {backend}: use 'auto' (or 'xla')")
+  return problems
+
+
 def _problems(config, num_devices: int, backend: str, granules: int) -> list[str]:
   problems = _schema_problems(config)
   if problems:   # the value checks below assume every field is there with its type
@@ -232,6 +246,7 @@ def _problems(config, num_devices: int, backend: str, granules: int) -> list[str
   if config.dispatch.expert_parallel == "ragged_all_to_all" and backend == "cpu":
     problems.append("dispatch.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend: the "
                     "cpu backend has no ragged_all_to_all; use 'all_to_all' or 'all_gather'")
+  problems.extend(_backend_problems(config, backend))
   if d.source != "tokens":
     need(config.model.vocab_size >= tokenization.MIN_VOCAB,
          f"model.vocab_size={config.model.vocab_size} is too small for data.tokenizer="

@@ -48,6 +48,8 @@ BAD = [
     ("sharding.embed", "stage", "sharding.embed=stage: unknown mesh axis"),
     ("dispatch.expert_parallel", "ragged_all_to_all",
      "dispatch.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend"),
+    ("model.attention_implementation", "cudnn",
+     "model.attention_implementation='cudnn' needs an NVIDIA GPU, but the backend is cpu"),
     ("model.attention", "flash", "model.attention='flash' is unknown; choose from ['gqa', 'mla']"),
     ("model.rope_scaling", "ntk", "model.rope_scaling='ntk' is unknown"),
     ("mesh.dcn_data", 3, "mesh.dcn_data=3 does not divide mesh.data=8"),

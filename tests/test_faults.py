@@ -96,6 +96,10 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], Path, list[str]]]:
       [sys.executable, "-m", "moe_jax.main", f"--workdir={tmp / 'run'}",
        "--config.train.step=2"], tmp / "run",
       ["--config.train.step: the config has no field 'step' (did you mean 'steps'?)"])
+  cases["GPU kernels on a CPU"] = (
+      _command(tmp / "run", "--config.dispatch.strategy=dropless",
+               "--config.dispatch.grouped_matmul=pallas"), tmp / "run",
+      ["dispatch.grouped_matmul='pallas' runs GPU kernels, but the backend is cpu"])
   cases["address not of this machine"] = (
       _command(tmp / "run", "--config.train.metrics_port=29999",
                "--config.train.metrics_host=192.0.2.1"), tmp / "run",
