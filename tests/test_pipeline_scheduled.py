@@ -1,6 +1,6 @@
-"""Pipelines run from a schedule's slot lists on 8 simulated devices: 1F1B and GPipe give the
-loss and parameter gradients of the stages run one after another; the tick table of a small
-1F1B worked by hand; a schedule not yet runnable refused by name."""
+"""Pipelines run from a schedule's slot lists on 8 simulated devices: GPipe, 1F1B and DualPipeV
+give the loss and parameter gradients of the stages run one after another; the tick table of a
+small 1F1B worked by hand; stages that do not fit the schedule refused by name."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moe_jax.pipeline import schedules
-from moe_jax.pipeline.scheduled import BACKWARD, FORWARD, IDLE, scheduled, tick_table
+from moe_jax.pipeline.scheduled import FORWARD, FULL_BACKWARD, IDLE, scheduled, tick_table
 
 B, D = 8, 16
 
@@ -24,18 +24,26 @@ def _loss(y, targets):
 def test_a_two_stage_1f1b_tick_table_worked_by_hand():
   # Device 0: F0 F1 . B0 F2 B1 . B2; device 1 (the last stage) a tick behind it: F0 B0 F1 B1
   # F2 B2, each backward right after its forward.
-  kinds, microbatches = tick_table(schedules.one_f_one_b(2, 3))
-  F, Bk, _ = FORWARD, BACKWARD, IDLE
+  table = tick_table(schedules.one_f_one_b(2, 3))
+  kinds, microbatches = table.kind, table.microbatch
+  F, Bk, _ = FORWARD, FULL_BACKWARD, IDLE
   assert kinds.tolist() == [[F, F, _, Bk, F, Bk, _, Bk], [_, F, Bk, F, Bk, F, Bk, _]]
   assert microbatches[0].tolist() == [0, 1, 0, 0, 2, 1, 0, 2]
   assert [m for k, m in zip(kinds[1], microbatches[1]) if k] == [0, 0, 1, 1, 2, 2]
 
 
-@pytest.mark.parametrize("microbatches", [3, 9])
-@pytest.mark.parametrize("stages,data", [(4, 2), (8, 1)])
-@pytest.mark.parametrize("name", ["1f1b", "gpipe"])
+CASES = [  # schedule, devices along the stage axis, data shards, micro-batches
+    ("gpipe", 4, 2, 3), ("gpipe", 8, 1, 9),
+    ("1f1b", 4, 2, 3), ("1f1b", 4, 2, 9), ("1f1b", 8, 1, 3),
+    ("dualpipev", 4, 2, 8), ("dualpipev", 4, 2, 11), ("dualpipev", 2, 4, 4),
+    ("dualpipev", 8, 1, 16),
+]
+
+
+@pytest.mark.parametrize("name,devices,data,microbatches", CASES)
 def test_a_scheduled_pipeline_gives_the_loss_and_gradients_of_the_stages_in_sequence(
-    name, stages, data, microbatches):
+    name, devices, data, microbatches):
+  stages = devices * (2 if name == "dualpipev" else 1)
   keys = jax.random.split(jax.random.key(stages + microbatches), 4)
   params = {"w": jax.random.normal(keys[0], (stages, D, D)) / 4,
             "b": jax.random.normal(keys[1], (stages, D))}
@@ -52,7 +60,7 @@ def test_a_scheduled_pipeline_gives_the_loss_and_gradients_of_the_stages_in_sequ
     return total
 
   expected_loss, expected = jax.value_and_grad(in_sequence)(params)
-  mesh = jax.make_mesh((stages, data), ("stage", "data"),
+  mesh = jax.make_mesh((devices, data), ("stage", "data"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
     loss, grads = jax.jit(scheduled(name, _stage, _loss, "stage", "data"))(params, x, targets)
@@ -61,6 +69,13 @@ def test_a_scheduled_pipeline_gives_the_loss_and_gradients_of_the_stages_in_sequ
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_a_schedule_that_cannot_run_yet_is_refused_by_name():
-  with pytest.raises(schedules.ScheduleError, match="'dualpipev' cannot be run yet"):
-    scheduled("dualpipev", _stage, _loss)
+def test_stages_that_do_not_fit_the_schedule_are_refused_by_name():
+  mesh = jax.make_mesh((4, 2), ("stage", "data"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  params = {"w": jnp.zeros((4, D, D)), "b": jnp.zeros((4, D))}
+  x = jnp.zeros((8, B, D))
+  with jax.set_mesh(mesh):
+    with pytest.raises(schedules.ScheduleError, match="dualpipev on 4 devices runs 8 stages, got 4"):
+      scheduled("dualpipev", _stage, _loss, "stage", "data")(params, x, x)
+    with pytest.raises(schedules.ScheduleError, match="6 stages do not split over 4 devices"):
+      scheduled("1f1b", _stage, _loss, "stage", "data")(
+          {"w": jnp.zeros((6, D, D)), "b": jnp.zeros((6, D))}, x, x)

@@ -1,22 +1,34 @@
 """A training step's pipeline run from a schedule's slot lists: each stage's backward called
-explicitly, so the order is the schedule's (1F1B, GPipe), not the one differentiation gives.
+explicitly, so the order is the schedule's (GPipe, 1F1B, DualPipeV), not the one
+differentiation gives.
 
 `scheduled(name, stage_fn, loss_fn, axis, batch_axes)` returns
 f(stage_params [S, ...], microbatches [M, B, ...], targets [M, B, ...]) -> (loss, grads [S, ...]):
 the summed loss of every micro-batch (`loss_fn(last stage's output, targets)`) and its gradient
-with respect to every stage's parameters. Inside `jax.shard_map` the schedule is played in
-ticks, one operation per device per tick (`tick_table`): a forward applies the stage to the
-input (the micro-batch on stage 0, else what the previous stage sent) and keeps that input; a
-backward recomputes the stage's forward from the kept input under `jax.vjp` (activation
-recomputation per stage), takes the output gradient (from the loss on the last stage, else what
-the next stage sent), adds the parameter gradient and sends the input gradient back. After each
-tick every device sends what it produced one stage on (`ppermute`) and files what it received
-by micro-batch, for the tick that needs it.
+with respect to every stage's parameters (both in stage order). Inside `jax.shard_map` the
+schedule is played in ticks, one operation per device per tick (`tick_table`; the two of an
+overlapped slot on consecutive ticks). Each device holds its stages as chunks (one, or two for
+DualPipeV's V), with per chunk a buffer of inputs, of output gradients and of kept inputs, by
+micro-batch:
 
-Shape letters: S stages, M micro-batches, B micro-batch rows (per data shard), T ticks.
+  F   applies the chunk's stage to its input (the micro-batch on stage 0) and keeps the input
+  BW  recomputes the forward from the kept input under `jax.vjp`, takes the output gradient
+      (the loss's on the last stage), adds the parameter gradient, sends the input gradient
+  B   the same, but only the input gradient: the output gradient is kept for ...
+  W   ... the parameter gradient, later (zero-bubble schedules)
+
+A result goes to the device holding the next stage (forward) or the previous one (backward):
+the next or previous device along `axis` through `ppermute`, or the same device where the V
+turns; the receiver files it by micro-batch for the tick that needs it. Each backward
+recomputes its stage's forward, and the buffers hold every micro-batch (a schedule needs fewer:
+`schedules.peak_activations`): time and memory a real model will want back.
+
+Shape letters: S stages, C stages per device (chunks), D devices, M micro-batches, B
+micro-batch rows (per data shard), T ticks.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,49 +37,83 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax.pipeline import schedules
 
-IDLE, FORWARD, BACKWARD = 0, 1, 2
-RUNNABLE = ("gpipe", "1f1b")
+IDLE, FORWARD, FULL_BACKWARD, INPUT_GRADIENT, WEIGHT_GRADIENT = range(5)
+KINDS = {"F": FORWARD, "BW": FULL_BACKWARD, "B": INPUT_GRADIENT, "W": WEIGHT_GRADIENT}
+NOWHERE, NEXT_DEVICE, PREVIOUS_DEVICE, SAME_DEVICE = range(4)   # where a result goes
+INPUTS, GRADIENTS = 0, 1                                           # which buffer it fills
 
 
-def tick_table(schedule: schedules.Schedule) -> tuple[np.ndarray, np.ndarray]:
-  """(kind [S, T], micro-batch [S, T]): what each device does at each tick, one operation per
-  tick, at the times `simulate` gives when every operation takes one tick."""
-  timeline = schedules.simulate(schedule, schedules.Costs(1.0, 1.0, 0.0))
+class TickTable(NamedTuple):
+  """Per device and tick ([D, T] each): the operation, its chunk and micro-batch, and where its
+  result goes (direction, the receiving chunk, the buffer)."""
+
+  kind: np.ndarray
+  chunk: np.ndarray
+  microbatch: np.ndarray
+  direction: np.ndarray
+  to_chunk: np.ndarray
+  to_buffer: np.ndarray
+
+
+def tick_table(schedule: schedules.Schedule) -> TickTable:
+  """The slot lists timed with every operation one tick (an overlapped pair as two)."""
+  flat = schedules.Schedule(schedule.name, schedule.num_devices, schedule.num_microbatches,
+                            schedule.stages_of_device,
+                            tuple(tuple((op,) for slot in slots for op in slot)
+                                  for slots in schedule.slots))
+  timeline = schedules.simulate(flat, schedules.Costs(1.0, 1.0, 1.0, full_backward=1.0))
   ticks = int(timeline.makespan)
-  kinds = np.full((len(schedule.slots), ticks), IDLE, np.int32)
-  microbatches = np.zeros((len(schedule.slots), ticks), np.int32)
-  for device, slots in enumerate(schedule.slots):
+  table = TickTable(*(np.zeros((schedule.num_devices, ticks), np.int32) for _ in range(6)))
+  holder = {stage: (device, chunk) for device, stages in enumerate(schedule.stages_of_device)
+            for chunk, stage in enumerate(stages)}
+  last_stage = schedule.num_stages - 1
+  for device, slots in enumerate(flat.slots):
     for (op,), start in zip(slots, timeline.starts[device]):
-      kinds[device, int(start)] = FORWARD if op.kind == "F" else BACKWARD
-      microbatches[device, int(start)] = op.microbatch
-  return kinds, microbatches
+      t = int(start)
+      table.kind[device, t] = KINDS[op.kind]
+      table.chunk[device, t] = schedule.stages_of_device[device].index(op.stage)
+      table.microbatch[device, t] = op.microbatch
+      target = (op.stage + 1 if op.kind == "F" else
+                op.stage - 1 if op.kind in ("BW", "B") else None)
+      if target is None or target < 0 or target > last_stage:
+        continue   # a weight gradient, the last forward or the first backward: nothing to send
+      to_device, to_chunk = holder[target]
+      step = to_device - device
+      table.direction[device, t] = {1: NEXT_DEVICE, -1: PREVIOUS_DEVICE, 0: SAME_DEVICE}[step]
+      table.to_chunk[device, t] = to_chunk
+      table.to_buffer[device, t] = INPUTS if op.kind == "F" else GRADIENTS
+  return table
 
 
 def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None):
   """The loss and parameter gradients of the stages in sequence, run by schedule `name`."""
-  if name not in RUNNABLE:
-    raise schedules.ScheduleError(f"pipeline schedule {name!r} cannot be run yet; runnable: "
-                                  f"{list(RUNNABLE)}")
   batch = P(None, batch_axes)
 
   def run(stage_params, microbatches, targets):
     num_stages = jax.tree.leaves(stage_params)[0].shape[0]
-    kinds, indices = tick_table(schedules.make(name, num_stages, microbatches.shape[0]))
-    per_device = functools.partial(_play, stage_fn, loss_fn, axis, batch_axes, kinds, indices)
-    return jax.shard_map(per_device, in_specs=(P(axis), batch, batch),
-                         out_specs=(P(), P(axis)))(stage_params, microbatches, targets)
+    num_devices = jax.sharding.get_abstract_mesh().shape[axis]
+    if num_stages % num_devices:
+      raise schedules.ScheduleError(f"{num_stages} stages do not split over {num_devices} "
+                                    f"devices of mesh axis {axis!r}")
+    schedule = schedules.make(name, num_devices, microbatches.shape[0])
+    if schedule.num_stages != num_stages:
+      raise schedules.ScheduleError(
+          f"{name} on {num_devices} devices runs {schedule.num_stages} stages, got {num_stages}")
+    # Each device's stages next to each other (DualPipeV's V: d and 2D - 1 - d), and back.
+    order = np.array([s for stages in schedule.stages_of_device for s in stages])
+    per_device = functools.partial(_play, stage_fn, loss_fn, axis, batch_axes,
+                                   tick_table(schedule), len(schedule.stages_of_device[0]))
+    loss, grads = jax.shard_map(per_device, in_specs=(P(axis), batch, batch),
+                                out_specs=(P(), P(axis)))(
+        jax.tree.map(lambda p: p[order], stage_params), microbatches, targets)
+    return loss, jax.tree.map(lambda g: g[np.argsort(order)], grads)
   return run
 
 
-def _play(stage_fn, loss_fn, axis, batch_axes, kinds, indices, stage_params, microbatches,
-          targets):
-  num_stages = jax.lax.axis_size(axis)
-  stage = jax.lax.axis_index(axis)
-  first, last = stage == 0, stage == num_stages - 1
-  params = jax.tree.map(lambda p: p[0], stage_params)      # this device's stage
-  my_kinds, my_indices = jnp.asarray(kinds)[stage], jnp.asarray(indices)[stage]
-  to_next = [(i, (i + 1) % num_stages) for i in range(num_stages)]
-  to_previous = [((i + 1) % num_stages, i) for i in range(num_stages)]
+def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int,
+          stage_params, microbatches, targets):
+  num_devices = jax.lax.axis_size(axis)
+  device = jax.lax.axis_index(axis)
   all_axes = (axis,) + (() if batch_axes is None else
                         (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
   # Loop carries differ from device to device along every axis: typed so from the start
@@ -76,49 +122,83 @@ def _play(stage_fn, loss_fn, axis, batch_axes, kinds, indices, stage_params, mic
   varying = lambda x: x + differing_zero.astype(x.dtype)
   # Each data shard's own parameter gradient (summed over the shards at the end): without this
   # the pullback of parameters shared by the shards would sum them already.
-  params = jax.tree.map(varying, params)
-  nothing = varying(jnp.zeros_like(microbatches[0]))
-  at = lambda buffer, i: jax.lax.dynamic_index_in_dim(buffer, i, keepdims=False)
-  put = lambda buffer, i, value: jax.lax.dynamic_update_index_in_dim(buffer, value, i, 0)
+  params = jax.tree.map(varying, stage_params)              # [C, ...]: this device's stages
+  mine = [jnp.asarray(column)[device] for column in table]
+  to_next = [(i, (i + 1) % num_devices) for i in range(num_devices)]
+  to_previous = [((i + 1) % num_devices, i) for i in range(num_devices)]
+  first_stage = (device == 0)
+  last_stage = (device == (0 if num_chunks == 2 else num_devices - 1))   # ... in its last chunk
+  zero = varying(jnp.zeros_like(microbatches[0]))
+  at = lambda buffer, *i: buffer[i]
+  put = lambda buffer, value, *i: buffer.at[i].set(value)
 
-  def forward(state, microbatch):
-    inputs, _, kept, grads, loss = state
-    x = jnp.where(first, at(microbatches, microbatch), at(inputs, microbatch))
-    return (put(kept, microbatch, x), grads, loss), (stage_fn(params, x), nothing)
+  def stage_of(chunk):
+    return jax.tree.map(lambda p: p[chunk], params)
 
-  def backward(state, microbatch):
-    _, gradients, kept, grads, loss = state
-    out, pullback = jax.vjp(stage_fn, params, at(kept, microbatch))
+  def output_gradient(state, chunk, microbatch, out):
+    """The loss's gradient on the last stage (and the loss), else what the next stage sent."""
     value, loss_grad = jax.value_and_grad(loss_fn)(out, at(targets, microbatch))
-    grad_out = jnp.where(last, loss_grad, at(gradients, microbatch))
+    is_last = last_stage & (chunk == num_chunks - 1)
+    received = at(state["buffers"], GRADIENTS, chunk, microbatch)
+    return jnp.where(is_last, loss_grad, received), jnp.where(is_last, value, 0.0)
+
+  def add(grads, chunk, grad_params):
+    return jax.tree.map(lambda g, d: g.at[chunk].add(d), grads, grad_params)
+
+  def forward(state, chunk, microbatch):
+    x = jnp.where(first_stage & (chunk == 0), at(microbatches, microbatch),
+                  at(state["buffers"], INPUTS, chunk, microbatch))
+    state = dict(state, kept=put(state["kept"], x, chunk, microbatch))
+    return state, stage_fn(stage_of(chunk), x)
+
+  def full_backward(state, chunk, microbatch):
+    out, pullback = jax.vjp(stage_fn, stage_of(chunk), at(state["kept"], chunk, microbatch))
+    grad_out, loss = output_gradient(state, chunk, microbatch, out)
     grad_params, grad_x = pullback(grad_out)
-    grads = jax.tree.map(jnp.add, grads, grad_params)
-    return (kept, grads, loss + jnp.where(last, value, 0.0)), (nothing, grad_x)
+    return dict(state, grads=add(state["grads"], chunk, grad_params),
+                loss=state["loss"] + loss), grad_x
 
-  def idle(state, microbatch):
-    _, _, kept, grads, loss = state
-    return (kept, grads, loss), (nothing, nothing)
+  def input_gradient(state, chunk, microbatch):
+    params_now = stage_of(chunk)
+    out, pullback = jax.vjp(lambda x: stage_fn(params_now, x),
+                            at(state["kept"], chunk, microbatch))
+    grad_out, loss = output_gradient(state, chunk, microbatch, out)
+    (grad_x,) = pullback(grad_out)
+    return dict(state, deferred=put(state["deferred"], grad_out, chunk, microbatch),
+                loss=state["loss"] + loss), grad_x
 
-  def tick(carry, t):
-    inputs, gradients, kept, grads, loss = carry
-    kind, microbatch = my_kinds[t], my_indices[t]
-    (kept, grads, loss), (sent_forward, sent_backward) = jax.lax.switch(
-        kind, [idle, forward, backward], carry, microbatch)
-    # What was sent is filed by the sender's micro-batch, if it sent anything.
-    sent = (sent_forward, sent_backward, kind, microbatch)
-    arrived_forward, _, forward_kind, forward_index = jax.lax.ppermute(sent, axis, to_next)
-    _, arrived_backward, backward_kind, backward_index = jax.lax.ppermute(sent, axis, to_previous)
-    inputs = jnp.where(forward_kind == FORWARD,
-                       put(inputs, forward_index, arrived_forward), inputs)
-    gradients = jnp.where(backward_kind == BACKWARD,
-                          put(gradients, backward_index, arrived_backward), gradients)
-    return (inputs, gradients, kept, grads, loss), None
+  def weight_gradient(state, chunk, microbatch):
+    x = at(state["kept"], chunk, microbatch)
+    _, pullback = jax.vjp(lambda p: stage_fn(p, x), stage_of(chunk))
+    (grad_params,) = pullback(at(state["deferred"], chunk, microbatch))
+    return dict(state, grads=add(state["grads"], chunk, grad_params)), zero
 
-  buffers = varying(jnp.zeros_like(microbatches))
-  start = (buffers, buffers, buffers, jax.tree.map(lambda p: varying(jnp.zeros_like(p)), params),
-           varying(jnp.zeros((), jnp.float32)))
-  (_, _, _, grads, loss), _ = jax.lax.scan(tick, start, jnp.arange(kinds.shape[1]))
-  loss = jax.lax.psum(loss, axis)
+  def idle(state, chunk, microbatch):
+    return state, zero
+
+  def tick(state, t):
+    kind, chunk, microbatch, direction, to_chunk, to_buffer = (column[t] for column in mine)
+    state, result = jax.lax.switch(kind, [idle, forward, full_backward, input_gradient,
+                                          weight_gradient], state, chunk, microbatch)
+    # Send the result where its stage's neighbour lives; file what arrives by micro-batch.
+    buffers = state["buffers"]
+    for where, permutation in ((NEXT_DEVICE, to_next), (PREVIOUS_DEVICE, to_previous)):
+      sent = (result, to_chunk, to_buffer, microbatch, direction == where)
+      value, c, b, m, valid = jax.lax.ppermute(sent, axis, permutation)
+      buffers = jnp.where(valid, put(buffers, value, b, c, m), buffers)
+    buffers = jnp.where(direction == SAME_DEVICE,
+                        put(buffers, result, to_buffer, to_chunk, microbatch), buffers)
+    return dict(state, buffers=buffers), None
+
+  per_chunk = varying(jnp.zeros((num_chunks,) + microbatches.shape, microbatches.dtype))
+  start = {"buffers": varying(jnp.zeros((2, num_chunks) + microbatches.shape,
+                                        microbatches.dtype)),
+           "kept": per_chunk, "deferred": per_chunk,
+           "grads": jax.tree.map(lambda p: varying(jnp.zeros_like(p)), params),
+           "loss": varying(jnp.zeros((), jnp.float32))}
+  state, _ = jax.lax.scan(tick, start, jnp.arange(table.kind.shape[1]))
+  loss = jax.lax.psum(state["loss"], axis)
+  grads = state["grads"]
   if batch_axes is not None:
     loss, grads = jax.lax.psum((loss, grads), batch_axes)
-  return loss, jax.tree.map(lambda g: g[None], grads)
+  return loss, grads

@@ -59,10 +59,12 @@ class Costs(NamedTuple):
   input_gradient: float = 1.0
   weight_gradient: float = 1.0
   overlapped: float | None = None
+  full_backward: float | None = None     # a BW; default: input + weight gradient
 
   def of(self, slot: Slot) -> float:
-    times = {"F": self.forward, "B": self.input_gradient, "W": self.weight_gradient,
-             "BW": self.input_gradient + self.weight_gradient}
+    full = (self.input_gradient + self.weight_gradient if self.full_backward is None
+            else self.full_backward)
+    times = {"F": self.forward, "B": self.input_gradient, "W": self.weight_gradient, "BW": full}
     total = sum(times[op.kind] for op in slot)
     if len(slot) == 2 and self.overlapped is not None:
       return self.overlapped
