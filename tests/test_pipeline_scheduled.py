@@ -1,5 +1,5 @@
 """Pipelines run from a schedule's slot lists on 8 simulated devices: GPipe, 1F1B and DualPipeV
-give the loss and parameter gradients of the stages run one after another; the tick table of a
+give the loss and the gradients (parameters, micro-batches) of the stages run one after another; the tick table of a
 small 1F1B worked by hand; stages that do not fit the schedule refused by name."""
 
 import jax
@@ -50,7 +50,7 @@ def test_a_scheduled_pipeline_gives_the_loss_and_gradients_of_the_stages_in_sequ
   x = jax.random.normal(keys[2], (microbatches, B, D))
   targets = jax.random.normal(keys[3], (microbatches, B, D))
 
-  def in_sequence(params):
+  def in_sequence(params, x):
     total = 0.0
     for m in range(microbatches):
       h = x[m]
@@ -59,12 +59,14 @@ def test_a_scheduled_pipeline_gives_the_loss_and_gradients_of_the_stages_in_sequ
       total = total + _loss(h, targets[m])
     return total
 
-  expected_loss, expected = jax.value_and_grad(in_sequence)(params)
+  expected_loss, (expected, expected_input) = jax.value_and_grad(in_sequence, (0, 1))(params, x)
   mesh = jax.make_mesh((devices, data), ("stage", "data"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
-    loss, grads = jax.jit(scheduled(name, _stage, _loss, "stage", "data"))(params, x, targets)
+    loss, grads, input_grads = jax.jit(scheduled(name, _stage, _loss, "stage", "data"))(
+        params, x, targets)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  np.testing.assert_allclose(input_grads, expected_input, rtol=1e-4, atol=1e-5)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 

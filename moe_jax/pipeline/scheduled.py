@@ -3,9 +3,11 @@ explicitly, so the order is the schedule's (GPipe, 1F1B, DualPipeV), not the one
 differentiation gives.
 
 `scheduled(name, stage_fn, loss_fn, axis, batch_axes)` returns
-f(stage_params [S, ...], microbatches [M, B, ...], targets [M, B, ...]) -> (loss, grads [S, ...]):
+f(stage_params [S, ...], microbatches [M, B, ...], targets [M, B, ...])
+  -> (loss, grads [S, ...], input_grads [M, B, ...]):
 the summed loss of every micro-batch (`loss_fn(last stage's output, targets)`) and its gradient
-with respect to every stage's parameters (both in stage order). Inside `jax.shard_map` the
+with respect to every stage's parameters (in stage order) and to the micro-batches (for what
+runs before the pipeline, e.g. the embedding). Inside `jax.shard_map` the
 schedule is played in ticks, one operation per device per tick (`tick_table`; the two of an
 overlapped slot on consecutive ticks). Each device holds its stages as chunks (one, or two for
 DualPipeV's V), with per chunk a buffer of inputs, of output gradients and of kept inputs, by
@@ -103,10 +105,10 @@ def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None
     order = np.array([s for stages in schedule.stages_of_device for s in stages])
     per_device = functools.partial(_play, stage_fn, loss_fn, axis, batch_axes,
                                    tick_table(schedule), len(schedule.stages_of_device[0]))
-    loss, grads = jax.shard_map(per_device, in_specs=(P(axis), batch, batch),
-                                out_specs=(P(), P(axis)))(
+    loss, grads, input_grads = jax.shard_map(
+        per_device, in_specs=(P(axis), batch, batch), out_specs=(P(), P(axis), batch))(
         jax.tree.map(lambda p: p[order], stage_params), microbatches, targets)
-    return loss, jax.tree.map(lambda g: g[np.argsort(order)], grads)
+    return loss, jax.tree.map(lambda g: g[np.argsort(order)], grads), input_grads
   return run
 
 
@@ -151,11 +153,18 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
     state = dict(state, kept=put(state["kept"], x, chunk, microbatch))
     return state, stage_fn(stage_of(chunk), x)
 
+  def keep_input_gradient(state, chunk, microbatch, grad_x):
+    """The first stage's input gradient has no stage to go to: it is returned."""
+    is_first = first_stage & (chunk == 0)
+    current = at(state["input_grads"], microbatch)
+    return put(state["input_grads"], jnp.where(is_first, grad_x, current), microbatch)
+
   def full_backward(state, chunk, microbatch):
     out, pullback = jax.vjp(stage_fn, stage_of(chunk), at(state["kept"], chunk, microbatch))
     grad_out, loss = output_gradient(state, chunk, microbatch, out)
     grad_params, grad_x = pullback(grad_out)
     return dict(state, grads=add(state["grads"], chunk, grad_params),
+                input_grads=keep_input_gradient(state, chunk, microbatch, grad_x),
                 loss=state["loss"] + loss), grad_x
 
   def input_gradient(state, chunk, microbatch):
@@ -165,6 +174,7 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
     grad_out, loss = output_gradient(state, chunk, microbatch, out)
     (grad_x,) = pullback(grad_out)
     return dict(state, deferred=put(state["deferred"], grad_out, chunk, microbatch),
+                input_grads=keep_input_gradient(state, chunk, microbatch, grad_x),
                 loss=state["loss"] + loss), grad_x
 
   def weight_gradient(state, chunk, microbatch):
@@ -194,11 +204,12 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
   start = {"buffers": varying(jnp.zeros((2, num_chunks) + microbatches.shape,
                                         microbatches.dtype)),
            "kept": per_chunk, "deferred": per_chunk,
+           "input_grads": varying(jnp.zeros_like(microbatches)),
            "grads": jax.tree.map(lambda p: varying(jnp.zeros_like(p)), params),
            "loss": varying(jnp.zeros((), jnp.float32))}
   state, _ = jax.lax.scan(tick, start, jnp.arange(table.kind.shape[1]))
-  loss = jax.lax.psum(state["loss"], axis)
+  loss, input_grads = jax.lax.psum((state["loss"], state["input_grads"]), axis)
   grads = state["grads"]
   if batch_axes is not None:
     loss, grads = jax.lax.psum((loss, grads), batch_axes)
-  return loss, grads
+  return loss, grads, input_grads
