@@ -1,5 +1,6 @@
 """Pipelines run from a schedule's slot lists on 8 simulated devices: GPipe, 1F1B and DualPipeV
-give the loss and the gradients (parameters, micro-batches) of the stages run one after another; the tick table of a
+give the loss and the gradients (parameters, micro-batches) of the stages run one after another,
+with stages' auxiliary losses and statistics too; the tick table of a
 small 1F1B worked by hand; stages that do not fit the schedule refused by name."""
 
 import jax
@@ -63,12 +64,58 @@ def test_a_scheduled_pipeline_gives_the_loss_and_gradients_of_the_stages_in_sequ
   mesh = jax.make_mesh((devices, data), ("stage", "data"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
-    loss, grads, input_grads = jax.jit(scheduled(name, _stage, _loss, "stage", "data"))(
+    loss, grads, input_grads, _ = jax.jit(scheduled(name, _stage, _loss, "stage", "data"))(
         params, x, targets)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
   np.testing.assert_allclose(input_grads, expected_input, rtol=1e-4, atol=1e-5)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _stage_with_aux(params, h):
+  """A stage as an MoE stage returns: output, (its auxiliary loss, its statistics)."""
+  y = _stage(params, h)
+  return y, (0.01 * jnp.sum(y ** 2), {"positive": jnp.sum(y > 0), "total": jnp.sum(y)})
+
+
+@pytest.mark.parametrize("name", ["1f1b", "dualpipev"])
+def test_stage_auxiliary_losses_and_statistics_come_out_of_the_pipeline(name):
+  """Each stage's aux loss joins the loss and the gradients; its statistics are summed over
+  micro-batches and data shards, per stage."""
+  devices, microbatches = 4, 8
+  stages = devices * (2 if name == "dualpipev" else 1)
+  keys = jax.random.split(jax.random.key(7), 4)
+  params = {"w": jax.random.normal(keys[0], (stages, D, D)) / 4,
+            "b": jax.random.normal(keys[1], (stages, D))}
+  x = jax.random.normal(keys[2], (microbatches, B, D))
+  targets = jax.random.normal(keys[3], (microbatches, B, D))
+
+  def in_sequence(params, x):
+    total, stats = 0.0, []
+    for m in range(microbatches):
+      h = x[m]
+      for s in range(stages):
+        h, (aux, stage_stats) = _stage_with_aux(jax.tree.map(lambda p: p[s], params), h)
+        total = total + aux
+        stats.append(stage_stats)
+      total = total + _loss(h, targets[m])
+    per_stage = jax.tree.map(lambda *v: jnp.stack(v).reshape(microbatches, stages).sum(0),
+                             *stats)
+    return total, per_stage
+
+  (expected_loss, expected_stats), expected = jax.value_and_grad(in_sequence, (0, 1),
+                                                                has_aux=True)(params, x)
+  mesh = jax.make_mesh((devices, 2), ("stage", "data"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    result = jax.jit(scheduled(name, _stage_with_aux, _loss, "stage", "data", has_aux=True))(
+        params, x, targets)
+  np.testing.assert_allclose(result.loss, expected_loss, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves((result.grads, result.input_grads)),
+                       jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(result.stats["positive"], expected_stats["positive"])
+  np.testing.assert_allclose(result.stats["total"], expected_stats["total"], rtol=1e-4, atol=1e-3)
 
 
 def test_stages_that_do_not_fit_the_schedule_are_refused_by_name():

@@ -2,12 +2,14 @@
 explicitly, so the order is the schedule's (GPipe, 1F1B, DualPipeV), not the one
 differentiation gives.
 
-`scheduled(name, stage_fn, loss_fn, axis, batch_axes)` returns
-f(stage_params [S, ...], microbatches [M, B, ...], targets [M, B, ...])
-  -> (loss, grads [S, ...], input_grads [M, B, ...]):
+`scheduled(name, stage_fn, loss_fn, axis, batch_axes, has_aux)` returns
+f(stage_params [S, ...], microbatches [M, B, ...], targets [M, B, ...]) -> `Result`:
 the summed loss of every micro-batch (`loss_fn(last stage's output, targets)`) and its gradient
 with respect to every stage's parameters (in stage order) and to the micro-batches (for what
-runs before the pipeline, e.g. the embedding). Inside `jax.shard_map` the
+runs before the pipeline, e.g. the embedding). With `has_aux`, `stage_fn(params, x)` returns
+`(y, (aux_loss, stats))`, as an MoE stage does: each stage's auxiliary loss (its balancing
+losses) joins the loss and its gradient, and its statistics (expert counts) are summed over
+micro-batches and data shards, per stage. Inside `jax.shard_map` the
 schedule is played in ticks, one operation per device per tick (`tick_table`; the two of an
 overlapped slot on consecutive ticks). Each device holds its stages as chunks (one, or two for
 DualPipeV's V), with per chunk a buffer of inputs, of output gradients and of kept inputs, by
@@ -43,6 +45,13 @@ IDLE, FORWARD, FULL_BACKWARD, INPUT_GRADIENT, WEIGHT_GRADIENT = range(5)
 KINDS = {"F": FORWARD, "BW": FULL_BACKWARD, "B": INPUT_GRADIENT, "W": WEIGHT_GRADIENT}
 NOWHERE, NEXT_DEVICE, PREVIOUS_DEVICE, SAME_DEVICE = range(4)   # where a result goes
 INPUTS, GRADIENTS = 0, 1                                           # which buffer it fills
+
+
+class Result(NamedTuple):
+  loss: jax.Array            # summed over micro-batches (and the stages' auxiliary losses)
+  grads: object              # like the stage parameters: [S, ...]
+  input_grads: jax.Array     # like the micro-batches: [M, B, ...]
+  stats: object              # with has_aux: each stage's statistics, summed: [S, ...]
 
 
 class TickTable(NamedTuple):
@@ -87,8 +96,9 @@ def tick_table(schedule: schedules.Schedule) -> TickTable:
   return table
 
 
-def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None):
-  """The loss and parameter gradients of the stages in sequence, run by schedule `name`."""
+def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None,
+              has_aux: bool = False):
+  """The loss and gradients of the stages in sequence, run by schedule `name`."""
   batch = P(None, batch_axes)
 
   def run(stage_params, microbatches, targets):
@@ -103,12 +113,28 @@ def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None
           f"{name} on {num_devices} devices runs {schedule.num_stages} stages, got {num_stages}")
     # Each device's stages next to each other (DualPipeV's V: d and 2D - 1 - d), and back.
     order = np.array([s for stages in schedule.stages_of_device for s in stages])
-    per_device = functools.partial(_play, stage_fn, loss_fn, axis, batch_axes,
-                                   tick_table(schedule), len(schedule.stages_of_device[0]))
-    loss, grads, input_grads = jax.shard_map(
-        per_device, in_specs=(P(axis), batch, batch), out_specs=(P(), P(axis), batch))(
+    per_device = functools.partial(_play, _with_aux(stage_fn, has_aux), loss_fn, axis,
+                                   batch_axes, tick_table(schedule),
+                                   len(schedule.stages_of_device[0]))
+    loss, grads, input_grads, stats = jax.shard_map(
+        per_device, in_specs=(P(axis), batch, batch),
+        out_specs=(P(), P(axis), batch, P(axis)))(
         jax.tree.map(lambda p: p[order], stage_params), microbatches, targets)
-    return loss, jax.tree.map(lambda g: g[np.argsort(order)], grads), input_grads
+    in_stage_order = lambda tree: jax.tree.map(lambda g: g[np.argsort(order)], tree)
+    return Result(loss, in_stage_order(grads), input_grads, in_stage_order(stats))
+  return run
+
+
+def _with_aux(stage_fn, has_aux: bool):
+  """stage_fn as (params, x) -> ((y, aux_loss), stats), whatever it returns."""
+  if has_aux:
+    def split(params, x):
+      y, (aux_loss, stats) = stage_fn(params, x)
+      return (y, aux_loss), stats
+  else:
+    def split(params, x):
+      return (stage_fn(params, x), jnp.zeros((), jnp.float32)), ()
+  return split
   return run
 
 
@@ -144,14 +170,22 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
     received = at(state["buffers"], GRADIENTS, chunk, microbatch)
     return jnp.where(is_last, loss_grad, received), jnp.where(is_last, value, 0.0)
 
-  def add(grads, chunk, grad_params):
-    return jax.tree.map(lambda g, d: g.at[chunk].add(d), grads, grad_params)
+  def add(totals, chunk, values):
+    return jax.tree.map(lambda total, value: total.at[chunk].add(value), totals, values)
 
   def forward(state, chunk, microbatch):
     x = jnp.where(first_stage & (chunk == 0), at(microbatches, microbatch),
                   at(state["buffers"], INPUTS, chunk, microbatch))
-    state = dict(state, kept=put(state["kept"], x, chunk, microbatch))
-    return state, stage_fn(stage_of(chunk), x)
+    (y, aux_loss), stats = stage_fn(stage_of(chunk), x)
+    return dict(state, kept=put(state["kept"], x, chunk, microbatch),
+                stats=add(state["stats"], chunk, stats),
+                loss=state["loss"] + aux_loss), y
+
+  def differentiable(params, x):
+    return stage_fn(params, x)[0]               # (y, aux_loss)
+
+  def cotangent(grad_out, aux_loss):
+    return grad_out, jnp.ones_like(aux_loss)    # the aux loss enters the loss as it is
 
   def keep_input_gradient(state, chunk, microbatch, grad_x):
     """The first stage's input gradient has no stage to go to: it is returned."""
@@ -160,27 +194,28 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
     return put(state["input_grads"], jnp.where(is_first, grad_x, current), microbatch)
 
   def full_backward(state, chunk, microbatch):
-    out, pullback = jax.vjp(stage_fn, stage_of(chunk), at(state["kept"], chunk, microbatch))
+    (out, aux_loss), pullback = jax.vjp(differentiable, stage_of(chunk),
+                                        at(state["kept"], chunk, microbatch))
     grad_out, loss = output_gradient(state, chunk, microbatch, out)
-    grad_params, grad_x = pullback(grad_out)
+    grad_params, grad_x = pullback(cotangent(grad_out, aux_loss))
     return dict(state, grads=add(state["grads"], chunk, grad_params),
                 input_grads=keep_input_gradient(state, chunk, microbatch, grad_x),
                 loss=state["loss"] + loss), grad_x
 
   def input_gradient(state, chunk, microbatch):
     params_now = stage_of(chunk)
-    out, pullback = jax.vjp(lambda x: stage_fn(params_now, x),
-                            at(state["kept"], chunk, microbatch))
+    (out, aux_loss), pullback = jax.vjp(lambda x: differentiable(params_now, x),
+                                        at(state["kept"], chunk, microbatch))
     grad_out, loss = output_gradient(state, chunk, microbatch, out)
-    (grad_x,) = pullback(grad_out)
+    (grad_x,) = pullback(cotangent(grad_out, aux_loss))
     return dict(state, deferred=put(state["deferred"], grad_out, chunk, microbatch),
                 input_grads=keep_input_gradient(state, chunk, microbatch, grad_x),
                 loss=state["loss"] + loss), grad_x
 
   def weight_gradient(state, chunk, microbatch):
     x = at(state["kept"], chunk, microbatch)
-    _, pullback = jax.vjp(lambda p: stage_fn(p, x), stage_of(chunk))
-    (grad_params,) = pullback(at(state["deferred"], chunk, microbatch))
+    (_, aux_loss), pullback = jax.vjp(lambda p: differentiable(p, x), stage_of(chunk))
+    (grad_params,) = pullback(cotangent(at(state["deferred"], chunk, microbatch), aux_loss))
     return dict(state, grads=add(state["grads"], chunk, grad_params)), zero
 
   def idle(state, chunk, microbatch):
@@ -206,10 +241,13 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
            "kept": per_chunk, "deferred": per_chunk,
            "input_grads": varying(jnp.zeros_like(microbatches)),
            "grads": jax.tree.map(lambda p: varying(jnp.zeros_like(p)), params),
+           "stats": jax.tree.map(
+               lambda leaf: varying(jnp.zeros((num_chunks,) + leaf.shape, leaf.dtype)),
+               jax.eval_shape(stage_fn, stage_of(0), microbatches[0])[1]),
            "loss": varying(jnp.zeros((), jnp.float32))}
   state, _ = jax.lax.scan(tick, start, jnp.arange(table.kind.shape[1]))
   loss, input_grads = jax.lax.psum((state["loss"], state["input_grads"]), axis)
-  grads = state["grads"]
+  grads, stats = state["grads"], state["stats"]
   if batch_axes is not None:
-    loss, grads = jax.lax.psum((loss, grads), batch_axes)
-  return loss, grads, input_grads
+    loss, grads, stats = jax.lax.psum((loss, grads, stats), batch_axes)
+  return loss, grads, input_grads, stats
