@@ -243,7 +243,7 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
            "grads": jax.tree.map(lambda p: varying(jnp.zeros_like(p)), params),
            "stats": jax.tree.map(
                lambda leaf: varying(jnp.zeros((num_chunks,) + leaf.shape, leaf.dtype)),
-               jax.eval_shape(stage_fn, stage_of(0), microbatches[0])[1]),
+               jax.eval_shape(stage_fn, stage_of(0), varying(microbatches[0]))[1]),
            "loss": varying(jnp.zeros((), jnp.float32))}
   state, _ = jax.lax.scan(tick, start, jnp.arange(table.kind.shape[1]))
   loss, input_grads = jax.lax.psum((state["loss"], state["input_grads"]), axis)

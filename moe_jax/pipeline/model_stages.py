@@ -1,0 +1,39 @@
+"""A model's scanned MoE blocks as pipeline stages: the stage function and its parameters.
+
+`moe_stages(model, num_stages, seq_len)` splits a scanned model's MoE block stack (L blocks,
+every variable with a leading layer axis) into `num_stages` stages of L / S consecutive blocks
+and returns `(stage_fn, stage_state)` for `scheduled.scheduled(..., has_aux=True)`:
+`stage_state` is the stack's state with leading axes [S, L / S], and
+`stage_fn(state, x) -> (x, (aux_loss, counts [L / S, E]))` runs one stage's blocks by a scan,
+with their auxiliary losses summed as the training loss sums them (`steps.loss_fn`) and each
+block's expert counts for the balancing-bias update.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.pipeline.schedules import ScheduleError
+
+
+def moe_stages(model, num_stages: int, seq_len: int):
+  """(stage_fn, stage_state) of `model`'s MoE blocks split into `num_stages` stages."""
+  stack = getattr(model, "moe_blocks", None)
+  if stack is None:
+    raise ScheduleError("pipeline stages need the model's MoE blocks as a stack: set "
+                        "model.scan_layers=True, with at least one MoE block")
+  if stack.count % num_stages:
+    raise ScheduleError(f"{stack.count} MoE blocks do not split into {num_stages} stages")
+  graphdef, state = nnx.split(stack.layers)
+  per_stage = stack.count // num_stages
+  stage_state = jax.tree.map(lambda a: a.reshape(num_stages, per_stage, *a.shape[1:]), state)
+  positions = jnp.arange(seq_len)
+
+  def stage_fn(state, x):
+    def block(x, layer_state):
+      return nnx.merge(graphdef, layer_state)(x, positions)
+    x, stats = jax.lax.scan(block, x, state)
+    aux_loss = jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss)
+    return x, (aux_loss, stats.counts)
+
+  return stage_fn, stage_state

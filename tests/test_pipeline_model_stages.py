@@ -1,0 +1,73 @@
+"""A model's scanned MoE blocks as pipeline stages on 8 simulated devices: run by 1F1B and
+DualPipeV, the loss (with the blocks' balancing losses), the gradients of the blocks and of
+their input, and each block's expert counts equal the unsplit stack's."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax.model import Transformer
+from moe_jax.pipeline.model_stages import moe_stages
+from moe_jax.pipeline.schedules import ScheduleError
+from moe_jax.pipeline.scheduled import scheduled
+from moe_jax.routing import BalancingSettings
+from tests.model_variants import SMALL
+
+SEQ, ROWS, MICROBATCHES = 8, 4, 8
+
+
+def _loss(h, targets):
+  return jnp.sum((h - targets) ** 2) * 1e-2
+
+
+@pytest.mark.parametrize("name,devices,stages", [("1f1b", 2, 2), ("dualpipev", 2, 4)])
+def test_moe_blocks_as_stages_equal_the_unsplit_stack(name, devices, stages):
+  spec = SMALL.replace(num_layers=5, num_dense_layers=1, scan_layers=True,
+                       balancing=BalancingSettings(switch_loss_alpha=0.01,
+                                                   sequence_loss_alpha=0.001, z_loss_coef=0.001))
+  model = Transformer(spec, nnx.Rngs(params=0))
+  stage_fn, stage_state = moe_stages(model, stages, SEQ)
+  keys = jax.random.split(jax.random.key(1), 2)
+  x = jax.random.normal(keys[0], (MICROBATCHES, ROWS, SEQ, spec.d_model))
+  targets = jax.random.normal(keys[1], x.shape)
+  graphdef, state = nnx.split(model.moe_blocks.layers)
+
+  def unsplit(state, x):
+    """Every micro-batch through the whole stack: summed losses, and counts per block."""
+    total, counts = 0.0, 0.0
+    for m in range(MICROBATCHES):
+      h, stats = jax.lax.scan(
+          lambda h, s: nnx.merge(graphdef, s)(h, jnp.arange(SEQ)), x[m], state)
+      total = total + _loss(h, targets[m]) + jnp.sum(stats.switch_loss + stats.sequence_loss
+                                                     + stats.z_loss)
+      counts = counts + stats.counts
+    return total, counts
+
+  (expected_loss, expected_counts), (expected_grads, expected_input) = jax.value_and_grad(
+      unsplit, (0, 1), has_aux=True)(state, x)
+  # One data shard: the balancing losses are not sums over rows (Switch's is a product of
+  # means), so data shards inside the pipeline would each compute their own.
+  mesh = jax.make_mesh((devices,), ("stage",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:devices])
+  with jax.set_mesh(mesh):
+    result = jax.jit(scheduled(name, stage_fn, _loss, "stage", None, has_aux=True))(
+        stage_state, x, targets)
+  np.testing.assert_allclose(result.loss, expected_loss, rtol=1e-5)
+  np.testing.assert_allclose(result.input_grads, expected_input, rtol=1e-4, atol=1e-6)
+  merge = lambda a: a.reshape(-1, *a.shape[2:])           # [S, L/S, ...] -> [L, ...]
+  for got, want in zip(jax.tree.leaves(jax.tree.map(merge, result.grads)),
+                       jax.tree.leaves(expected_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(merge(result.stats), expected_counts)
+
+
+def test_a_model_that_does_not_split_into_the_stages_is_refused_by_name():
+  listed = Transformer(SMALL.replace(num_layers=5, num_dense_layers=1), nnx.Rngs(params=0))
+  with pytest.raises(ScheduleError, match="set model.scan_layers=True"):
+    moe_stages(listed, 2, SEQ)
+  scanned = Transformer(SMALL.replace(num_layers=5, num_dense_layers=1, scan_layers=True),
+                        nnx.Rngs(params=0))
+  with pytest.raises(ScheduleError, match="4 MoE blocks do not split into 3 stages"):
+    moe_stages(scanned, 3, SEQ)
