@@ -20,7 +20,7 @@ from moe_jax.kernels import fp8, fp8_grouped_matmul, grouped_matmul
 class SwiGLUExperts:
   """The weights, which grouped-matmul implementation ragged groups use (a name of
   `grouped_matmul.IMPLEMENTATIONS`, from `dispatch.grouped_matmul`), and whether the three
-  products run in FP8 (`dispatch.fp8_experts`: kernels/fp8.py's numerics, every backend)."""
+  products run in FP8 (`dispatch.fp8_experts`: kernels/fp8.py, kernels/fp8_grouped_matmul.py)."""
 
   w_gate: Float[Array, "E D F"]
   w_up: Float[Array, "E D F"]
