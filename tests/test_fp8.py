@@ -230,7 +230,7 @@ def _training_losses(tmp_path, name: str, fp8_experts: bool) -> np.ndarray:
   config = get_config("tiny,steps=100")
   config.model.compute_dtype = "bfloat16"
   config.dispatch.fp8_experts = fp8_experts
-  config.train.update(log_every=10, eval_every=150, eval_batches=2, checkpoint_every=1000,
+  config.train.update(log_every=10, eval_every=100, eval_batches=2, checkpoint_every=1000,
                       sample_tokens=0)
   train_and_evaluate(config, tmp_path / name)
   records = metrics.read_jsonl(tmp_path / name / "metrics.jsonl")
