@@ -105,6 +105,17 @@ def dense_step(d, f, rows, seed=0):
   return jax.jit(jax.grad(loss, argnums=(0, 1))), params
 
 
+def _random_case(rng, n, k_dim, f_dim, e, weight_dtype, cotangent_dtype):
+  """Group sizes skewed (Dirichlet 0.3) over n - 37 rows, one group empty; bf16 rows [n, K],
+  weights [e, K, F], a cotangent [n, F]."""
+  sizes = rng.multinomial(n - 37, rng.dirichlet(np.full(e, 0.3)))
+  sizes[rng.integers(e)] = 0
+  rows = jnp.asarray(rng.normal(size=(n, k_dim)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(e, k_dim, f_dim)) / math.sqrt(k_dim), weight_dtype)
+  cotangent = jnp.asarray(rng.normal(size=(n, f_dim)), cotangent_dtype)
+  return sizes, rows, w, cotangent
+
+
 def check_kernels(interpret: bool) -> None:
   """The kernels against jax.lax.ragged_dot (float32 reference), fresh random inputs, skewed
   groups with empty ones, forward and both gradients; prints relative errors."""
@@ -114,11 +125,7 @@ def check_kernels(interpret: bool) -> None:
   if interpret:   # Pallas interpret mode runs the kernels op by op: keep it small
     cases = [(300, 64, 96, 8), (200, 32, 64, 5)]
   for n, k_dim, f_dim, e in cases:
-    sizes = rng.multinomial(n - 37, rng.dirichlet(np.full(e, 0.3)))
-    sizes[rng.integers(e)] = 0
-    rows = jnp.asarray(rng.normal(size=(n, k_dim)), jnp.bfloat16)
-    w = jnp.asarray(rng.normal(size=(e, k_dim, f_dim)) / math.sqrt(k_dim), jnp.bfloat16)
-    cotangent = jnp.asarray(rng.normal(size=(n, f_dim)), jnp.float32)
+    sizes, rows, w, cotangent = _random_case(rng, n, k_dim, f_dim, e, jnp.bfloat16, jnp.float32)
     group_sizes = jnp.asarray(sizes, jnp.int32)
     blocks = gm.Blocks() if not interpret else gm.Blocks(m=16, n=32, k=32)
 
@@ -148,18 +155,14 @@ def check_kernels(interpret: bool) -> None:
 
 def check_fp8_kernels(interpret: bool) -> None:
   """The FP8 kernels against kernels/fp8.py's XLA numerics over the same 128-row tiles, and
-  both against the bf16-free float32 product: forward and both gradients, relative errors."""
+  both against the float32 product: forward and both gradients, relative errors."""
   from moe_jax.kernels import fp8
   from moe_jax.kernels import fp8_grouped_matmul as fgm
   rng = np.random.default_rng(int(time.time()))
   print("FP8 kernel check (relative error against the XLA FP8 numerics; against float32):")
   cases = [(300, 200, 136, 5)] if interpret else [(20000, 2048, 1408, 64), (4096, 7168, 2048, 8)]
   for n, k_dim, f_dim, e in cases:
-    sizes = rng.multinomial(n - 37, rng.dirichlet(np.full(e, 0.3)))
-    sizes[rng.integers(e)] = 0
-    rows = jnp.asarray(rng.normal(size=(n, k_dim)), jnp.bfloat16)
-    w = jnp.asarray(rng.normal(size=(e, k_dim, f_dim)) / math.sqrt(k_dim), jnp.float32)
-    cotangent = jnp.asarray(rng.normal(size=(n, f_dim)), jnp.bfloat16)
+    sizes, rows, w, cotangent = _random_case(rng, n, k_dim, f_dim, e, jnp.float32, jnp.bfloat16)
     layout = gm.group_layout(jnp.asarray(sizes, jnp.int32), n, fp8.TILE)
     dots = {"kernel": fgm.padded_fp8_dot(layout, interpret), "xla": gm.tiled_dot(layout, fp8.TILE, fp8.fp8_matmul),
             "float32": gm.tiled_dot(layout, fp8.TILE)}
