@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moe_jax.pipeline.carry import varying_along
+
 
 def gpipe(stage_fn, axis: str = "stage", batch_axes=None):
   """f(stage_params [S, ...], microbatches [M, B, ...]) -> outputs [M, B, ...] over the context
@@ -55,7 +57,7 @@ def _ticks(stage_fn, axis, stage_params, microbatches):
     return (jax.lax.ppermute(out, axis, forward_to_next), outputs), None
 
   # The carry differs from stage to stage: declared so from the start (shard_map's type check).
-  varying = lambda x: jax.lax.pcast(x, axis, to="varying")
+  varying = varying_along((axis,))
   start = (varying(jnp.zeros_like(microbatches[0])), varying(jnp.zeros_like(microbatches)))
   (_, outputs), _ = jax.lax.scan(tick, start, jnp.arange(num_microbatches + num_stages - 1))
   # Only the last stage holds the outputs: share them along the axis.

@@ -40,6 +40,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.pipeline import schedules
+from moe_jax.pipeline.carry import varying_along
 
 IDLE, FORWARD, FULL_BACKWARD, INPUT_GRADIENT, WEIGHT_GRADIENT = range(5)
 KINDS = {"F": FORWARD, "BW": FULL_BACKWARD, "B": INPUT_GRADIENT, "W": WEIGHT_GRADIENT}
@@ -144,10 +145,7 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
   device = jax.lax.axis_index(axis)
   all_axes = (axis,) + (() if batch_axes is None else
                         (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
-  # Loop carries differ from device to device along every axis: typed so from the start
-  # (shard_map checks that a loop's carry keeps its type), with a zero that does.
-  differing_zero = sum(jax.lax.axis_index(a) for a in all_axes) * 0
-  varying = lambda x: x + differing_zero.astype(x.dtype)
+  varying = varying_along(all_axes)   # loop carries differ along every axis
   # Each data shard's own parameter gradient (summed over the shards at the end): without this
   # the pullback of parameters shared by the shards would sum them already.
   params = jax.tree.map(varying, stage_params)              # [C, ...]: this device's stages
