@@ -216,8 +216,12 @@ def _section_problems(config, section: str) -> list[str]:
 
 
 def _backend_problems(config, backend: str) -> list[str]:
-  """GPU-only kernels asked for on another backend (they would fail inside the first step)."""
+  """Kernels and collectives asked for on a backend without them (they would fail inside the
+  first step)."""
   problems = []
+  if config.dispatch.expert_parallel == "ragged_all_to_all" and backend == "cpu":
+    problems.append("dispatch.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend: the "
+                    "cpu backend has no ragged_all_to_all; use 'all_to_all' or 'all_gather'")
   kernels = config.dispatch.grouped_matmul
   if backend != "gpu" and config.dispatch.strategy == "dropless" and kernels in ("mosaic",
                                                                                  "pallas"):
@@ -243,9 +247,6 @@ def _problems(config, num_devices: int, backend: str, granules: int) -> list[str
   # checks that span sections
   need(config.model.mtp_depth < d.seq_len,
        f"model.mtp_depth={config.model.mtp_depth} must be below data.seq_len={d.seq_len}")
-  if config.dispatch.expert_parallel == "ragged_all_to_all" and backend == "cpu":
-    problems.append("dispatch.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend: the "
-                    "cpu backend has no ragged_all_to_all; use 'all_to_all' or 'all_gather'")
   problems.extend(_backend_problems(config, backend))
   if d.source != "tokens":
     need(config.model.vocab_size >= tokenization.MIN_VOCAB,
