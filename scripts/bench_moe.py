@@ -22,9 +22,11 @@ choice scores. Each time is the median of --repeats runs after --warmup runs.
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import functools
 import math
+import multiprocessing
 import statistics
 import sys
 import time
@@ -48,6 +50,7 @@ SHAPES = {   # name: (D, routed experts E, expert width F, top-k, what it is)
     "a": (2048, 64, 1408, 6, "DeepSeek-V2-Lite layer (its 2 shared experts left out)"),
     "b": (7168, 64, 2048, 8, "DeepSeek-V3-like layer scaled to one GPU (shared left out)"),
     "c": (4096, 8, 14336, 2, "Mixtral-like coarse layer"),
+    "t": (1024, 64, 384, 6, "the MoE layer of scripts/bench_train.py's 1.29B model"),
     "tiny": (64, 8, 32, 2, "a smoke test of this script on CPU"),
 }
 ZIPF = 0.6
@@ -366,6 +369,19 @@ def torch_ms(d, e, f, k, tokens, skew, warmup, repeats) -> float:
   return 1e3 * statistics.median(times)
 
 
+def torch_times(cases, warmup, repeats) -> dict:
+  """{(d, e, f, k, tokens, skewed): ms} of the PyTorch layer, after checking it; run in a child
+  process, so that PyTorch's memory is the GPU's again before jax takes most of it."""
+  import torch
+  print(f"PyTorch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+  check_torch_layer()
+  times = {}
+  for case in cases:
+    times[case] = torch_ms(*case, warmup, repeats)
+    torch.cuda.empty_cache()
+  return times
+
+
 def check_torch_layer() -> None:
   """The PyTorch layer against its per-token loop on a small input (bfloat16 tolerance)."""
   import torch
@@ -378,7 +394,8 @@ def check_torch_layer() -> None:
   assert error < 2e-2, error
 
 
-def run(shapes, token_counts, routings, dispatchers, warmup, repeats, with_torch=False):
+def run(shapes, token_counts, routings, dispatchers, warmup, repeats, torch_ms_of=None):
+  """The table's rows; `torch_ms_of`: the PyTorch layer's times by case (`torch_times`)."""
   rows_out = []
   for shape in shapes:
     d, e, f, k, what = SHAPES[shape]
@@ -393,8 +410,8 @@ def run(shapes, token_counts, routings, dispatchers, warmup, repeats, with_torch
       rows_out.append((shape, tokens, "-", "dense MLP (reference)", dense_ms, dense_tflops, 100.0, 0.0, 0.0))
       print(f"{shape} T={tokens}: dense MLP {dense_ms:.2f} ms {dense_tflops:.0f} TFLOP/s", flush=True)
       for routing in routings:
-        if with_torch:
-          ms = torch_ms(d, e, f, k, tokens, routing == "skewed", warmup, repeats)
+        if torch_ms_of:
+          ms = torch_ms_of[(d, e, f, k, tokens, routing == "skewed")]
           tflops = useful(tokens * k) / ms / 1e9
           rows_out.append((shape, tokens, routing, "PyTorch torch._grouped_mm", ms, tflops,
                            100 * tflops / dense_tflops, 0.0, None))
@@ -466,13 +483,17 @@ def main():
   if args.breakdown:
     breakdown(args.shapes.split(","), int(args.tokens.split(",")[0]), args.warmup, args.repeats)
     return
-  if args.torch:
-    import torch
-    print(f"PyTorch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    check_torch_layer()
-  rows = run(args.shapes.split(","), [int(t) for t in args.tokens.split(",")],
-             args.routing.split(","), args.dispatchers.split(","), args.warmup, args.repeats,
-             args.torch)
+  shapes, token_counts = args.shapes.split(","), [int(t) for t in args.tokens.split(",")]
+  routings = args.routing.split(",")
+  torch_ms_of = None
+  if args.torch:   # every PyTorch time first, in a process of its own
+    cases = [(*SHAPES[shape][:4], tokens, routing == "skewed") for shape in shapes
+             for tokens in token_counts for routing in routings]
+    with concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn")) as pool:
+      torch_ms_of = pool.submit(torch_times, cases, args.warmup, args.repeats).result()
+  rows = run(shapes, token_counts, routings, args.dispatchers.split(","), args.warmup,
+             args.repeats, torch_ms_of)
   print()
   print("command: python scripts/bench_moe.py " + " ".join(sys.argv[1:]))
   print(table(rows))

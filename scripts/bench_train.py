@@ -90,7 +90,7 @@ def hlo_scopes(hlo_text: str) -> dict[str, str]:
 
 
 def top_device_ops(trace_dir: Path, steps_traced: int, scopes: dict[str, str],
-                   count: int = 25) -> None:
+                   count: int = 40) -> None:
   """Prints the busiest device thread of a jax.profiler trace: its ops by time per step, and
   the same time summed by model part (the named scope of each op's HLO)."""
   [path] = sorted(trace_dir.rglob("perfetto_trace.json.gz"))[-1:]
@@ -110,12 +110,17 @@ def top_device_ops(trace_dir: Path, steps_traced: int, scopes: dict[str, str],
           e.get("dur", 0))
   for key, ops in sorted(by_thread.items(), key=lambda kv: -sum(kv[1].values()))[:2]:
     total = sum(ops.values())
-    by_scope, by_kernel = collections.Counter(), collections.Counter()
+    by_scope, by_kernel, by_kind = (collections.Counter() for _ in range(3))
     for (kernel, op), micros in ops.items():
-      by_scope[scopes.get(op, "(not an HLO op)")] += micros
-      by_kernel[f"{kernel[:70]} [{op[:30]}: {scopes.get(op, '')}]"] += micros
+      scope = scopes.get(op, "(not an HLO op)")
+      by_scope[scope] += micros
+      by_kernel[f"{kernel[:70]} [{op[:30]}: {scope}]"] += micros
+      # The same kernel in every layer: numbered fusions and ops lose their numbers.
+      by_kind[f"{re.sub(r'[._]?[0-9]+$', '', kernel)[:70]} [{scope}]"] += micros
     print(f"  device thread {names.get(key, key)}: {total / steps_traced / 1e3:.1f} ms per step")
-    for title, table in (("kernel [op: model part]", by_kernel), ("model part", by_scope)):
+    for title, table in (("kernel [op: model part]", by_kernel),
+                         ("kernel kind, all layers [model part]", by_kind),
+                         ("model part", by_scope)):
       print(f"    by {title}:")
       for name, micros in table.most_common(count):
         print(f"    {micros / steps_traced / 1e3:8.2f} ms {100 * micros / total:5.1f}%  "
