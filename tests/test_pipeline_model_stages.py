@@ -18,7 +18,7 @@ from tests.model_variants import SMALL
 SEQ, ROWS, MICROBATCHES = 8, 4, 4
 
 
-def _loss(h, targets):
+def _loss(_, h, targets):
   return jnp.sum((h - targets) ** 2) * 1e-2
 
 
@@ -40,27 +40,30 @@ def test_moe_blocks_as_stages_equal_the_unsplit_stack(name, devices, stages):
     for m in range(MICROBATCHES):
       h, stats = jax.lax.scan(
           lambda h, s: nnx.merge(graphdef, s)(h, jnp.arange(SEQ)), x[m], state)
-      total = total + _loss(h, targets[m]) + jnp.sum(stats.switch_loss + stats.sequence_loss
-                                                     + stats.z_loss)
+      total = total + _loss(None, h, targets[m]) + jnp.sum(
+          stats.switch_loss + stats.sequence_loss + stats.z_loss)
       counts = counts + stats.counts
     return total, counts
 
   (expected_loss, expected_counts), (expected_grads, expected_input) = jax.jit(
       jax.value_and_grad(unsplit, (0, 1), has_aux=True))(state, x)
-  # One data shard: the balancing losses are not sums over rows (Switch's is a product of
-  # means), so data shards inside the pipeline would each compute their own.
-  mesh = jax.make_mesh((devices,), ("stage",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:devices])
+  # The rows split over `data` too, which the pipeline leaves to the compiler (batch_axes
+  # None): a stage sees whole micro-batches, so its balancing losses are the whole
+  # micro-batch's (Switch's is a product of means: per-shard ones would differ by 0.1-0.4%).
+  mesh = jax.make_mesh((devices, 2), ("stage", "data"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:2 * devices])
   with jax.set_mesh(mesh):
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
     result = jax.jit(scheduled(name, stage_fn, _loss, "stage", None, has_aux=True))(
-        stage_state, x, targets)
+        stage_state, jax.device_put(x, rows), jax.device_put(targets, rows))
   np.testing.assert_allclose(result.loss, expected_loss, rtol=1e-5)
   np.testing.assert_allclose(result.input_grads, expected_input, rtol=1e-4, atol=1e-6)
   merge = lambda a: a.reshape(-1, *a.shape[2:])           # [S, L/S, ...] -> [L, ...]
   for got, want in zip(jax.tree.leaves(jax.tree.map(merge, result.grads)),
                        jax.tree.leaves(expected_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-  np.testing.assert_array_equal(merge(result.stats), expected_counts)
+  np.testing.assert_array_equal(merge(result.stats.counts), expected_counts)
 
 
 def test_a_model_that_does_not_split_into_the_stages_is_refused_by_name():

@@ -18,8 +18,9 @@ def _stage(params, h):
   return jnp.tanh(h @ params["w"] + params["b"])
 
 
-def _loss(y, targets):
-  return jnp.sum((y - targets) ** 2)
+def _loss(head, y, targets):
+  """The last stage's loss through parameters of its own (an output head's)."""
+  return jnp.sum((y @ head - targets) ** 2)
 
 
 def test_a_two_stage_1f1b_tick_table_worked_by_hand():
@@ -50,24 +51,27 @@ def test_a_scheduled_pipeline_gives_the_loss_and_gradients_of_the_stages_in_sequ
             "b": jax.random.normal(keys[1], (stages, D))}
   x = jax.random.normal(keys[2], (microbatches, B, D))
   targets = jax.random.normal(keys[3], (microbatches, B, D))
+  head = jnp.eye(D) + 0.1 * jax.random.normal(jax.random.key(9), (D, D))
 
-  def in_sequence(params, x):
+  def in_sequence(params, x, head):
     total = 0.0
     for m in range(microbatches):
       h = x[m]
       for s in range(stages):
         h = _stage(jax.tree.map(lambda p: p[s], params), h)
-      total = total + _loss(h, targets[m])
+      total = total + _loss(head, h, targets[m])
     return total
 
-  expected_loss, (expected, expected_input) = jax.value_and_grad(in_sequence, (0, 1))(params, x)
+  expected_loss, (expected, expected_input, expected_head) = jax.value_and_grad(
+      in_sequence, (0, 1, 2))(params, x, head)
   mesh = jax.make_mesh((devices, data), ("stage", "data"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
-    loss, grads, input_grads, _ = jax.jit(scheduled(name, _stage, _loss, "stage", "data"))(
-        params, x, targets)
+    loss, grads, input_grads, _, head_grad = jax.jit(
+        scheduled(name, _stage, _loss, "stage", "data"))(params, x, targets, head)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
   np.testing.assert_allclose(input_grads, expected_input, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(head_grad, expected_head, rtol=1e-4, atol=1e-4)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -98,7 +102,7 @@ def test_stage_auxiliary_losses_and_statistics_come_out_of_the_pipeline(name):
         h, (aux, stage_stats) = _stage_with_aux(jax.tree.map(lambda p: p[s], params), h)
         total = total + aux
         stats.append(stage_stats)
-      total = total + _loss(h, targets[m])
+      total = total + _loss(jnp.eye(D), h, targets[m])
     per_stage = jax.tree.map(lambda *v: jnp.stack(v).reshape(microbatches, stages).sum(0),
                              *stats)
     return total, per_stage
@@ -109,7 +113,7 @@ def test_stage_auxiliary_losses_and_statistics_come_out_of_the_pipeline(name):
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
     result = jax.jit(scheduled(name, _stage_with_aux, _loss, "stage", "data", has_aux=True))(
-        params, x, targets)
+        params, x, targets, jnp.eye(D))
   np.testing.assert_allclose(result.loss, expected_loss, rtol=1e-5)
   for got, want in zip(jax.tree.leaves((result.grads, result.input_grads)),
                        jax.tree.leaves(expected)):

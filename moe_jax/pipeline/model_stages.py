@@ -4,9 +4,10 @@
 every variable with a leading layer axis) into `num_stages` stages of L / S consecutive blocks
 and returns `(stage_fn, stage_state)` for `scheduled.scheduled(..., has_aux=True)`:
 `stage_state` is the stack's state with leading axes [S, L / S], and
-`stage_fn(state, x) -> (x, (aux_loss, counts [L / S, E]))` runs one stage's blocks by a scan,
-with their auxiliary losses summed as the training loss sums them (`steps.loss_fn`) and each
-block's expert counts for the balancing-bias update.
+`stage_fn(state, x) -> (x, (aux_loss, stats))` runs one stage's blocks by a scan, with their
+auxiliary losses summed as the training loss sums them (`steps.loss_fn`) and each block's
+routing statistics (`MoEStats` with a leading [L / S] axis: the expert counts for the
+balancing-bias update, and the rest for the metrics).
 """
 
 import jax
@@ -34,6 +35,6 @@ def moe_stages(model, num_stages: int, seq_len: int):
       return nnx.merge(graphdef, layer_state)(x, positions)
     x, stats = jax.lax.scan(block, x, state)
     aux_loss = jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss)
-    return x, (aux_loss, stats.counts)
+    return x, (aux_loss, stats)
 
   return stage_fn, stage_state

@@ -3,14 +3,17 @@ explicitly, so the order is the schedule's (GPipe, 1F1B, DualPipeV), not the one
 differentiation gives.
 
 `scheduled(name, stage_fn, loss_fn, axis, batch_axes, has_aux)` returns
-f(stage_params [S, ...], microbatches [M, B, ...], targets [M, B, ...]) -> `Result`:
-the summed loss of every micro-batch (`loss_fn(last stage's output, targets)`) and its gradient
-with respect to every stage's parameters (in stage order) and to the micro-batches (for what
-runs before the pipeline, e.g. the embedding). With `has_aux`, `stage_fn(params, x)` returns
+f(stage_params [S, ...], microbatches [M, B, ...], targets [M, B, ...], loss_params) -> `Result`:
+the summed loss of every micro-batch (`loss_fn(loss_params, last stage's output, targets)`) and
+its gradient with respect to every stage's parameters (in stage order), to the micro-batches
+(for what runs before the pipeline, e.g. the embedding) and to `loss_params` (what runs after
+it on the last stage, e.g. the output head; any pytree, None for none). With `has_aux`, `stage_fn(params, x)` returns
 `(y, (aux_loss, stats))`, as an MoE stage does: each stage's auxiliary loss (its balancing
 losses) joins the loss and its gradient, and its statistics (expert counts) are summed over
-micro-batches and data shards, per stage. Inside `jax.shard_map` the
-schedule is played in ticks, one operation per device per tick (`tick_table`; the two of an
+micro-batches and data shards, per stage. Inside `jax.shard_map`, manual
+over `axis` and `batch_axes` (None: the other mesh axes stay automatic, so a stage sees the
+whole micro-batch, split over them by the compiler, and its batch statistics are the whole
+micro-batch's), the schedule is played in ticks, one operation per device per tick (`tick_table`; the two of an
 overlapped slot on consecutive ticks). Each device holds its stages as chunks (one, or two for
 DualPipeV's V), with per chunk a buffer of inputs, of output gradients and of kept inputs, by
 micro-batch:
@@ -53,6 +56,7 @@ class Result(NamedTuple):
   grads: object              # like the stage parameters: [S, ...]
   input_grads: jax.Array     # like the micro-batches: [M, B, ...]
   stats: object              # with has_aux: each stage's statistics, summed: [S, ...]
+  loss_grads: object         # like loss_params
 
 
 class TickTable(NamedTuple):
@@ -102,7 +106,7 @@ def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None
   """The loss and gradients of the stages in sequence, run by schedule `name`."""
   batch = P(None, batch_axes)
 
-  def run(stage_params, microbatches, targets):
+  def run(stage_params, microbatches, targets, loss_params=None):
     num_stages = jax.tree.leaves(stage_params)[0].shape[0]
     num_devices = jax.sharding.get_abstract_mesh().shape[axis]
     if num_stages % num_devices:
@@ -117,12 +121,14 @@ def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None
     per_device = functools.partial(_play, _with_aux(stage_fn, has_aux), loss_fn, axis,
                                    batch_axes, tick_table(schedule),
                                    len(schedule.stages_of_device[0]))
-    loss, grads, input_grads, stats = jax.shard_map(
-        per_device, in_specs=(P(axis), batch, batch),
-        out_specs=(P(), P(axis), batch, P(axis)))(
-        jax.tree.map(lambda p: p[order], stage_params), microbatches, targets)
+    manual = {axis, *(() if batch_axes is None else
+                       (batch_axes,) if isinstance(batch_axes, str) else batch_axes)}
+    loss, grads, input_grads, stats, loss_grads = jax.shard_map(
+        per_device, in_specs=(P(axis), batch, batch, P()),
+        out_specs=(P(), P(axis), batch, P(axis), P()), axis_names=manual)(
+        jax.tree.map(lambda p: p[order], stage_params), microbatches, targets, loss_params)
     in_stage_order = lambda tree: jax.tree.map(lambda g: g[np.argsort(order)], tree)
-    return Result(loss, in_stage_order(grads), input_grads, in_stage_order(stats))
+    return Result(loss, in_stage_order(grads), input_grads, in_stage_order(stats), loss_grads)
   return run
 
 
@@ -136,11 +142,10 @@ def _with_aux(stage_fn, has_aux: bool):
     def split(params, x):
       return (stage_fn(params, x), jnp.zeros((), jnp.float32)), ()
   return split
-  return run
 
 
 def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int,
-          stage_params, microbatches, targets):
+          stage_params, microbatches, targets, loss_params):
   num_devices = jax.lax.axis_size(axis)
   device = jax.lax.axis_index(axis)
   all_axes = (axis,) + (() if batch_axes is None else
@@ -149,6 +154,9 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
   # Each data shard's own parameter gradient (summed over the shards at the end): without this
   # the pullback of parameters shared by the shards would sum them already.
   params = jax.tree.map(varying, stage_params)              # [C, ...]: this device's stages
+  # Likewise the loss's parameters: the pullback of a value shared by the devices would sum
+  # its gradient over them inside a backward tick, a collective only some devices reach.
+  loss_params = jax.tree.map(varying, loss_params)
   mine = [jnp.asarray(column)[device] for column in table]
   to_next = [(i, (i + 1) % num_devices) for i in range(num_devices)]
   to_previous = [((i + 1) % num_devices, i) for i in range(num_devices)]
@@ -162,11 +170,16 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
     return jax.tree.map(lambda p: p[chunk], params)
 
   def output_gradient(state, chunk, microbatch, out):
-    """The loss's gradient on the last stage (and the loss), else what the next stage sent."""
-    value, loss_grad = jax.value_and_grad(loss_fn)(out, at(targets, microbatch))
+    """The loss's gradient on the last stage (and the loss, and the gradient of the loss's
+    parameters), else what the next stage sent (and zeros)."""
+    value, (loss_params_grad, loss_grad) = jax.value_and_grad(loss_fn, (0, 1))(
+        loss_params, out, at(targets, microbatch))
     is_last = last_stage & (chunk == num_chunks - 1)
     received = at(state["buffers"], GRADIENTS, chunk, microbatch)
-    return jnp.where(is_last, loss_grad, received), jnp.where(is_last, value, 0.0)
+    loss_grads = jax.tree.map(lambda total, g: total + jnp.where(is_last, g, 0),
+                              state["loss_grads"], loss_params_grad)
+    return (jnp.where(is_last, loss_grad, received), jnp.where(is_last, value, 0.0),
+            loss_grads)
 
   def add(totals, chunk, values):
     return jax.tree.map(lambda total, value: total.at[chunk].add(value), totals, values)
@@ -194,9 +207,9 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
   def full_backward(state, chunk, microbatch):
     (out, aux_loss), pullback = jax.vjp(differentiable, stage_of(chunk),
                                         at(state["kept"], chunk, microbatch))
-    grad_out, loss = output_gradient(state, chunk, microbatch, out)
+    grad_out, loss, loss_grads = output_gradient(state, chunk, microbatch, out)
     grad_params, grad_x = pullback(cotangent(grad_out, aux_loss))
-    return dict(state, grads=add(state["grads"], chunk, grad_params),
+    return dict(state, grads=add(state["grads"], chunk, grad_params), loss_grads=loss_grads,
                 input_grads=keep_input_gradient(state, chunk, microbatch, grad_x),
                 loss=state["loss"] + loss), grad_x
 
@@ -204,9 +217,10 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
     params_now = stage_of(chunk)
     (out, aux_loss), pullback = jax.vjp(lambda x: differentiable(params_now, x),
                                         at(state["kept"], chunk, microbatch))
-    grad_out, loss = output_gradient(state, chunk, microbatch, out)
+    grad_out, loss, loss_grads = output_gradient(state, chunk, microbatch, out)
     (grad_x,) = pullback(cotangent(grad_out, aux_loss))
     return dict(state, deferred=put(state["deferred"], grad_out, chunk, microbatch),
+                loss_grads=loss_grads,
                 input_grads=keep_input_gradient(state, chunk, microbatch, grad_x),
                 loss=state["loss"] + loss), grad_x
 
@@ -242,10 +256,12 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
            "stats": jax.tree.map(
                lambda leaf: varying(jnp.zeros((num_chunks,) + leaf.shape, leaf.dtype)),
                jax.eval_shape(stage_fn, stage_of(0), varying(microbatches[0]))[1]),
-           "loss": varying(jnp.zeros((), jnp.float32))}
+           "loss": varying(jnp.zeros((), jnp.float32)),
+           "loss_grads": jax.tree.map(lambda p: varying(jnp.zeros_like(p)), loss_params)}
   state, _ = jax.lax.scan(tick, start, jnp.arange(table.kind.shape[1]))
-  loss, input_grads = jax.lax.psum((state["loss"], state["input_grads"]), axis)
+  loss, input_grads, loss_grads = jax.lax.psum(
+      (state["loss"], state["input_grads"], state["loss_grads"]), axis)
   grads, stats = state["grads"], state["stats"]
   if batch_axes is not None:
-    loss, grads, stats = jax.lax.psum((loss, grads, stats), batch_axes)
-  return loss, grads, input_grads, stats
+    loss, grads, stats, loss_grads = jax.lax.psum((loss, grads, stats, loss_grads), batch_axes)
+  return loss, grads, input_grads, stats, loss_grads
