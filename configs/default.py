@@ -183,6 +183,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                     # state (FSDP: sharding.embed), gathered per layer by XLA
   c.mesh.tensor = 1                 # attention heads and MLP widths split (sharding.heads, mlp)
   c.mesh.expert = 1                 # routed experts split (dispatch.expert_parallel)
+  c.mesh.stage = 1                  # pipeline stages: the MoE blocks split into consecutive
+                                    # groups, one per device (two for dualpipev); needs
+                                    # model.scan_layers; train.microbatches are its micro-batches
   # Hybrid mesh for multi-host or multi-slice runs: how many granules (TPU slices, else hosts)
   # each axis spans; the axis's size above is its total, each granule holding size / dcn_<axis>
   # of it, so only these axes' collectives cross the data-centre network (usually data or fsdp).
@@ -190,6 +193,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.dcn_fsdp = 1
   c.mesh.dcn_tensor = 1
   c.mesh.dcn_expert = 1
+  c.mesh.dcn_stage = 1
+
+  # ---- pipeline parallelism (mesh.stage > 1) ------------------------------------------------
+  c.pipeline = ml_collections.ConfigDict()
+  c.pipeline.schedule = "1f1b"      # "gpipe" | "1f1b" | "dualpipev" (DeepSeek's DualPipeV:
+                                    # 2 stages per device, >= 2 x mesh.stage micro-batches)
 
   # ---- sharding rules: logical axis name -> mesh axes ("a,b"; "" replicates) ----------------
   # Parameter dimensions carry logical names from creation (moe_jax/layers/params.py).

@@ -15,6 +15,7 @@ from moe_jax import tokenizer as tokenization
 from moe_jax.data import DataSettings
 from moe_jax.dispatch import DispatchSettings
 from moe_jax.model import ModelSpec
+from moe_jax.pipeline.settings import PipelineSettings
 from moe_jax.routing import BalancingSettings, RouterSettings
 from moe_jax.settings import ConfigError, Settings, value_problem
 from moe_jax.steps import OptimizerSettings
@@ -25,7 +26,7 @@ from moe_jax.train_settings import TrainSettings
 SETTINGS_SECTIONS: dict[str, type[Settings]] = {
     "data": DataSettings, "model": ModelSpec, "router": RouterSettings,
     "balancing": BalancingSettings, "dispatch": DispatchSettings,
-    "optimizer": OptimizerSettings, "train": TrainSettings}
+    "optimizer": OptimizerSettings, "train": TrainSettings, "pipeline": PipelineSettings}
 MODEL_SECTIONS = ("model", "router", "balancing", "dispatch")
 # Every field the code reads, with its type: the contract of a config file. A field outside it
 # is a typo or a setting that does nothing, so it is refused with the closest known name.
@@ -35,6 +36,8 @@ FIELDS: dict[str, dict[str, type]] = {
     "sharding": {name: str for name in parallel.LOGICAL_AXES},
 }
 TOP_LEVEL = {"seed": int}
+# Sections a config may leave out (those from before they existed): their defaults apply.
+OPTIONAL_SECTIONS = ("pipeline",)
 
 # Fields that moved out of `model` into sections of their own: old name -> new name. Configs
 # saved by older runs are read through `upgrade_saved_config`; a config file that still uses an
@@ -118,6 +121,9 @@ def _sharding_problems(config, spec: ModelSpec, mesh_sizes: dict[str, int]) -> l
   problems += [f"sharding.{name}={','.join(axes)}: unknown mesh axis; mesh axes are "
                f"{list(parallel.MESH_AXES)}" for name, axes in rules.items()
                if any(a not in mesh_sizes for a in axes)]
+  problems += [f"sharding.{name}={','.join(axes)}: the stage axis holds pipeline stages (the "
+               f"MoE blocks, split by mesh.stage), not a dimension a rule splits"
+               for name, axes in rules.items() if "stage" in axes]
   if problems:
     return problems
   size = lambda name: math.prod(mesh_sizes[a] for a in rules.get(name, ()))
@@ -146,6 +152,39 @@ def _sharding_problems(config, spec: ModelSpec, mesh_sizes: dict[str, int]) -> l
   return problems
 
 
+def pipeline_settings(config) -> PipelineSettings:
+  """The `pipeline` section of a validated config (its defaults where the config has none)."""
+  return PipelineSettings.from_section(config.get("pipeline", {}))
+
+
+def _pipeline_problems(config, spec: ModelSpec, stage_devices: int) -> list[str]:
+  """What a pipeline over `stage_devices` devices cannot run (moe_jax/pipeline/training.py)."""
+  if stage_devices == 1 or _section_problems(config, "pipeline"):
+    return []
+  settings = pipeline_settings(config)
+  stages, schedule = settings.stages(stage_devices), settings.schedule
+  problems = []
+  need = lambda ok, message: ok or problems.append(message)
+  need(spec.scan_layers, f"mesh.stage={stage_devices} splits the stack of MoE blocks into "
+       f"pipeline stages: set model.scan_layers=True")
+  moe_blocks = spec.num_layers - spec.num_dense_layers
+  need(moe_blocks >= stages and moe_blocks % stages == 0,
+       f"model.num_layers={spec.num_layers} with model.num_dense_layers={spec.num_dense_layers} "
+       f"leaves {moe_blocks} MoE blocks, which do not split into the {stages} stages of "
+       f"pipeline.schedule={schedule!r} on mesh.stage={stage_devices}")
+  fewest = settings.min_microbatches(stage_devices)
+  need(config.train.microbatches >= fewest,
+       f"train.microbatches={config.train.microbatches} (the pipeline's micro-batches) is below "
+       f"the {fewest} that pipeline.schedule={schedule!r} needs on mesh.stage={stage_devices}")
+  need(spec.mtp_depth == 0, f"model.mtp_depth={spec.mtp_depth}: multi-token prediction does not "
+       f"run in a pipeline yet (mesh.stage={stage_devices}); set model.mtp_depth=0")
+  need(spec.dispatch.expert_parallel == "none",
+       f"dispatch.expert_parallel={spec.dispatch.expert_parallel!r} does not run inside a "
+       f"pipeline yet (mesh.stage={stage_devices}): leave it 'none' (experts split over "
+       f"mesh.expert by sharding.experts still work)")
+  return problems
+
+
 def _unknown(name: str, known) -> str:
   if name in MOVED:
     return f"{name} is now {MOVED[name]}"
@@ -170,6 +209,8 @@ def _schema_problems(config) -> list[str]:
     else:
       problems += filter(None, [value_problem(name, config[name], kind)])
   for section, fields in FIELDS.items():
+    if section not in config and section in OPTIONAL_SECTIONS:
+      continue
     if section not in config:
       problems.append(f"missing section '{section}'")
       continue
@@ -208,6 +249,8 @@ def model_spec(config) -> tuple[ModelSpec | None, list[str]]:
 
 
 def _section_problems(config, section: str) -> list[str]:
+  if section not in config:   # an optional section left out: its defaults
+    return []
   try:
     SETTINGS_SECTIONS[section].from_section(config[section])
     return []
@@ -237,7 +280,8 @@ def _problems(config, num_devices: int, backend: str, granules: int) -> list[str
   problems = _schema_problems(config)
   if problems:   # the value checks below assume every field is there with its type
     return problems
-  problems = [p for s in ("data", "optimizer", "train") for p in _section_problems(config, s)]
+  problems = [p for s in ("data", "optimizer", "train", "pipeline")
+              for p in _section_problems(config, s)]
   spec, model_problems = model_spec(config)
   problems += model_problems
   need = lambda ok, message: ok or problems.append(message)
@@ -262,6 +306,7 @@ def _problems(config, num_devices: int, backend: str, granules: int) -> list[str
   else:
     if spec is not None:
       problems.extend(_sharding_problems(config, spec, mesh_sizes))
+      problems.extend(_pipeline_problems(config, spec, mesh_sizes["stage"]))
     problems.extend(_dcn_problems(dcn_sizes(config), mesh_sizes, granules))
   return problems
 

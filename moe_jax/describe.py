@@ -91,7 +91,8 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
   from moe_jax import parallel, throughput
   from moe_jax.config_validation import validate_config
   from moe_jax.model import parameter_counts
-  from moe_jax.train import jit_train_step, laid_out_state, mesh_of
+  from moe_jax.pipeline.training import summary
+  from moe_jax.train import jit_train_step, laid_out_state, mesh_of, pipeline_of
   validate_config(config, jax.device_count())
   mesh = mesh_of(config)
   with jax.set_mesh(mesh):
@@ -102,8 +103,9 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
     step_flops = flops * batch * seq_len
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32,
                                   sharding=parallel.batch_sharding(mesh, rules["batch"]))
+    pipeline = pipeline_of(config, mesh)
     compiled = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
-                              config.train.microbatches).lower(
+                              config.train.microbatches, pipeline).lower(
         abstract_state, tokens).compile()
   params_bytes = parallel.per_device_bytes(abstract_state.params)
   optimizer_bytes = parallel.per_device_bytes(abstract_state.opt_state)
@@ -113,6 +115,8 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
   lines = [
       f"config valid for {jax.device_count()} x {device.device_kind} ({jax.default_backend()})",
       f"mesh: {' x '.join(f'{n} {s}' for n, s in mesh.shape.items())}",
+      *([summary(pipeline.schedule, mesh.shape["stage"], config.train.microbatches)]
+        if pipeline else []),
       f"parameters: {counts['total']:,} total, {counts['active']:,} active per token "
       f"({counts['active_experts']:,} of them in experts), {counts['embedding']:,} in the "
       f"embedding and output matrices",

@@ -1,6 +1,6 @@
 """The device mesh and where arrays live on it, through logical axis names.
 
-Mesh axes: `data`, `fsdp`, `tensor` and `expert` (MESH_AXES), over one slice through
+Mesh axes: `data`, `fsdp`, `tensor`, `expert` and `stage` (MESH_AXES), over one slice through
 `jax.make_mesh` or, for several hosts or TPU slices, as a hybrid mesh whose `dcn` sizes say
 how many granules each axis spans. Every parameter dimension carries a logical name given
 where the parameter is created (moe_jax/layers/params.py; a scanned stack's leading dimension
@@ -8,7 +8,9 @@ is "layers"), and the batch is "batch"; the config's `sharding` rules map each l
 mesh axes (none: replicated). Defaults (DEFAULT_RULES): the batch over `data`, `fsdp` and
 `expert`, model-width dimensions over `fsdp`, heads and MLP widths over `tensor`, routed
 experts over `expert`. Optimizer moments follow their parameters; with ZeRO-1 they are split
-over `data` too.
+over `data` too. With pipeline stages (`stage` > 1) the MoE block stack's variables and their
+moments are split over `stage` along their leading layer axis: each stage device holds its
+stages' blocks (moe_jax/pipeline/training.py).
 """
 
 import functools
@@ -21,10 +23,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.layers.params import logical_axes
 
-# data: replicas of the model; fsdp: replicas whose parameters, gradients and optimizer state
-# are split among them (gathered per layer by XLA); tensor: attention heads and MLP widths
-# split; expert: routed experts split (and tokens, outside the experts).
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# stage: pipeline stages (the MoE blocks split into consecutive groups); data: replicas of the
+# model; fsdp: replicas whose parameters, gradients and optimizer state are split among them
+# (gathered per layer by XLA); tensor: attention heads and MLP widths split; expert: routed
+# experts split (and tokens, outside the experts).
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "stage")
+STAGE_STACK = "moe_blocks"   # the stack of blocks that pipeline stages split
 BATCH_AXES = ("data", "fsdp", "expert")     # every axis that splits tokens
 
 
@@ -40,13 +44,14 @@ def granule_count() -> int:
 
 
 def make_mesh(data_size: int, expert_size: int, devices=None, *, fsdp: int = 1,
-              tensor: int = 1, dcn: dict[str, int] | None = None) -> Mesh:
+              tensor: int = 1, stage: int = 1, dcn: dict[str, int] | None = None) -> Mesh:
   """The mesh of MESH_AXES, `expert` varying fastest: over every device through
   `jax.make_mesh` (which orders them by the machine's topology: neighbours in the interconnect
   on the inner axes), or over `devices` in their given order. With `dcn` ({axis: granules}),
   a hybrid mesh: each axis of size n spans dcn[axis] granules (slices or hosts) of
   n / dcn[axis] devices each, so only those axes' collectives cross the slower network."""
-  shape, types = (data_size, fsdp, tensor, expert_size), (jax.sharding.AxisType.Auto,) * 4
+  shape = (data_size, fsdp, tensor, expert_size, stage)
+  types = (jax.sharding.AxisType.Auto,) * len(shape)
   dcn_shape = tuple((dcn or {}).get(axis, 1) for axis in MESH_AXES)
   if math.prod(dcn_shape) > 1:
     from jax.experimental import mesh_utils
@@ -165,13 +170,20 @@ def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES, shard_optimizer_over
                           f"divisible by {parts} devices")
     return spec
 
+  def over_stages(path, spec: P) -> P:
+    """The MoE block stack's leading (layer) axis over `stage`, when there are stages."""
+    keys = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+    if mesh.shape.get("stage", 1) == 1 or STAGE_STACK not in keys:
+      return spec
+    return P("stage", *list(spec)[1:])
+
   def for_params(path, variable):
-    return variable.replace(NamedSharding(mesh, spec_for(path, variable)))
+    return variable.replace(NamedSharding(mesh, over_stages(path, spec_for(path, variable))))
 
   def for_optimizer(path, leaf):
     if not _is_variable(leaf):   # the optimizer's own counters
       return NamedSharding(mesh, P())
-    spec = spec_for(path, leaf)
+    spec = over_stages(path, spec_for(path, leaf))
     if shard_optimizer_over_data:
       spec = _also_over_data(spec, leaf.shape, mesh)
     return leaf.replace(NamedSharding(mesh, spec))

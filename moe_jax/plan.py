@@ -200,7 +200,7 @@ def candidate_meshes(spec: ModelSpec, devices: int) -> list[dict[str, int]]:
           or spec.num_routed_experts % expert):
         continue
       meshes.append({"data": 1, "fsdp": devices // (tensor * expert), "tensor": tensor,
-                     "expert": expert})
+                     "expert": expert, "stage": 1})
   return meshes
 
 
@@ -334,7 +334,7 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file, "
                                   "PATH[:ARG], with --config.SECTION.FIELD=VALUE overrides.",
                                   lock_config=True)
-  flags.DEFINE_string("mesh", "", "Mesh sizes AXIS=SIZE,... (axes data, fsdp, tensor, expert; "
+  flags.DEFINE_string("mesh", "", "Mesh sizes AXIS=SIZE,... (axes data, fsdp, tensor, expert, stage; "
                       "absent ones 1); default: the config's mesh section, -1 read as 1.")
   flags.DEFINE_string("device", "", f"Device kind whose memory to compare with: "
                       f"{', '.join(sorted(DEVICE_MEMORY_GIB))}.")

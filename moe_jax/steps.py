@@ -17,6 +17,7 @@ from flax import nnx
 from moe_jax import routing
 from moe_jax.layers.moe import BalancingBias
 from moe_jax.model import ModelSpec, Transformer
+from moe_jax.pipeline.training import Pipeline, pipelined_gradients
 from moe_jax.settings import Settings
 
 
@@ -171,10 +172,6 @@ def routing_metrics(stats) -> dict:
           "sequence_loss": stats.sequence_loss, "z_loss": stats.z_loss}
 
 
-# MoEStats fields that are sums over the batch's tokens; the others are means.
-_SUMMED_STATS = ("counts", "coactivation")
-
-
 def accumulated_gradients(grad_fn, tokens, microbatches: int):
   """`grad_fn(tokens)` -> ((loss, (cross_entropy, stats, mtp)), grads) over the whole batch
   as `microbatches` equal slices, one after another in a scan (one slice's activations at a
@@ -191,17 +188,19 @@ def accumulated_gradients(grad_fn, tokens, microbatches: int):
   (loss, (cross_entropy, stats, mtp)), grads = jax.lax.scan(add, zeros, slices)[0]
   mean = lambda tree: jax.tree.map(lambda a: a / microbatches, tree)
   if stats is not None:
-    stats = stats._replace(**{name: getattr(stats, name) / microbatches
-                              for name in stats._fields if name not in _SUMMED_STATS})
+    stats = stats.over_slices(microbatches)
   return (mean(loss), (mean(cross_entropy), stats, mean(mtp))), mean(grads)
 
 
 def train_step(state: TrainState, tokens, *, graphdef, tx,
                balancing: routing.BalancingSettings = routing.BalancingSettings(),
-               mtp_weights: MTPWeights = MTPWeights(), microbatches: int = 1):
+               mtp_weights: MTPWeights = MTPWeights(), microbatches: int = 1,
+               pipeline: Pipeline | None = None):
   """One optimizer step, then the bias update from this batch's global expert counts. With
   `microbatches` > 1 the gradient is accumulated over that many slices of the batch
-  (`accumulated_gradients`); the bias still sees the counts of the whole batch.
+  (`accumulated_gradients`); the bias still sees the counts of the whole batch. With a
+  `pipeline` the MoE blocks run as its stages over the mesh axis `stage`, the slices as its
+  micro-batches (moe_jax/pipeline/training.py): the same loss, gradients and counts.
 
   Returns the new state and the step's metrics: scalars plus, under "routing", per-layer
   arrays (see `routing_metrics`). Nothing here waits for the host.
@@ -209,7 +208,10 @@ def train_step(state: TrainState, tokens, *, graphdef, tx,
   mtp_weight = mtp_weights.at(state.step)
   grad_fn = lambda batch: jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.biases, graphdef, batch, mtp_weight)
-  if microbatches > 1:
+  if pipeline is not None:
+    (loss, (cross_entropy, stats, mtp)), grads = pipelined_gradients(
+        state.params, state.biases, graphdef, tokens, pipeline, microbatches)
+  elif microbatches > 1:
     (loss, (cross_entropy, stats, mtp)), grads = accumulated_gradients(grad_fn, tokens,
                                                                        microbatches)
   else:

@@ -25,13 +25,16 @@ from tqdm import tqdm
 from moe_jax import checkpoint, data, parallel, steps, throughput
 from moe_jax.checkpoint import (CheckpointCorrupt, CheckpointMismatch, CheckpointSaveFailed,
                                 Checkpointer)
-from moe_jax.config_validation import (ConfigError, dcn_sizes, resolve_mesh_shape,
+from moe_jax.config_validation import (ConfigError, dcn_sizes, pipeline_settings,
+                                       resolve_mesh_shape,
                                        validate_config)
 from moe_jax.guard import LossGuard
 from moe_jax.live import LiveRoutingMetrics
 from moe_jax.metrics import MetricWriter, plot_expert_load, summarize_routing
 from moe_jax.layers.stack import converted_tree
 from moe_jax.model import LAYOUT_FIELDS, ModelSpec
+from moe_jax.pipeline import training as pipeline_training
+from moe_jax.pipeline.training import Pipeline
 from moe_jax.preemption import Preempted, StopSignals
 from moe_jax.sample import sample_text
 from moe_jax.train_settings import TrainSettings
@@ -44,16 +47,24 @@ def optimizer_from_config(config) -> tuple:
 
 
 def jit_train_step(spec: ModelSpec, total_steps: int, graphdef, tx, shardings,
-                   microbatches: int = 1):
+                   microbatches: int = 1, pipeline: Pipeline | None = None):
   """The jitted training step of a model trained for `total_steps`, each batch in
-  `microbatches` slices: state and batch in, new state (laid out by `shardings`, the old one
-  donated) and metrics out."""
+  `microbatches` slices (through `pipeline`'s stages when given): state and batch in, new state
+  (laid out by `shardings`, the old one donated) and metrics out."""
   return jax.jit(functools.partial(
       steps.train_step, graphdef=graphdef, tx=tx, balancing=spec.balancing,
       mtp_weights=steps.MTPWeights(spec.mtp_loss_weight, spec.mtp_loss_weight_final,
                                    round(spec.mtp_weight_switch_fraction * total_steps)),
-      microbatches=microbatches),
+      microbatches=microbatches, pipeline=pipeline),
       out_shardings=(shardings, None), donate_argnums=0)
+
+
+def pipeline_of(config, mesh) -> Pipeline | None:
+  """The pipeline a validated config runs on `mesh` (None: no `stage` devices)."""
+  if mesh.shape["stage"] == 1:
+    return None
+  settings = pipeline_settings(config)
+  return Pipeline(settings.schedule, settings.stages(mesh.shape["stage"]))
 
 
 def laid_out_state(config, mesh):
@@ -126,7 +137,7 @@ def mesh_of(config):
   """The device mesh a validated config asks for, over every device."""
   sizes = resolve_mesh_shape(dict(config.mesh), jax.device_count())
   return parallel.make_mesh(sizes["data"], sizes["expert"], fsdp=sizes["fsdp"],
-                            tensor=sizes["tensor"], dcn=dcn_sizes(config))
+                            tensor=sizes["tensor"], stage=sizes["stage"], dcn=dcn_sizes(config))
 
 
 def _all_agree(ok: bool) -> bool:
@@ -247,8 +258,12 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
       if corpus.tokenizer and not (workdir / data.TOKENIZER_FILE).exists():
         corpus.tokenizer.save(workdir / data.TOKENIZER_FILE)
 
+    pipeline = pipeline_of(config, mesh)
+    if pipeline and is_chief:
+      print(pipeline_training.summary(pipeline.schedule, mesh.shape["stage"],
+                                      config.train.microbatches), flush=True)
     train_fn = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
-                              config.train.microbatches)
+                              config.train.microbatches, pipeline)
     eval_fn = jax.jit(functools.partial(
         steps.eval_step, graphdef=graphdef,
         byte_counts=corpus.tokenizer.byte_counts if corpus.tokenizer else None))

@@ -10,19 +10,25 @@ from moe_jax.model import ModelSpec
 from moe_jax.routing import BalancingSettings
 
 
-def train_on_mesh(config, mesh, batches, rules, tx=None, zero1: bool = False):
+def train_on_mesh(config, mesh, batches, rules, tx=None, zero1: bool = False, *,
+                  microbatches: int = 1, pipeline=None, metrics_out: list | None = None):
   """(state after one step per batch, losses) of the config's model laid out on `mesh` by
-  `rules` (ZeRO-1 with `zero1`); AdamW unless another optimizer `tx` is given."""
+  `rules` (ZeRO-1 with `zero1`); AdamW unless another optimizer `tx` is given; each batch in
+  `microbatches` slices, through `pipeline` (steps.train_step's) when given. `metrics_out`
+  receives each step's metrics."""
   tx = tx or steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0)
   graphdef, state = steps.init_state(ModelSpec.from_config(config), tx, 0)
   with jax.set_mesh(mesh):
     shardings = parallel.state_shardings(state, mesh, rules, zero1)
     state = jax.device_put(state, shardings)
     step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                                     balancing=BalancingSettings(bias_update_rate=1e-2)),
+                                     balancing=BalancingSettings(bias_update_rate=1e-2),
+                                     microbatches=microbatches, pipeline=pipeline),
                    out_shardings=(shardings, None))
     losses = []
     for batch in batches:
       state, metrics = step(state, parallel.global_batch(batch, mesh, rules["batch"]))
       losses.append(float(metrics["loss"]))
+      if metrics_out is not None:
+        metrics_out.append(jax.device_get(metrics))
   return state, losses

@@ -90,8 +90,8 @@ BAD_CONFIGS = {
     "experts over expert axis": ({"model__num_routed_experts": 6, "mesh__data": 2, "mesh__expert": 4},
                                  ["model.num_routed_experts=6 is not divisible by the 4 devices"]),
     # mesh shapes
-    "mesh too small": ({"mesh__data": 3}, ["mesh: data=3 x fsdp=1 x tensor=1 x expert=1 = 3 devices, but 8 are "
-                                             "available"]),
+    "mesh too small": ({"mesh__data": 3}, ["mesh: data=3 x fsdp=1 x tensor=1 x expert=1 x stage=1 = 3 "
+                                             "devices, but 8 are available"]),
     "mesh not dividing": ({"mesh__expert": 3}, ["mesh: 8 devices cannot be split with fixed axes of 3"]),
     "two free axes": ({"mesh__expert": -1}, ["mesh: at most one axis may be -1"]),
     "zero axis": ({"mesh__expert": 0}, ["mesh: sizes must be positive or -1"]),
@@ -102,7 +102,24 @@ BAD_CONFIGS = {
                                 ["dispatch.expert_parallel='all_reduce' is unknown"]),
     "bias rule": ({"balancing__bias_update_rule": "pid"}, ["balancing.bias_update_rule='pid' is unknown"]),
     "data source": ({"data__source": "web"}, ["data.source='web' is unknown"]),
-    "sharding axis": ({"sharding__embed": "stage"}, ["sharding.embed=stage: unknown mesh axis"]),
+    "sharding axis": ({"sharding__embed": "pipe"}, ["sharding.embed=pipe: unknown mesh axis"]),
+    "stage axis in a rule": ({"sharding__embed": "stage"},
+                             ["sharding.embed=stage: the stage axis holds pipeline stages"]),
+    # pipelines
+    "pipeline schedule": ({"pipeline__schedule": "interleaved"},
+                          ["pipeline.schedule='interleaved' is unknown; choose from"]),
+    "stages without a stack": ({"mesh__stage": 2, "mesh__data": 4},
+                               ["mesh.stage=2 splits the stack of MoE blocks into pipeline stages: "
+                                "set model.scan_layers=True"]),
+    "blocks not into stages": ({"mesh__stage": 2, "mesh__data": 4, "model__scan_layers": True,
+                                "model__num_layers": 4},
+                               ["leaves 3 MoE blocks, which do not split into the 2 stages of "
+                                "pipeline.schedule='1f1b' on mesh.stage=2"]),
+    "too few micro-batches": ({"mesh__stage": 2, "mesh__data": 4, "model__scan_layers": True,
+                               "model__num_layers": 5, "pipeline__schedule": "dualpipev",
+                               "train__microbatches": 2},
+                              ["train.microbatches=2 (the pipeline's micro-batches) is below the 4 "
+                               "that pipeline.schedule='dualpipev' needs on mesh.stage=2"]),
     "rule that does not fit": ({"sharding__vocab": "data"},
                                ["has 260 along 'vocab', not divisible by 8 devices"]),
 }

@@ -35,7 +35,7 @@ BAD = [
     ("data.batch_size", 12, "data.batch_size=12 does not divide over the 8 devices"),
     ("data.source", "web", "data.source='web' is unknown"),
     ("mesh.expert", 3, "mesh: 8 devices cannot be split with fixed axes of 3"),
-    ("mesh.data", 3, "mesh: data=3 x fsdp=1 x tensor=1 x expert=1 = 3 devices, but 8 are available"),
+    ("mesh.data", 3, "mesh: data=3 x fsdp=1 x tensor=1 x expert=1 x stage=1 = 3 devices, but 8 are available"),
     ("optimizer.warmup_steps", 100, "optimizer.warmup_steps=100 must be >= 0 and below"),
     ("router.num_groups", 3, "router.num_groups=3 must divide model.num_routed_experts=8"),
     ("router.topk_groups", 2, "router.topk_groups=2 must be between 1 and router.num_groups=1"),
@@ -45,7 +45,9 @@ BAD = [
     ("train.metrics_port", 70000, "train.metrics_port=70000 must be 0 (off) or a port"),
     ("dispatch.expert_parallel", "magic", "dispatch.expert_parallel='magic' is unknown"),
     ("dispatch.expert_parallel_chunks", 0, "dispatch.expert_parallel_chunks=0 must be >= 1"),
-    ("sharding.embed", "stage", "sharding.embed=stage: unknown mesh axis"),
+    ("sharding.embed", "pipe", "sharding.embed=pipe: unknown mesh axis"),
+    ("sharding.embed", "stage", "sharding.embed=stage: the stage axis holds pipeline stages"),
+    ("pipeline.schedule", "zb", "pipeline.schedule='zb' is unknown"),
     ("dispatch.expert_parallel", "ragged_all_to_all",
      "dispatch.expert_parallel='ragged_all_to_all' needs a GPU or TPU backend"),
     ("model.attention_implementation", "cudnn",
@@ -53,7 +55,7 @@ BAD = [
     ("model.attention", "flash", "model.attention='flash' is unknown; choose from ['gqa', 'mla']"),
     ("model.rope_scaling", "ntk", "model.rope_scaling='ntk' is unknown"),
     ("mesh.dcn_data", 3, "mesh.dcn_data=3 does not divide mesh.data=8"),
-    ("mesh.dcn_data", 2, "mesh.dcn_*: data=2 x fsdp=1 x tensor=1 x expert=1 = 2 granules, but "
+    ("mesh.dcn_data", 2, "mesh.dcn_*: data=2 x fsdp=1 x tensor=1 x expert=1 x stage=1 = 2 granules, but "
                          "the run has 1 (TPU slices, else processes)"),
     ("mesh.dcn_fsdp", 0, "mesh.dcn_fsdp=0 must be >= 1"),
 ]
@@ -132,11 +134,13 @@ def test_all_problems_are_listed_at_once():
 
 
 def test_mesh_shape_resolution():
-  sizes = lambda **axes: tuple(resolve_mesh_shape(axes, 8).values())   # data, fsdp, tensor, expert
-  assert sizes(data=-1, expert=1) == (8, 1, 1, 1)
-  assert sizes(data=2, expert=-1) == (2, 1, 1, 4)
-  assert sizes(data=4, expert=2) == (4, 1, 1, 2)
-  assert sizes(data=2, fsdp=-1, tensor=2) == (2, 2, 2, 1)
+  # data, fsdp, tensor, expert, stage
+  sizes = lambda **axes: tuple(resolve_mesh_shape(axes, 8).values())
+  assert sizes(data=-1, expert=1) == (8, 1, 1, 1, 1)
+  assert sizes(data=2, expert=-1) == (2, 1, 1, 4, 1)
+  assert sizes(data=4, expert=2) == (4, 1, 1, 2, 1)
+  assert sizes(data=2, fsdp=-1, tensor=2) == (2, 2, 2, 1, 1)
+  assert sizes(data=-1, stage=4) == (2, 1, 1, 1, 4)
   with pytest.raises(ConfigError, match="at most one axis"):
     resolve_mesh_shape({"data": -1, "expert": -1}, 8)
   with pytest.raises(ConfigError, match="8 devices cannot be split with fixed axes of 3"):
@@ -203,10 +207,11 @@ def test_a_config_saved_before_the_router_balancing_and_dispatch_sections_reads_
   assert "top_k" not in upgraded["model"] and "dispatcher" not in upgraded["model"]
 
 
-def test_a_mesh_without_the_fsdp_and_tensor_axes_has_them_at_1():
-  """A config written before those axes existed still validates and gets the same mesh."""
+def test_a_mesh_without_the_fsdp_tensor_and_stage_axes_has_them_at_1():
+  """A config written before those axes (and the pipeline section) existed still validates
+  and gets the same mesh."""
   config = get_config("tiny")
-  del config.mesh["fsdp"], config.mesh["tensor"]
+  del config.mesh["fsdp"], config.mesh["tensor"], config.mesh["stage"], config["pipeline"]
   validate_config(config, num_devices=8)
   assert resolve_mesh_shape(dict(config.mesh), 8) == {"data": 8, "fsdp": 1, "tensor": 1,
-                                                     "expert": 1}
+                                                     "expert": 1, "stage": 1}

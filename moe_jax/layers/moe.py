@@ -42,6 +42,13 @@ class MoEStats(NamedTuple):
   entropy: Float[Array, ""]            # mean router entropy per token, nats
   coactivation: Float[Array, "E E"]    # tokens that used both experts i and j
 
+  def over_slices(self, slices: int) -> "MoEStats":
+    """Statistics summed over `slices` equal slices of a batch -> the whole batch's: counts
+    and co-activations are sums over tokens and stay so, the rest are means."""
+    summed = ("counts", "coactivation")
+    return self._replace(**{name: getattr(self, name) / slices
+                            for name in self._fields if name not in summed})
+
 
 class MoE(nnx.Module):
 
