@@ -14,7 +14,8 @@ from moe_jax import parallel
 from moe_jax import tokenizer as tokenization
 from moe_jax.data import DataSettings
 from moe_jax.dispatch import DispatchSettings
-from moe_jax.model import ModelSpec
+from moe_jax.layers import attention
+from moe_jax.model import DTYPES, ModelSpec
 from moe_jax.pipeline.settings import PipelineSettings
 from moe_jax.routing import BalancingSettings, RouterSettings
 from moe_jax.settings import ConfigError, Settings, value_problem
@@ -157,7 +158,7 @@ def pipeline_settings(config) -> PipelineSettings:
   return PipelineSettings.from_section(config.get("pipeline", {}))
 
 
-def _pipeline_problems(config, spec: ModelSpec, stage_devices: int) -> list[str]:
+def _pipeline_problems(config, spec: ModelSpec, stage_devices: int, backend: str) -> list[str]:
   """What a pipeline over `stage_devices` devices cannot run (moe_jax/pipeline/training.py)."""
   if stage_devices == 1 or _section_problems(config, "pipeline"):
     return []
@@ -178,6 +179,14 @@ def _pipeline_problems(config, spec: ModelSpec, stage_devices: int) -> list[str]
        f"the {fewest} that pipeline.schedule={schedule!r} needs on mesh.stage={stage_devices}")
   need(spec.mtp_depth == 0, f"model.mtp_depth={spec.mtp_depth}: multi-token prediction does not "
        f"run in a pipeline yet (mesh.stage={stage_devices}); set model.mtp_depth=0")
+  head_dim = spec.qk_nope_head_dim + spec.qk_rope_head_dim if spec.attention == "mla" else (
+      spec.head_dim)
+  fused = attention.chosen_implementation(DTYPES[spec.compute_dtype], head_dim,
+                                          spec.attention_implementation, backend) == "cudnn"
+  need(not fused, f"model.attention_implementation={spec.attention_implementation!r} takes "
+       f"cuDNN's fused attention here, which does not run inside a pipeline yet (its custom "
+       f"partitioner fails under the pipeline's shard_map, mesh.stage={stage_devices}): set "
+       f"model.attention_implementation='xla' (or 'xla_recompute')")
   need(spec.dispatch.expert_parallel == "none",
        f"dispatch.expert_parallel={spec.dispatch.expert_parallel!r} does not run inside a "
        f"pipeline yet (mesh.stage={stage_devices}): leave it 'none' (experts split over "
@@ -306,7 +315,7 @@ def _problems(config, num_devices: int, backend: str, granules: int) -> list[str
   else:
     if spec is not None:
       problems.extend(_sharding_problems(config, spec, mesh_sizes))
-      problems.extend(_pipeline_problems(config, spec, mesh_sizes["stage"]))
+      problems.extend(_pipeline_problems(config, spec, mesh_sizes["stage"], backend))
     problems.extend(_dcn_problems(dcn_sizes(config), mesh_sizes, granules))
   return problems
 

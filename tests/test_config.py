@@ -215,3 +215,19 @@ def test_a_mesh_without_the_fsdp_tensor_and_stage_axes_has_them_at_1():
   validate_config(config, num_devices=8)
   assert resolve_mesh_shape(dict(config.mesh), 8) == {"data": 8, "fsdp": 1, "tensor": 1,
                                                      "expert": 1, "stage": 1}
+
+
+def test_a_pipeline_on_a_gpu_refuses_cudnn_attention_and_takes_xla():
+  """cuDNN's fused attention fails inside the pipeline's shard_map (its custom partitioner):
+  refused by name before compiling when it would be chosen, accepted with the XLA path."""
+  config = get_config("tiny")
+  config.mesh.update(stage=2, data=4)
+  config.model.update(scan_layers=True, num_layers=5, compute_dtype="bfloat16")
+  with pytest.raises(ConfigError, match=re.escape(
+      "model.attention_implementation='auto' takes cuDNN's fused attention here, which does "
+      "not run inside a pipeline yet")):
+    validate_config(config, num_devices=8, backend="gpu")
+  config.model.attention_implementation = "xla"
+  validate_config(config, num_devices=8, backend="gpu")
+  config.model.attention_implementation = "auto"
+  validate_config(config, num_devices=8, backend="cpu")

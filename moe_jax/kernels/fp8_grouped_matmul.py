@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from moe_jax.kernels import fp8
-from moe_jax.kernels.grouped_matmul import Blocks, GroupLayout, compiler_params
+from moe_jax.kernels.grouped_matmul import Blocks, GroupLayout, compiler_params, typed_like
 
 TILE = fp8.TILE
 BLOCKS = Blocks(m=TILE, n=TILE, k=TILE, num_warps=8, num_stages=3)   # one scale per block
@@ -131,7 +131,8 @@ def _fp8_gmm_backward(interpret, residuals, dy):
                       out_dtype=x.dtype, interpret=interpret)[:, :x.shape[1]]
   dw = fp8_tgmm_padded(quantize_row_tiles(x), quantize_row_tiles(dy), group_tile_start,
                        w.shape[0], interpret=interpret)
-  return dx, dw[:, :w.shape[1], :w.shape[2]].astype(w.dtype), None, None
+  dw = dw[:, :w.shape[1], :w.shape[2]].astype(w.dtype)
+  return typed_like(dx, x), typed_like(dw, w), None, None
 
 
 fp8_gmm.defvjp(_fp8_gmm_forward, _fp8_gmm_backward)

@@ -156,6 +156,22 @@ def tgmm_padded(x: Float[Array, "M K"], dy: Float[Array, "M F"], group_tile_star
   )(group_tile_start, x, dy)
 
 
+def typed_like(value, reference):
+  """`value` typed as differing along the manual mesh axes `reference` differs along. Inside a
+  `jax.shard_map` (a pipeline's stage axis) a custom VJP's gradient must carry its input's
+  type, and a kernel's output carries none."""
+  missing = tuple(_varying_axes(reference) - _varying_axes(value))
+  return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+
+def _varying_axes(x) -> frozenset:
+  """The manual mesh axes along which x's type says it differs (jax keeps them in `mat`, or
+  in `vma` in some versions)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
 # ---- differentiable grouped matmul over a padded layout ------------------------------------
 
 
@@ -179,7 +195,7 @@ def _gmm_backward(blocks, interpret, residuals, dy):
   dw_blocks = blocks._replace(k=_block(w.shape[1], blocks.k), n=_block(w.shape[2], blocks.n))
   dw = tgmm_padded(x, dy.astype(x.dtype), group_tile_start, w.shape[0], blocks=dw_blocks,
                    out_dtype=w.dtype, interpret=interpret)
-  return dx, dw, None, None
+  return typed_like(dx, x), typed_like(dw, w), None, None
 
 
 gmm.defvjp(_gmm_forward, _gmm_backward)
@@ -300,7 +316,8 @@ def _mosaic_backward(blocks, residuals, dy):
   rows, w, group_sizes = residuals
   dy = dy.astype(rows.dtype)
   dx = _mosaic_ragged(dy, w, group_sizes, blocks, transpose_rhs=True)
-  return dx, _mosaic_weight_gradient(rows, dy, group_sizes, blocks).astype(w.dtype), None
+  dw = _mosaic_weight_gradient(rows, dy, group_sizes, blocks).astype(w.dtype)
+  return typed_like(dx, rows), typed_like(dw, w), None
 
 
 @functools.partial(jax.jit, static_argnames=("blocks",))

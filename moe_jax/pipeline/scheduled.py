@@ -171,15 +171,21 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
 
   def output_gradient(state, chunk, microbatch, out):
     """The loss's gradient on the last stage (and the loss, and the gradient of the loss's
-    parameters), else what the next stage sent (and zeros)."""
-    value, (loss_params_grad, loss_grad) = jax.value_and_grad(loss_fn, (0, 1))(
-        loss_params, out, at(targets, microbatch))
+    parameters), else what the next stage sent (and zeros). Only the last stage computes the
+    loss (an output head's logits are costly): the other devices take the other branch."""
+    def from_loss(_):
+      value, (loss_params_grad, loss_grad) = jax.value_and_grad(loss_fn, (0, 1))(
+          loss_params, out, at(targets, microbatch))
+      return loss_grad, value, loss_params_grad
+
+    def from_next_stage(_):
+      return (at(state["buffers"], GRADIENTS, chunk, microbatch), varying(jnp.zeros(())),
+              jax.tree.map(jnp.zeros_like, loss_params))
+
     is_last = last_stage & (chunk == num_chunks - 1)
-    received = at(state["buffers"], GRADIENTS, chunk, microbatch)
-    loss_grads = jax.tree.map(lambda total, g: total + jnp.where(is_last, g, 0),
-                              state["loss_grads"], loss_params_grad)
-    return (jnp.where(is_last, loss_grad, received), jnp.where(is_last, value, 0.0),
-            loss_grads)
+    grad_out, value, loss_params_grad = jax.lax.cond(is_last, from_loss, from_next_stage, None)
+    loss_grads = jax.tree.map(jnp.add, state["loss_grads"], loss_params_grad)
+    return grad_out, value, loss_grads
 
   def add(totals, chunk, values):
     return jax.tree.map(lambda total, value: total.at[chunk].add(value), totals, values)

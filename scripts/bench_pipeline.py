@@ -1,0 +1,114 @@
+"""Pipeline step time: each schedule over all local devices against the unpipelined step on one.
+
+  python scripts/bench_pipeline.py                        # bench_1b with 16 MoE blocks, batch 16
+  python scripts/bench_pipeline.py --schedules=1f1b,dualpipev --microbatches=8
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python scripts/bench_pipeline.py \
+      --config=configs/default.py:tiny --layers=5 --batch=8 --seq=64   # a CPU smoke test
+
+One full training step (`steps.train_step`: forward, backward, AdamW, bias update) of the
+config's model with scanned layers, the batch in --microbatches slices: first unpipelined on
+one device (gradient accumulation over the slices), then for each schedule with the MoE blocks
+as stages over every local device (`mesh.stage` = device count). Times are medians of
+--repeats steps after --warmup. Per schedule the table gives the bubble `simulate` computes
+(a backward twice a forward) and the effective one, 1 - T1 / (D x T_D): the share of the D
+devices' time that the pipelined step spends beyond a perfect split of the one-device step's
+work (bubbles, the transfers between stages, and the runner's recomputation of each stage's
+forward in its backward all land there).
+"""
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moe_jax import parallel, steps   # noqa: E402
+from moe_jax.config_validation import validate_config   # noqa: E402
+from moe_jax.pipeline import schedules   # noqa: E402
+from moe_jax.train import jit_train_step, laid_out_state, pipeline_of   # noqa: E402
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`configs/FILE.py:ARG` -> that file's get_config(ARG)."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def step_ms(config, devices, warmup: int, repeats: int) -> float:
+  """Median ms of the config's training step on `devices` (stage axis over all of them)."""
+  mesh = parallel.make_mesh(1, 1, devices, stage=len(devices))
+  with jax.set_mesh(mesh):
+    spec, _, tx, graphdef, abstract_state, shardings, rules = laid_out_state(config, mesh)
+    state = jax.jit(lambda: steps.init_state(spec, tx, 0)[1], out_shardings=shardings)()
+    step = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
+                          config.train.microbatches, pipeline_of(config, mesh))
+    tokens = jax.random.randint(jax.random.key(1), (config.data.batch_size,
+                                                    config.data.seq_len + 1), 0,
+                                spec.vocab_size)
+    tokens = jax.device_put(tokens, parallel.batch_sharding(mesh, rules["batch"]))
+    times = []
+    for i in range(warmup + repeats):
+      start = time.perf_counter()
+      state, metrics = step(state, tokens)
+      jax.block_until_ready(metrics["loss"])
+      if i >= warmup:
+        times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="configs/deepseek.py:bench_1b")
+  parser.add_argument("--layers", type=int, default=17,
+                      help="blocks (the preset's dense ones first); 17 leaves 16 MoE blocks")
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--seq", type=int, default=2048)
+  parser.add_argument("--microbatches", type=int, default=8)
+  parser.add_argument("--schedules", default="gpipe,1f1b,dualpipev")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  config = load_config(args.config)
+  config.model.update(num_layers=args.layers, scan_layers=True, mtp_depth=0)
+  config.data.update(batch_size=args.batch, seq_len=args.seq)
+  config.train.microbatches = args.microbatches
+  config.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+  devices = jax.devices()
+  print(f"{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}, "
+        f"{datetime.date.today()}: {args.config}, {args.layers} blocks, batch {args.batch} x "
+        f"{args.seq}, {args.microbatches} micro-batches", flush=True)
+  config.mesh.stage = 1
+  validate_config(config, 1)
+  one = step_ms(config, devices[:1], args.warmup, args.repeats)
+  print(f"unpipelined, 1 device: {one:.1f} ms", flush=True)
+  rows = [("unpipelined (gradient accumulation)", 1, one, None, None)]
+  for name in args.schedules.split(","):
+    config.mesh.stage, config.pipeline.schedule = len(devices), name
+    validate_config(config, len(devices))
+    ms = step_ms(config, devices, args.warmup, args.repeats)
+    computed = schedules.simulate(schedules.make(name, len(devices),
+                                                 args.microbatches)).bubble_fraction
+    effective = 1 - one / (len(devices) * ms)
+    rows.append((name, len(devices), ms, computed, effective))
+    print(f"{name}, {len(devices)} devices: {ms:.1f} ms, bubble computed {100 * computed:.1f}%, "
+          f"effective {100 * effective:.1f}%", flush=True)
+  print("\ncommand: python scripts/bench_pipeline.py " + " ".join(sys.argv[1:]))
+  print("| schedule | devices | ms / step | bubble, computed | effective (1 - T1 / (D T)) |")
+  print("|---|---|---|---|---|")
+  percent = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+  for name, count, ms, computed, effective in rows:
+    print(f"| {name} | {count} | {ms:.1f} | {percent(computed)} | {percent(effective)} |")
+
+
+if __name__ == "__main__":
+  main()
