@@ -177,8 +177,6 @@ def _pipeline_problems(config, spec: ModelSpec, stage_devices: int, backend: str
   need(config.train.microbatches >= fewest,
        f"train.microbatches={config.train.microbatches} (the pipeline's micro-batches) is below "
        f"the {fewest} that pipeline.schedule={schedule!r} needs on mesh.stage={stage_devices}")
-  need(spec.mtp_depth == 0, f"model.mtp_depth={spec.mtp_depth}: multi-token prediction does not "
-       f"run in a pipeline yet (mesh.stage={stage_devices}); set model.mtp_depth=0")
   head_dim = spec.qk_nope_head_dim + spec.qk_rope_head_dim if spec.attention == "mla" else (
       spec.head_dim)
   fused = attention.chosen_implementation(DTYPES[spec.compute_dtype], head_dim,

@@ -9,6 +9,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -316,6 +317,17 @@ class MTPModule(nnx.Module):
 
   def __call__(self, hidden_BxSxD, embedded_BxSxD, positions_S):
     return self.block(self.join(hidden_BxSxD, embedded_BxSxD), positions_S)
+
+
+def mtp_losses(mtp_logits, tokens):
+  """Per depth k: mean cross-entropy and top-1 accuracy of predicting token i + k + 1 of the
+  windows `tokens` [B, S + 1] (depth k's logits: [B, S - k, V])."""
+  losses, accuracies = [], []
+  for depth, logits in enumerate(mtp_logits, start=1):
+    targets = tokens[:, depth + 1:]
+    losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean())
+    accuracies.append(jnp.mean(jnp.argmax(logits, axis=-1) == targets))
+  return losses, accuracies
 
 
 def _concatenated(stats_chunks: list) -> MoEStats | None:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from moe_jax import routing
 from moe_jax.layers.moe import BalancingBias
-from moe_jax.model import ModelSpec, Transformer
+from moe_jax.model import ModelSpec, Transformer, mtp_losses
 from moe_jax.pipeline.training import Pipeline, pipelined_gradients
 from moe_jax.settings import Settings
 
@@ -114,16 +114,6 @@ class MTPWeights(NamedTuple):
     return jnp.where(step < self.switch_step, self.early, self.late)
 
 
-def mtp_losses(mtp_logits, tokens):
-  """Per depth k: mean cross-entropy and top-1 accuracy of predicting token i + k + 1."""
-  losses, accuracies = [], []
-  for depth, logits in enumerate(mtp_logits, start=1):
-    targets = tokens[:, depth + 1:]
-    losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean())
-    accuracies.append(jnp.mean(jnp.argmax(logits, axis=-1) == targets))
-  return losses, accuracies
-
-
 def loss_fn(params, biases, graphdef, tokens, mtp_weight=0.0):
   """Mean next-token cross-entropy, plus the MoE layers' auxiliary losses (weights inside),
   plus mtp_weight / D x the MTP modules' losses when the model has them."""
@@ -210,7 +200,7 @@ def train_step(state: TrainState, tokens, *, graphdef, tx,
       state.params, state.biases, graphdef, batch, mtp_weight)
   if pipeline is not None:
     (loss, (cross_entropy, stats, mtp)), grads = pipelined_gradients(
-        state.params, state.biases, graphdef, tokens, pipeline, microbatches)
+        state.params, state.biases, graphdef, tokens, pipeline, microbatches, mtp_weight)
   elif microbatches > 1:
     (loss, (cross_entropy, stats, mtp)), grads = accumulated_gradients(grad_fn, tokens,
                                                                        microbatches)

@@ -67,7 +67,7 @@ def test_a_scheduled_pipeline_gives_the_loss_and_gradients_of_the_stages_in_sequ
   mesh = jax.make_mesh((devices, data), ("stage", "data"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
-    loss, grads, input_grads, _, head_grad = jax.jit(
+    loss, grads, input_grads, _, head_grad, _ = jax.jit(
         scheduled(name, _stage, _loss, "stage", "data"))(params, x, targets, head)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
   np.testing.assert_allclose(input_grads, expected_input, rtol=1e-4, atol=1e-5)

@@ -84,6 +84,34 @@ def test_a_pipelined_step_equals_the_unpipelined_one(tiny_config, batches, unpip
   assert held, "the MoE blocks' parameters are split over the stage devices"
 
 
+def test_mtp_modules_on_the_last_stage_equal_the_unpipelined_step(tiny_config, batches):
+  """DeepSeek-V3's MTP (depth 2, each module an MoE block) after the output head on the last
+  stage of DualPipeV over stage 2 x data 4: losses, cross-entropy, each depth's MTP loss and
+  accuracy, the expert counts of every MoE layer (MTP blocks' last), parameters and biases as
+  the unpipelined step's."""
+  config = _config(tiny_config)
+  config.model.mtp_depth = 2
+  rules = parallel.parse_rules(config.sharding)
+  runs = []
+  for stage, sizes, pipeline in ((2, (4, 1, 1, 1), Pipeline("dualpipev", 4)),
+                                 (1, (1, 1, 1, 1), None)):
+    metrics = []
+    state, losses = train_on_mesh(config, _mesh(stage, sizes), batches, rules, optax.sgd(0.1),
+                                  microbatches=MICROBATCHES, pipeline=pipeline,
+                                  metrics_out=metrics)
+    runs.append((state, losses, metrics))
+  (piped, piped_losses, piped_metrics), (plain, losses, metrics) = runs
+  np.testing.assert_allclose(piped_losses, losses, rtol=1e-5)
+  for got, want in zip(piped_metrics, metrics):
+    assert got["routing"]["counts"].shape[0] == 4 + 2   # 4 main MoE blocks, then 2 MTP blocks
+    for name in ("cross_entropy", "mtp_loss/depth1", "mtp_loss/depth2", "mtp_accuracy/depth2"):
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got["routing"]["counts"], want["routing"]["counts"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((piped.params, piped.biases)),
+                  jax.tree.leaves((plain.params, plain.biases))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_a_pipelined_run_resumes_exactly_and_prints_its_bubble(tiny_config, tmp_path, capsys):
   """4 steps straight == 2 steps, stop, resume to 4, bitwise on CPU, with 1F1B over stage 2 x
   data 4; the run starts by printing the schedule's bubble: (S - 1) / (M + S - 1) = 1/5 for

@@ -10,7 +10,9 @@ its gradient with respect to every stage's parameters (in stage order), to the m
 it on the last stage, e.g. the output head; any pytree, None for none). With `has_aux`, `stage_fn(params, x)` returns
 `(y, (aux_loss, stats))`, as an MoE stage does: each stage's auxiliary loss (its balancing
 losses) joins the loss and its gradient, and its statistics (expert counts) are summed over
-micro-batches and data shards, per stage. Inside `jax.shard_map`, manual
+micro-batches and data shards, per stage. With `loss_has_aux`, `loss_fn` returns
+`(loss, stats)` (an MTP head's losses and routing statistics), its statistics summed over
+micro-batches. Inside `jax.shard_map`, manual
 over `axis` and `batch_axes` (None: the other mesh axes stay automatic, so a stage sees the
 whole micro-batch, split over them by the compiler, and its batch statistics are the whole
 micro-batch's), the schedule is played in ticks, one operation per device per tick (`tick_table`; the two of an
@@ -57,6 +59,7 @@ class Result(NamedTuple):
   input_grads: jax.Array     # like the micro-batches: [M, B, ...]
   stats: object              # with has_aux: each stage's statistics, summed: [S, ...]
   loss_grads: object         # like loss_params
+  loss_stats: object         # with loss_has_aux: the loss's statistics, summed
 
 
 class TickTable(NamedTuple):
@@ -102,7 +105,7 @@ def tick_table(schedule: schedules.Schedule) -> TickTable:
 
 
 def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None,
-              has_aux: bool = False):
+              has_aux: bool = False, loss_has_aux: bool = False):
   """The loss and gradients of the stages in sequence, run by schedule `name`."""
   batch = P(None, batch_axes)
 
@@ -118,17 +121,19 @@ def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None
           f"{name} on {num_devices} devices runs {schedule.num_stages} stages, got {num_stages}")
     # Each device's stages next to each other (DualPipeV's V: d and 2D - 1 - d), and back.
     order = np.array([s for stages in schedule.stages_of_device for s in stages])
-    per_device = functools.partial(_play, _with_aux(stage_fn, has_aux), loss_fn, axis,
+    loss_with_aux = loss_fn if loss_has_aux else lambda *a: (loss_fn(*a), ())
+    per_device = functools.partial(_play, _with_aux(stage_fn, has_aux), loss_with_aux, axis,
                                    batch_axes, tick_table(schedule),
                                    len(schedule.stages_of_device[0]))
     manual = {axis, *(() if batch_axes is None else
                        (batch_axes,) if isinstance(batch_axes, str) else batch_axes)}
-    loss, grads, input_grads, stats, loss_grads = jax.shard_map(
+    loss, grads, input_grads, stats, loss_grads, loss_stats = jax.shard_map(
         per_device, in_specs=(P(axis), batch, batch, P()),
-        out_specs=(P(), P(axis), batch, P(axis), P()), axis_names=manual)(
+        out_specs=(P(), P(axis), batch, P(axis), P(), P()), axis_names=manual)(
         jax.tree.map(lambda p: p[order], stage_params), microbatches, targets, loss_params)
     in_stage_order = lambda tree: jax.tree.map(lambda g: g[np.argsort(order)], tree)
-    return Result(loss, in_stage_order(grads), input_grads, in_stage_order(stats), loss_grads)
+    return Result(loss, in_stage_order(grads), input_grads, in_stage_order(stats), loss_grads,
+                  loss_stats)
   return run
 
 
@@ -174,18 +179,20 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
     parameters), else what the next stage sent (and zeros). Only the last stage computes the
     loss (an output head's logits are costly): the other devices take the other branch."""
     def from_loss(_):
-      value, (loss_params_grad, loss_grad) = jax.value_and_grad(loss_fn, (0, 1))(
-          loss_params, out, at(targets, microbatch))
-      return loss_grad, value, loss_params_grad
+      (value, stats), (loss_params_grad, loss_grad) = jax.value_and_grad(
+          loss_fn, (0, 1), has_aux=True)(loss_params, out, at(targets, microbatch))
+      return loss_grad, value, loss_params_grad, jax.tree.map(varying, stats)
 
     def from_next_stage(_):
       return (at(state["buffers"], GRADIENTS, chunk, microbatch), varying(jnp.zeros(())),
-              jax.tree.map(jnp.zeros_like, loss_params))
+              jax.tree.map(jnp.zeros_like, loss_params),
+              jax.tree.map(jnp.zeros_like, state["loss_stats"]))
 
     is_last = last_stage & (chunk == num_chunks - 1)
-    grad_out, value, loss_params_grad = jax.lax.cond(is_last, from_loss, from_next_stage, None)
+    grad_out, value, loss_params_grad, stats = jax.lax.cond(is_last, from_loss,
+                                                            from_next_stage, None)
     loss_grads = jax.tree.map(jnp.add, state["loss_grads"], loss_params_grad)
-    return grad_out, value, loss_grads
+    return grad_out, value, (loss_grads, jax.tree.map(jnp.add, state["loss_stats"], stats))
 
   def add(totals, chunk, values):
     return jax.tree.map(lambda total, value: total.at[chunk].add(value), totals, values)
@@ -213,9 +220,10 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
   def full_backward(state, chunk, microbatch):
     (out, aux_loss), pullback = jax.vjp(differentiable, stage_of(chunk),
                                         at(state["kept"], chunk, microbatch))
-    grad_out, loss, loss_grads = output_gradient(state, chunk, microbatch, out)
+    grad_out, loss, (loss_grads, loss_stats) = output_gradient(state, chunk, microbatch, out)
     grad_params, grad_x = pullback(cotangent(grad_out, aux_loss))
     return dict(state, grads=add(state["grads"], chunk, grad_params), loss_grads=loss_grads,
+                loss_stats=loss_stats,
                 input_grads=keep_input_gradient(state, chunk, microbatch, grad_x),
                 loss=state["loss"] + loss), grad_x
 
@@ -223,10 +231,10 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
     params_now = stage_of(chunk)
     (out, aux_loss), pullback = jax.vjp(lambda x: differentiable(params_now, x),
                                         at(state["kept"], chunk, microbatch))
-    grad_out, loss, loss_grads = output_gradient(state, chunk, microbatch, out)
+    grad_out, loss, (loss_grads, loss_stats) = output_gradient(state, chunk, microbatch, out)
     (grad_x,) = pullback(cotangent(grad_out, aux_loss))
     return dict(state, deferred=put(state["deferred"], grad_out, chunk, microbatch),
-                loss_grads=loss_grads,
+                loss_grads=loss_grads, loss_stats=loss_stats,
                 input_grads=keep_input_gradient(state, chunk, microbatch, grad_x),
                 loss=state["loss"] + loss), grad_x
 
@@ -263,11 +271,15 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
                lambda leaf: varying(jnp.zeros((num_chunks,) + leaf.shape, leaf.dtype)),
                jax.eval_shape(stage_fn, stage_of(0), varying(microbatches[0]))[1]),
            "loss": varying(jnp.zeros((), jnp.float32)),
-           "loss_grads": jax.tree.map(lambda p: varying(jnp.zeros_like(p)), loss_params)}
+           "loss_grads": jax.tree.map(lambda p: varying(jnp.zeros_like(p)), loss_params),
+           "loss_stats": jax.tree.map(
+               lambda leaf: varying(jnp.zeros(leaf.shape, leaf.dtype)),
+               jax.eval_shape(loss_fn, loss_params, varying(microbatches[0]), targets[0])[1])}
   state, _ = jax.lax.scan(tick, start, jnp.arange(table.kind.shape[1]))
-  loss, input_grads, loss_grads = jax.lax.psum(
-      (state["loss"], state["input_grads"], state["loss_grads"]), axis)
+  loss, input_grads, loss_grads, loss_stats = jax.lax.psum(
+      (state["loss"], state["input_grads"], state["loss_grads"], state["loss_stats"]), axis)
   grads, stats = state["grads"], state["stats"]
   if batch_axes is not None:
-    loss, grads, stats, loss_grads = jax.lax.psum((loss, grads, stats, loss_grads), batch_axes)
-  return loss, grads, input_grads, stats, loss_grads
+    loss, grads, stats, loss_grads, loss_stats = jax.lax.psum(
+        (loss, grads, stats, loss_grads, loss_stats), batch_axes)
+  return loss, grads, input_grads, stats, loss_grads, loss_stats

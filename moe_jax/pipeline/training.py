@@ -4,8 +4,8 @@ axis `stage`.
 What runs where: the embedding and the dense blocks run before the pipeline, on the whole
 batch (the compiler splits them over the batch's mesh axes; each stage device holds them);
 the scanned MoE block stack is split into stages of consecutive blocks (`model_stages`), one
-per `stage` device, two for DualPipeV; the final norm, the output projection and the
-cross-entropy run inside the pipeline, as the last stage's loss. The batch is cut into
+per `stage` device, two for DualPipeV; the final norm, the output projection, the
+cross-entropy and the MTP modules run inside the pipeline, as the last stage's loss. The batch is cut into
 `microbatches` slices exactly as gradient accumulation cuts it (`steps.accumulated_gradients`:
 slice m holds rows m, m + M, ...), so the step computes the loss, gradients and routing
 statistics of the unpipelined step with as many slices: each stage sees whole micro-batches
@@ -14,7 +14,8 @@ micro-batch's. The gradients come back in three parts (the stages', the head's, 
 micro-batches' for the embedding and dense blocks) and are put back in the parameters' tree by
 the pullbacks of the functions that took those parts out.
 
-Not yet run in a pipeline: multi-token prediction (refused by config validation).
+With multi-token prediction the MTP modules run on the last stage too, after the output
+head: they read the last block's hidden states and the embeddings of the tokens ahead.
 """
 
 from typing import NamedTuple
@@ -25,7 +26,7 @@ import optax
 from flax import nnx
 
 from moe_jax.layers.logits import output_logits
-from moe_jax.model import REMAT_POLICIES
+from moe_jax.model import REMAT_POLICIES, mtp_losses
 from moe_jax.pipeline import schedules
 from moe_jax.pipeline.model_stages import as_stages, moe_stack, stage_function
 from moe_jax.pipeline.scheduled import scheduled
@@ -51,10 +52,12 @@ def summary(schedule: str, stage_devices: int, microbatches: int) -> str:
           f"{max(schedules.peak_activations(plan))} micro-batches' activations held per device")
 
 
-def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, microbatches: int):
-  """((loss, (cross_entropy, stats, {})), grads) as `jax.value_and_grad(steps.loss_fn)` over
-  `microbatches` slices gives them (`steps.accumulated_gradients`), run through `pipeline`."""
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, microbatches: int,
+                        mtp_weight=0.0):
+  """((loss, (cross_entropy, stats, mtp metrics)), grads) as `jax.value_and_grad(steps.loss_fn)`
+  over `microbatches` slices gives them (`steps.accumulated_gradients`), run through
+  `pipeline`."""
+  inputs = tokens[:, :-1]
   batch, seq_len = inputs.shape
   model = nnx.merge(graphdef, params, biases)
   stack = moe_stack(model, pipeline.stages)
@@ -70,10 +73,11 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
     return x
 
   def parts(params):
-    """The stages' state [S, L / S, ...] and the head's parameters, taken out of `params`."""
+    """The stages' state [S, L / S, ...] and what the last stage's loss reads (the final norm,
+    the output and input embeddings, the MTP modules), taken out of `params`."""
     m = nnx.merge(graphdef, params, biases)
     return (as_stages(nnx.state(m.moe_blocks.layers), pipeline.stages),
-            (nnx.state(m.final_norm), m.unembed[...]))
+            (nnx.state(m.final_norm), m.unembed[...], nnx.state(m.mtp), m.embed[...]))
 
   stage_fn = stage_function(nnx.graphdef(stack.layers), seq_len)
 
@@ -81,27 +85,60 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
     y, (aux_loss, stats) = stage_fn(state, x)
     return y, (aux_loss / microbatches, stats)   # the loss is the mean over slices
 
-  norm_graphdef, dtype = nnx.graphdef(model.final_norm), model.dtype
-
-  def head_loss(head, h, targets):
-    norm_state, unembed = head
-    normed = nnx.merge(norm_graphdef, norm_state)(h)
-    with jax.named_scope("output"):
-      logits = output_logits(normed, unembed.astype(dtype))
-    with jax.named_scope("cross_entropy"):
-      cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-    return cross_entropy / microbatches
-
+  head_loss = _head_loss(model, microbatches, mtp_weight)
   slices = lambda a: a.reshape(batch // microbatches, microbatches, *a.shape[1:]).swapaxes(0, 1)
   whole = lambda a: a.swapaxes(0, 1).reshape(batch, *a.shape[2:])
   x, before_pullback = jax.vjp(before, params)
   (stage_state, head), parts_pullback = jax.vjp(parts, params)
-  result = scheduled(pipeline.schedule, stage, head_loss, AXIS, None, has_aux=True)(
-      stage_state, slices(x), slices(targets), head)
+  result = scheduled(pipeline.schedule, stage, head_loss, AXIS, None, has_aux=True,
+                     loss_has_aux=True)(stage_state, slices(x), slices(tokens), head)
   (grads_before,) = before_pullback(whole(result.input_grads).astype(x.dtype))
   (grads_parts,) = parts_pullback((result.grads, result.loss_grads))
   grads = jax.tree.map(jnp.add, grads_before, grads_parts)
+  # Sums over the micro-batches: means over slices once divided by M (counts stay sums).
+  cross_entropy, mtp_loss_sums, mtp_accuracy_sums, mtp_stats = result.loss_stats
   stats = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), result.stats)   # [L, ...]
-  stats = stats.over_slices(microbatches)
-  aux = jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss)
-  return (result.loss, (result.loss - aux, stats, {})), grads
+  if mtp_stats:   # the MTP blocks' statistics follow the main blocks' (model.moe_layers)
+    stats = jax.tree.map(lambda main, extra: jnp.concatenate([main, extra]), stats, mtp_stats)
+  mtp = {}
+  for depth in range(1, len(model.mtp) + 1):
+    mtp[f"mtp_loss/depth{depth}"] = mtp_loss_sums[depth - 1] / microbatches
+    mtp[f"mtp_accuracy/depth{depth}"] = mtp_accuracy_sums[depth - 1] / microbatches
+  return (result.loss, (cross_entropy / microbatches, stats.over_slices(microbatches), mtp)), grads
+
+
+def _head_loss(model, microbatches: int, mtp_weight):
+  """The last stage's loss of one micro-batch, `(head, h [b, S, D], window [b, S + 1]) ->
+  (loss / M, (cross-entropy, MTP losses [K], MTP accuracies [K], MTP blocks' MoEStats [K, ...]
+  or ()))`: the next token's cross-entropy, and with K MTP modules (DeepSeek-V3's) their
+  losses weighted by mtp_weight / K and their blocks' balancing losses, as `steps.loss_fn`
+  adds them."""
+  norm_graphdef, mtp_graphdef = nnx.graphdef(model.final_norm), nnx.graphdef(model.mtp)
+  dtype, depths = model.dtype, len(model.mtp)
+
+  def head_loss(head, h, window):
+    norm_state, unembed, mtp_state, embed = head
+    inputs, targets = window[:, :-1], window[:, 1:]
+    logits_of = lambda normed: output_logits(normed, unembed.astype(dtype))
+    with jax.named_scope("output"):
+      logits = logits_of(nnx.merge(norm_graphdef, norm_state)(h))
+    with jax.named_scope("cross_entropy"):
+      cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    if not depths:
+      return cross_entropy / microbatches, (cross_entropy, jnp.zeros(0), jnp.zeros(0), ())
+    hidden, mtp_logits, stats = h, [], []
+    with jax.named_scope("mtp"):
+      for depth, module in enumerate(nnx.merge(mtp_graphdef, mtp_state), start=1):
+        length = inputs.shape[1] - depth
+        joined = module.join(hidden[:, :length], embed[inputs[:, depth:]].astype(dtype))
+        hidden, block_stats = model.run_block(module.block, joined, jnp.arange(length))
+        stats.append(block_stats)
+        mtp_logits.append(logits_of(module.final_norm(hidden)))
+      losses, accuracies = mtp_losses(mtp_logits, window)
+    stats = jax.tree.map(lambda *leaves: jnp.stack(leaves), *stats)
+    total = (cross_entropy + mtp_weight * jnp.mean(jnp.stack(losses))
+             + jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss))
+    return total / microbatches, (cross_entropy, jnp.stack(losses),
+                                  jnp.stack(accuracies).astype(jnp.float32), stats)
+
+  return head_loss
