@@ -7,18 +7,18 @@ f(stage_params [S, ...], microbatches [M, B, ...], targets [M, B, ...], loss_par
 the summed loss of every micro-batch (`loss_fn(loss_params, last stage's output, targets)`) and
 its gradient with respect to every stage's parameters (in stage order), to the micro-batches
 (for what runs before the pipeline, e.g. the embedding) and to `loss_params` (what runs after
-it on the last stage, e.g. the output head; any pytree, None for none). With `has_aux`, `stage_fn(params, x)` returns
-`(y, (aux_loss, stats))`, as an MoE stage does: each stage's auxiliary loss (its balancing
-losses) joins the loss and its gradient, and its statistics (expert counts) are summed over
-micro-batches and data shards, per stage. With `loss_has_aux`, `loss_fn` returns
-`(loss, stats)` (an MTP head's losses and routing statistics), its statistics summed over
-micro-batches. Inside `jax.shard_map`, manual
-over `axis` and `batch_axes` (None: the other mesh axes stay automatic, so a stage sees the
-whole micro-batch, split over them by the compiler, and its batch statistics are the whole
-micro-batch's), the schedule is played in ticks, one operation per device per tick (`tick_table`; the two of an
-overlapped slot on consecutive ticks). Each device holds its stages as chunks (one, or two for
-DualPipeV's V), with per chunk a buffer of inputs, of output gradients and of kept inputs, by
-micro-batch:
+it on the last stage, e.g. the output head; any pytree, None for none). With `has_aux`,
+`stage_fn(params, x)` returns `(y, (aux_loss, stats))`, as an MoE stage does: each stage's
+auxiliary loss (its balancing losses) joins the loss and its gradient, and its statistics
+(expert counts) are summed over micro-batches and data shards, per stage. With
+`loss_has_aux`, `loss_fn` returns `(loss, stats)` (an MTP head's losses and routing
+statistics), its statistics summed over micro-batches. Inside `jax.shard_map`, manual over
+`axis` and `batch_axes` (None: the other mesh axes stay automatic, so a stage sees the whole
+micro-batch, split over them by the compiler, and its batch statistics are the whole
+micro-batch's), the schedule is played in ticks, one operation per device per tick
+(`tick_table`; the two of an overlapped slot on consecutive ticks). Each device holds its
+stages as chunks (one, or two for DualPipeV's V), with per chunk a buffer of inputs, of output
+gradients and of kept inputs, by micro-batch:
 
   F   applies the chunk's stage to its input (the micro-batch on stage 0) and keeps the input
   BW  recomputes the forward from the kept input under `jax.vjp`, takes the output gradient

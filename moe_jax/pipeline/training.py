@@ -5,17 +5,15 @@ What runs where: the embedding and the dense blocks run before the pipeline, on 
 batch (the compiler splits them over the batch's mesh axes; each stage device holds them);
 the scanned MoE block stack is split into stages of consecutive blocks (`model_stages`), one
 per `stage` device, two for DualPipeV; the final norm, the output projection, the
-cross-entropy and the MTP modules run inside the pipeline, as the last stage's loss. The batch is cut into
-`microbatches` slices exactly as gradient accumulation cuts it (`steps.accumulated_gradients`:
-slice m holds rows m, m + M, ...), so the step computes the loss, gradients and routing
-statistics of the unpipelined step with as many slices: each stage sees whole micro-batches
-(the data axes stay automatic inside the pipeline), so its balancing losses are the whole
-micro-batch's. The gradients come back in three parts (the stages', the head's, the
-micro-batches' for the embedding and dense blocks) and are put back in the parameters' tree by
-the pullbacks of the functions that took those parts out.
-
-With multi-token prediction the MTP modules run on the last stage too, after the output
-head: they read the last block's hidden states and the embeddings of the tokens ahead.
+cross-entropy and the MTP modules (which read the last block's hidden states and the
+embeddings of the tokens ahead) run inside the pipeline, as the last stage's loss. The batch
+is cut into `microbatches` slices exactly as gradient accumulation cuts it
+(`steps.accumulated_gradients`: slice m holds rows m, m + M, ...), so the step computes the
+loss, gradients and routing statistics of the unpipelined step with as many slices: each
+stage sees whole micro-batches (the data axes stay automatic inside the pipeline), so its
+balancing losses are the whole micro-batch's. The gradients come back in three parts (the
+stages', the head's, the micro-batches' for the embedding and dense blocks) and are put back
+in the parameters' tree by the pullbacks of the functions that took those parts out.
 """
 
 from typing import NamedTuple
@@ -45,9 +43,9 @@ def summary(schedule: str, stage_devices: int, microbatches: int) -> str:
   """One line for the start of a run: the schedule, its bubble as `schedules.simulate`
   computes it (a backward twice a forward) and the activations it holds."""
   plan = schedules.make(schedule, stage_devices, microbatches)
-  timeline = schedules.simulate(plan)
+  bubble = schedules.simulate(plan).bubble_fraction
   return (f"pipeline: {schedule}, {plan.num_stages} stages on {stage_devices} devices of mesh "
-          f"axis 'stage', {microbatches} micro-batches: bubble {100 * timeline.bubble_fraction:.1f}% "
+          f"axis 'stage', {microbatches} micro-batches: bubble {100 * bubble:.1f}% "
           f"of device time (computed from the schedule, a backward twice a forward), at most "
           f"{max(schedules.peak_activations(plan))} micro-batches' activations held per device")
 
