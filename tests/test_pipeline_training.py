@@ -17,12 +17,15 @@ from moe_jax.train import train_and_evaluate
 from tests.mesh_steps import train_on_mesh
 
 MICROBATCHES = 4
-CASES = {   # schedule, stage devices, (data, fsdp, tensor, expert)
-    "gpipe, stage 4 x data 2": ("gpipe", 4, (2, 1, 1, 1)),
-    "1f1b, stage 4 x data 2": ("1f1b", 4, (2, 1, 1, 1)),
-    "dualpipev, stage 2 x data 4": ("dualpipev", 2, (4, 1, 1, 1)),
-    "1f1b, stage 2 x expert 4 (experts split by sharding.experts)": ("1f1b", 2, (1, 1, 1, 4)),
-    "dualpipev, stage 2 x fsdp 2 x data 2": ("dualpipev", 2, (2, 2, 1, 1)),
+TX = optax.sgd(0.1, momentum=0.9)   # linear in the gradients: Adam would magnify float32 noise
+CASES = {   # schedule, stage devices, (data, fsdp, tensor, expert), ZeRO-1
+    "gpipe, stage 4 x data 2": ("gpipe", 4, (2, 1, 1, 1), False),
+    "1f1b, stage 4 x data 2": ("1f1b", 4, (2, 1, 1, 1), False),
+    "dualpipev, stage 2 x data 4": ("dualpipev", 2, (4, 1, 1, 1), False),
+    "1f1b, stage 2 x expert 4 (experts split by sharding.experts)": ("1f1b", 2, (1, 1, 1, 4),
+                                                                      False),
+    "dualpipev, stage 2 x fsdp 2 x data 2": ("dualpipev", 2, (2, 2, 1, 1), False),
+    "1f1b, stage 2 x data 4, ZeRO-1": ("1f1b", 2, (4, 1, 1, 1), True),
 }
 
 
@@ -54,22 +57,24 @@ def unpipelined(batches):
   config = _config(get_config("tiny"))
   metrics = []
   state, losses = train_on_mesh(config, _mesh(1, (1, 1, 1, 1)), batches,
-                                parallel.parse_rules(config.sharding), optax.sgd(0.1),
+                                parallel.parse_rules(config.sharding), TX,
                                 microbatches=MICROBATCHES, metrics_out=metrics)
   return state, losses, metrics
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_pipelined_step_equals_the_unpipelined_one(tiny_config, batches, unpipelined, case):
-  """Two steps of plain SGD (lr 0.1) and the bias update: losses, cross-entropy and expert
-  counts within 1e-5 relative, parameters and biases within 1e-5 relative + 1e-6."""
-  schedule, stage, sizes = CASES[case]
+  """Two steps of SGD with momentum (lr 0.1) and the bias update: losses, cross-entropy and
+  expert counts within 1e-5 relative, parameters and biases within 1e-5 relative + 1e-6; the
+  MoE blocks' parameters and momenta split over `stage` (and the momenta over `data` too with
+  ZeRO-1)."""
+  schedule, stage, sizes, zero1 = CASES[case]
   config = _config(tiny_config)
   rules = parallel.parse_rules(config.sharding)
   stages = stage * (2 if schedule == "dualpipev" else 1)
   piped_metrics = []
   piped, piped_losses = train_on_mesh(config, _mesh(stage, sizes), batches, rules,
-                                      optax.sgd(0.1), microbatches=MICROBATCHES,
+                                      TX, zero1, microbatches=MICROBATCHES,
                                       pipeline=Pipeline(schedule, stages),
                                       metrics_out=piped_metrics)
   plain, losses, metrics = unpipelined
@@ -82,6 +87,10 @@ def test_a_pipelined_step_equals_the_unpipelined_one(tiny_config, batches, unpip
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   held = [leaf for leaf in jax.tree.leaves(piped.params) if "stage" in str(leaf.sharding.spec)]
   assert held, "the MoE blocks' parameters are split over the stage devices"
+  momenta = [leaf for leaf in jax.tree.leaves(piped.opt_state) if leaf.ndim >= 2]
+  assert any("stage" in str(leaf.sharding.spec) for leaf in momenta)   # they follow the blocks
+  if zero1:
+    assert all("data" in str(leaf.sharding.spec) for leaf in momenta)
 
 
 def test_mtp_modules_on_the_last_stage_equal_the_unpipelined_step(tiny_config, batches):
@@ -96,7 +105,7 @@ def test_mtp_modules_on_the_last_stage_equal_the_unpipelined_step(tiny_config, b
   for stage, sizes, pipeline in ((2, (4, 1, 1, 1), Pipeline("dualpipev", 4)),
                                  (1, (1, 1, 1, 1), None)):
     metrics = []
-    state, losses = train_on_mesh(config, _mesh(stage, sizes), batches, rules, optax.sgd(0.1),
+    state, losses = train_on_mesh(config, _mesh(stage, sizes), batches, rules, TX,
                                   microbatches=MICROBATCHES, pipeline=pipeline,
                                   metrics_out=metrics)
     runs.append((state, losses, metrics))
