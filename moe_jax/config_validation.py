@@ -185,6 +185,9 @@ def _pipeline_problems(config, spec: ModelSpec, stage_devices: int, backend: str
        f"cuDNN's fused attention here, which does not run inside a pipeline yet (its custom "
        f"partitioner fails under the pipeline's shard_map, mesh.stage={stage_devices}): set "
        f"model.attention_implementation='xla' (or 'xla_recompute')")
+  need(not (spec.dispatch.strategy == "dropless" and spec.dispatch.grouped_matmul == "interpret"),
+       f"dispatch.grouped_matmul='interpret' (the GPU kernels in Pallas interpret mode) does not "
+       f"run inside a pipeline (mesh.stage={stage_devices}): use 'auto'")
   need(spec.dispatch.expert_parallel == "none",
        f"dispatch.expert_parallel={spec.dispatch.expert_parallel!r} does not run inside a "
        f"pipeline yet (mesh.stage={stage_devices}): leave it 'none' (experts split over "

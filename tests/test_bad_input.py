@@ -115,6 +115,11 @@ BAD_CONFIGS = {
                                 "model__num_layers": 4},
                                ["leaves 3 MoE blocks, which do not split into the 2 stages of "
                                 "pipeline.schedule='1f1b' on mesh.stage=2"]),
+    "kernels in interpret mode in a pipeline": (
+        {"mesh__stage": 2, "mesh__data": 4, "model__scan_layers": True, "model__num_layers": 5,
+         "dispatch__strategy": "dropless", "dispatch__grouped_matmul": "interpret"},
+        ["dispatch.grouped_matmul='interpret' (the GPU kernels in Pallas interpret mode) does not "
+         "run inside a pipeline (mesh.stage=2)"]),
     "too few micro-batches": ({"mesh__stage": 2, "mesh__data": 4, "model__scan_layers": True,
                                "model__num_layers": 5, "pipeline__schedule": "dualpipev",
                                "train__microbatches": 2},
