@@ -157,6 +157,11 @@ def _abstract_state(spec: ModelSpec, optimizer: steps.OptimizerSettings, total_s
 def plan(config, mesh_sizes: dict[str, int], backend: str = "gpu") -> MemoryPlan:
   """The per-device plan of a config (validated for the mesh's size) on a mesh of
   `mesh_sizes` (every axis of parallel.MESH_AXES) of `backend` devices ("gpu": NVIDIA's)."""
+  if mesh_sizes["stage"] > 1:
+    raise ConfigError(f"invalid config:\n  - mesh.stage={mesh_sizes['stage']}: the plan does not "
+                      f"model pipeline stages yet (a stage device holds its stages' blocks and "
+                      f"several micro-batches' activations); `python -m moe_jax.main ... "
+                      f"--dry_run` gives XLA's figure for the compiled pipelined step")
   mesh = jax.sharding.AbstractMesh(tuple(mesh_sizes[a] for a in parallel.MESH_AXES),
                                    parallel.MESH_AXES)
   spec = ModelSpec.from_config(config)

@@ -78,3 +78,12 @@ def test_the_command_says_whether_it_fits_and_finds_the_fewest_devices():
   wrong = run("--mesh=fsdp=3")
   assert wrong.returncode == 2 and wrong.stderr.startswith("error: ") and \
       "Traceback" not in wrong.stderr
+
+
+def test_a_pipelined_config_is_refused_by_name_not_planned_wrongly(tiny_config):
+  """The plan models no pipeline stages: with mesh.stage > 1 it says so and points to
+  --dry_run, rather than giving an unpipelined step's activations."""
+  from moe_jax.settings import ConfigError
+  sizes = {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1, "stage": 2}
+  with pytest.raises(ConfigError, match="mesh.stage=2: the plan does not model pipeline stages"):
+    plan.plan(tiny_config, sizes, backend="cpu")
