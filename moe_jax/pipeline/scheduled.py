@@ -107,7 +107,9 @@ def tick_table(schedule: schedules.Schedule) -> TickTable:
 def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None,
               has_aux: bool = False, loss_has_aux: bool = False):
   """The loss and gradients of the stages in sequence, run by schedule `name`."""
-  batch = P(None, batch_axes)
+  data_axes = (() if batch_axes is None else
+               (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
+  batch = P(None, data_axes or None)
 
   def run(stage_params, microbatches, targets, loss_params=None):
     num_stages = jax.tree.leaves(stage_params)[0].shape[0]
@@ -123,10 +125,9 @@ def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None
     order = np.array([s for stages in schedule.stages_of_device for s in stages])
     loss_with_aux = loss_fn if loss_has_aux else lambda *a: (loss_fn(*a), ())
     per_device = functools.partial(_play, _with_aux(stage_fn, has_aux), loss_with_aux, axis,
-                                   batch_axes, tick_table(schedule),
+                                   data_axes, tick_table(schedule),
                                    len(schedule.stages_of_device[0]))
-    manual = {axis, *(() if batch_axes is None else
-                       (batch_axes,) if isinstance(batch_axes, str) else batch_axes)}
+    manual = {axis, *data_axes}
     loss, grads, input_grads, stats, loss_grads, loss_stats = jax.shard_map(
         per_device, in_specs=(P(axis), batch, batch, P()),
         out_specs=(P(), P(axis), batch, P(axis), P(), P()), axis_names=manual)(
@@ -149,13 +150,11 @@ def _with_aux(stage_fn, has_aux: bool):
   return split
 
 
-def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int,
+def _play(stage_fn, loss_fn, axis, data_axes: tuple[str, ...], table: TickTable, num_chunks: int,
           stage_params, microbatches, targets, loss_params):
   num_devices = jax.lax.axis_size(axis)
   device = jax.lax.axis_index(axis)
-  all_axes = (axis,) + (() if batch_axes is None else
-                        (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
-  varying = varying_along(all_axes)   # loop carries differ along every axis
+  varying = varying_along((axis, *data_axes))   # loop carries differ along every manual axis
   # Each data shard's own parameter gradient (summed over the shards at the end): without this
   # the pullback of parameters shared by the shards would sum them already.
   params = jax.tree.map(varying, stage_params)              # [C, ...]: this device's stages
@@ -279,7 +278,7 @@ def _play(stage_fn, loss_fn, axis, batch_axes, table: TickTable, num_chunks: int
   loss, input_grads, loss_grads, loss_stats = jax.lax.psum(
       (state["loss"], state["input_grads"], state["loss_grads"], state["loss_stats"]), axis)
   grads, stats = state["grads"], state["stats"]
-  if batch_axes is not None:
+  if data_axes:
     loss, grads, stats, loss_grads, loss_stats = jax.lax.psum(
-        (loss, grads, stats, loss_grads, loss_stats), batch_axes)
+        (loss, grads, stats, loss_grads, loss_stats), data_axes)
   return loss, grads, input_grads, stats, loss_grads, loss_stats
