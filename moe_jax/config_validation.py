@@ -14,8 +14,7 @@ from moe_jax import parallel
 from moe_jax import tokenizer as tokenization
 from moe_jax.data import DataSettings
 from moe_jax.dispatch import DispatchSettings
-from moe_jax.layers import attention
-from moe_jax.model import DTYPES, ModelSpec
+from moe_jax.model import ModelSpec
 from moe_jax.pipeline.settings import PipelineSettings
 from moe_jax.routing import BalancingSettings, RouterSettings
 from moe_jax.settings import ConfigError, Settings, value_problem
@@ -177,11 +176,7 @@ def _pipeline_problems(config, spec: ModelSpec, stage_devices: int, backend: str
   need(config.train.microbatches >= fewest,
        f"train.microbatches={config.train.microbatches} (the pipeline's micro-batches) is below "
        f"the {fewest} that pipeline.schedule={schedule!r} needs on mesh.stage={stage_devices}")
-  head_dim = spec.qk_nope_head_dim + spec.qk_rope_head_dim if spec.attention == "mla" else (
-      spec.head_dim)
-  fused = attention.chosen_implementation(DTYPES[spec.compute_dtype], head_dim,
-                                          spec.attention_implementation, backend) == "cudnn"
-  need(not fused, f"model.attention_implementation={spec.attention_implementation!r} takes "
+  need(spec.attention_path(backend) != "cudnn", f"model.attention_implementation={spec.attention_implementation!r} takes "
        f"cuDNN's fused attention here, which does not run inside a pipeline yet (its custom "
        f"partitioner fails under the pipeline's shard_map, mesh.stage={stage_devices}): set "
        f"model.attention_implementation='xla' (or 'xla_recompute')")

@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, Int
 from moe_jax.dispatch import DispatchSettings
 from moe_jax.layers.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from moe_jax.layers.attention import QK_NORMS, Attention
+from moe_jax.layers.attention import chosen_implementation as chosen_attention
 from moe_jax.layers.logits import output_logits
 from moe_jax.layers.mla import LatentAttention
 from moe_jax.layers.mlp import SwiGLU, scaled_normal
@@ -239,6 +240,14 @@ class ModelSpec(Settings):
   def rope(self) -> Rope:
     return Rope(self.rope_theta, self.rope_scaling, self.rope_factor, self.rope_original_max_len,
                 self.yarn_beta_fast, self.yarn_beta_slow, self.yarn_mscale, self.yarn_mscale_all_dim)
+
+  def attention_path(self, backend: str) -> str:
+    """The attention implementation this model takes on `backend` ("gpu": NVIDIA's): the one
+    `attention.chosen_implementation` picks for its compute dtype and query/key head width."""
+    head_dim = self.head_dim if self.attention == "gqa" else (self.qk_nope_head_dim
+                                                              + self.qk_rope_head_dim)
+    return chosen_attention(DTYPES[self.compute_dtype], head_dim, self.attention_implementation,
+                            backend)
 
 
 def make_attention(spec: ModelSpec, dtype, rngs: nnx.Rngs) -> Attention | LatentAttention:

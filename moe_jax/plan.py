@@ -37,7 +37,6 @@ from moe_jax import checkpoint, parallel, steps
 from moe_jax.config_validation import ConfigError, dcn_sizes, validate_config
 from moe_jax.main import (config_argument, config_file_problem, override_problem,
                           with_located_config)
-from moe_jax.layers import attention
 from moe_jax.layers.params import logical_axes
 from moe_jax.model import DTYPES, Block, ModelSpec, parameter_counts
 from moe_jax.paths import DEFAULT_CONFIG
@@ -141,10 +140,7 @@ def working_bytes(spec: ModelSpec, batch: int, seq_len: int, mesh_sizes: dict[st
 def _traced_attention(spec: ModelSpec, backend: str) -> str:
   """The attention path to trace for a run on `backend`: where it would take cuDNN's fused
   kernel, the XLA path that keeps what that kernel keeps (q, k, v) instead of the scores."""
-  head_dim = spec.head_dim if spec.attention == "gqa" else (spec.qk_nope_head_dim
-                                                            + spec.qk_rope_head_dim)
-  chosen = attention.chosen_implementation(DTYPES[spec.compute_dtype], head_dim,
-                                           spec.attention_implementation, backend)
+  chosen = spec.attention_path(backend)
   return "xla_recompute" if chosen == "cudnn" else chosen
 
 
