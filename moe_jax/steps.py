@@ -17,7 +17,7 @@ from flax import nnx
 from moe_jax import routing
 from moe_jax.layers.moe import BalancingBias
 from moe_jax.model import ModelSpec, Transformer, mtp_losses
-from moe_jax.pipeline.training import Pipeline, pipelined_gradients
+from moe_jax.pipeline.training import Pipeline, batch_slices, pipelined_gradients
 from moe_jax.settings import Settings
 
 
@@ -170,8 +170,7 @@ def accumulated_gradients(grad_fn, tokens, microbatches: int):
   keeps its share of each slice. Equal to one pass over the batch for every loss that is a
   mean over tokens or sequences (cross-entropy, z-loss, the sequence-wise loss, MTP); the
   Switch loss (a product of batch means) is taken per slice."""
-  batch = tokens.shape[0]
-  slices = tokens.reshape(batch // microbatches, microbatches, -1).swapaxes(0, 1)
+  slices = batch_slices(tokens, microbatches)
   shapes = jax.eval_shape(grad_fn, slices[0])
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   add = lambda total, micro: (jax.tree.map(jnp.add, total, grad_fn(micro)), None)

@@ -7,8 +7,8 @@ the scanned MoE block stack is split into stages of consecutive blocks (`model_s
 per `stage` device, two for DualPipeV; the final norm, the output projection, the
 cross-entropy and the MTP modules (which read the last block's hidden states and the
 embeddings of the tokens ahead) run inside the pipeline, as the last stage's loss. The batch
-is cut into `microbatches` slices exactly as gradient accumulation cuts it
-(`steps.accumulated_gradients`: slice m holds rows m, m + M, ...), so the step computes the
+is cut into `microbatches` slices exactly as gradient accumulation cuts it (`batch_slices`:
+slice m holds rows m, m + M, ...), so the step computes the
 loss, gradients and routing statistics of the unpipelined step with as many slices: each
 stage sees whole micro-batches (the data axes stay automatic inside the pipeline), so its
 balancing losses are the whole micro-batch's. The gradients come back in three parts (the
@@ -30,6 +30,13 @@ from moe_jax.pipeline.model_stages import as_stages, moe_stack, stage_function
 from moe_jax.pipeline.scheduled import scheduled
 
 AXIS = "stage"   # the mesh axis the stages are split over
+
+
+def batch_slices(a, microbatches: int):
+  """[B, ...] -> [M, B / M, ...], slice m holding rows m, m + M, m + 2M, ...: each device keeps
+  its share of every slice. Gradient accumulation (`steps.accumulated_gradients`) and the
+  pipeline cut a batch this way, so that the two compute the same step."""
+  return a.reshape(a.shape[0] // microbatches, microbatches, *a.shape[1:]).swapaxes(0, 1)
 
 
 class Pipeline(NamedTuple):
@@ -84,8 +91,8 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
     return y, (aux_loss / microbatches, stats)   # the loss is the mean over slices
 
   head_loss = _head_loss(model, microbatches, mtp_weight)
-  slices = lambda a: a.reshape(batch // microbatches, microbatches, *a.shape[1:]).swapaxes(0, 1)
-  whole = lambda a: a.swapaxes(0, 1).reshape(batch, *a.shape[2:])
+  slices = lambda a: batch_slices(a, microbatches)
+  whole = lambda a: a.swapaxes(0, 1).reshape(batch, *a.shape[2:])   # batch_slices undone
   x, before_pullback = jax.vjp(before, params)
   (stage_state, head), parts_pullback = jax.vjp(parts, params)
   result = scheduled(pipeline.schedule, stage, head_loss, AXIS, None, has_aux=True,
