@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from moe_jax.pipeline import schedules
-from moe_jax.pipeline.scheduled import FORWARD, FULL_BACKWARD, IDLE, scheduled, tick_table
+from moe_jax.pipeline.scheduled import (FORWARD, FULL_BACKWARD, IDLE, lockstep_bubble, scheduled,
+                                        tick_table)
 
 B, D = 8, 16
 
@@ -24,14 +25,19 @@ def _loss(head, y, targets):
 
 
 def test_a_two_stage_1f1b_tick_table_worked_by_hand():
-  # Device 0: F0 F1 . B0 F2 B1 . B2; device 1 (the last stage) a tick behind it: F0 B0 F1 B1
-  # F2 B2, each backward right after its forward.
+  # Lane 0 (forwards), device 0: F0 F1 F2 . .; its backwards wait for device 1's: . . BW0 BW1
+  # BW2. Device 1 (the last stage) a tick behind, each backward in its forward's tick.
   table = tick_table(schedules.one_f_one_b(2, 3))
   kinds, microbatches = table.kind, table.microbatch
   F, Bk, _ = FORWARD, FULL_BACKWARD, IDLE
-  assert kinds.tolist() == [[F, F, _, Bk, F, Bk, _, Bk], [_, F, Bk, F, Bk, F, Bk, _]]
-  assert microbatches[0].tolist() == [0, 1, 0, 0, 2, 1, 0, 2]
-  assert [m for k, m in zip(kinds[1], microbatches[1]) if k] == [0, 0, 1, 1, 2, 2]
+  assert kinds[0].T.tolist() == [[F, F, F, _, _], [_, _, Bk, Bk, Bk]]
+  assert kinds[1].T.tolist() == [[_, F, F, F, _], [_, Bk, Bk, Bk, _]]
+  assert microbatches[0].T.tolist() == [[0, 1, 2, 0, 0], [0, 0, 0, 1, 2]]
+  assert microbatches[1].T.tolist() == [[0, 0, 1, 2, 0], [0, 0, 1, 2, 0]]
+  # A backward twice a forward: the ticks last 1, 3, 3, 3 and 2 units (the slower device's),
+  # 12 in all; each device is busy 3 x 1 + 3 x 2 = 9 of them: idle 1 - 18 / 24 = 25%, 1F1B's
+  # (S - 1) / (M + S - 1) = 1 / 4.
+  assert lockstep_bubble(table, schedules.Costs(1.0, 1.0, 1.0, full_backward=2.0)) == 0.25
 
 
 CASES = [  # schedule, devices along the stage axis, data shards, micro-batches

@@ -15,8 +15,9 @@ auxiliary loss (its balancing losses) joins the loss and its gradient, and its s
 statistics), its statistics summed over micro-batches. Inside `jax.shard_map`, manual over
 `axis` and `batch_axes` (None: the other mesh axes stay automatic, so a stage sees the whole
 micro-batch, split over them by the compiler, and its batch statistics are the whole
-micro-batch's), the schedule is played in ticks, one operation per device per tick
-(`tick_table`; the two of an overlapped slot on consecutive ticks). Each device holds its
+micro-batch's), the schedule is played in lockstep ticks, each running on every device at most
+one forward and then one backward operation (`tick_table`: 1F1B's steady state and DualPipeV's
+overlapped pairs are one tick each, every device busy). Each device holds its
 stages as chunks (one, or two for DualPipeV's V), with per chunk a buffer of inputs, of output
 gradients and of kept inputs, by micro-batch:
 
@@ -63,8 +64,9 @@ class Result(NamedTuple):
 
 
 class TickTable(NamedTuple):
-  """Per device and tick ([D, T] each): the operation, its chunk and micro-batch, and where its
-  result goes (direction, the receiving chunk, the buffer)."""
+  """Per device, tick and lane ([D, T, 2] each): the operation, its chunk and micro-batch, and
+  where its result goes (direction, the receiving chunk, the buffer). Lane 0 holds forwards,
+  lane 1 backward operations (BW, B or W); in a tick lane 0 runs first."""
 
   kind: np.ndarray
   chunk: np.ndarray
@@ -74,34 +76,92 @@ class TickTable(NamedTuple):
   to_buffer: np.ndarray
 
 
+FORWARD_LANE, BACKWARD_LANE = 0, 1
+
+
 def tick_table(schedule: schedules.Schedule) -> TickTable:
-  """The slot lists timed with every operation one tick (an overlapped pair as two)."""
-  flat = schedules.Schedule(schedule.name, schedule.num_devices, schedule.num_microbatches,
-                            schedule.stages_of_device,
-                            tuple(tuple((op,) for slot in slots for op in slot)
-                                  for slots in schedule.slots))
-  timeline = schedules.simulate(flat, schedules.Costs(1.0, 1.0, 1.0, full_backward=1.0))
-  ticks = int(timeline.makespan)
-  table = TickTable(*(np.zeros((schedule.num_devices, ticks), np.int32) for _ in range(6)))
+  """Each device's operations in the schedule's order, each in the earliest tick its inputs
+  allow, a tick holding at most one forward and one backward operation per device.
+
+  The devices run in lockstep (the ticks' `ppermute`s join them), so a tick lasts as long as
+  its slowest device: a tick of one forward and one backward on every device, as 1F1B's steady
+  state and DualPipeV's overlapped pairs give, keeps every device busy. An input sent by
+  another device, or by the same device across the V's turn, arrives at the end of its tick;
+  a backward may share the tick of its own stage's forward (lane 0 runs first), a weight
+  gradient follows its input gradient's tick."""
+  num_devices, last_stage = schedule.num_devices, schedule.num_stages - 1
   holder = {stage: (device, chunk) for device, stages in enumerate(schedule.stages_of_device)
             for chunk, stage in enumerate(stages)}
-  last_stage = schedule.num_stages - 1
-  for device, slots in enumerate(flat.slots):
-    for (op,), start in zip(slots, timeline.starts[device]):
-      t = int(start)
-      table.kind[device, t] = KINDS[op.kind]
-      table.chunk[device, t] = schedule.stages_of_device[device].index(op.stage)
-      table.microbatch[device, t] = op.microbatch
+  ops = [[op for slot in slots for op in slot] for slots in schedule.slots]
+  done: dict[tuple[str, int, int], int] = {}   # ("F" | "backward" | "B", stage, mb) -> tick
+  placed: list[list[tuple[int, int, schedules.Op]]] = [[] for _ in range(num_devices)]
+  position, clock = [0] * num_devices, [0] * num_devices
+  taken: set[tuple[int, int, int]] = set()     # (device, tick, lane)
+
+  def earliest(op: schedules.Op) -> int | None:
+    """The first tick whose start sees every input of `op`, None while one is not placed."""
+    after = {"F": [("F", op.stage - 1, 1)] if op.stage else [],
+             "W": [("B", op.stage, 1)]}.get(op.kind)
+    if after is None:   # BW or B: its own forward, and the next stage's backward
+      after = [("F", op.stage, 0)] + ([("backward", op.stage + 1, 1)]
+                                      if op.stage < last_stage else [])
+    ticks = [done.get((kind, stage, op.microbatch)) for kind, stage, _ in after]
+    if any(t is None for t in ticks):
+      return None
+    return max([t + delay for t, (_, _, delay) in zip(ticks, after)], default=0)
+
+  remaining = sum(map(len, ops))
+  while remaining:
+    progressed = False
+    for device in range(num_devices):
+      while position[device] < len(ops[device]):
+        op = ops[device][position[device]]
+        start = earliest(op)
+        if start is None:
+          break
+        lane = FORWARD_LANE if op.kind == "F" else BACKWARD_LANE
+        t = max(start, clock[device])
+        while (device, t, lane) in taken:
+          t += 1
+        taken.add((device, t, lane))
+        done[(op.kind, op.stage, op.microbatch)] = t
+        if op.kind in ("B", "BW"):
+          done[("backward", op.stage, op.microbatch)] = t
+        placed[device].append((t, lane, op))
+        clock[device], position[device] = t, position[device] + 1
+        remaining, progressed = remaining - 1, True
+    if not progressed:
+      raise schedules.ScheduleError(f"{schedule.name}: deadlock in the tick table")
+  ticks = 1 + max(t for device in placed for t, _, _ in device)
+  table = TickTable(*(np.zeros((num_devices, ticks, 2), np.int32) for _ in range(6)))
+  for device, device_ops in enumerate(placed):
+    for t, lane, op in device_ops:
+      table.kind[device, t, lane] = KINDS[op.kind]
+      table.chunk[device, t, lane] = schedule.stages_of_device[device].index(op.stage)
+      table.microbatch[device, t, lane] = op.microbatch
       target = (op.stage + 1 if op.kind == "F" else
                 op.stage - 1 if op.kind in ("BW", "B") else None)
       if target is None or target < 0 or target > last_stage:
         continue   # a weight gradient, the last forward or the first backward: nothing to send
       to_device, to_chunk = holder[target]
       step = to_device - device
-      table.direction[device, t] = {1: NEXT_DEVICE, -1: PREVIOUS_DEVICE, 0: SAME_DEVICE}[step]
-      table.to_chunk[device, t] = to_chunk
-      table.to_buffer[device, t] = INPUTS if op.kind == "F" else GRADIENTS
+      table.direction[device, t, lane] = {1: NEXT_DEVICE, -1: PREVIOUS_DEVICE,
+                                          0: SAME_DEVICE}[step]
+      table.to_chunk[device, t, lane] = to_chunk
+      table.to_buffer[device, t, lane] = INPUTS if op.kind == "F" else GRADIENTS
   return table
+
+
+def lockstep_bubble(table: TickTable, costs: schedules.Costs = schedules.Costs()) -> float:
+  """The idle share of device time when the ticks run in lockstep, each as long as its slowest
+  device's operations (`costs` per kind): what the tick table adds to the schedule's own
+  bubble (`schedules.simulate`)."""
+  full = (costs.input_gradient + costs.weight_gradient if costs.full_backward is None
+          else costs.full_backward)
+  cost = np.array([0.0, costs.forward, full, costs.input_gradient, costs.weight_gradient])
+  busy = cost[table.kind].sum(axis=2)              # [D, T]
+  makespan = busy.max(axis=0).sum()
+  return float(1 - busy.sum() / (busy.shape[0] * makespan))
 
 
 def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None,
@@ -246,18 +306,28 @@ def _play(stage_fn, loss_fn, axis, data_axes: tuple[str, ...], table: TickTable,
   def idle(state, chunk, microbatch):
     return state, zero
 
+  forward_lane = [idle, forward]
+  backward_lane = [idle, full_backward, input_gradient, weight_gradient]
+
   def tick(state, t):
-    kind, chunk, microbatch, direction, to_chunk, to_buffer = (column[t] for column in mine)
-    state, result = jax.lax.switch(kind, [idle, forward, full_backward, input_gradient,
-                                          weight_gradient], state, chunk, microbatch)
-    # Send the result where its stage's neighbour lives; file what arrives by micro-batch.
+    column = [c[t] for c in mine]                     # each [2]: the two lanes
+    kinds, chunks, microbatches_now = column[0], column[1], column[2]
+    state, forwarded = jax.lax.switch(jnp.minimum(kinds[FORWARD_LANE], 1), forward_lane, state,
+                                      chunks[FORWARD_LANE], microbatches_now[FORWARD_LANE])
+    state, backwarded = jax.lax.switch(jnp.maximum(kinds[BACKWARD_LANE] - 1, 0), backward_lane,
+                                       state, chunks[BACKWARD_LANE],
+                                       microbatches_now[BACKWARD_LANE])
+    # Send each result where its stage's neighbour lives; file what arrives by micro-batch.
     buffers = state["buffers"]
-    for where, permutation in ((NEXT_DEVICE, to_next), (PREVIOUS_DEVICE, to_previous)):
-      sent = (result, to_chunk, to_buffer, microbatch, direction == where)
-      value, c, b, m, valid = jax.lax.ppermute(sent, axis, permutation)
-      buffers = jnp.where(valid, put(buffers, value, b, c, m), buffers)
-    buffers = jnp.where(direction == SAME_DEVICE,
-                        put(buffers, result, to_buffer, to_chunk, microbatch), buffers)
+    for lane, result in ((FORWARD_LANE, forwarded), (BACKWARD_LANE, backwarded)):
+      _, _, microbatch, direction, to_chunk, to_buffer = (c[lane] for c in column)
+      for where, permutation in ((NEXT_DEVICE, to_next), (PREVIOUS_DEVICE, to_previous)):
+        sent = (result, to_chunk, to_buffer, microbatch, direction == where)
+        value, c, b, m, valid = jax.lax.ppermute(sent, axis, permutation)
+        buffers = put(buffers, jnp.where(valid, value, at(buffers, b, c, m)), b, c, m)
+      here = jnp.where(direction == SAME_DEVICE, result,
+                       at(buffers, to_buffer, to_chunk, microbatch))
+      buffers = put(buffers, here, to_buffer, to_chunk, microbatch)
     return dict(state, buffers=buffers), None
 
   per_chunk = varying(jnp.zeros((num_chunks,) + microbatches.shape, microbatches.dtype))

@@ -27,7 +27,7 @@ from moe_jax.layers.logits import output_logits
 from moe_jax.model import REMAT_POLICIES, mtp_losses
 from moe_jax.pipeline import schedules
 from moe_jax.pipeline.model_stages import as_stages, moe_stack, stage_function
-from moe_jax.pipeline.scheduled import scheduled
+from moe_jax.pipeline.scheduled import lockstep_bubble, scheduled, tick_table
 
 AXIS = "stage"   # the mesh axis the stages are split over
 
@@ -48,12 +48,15 @@ class Pipeline(NamedTuple):
 
 def summary(schedule: str, stage_devices: int, microbatches: int) -> str:
   """One line for the start of a run: the schedule, its bubble as `schedules.simulate`
-  computes it (a backward twice a forward) and the activations it holds."""
+  computes it (a backward twice a forward) and as the runner's lockstep ticks leave it, and
+  the activations it holds."""
   plan = schedules.make(schedule, stage_devices, microbatches)
   bubble = schedules.simulate(plan).bubble_fraction
+  lockstep = lockstep_bubble(tick_table(plan))
   return (f"pipeline: {schedule}, {plan.num_stages} stages on {stage_devices} devices of mesh "
           f"axis 'stage', {microbatches} micro-batches: bubble {100 * bubble:.1f}% "
-          f"of device time (computed from the schedule, a backward twice a forward), at most "
+          f"of device time (computed from the schedule, a backward twice a forward; "
+          f"{100 * lockstep:.1f}% in the runner's lockstep ticks), at most "
           f"{max(schedules.peak_activations(plan))} micro-batches' activations held per device")
 
 
