@@ -199,6 +199,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pipeline = ml_collections.ConfigDict()
   c.pipeline.schedule = "1f1b"      # "gpipe" | "1f1b" | "dualpipev" (DeepSeek's DualPipeV:
                                     # 2 stages per device, >= 2 x mesh.stage micro-batches)
+  c.pipeline.stage_blocks = ""      # MoE blocks per stage, first first ("9,7": the last stage,
+                                    # which also runs the output head, lighter); "": even
 
   # ---- sharding rules: logical axis name -> mesh axes ("a,b"; "" replicates) ----------------
   # Parameter dimensions carry logical names from creation (moe_jax/layers/params.py).

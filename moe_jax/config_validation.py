@@ -168,10 +168,19 @@ def _pipeline_problems(config, spec: ModelSpec, stage_devices: int, backend: str
   need(spec.scan_layers, f"mesh.stage={stage_devices} splits the stack of MoE blocks into "
        f"pipeline stages: set model.scan_layers=True")
   moe_blocks = spec.num_layers - spec.num_dense_layers
-  need(moe_blocks >= stages and moe_blocks % stages == 0,
-       f"model.num_layers={spec.num_layers} with model.num_dense_layers={spec.num_dense_layers} "
-       f"leaves {moe_blocks} MoE blocks, which do not split into the {stages} stages of "
-       f"pipeline.schedule={schedule!r} on mesh.stage={stage_devices}")
+  blocks = (f"model.num_layers={spec.num_layers} with model.num_dense_layers="
+            f"{spec.num_dense_layers} leaves {moe_blocks} MoE blocks")
+  if settings.stage_blocks.strip():
+    counts = settings.block_counts(stages, moe_blocks)
+    need(len(counts) == stages and sum(counts) == moe_blocks,
+         f"pipeline.stage_blocks={settings.stage_blocks!r} gives {len(counts)} stages "
+         f"{sum(counts)} MoE blocks, but {blocks} in the {stages} stages of "
+         f"pipeline.schedule={schedule!r} on mesh.stage={stage_devices}")
+  else:
+    need(moe_blocks >= stages and moe_blocks % stages == 0,
+         f"{blocks}, which do not split evenly into the {stages} stages of "
+         f"pipeline.schedule={schedule!r} on mesh.stage={stage_devices} (pipeline.stage_blocks "
+         f"sets an uneven split)")
   fewest = settings.min_microbatches(stage_devices)
   need(config.train.microbatches >= fewest,
        f"train.microbatches={config.train.microbatches} (the pipeline's micro-batches) is below "

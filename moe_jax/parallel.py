@@ -170,20 +170,24 @@ def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES, shard_optimizer_over
                           f"divisible by {parts} devices")
     return spec
 
-  def over_stages(path, spec: P) -> P:
-    """The MoE block stack's leading (layer) axis over `stage`, when there are stages."""
+  def over_stages(path, spec: P, shape) -> P:
+    """The MoE block stack's leading (layer) axis over `stage`, when there are stages (and its
+    blocks split evenly over the stage devices)."""
     keys = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
     if mesh.shape.get("stage", 1) == 1 or STAGE_STACK not in keys:
+      return spec
+    if shape[0] % mesh.shape["stage"]:   # each stage device holds the whole stack
       return spec
     return P("stage", *list(spec)[1:])
 
   def for_params(path, variable):
-    return variable.replace(NamedSharding(mesh, over_stages(path, spec_for(path, variable))))
+    spec = over_stages(path, spec_for(path, variable), variable.shape)
+    return variable.replace(NamedSharding(mesh, spec))
 
   def for_optimizer(path, leaf):
     if not _is_variable(leaf):   # the optimizer's own counters
       return NamedSharding(mesh, P())
-    spec = over_stages(path, spec_for(path, leaf))
+    spec = over_stages(path, spec_for(path, leaf), leaf.shape)
     if shard_optimizer_over_data:
       spec = _also_over_data(spec, leaf.shape, mesh)
     return leaf.replace(NamedSharding(mesh, spec))

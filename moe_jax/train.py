@@ -64,7 +64,9 @@ def pipeline_of(config, mesh) -> Pipeline | None:
   if mesh.shape["stage"] == 1:
     return None
   settings = pipeline_settings(config)
-  return Pipeline(settings.schedule, settings.stages(mesh.shape["stage"]))
+  stages = settings.stages(mesh.shape["stage"])
+  moe_blocks = config.model.num_layers - config.model.num_dense_layers
+  return Pipeline(settings.schedule, settings.block_counts(stages, moe_blocks))
 
 
 def laid_out_state(config, mesh):

@@ -1,7 +1,7 @@
 """Pipeline step time: each schedule over all local devices against the unpipelined step on one.
 
   python scripts/bench_pipeline.py                        # bench_1b with 16 MoE blocks, batch 16
-  python scripts/bench_pipeline.py --schedules=1f1b,dualpipev --microbatches=8
+  python scripts/bench_pipeline.py --schedules=1f1b,1f1b:9/7,dualpipev:4/5/4/3 --microbatches=8
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python scripts/bench_pipeline.py \
       --config=configs/default.py:tiny --layers=5 --batch=8 --seq=64   # a CPU smoke test
 
@@ -76,7 +76,9 @@ def main():
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--microbatches", type=int, default=8)
-  parser.add_argument("--schedules", default="gpipe,1f1b,dualpipev")
+  parser.add_argument("--schedules", default="gpipe,1f1b,dualpipev",
+                      help="schedules, each optionally with its MoE blocks per stage "
+                           "(pipeline.stage_blocks): 1f1b,1f1b:9/7,dualpipev:4/5/4/3")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
@@ -96,16 +98,18 @@ def main():
   one = step_ms(config, devices[:1], args.warmup, args.repeats)
   print(f"unpipelined, 1 device: {one:.1f} ms", flush=True)
   rows = [("unpipelined (gradient accumulation)", 1, one, None, None, None)]
-  for name in args.schedules.split(","):
+  for item in args.schedules.split(","):
+    name, _, blocks = item.partition(":")
     config.mesh.stage, config.pipeline.schedule = len(devices), name
+    config.pipeline.stage_blocks = blocks.replace("/", ",")
     validate_config(config, len(devices))
     ms = step_ms(config, devices, args.warmup, args.repeats)
     plan = schedules.make(name, len(devices), args.microbatches)
     computed = schedules.simulate(plan).bubble_fraction
     lockstep = lockstep_bubble(tick_table(plan))
     effective = 1 - one / (len(devices) * ms)
-    rows.append((name, len(devices), ms, computed, lockstep, effective))
-    print(f"{name}, {len(devices)} devices: {ms:.1f} ms, bubble computed {100 * computed:.1f}% "
+    rows.append((item, len(devices), ms, computed, lockstep, effective))
+    print(f"{item}, {len(devices)} devices: {ms:.1f} ms, bubble computed {100 * computed:.1f}% "
           f"(lockstep ticks {100 * lockstep:.1f}%), effective {100 * effective:.1f}%",
           flush=True)
   print("\ncommand: python scripts/bench_pipeline.py " + " ".join(sys.argv[1:]))

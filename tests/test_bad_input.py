@@ -113,8 +113,17 @@ BAD_CONFIGS = {
                                 "set model.scan_layers=True"]),
     "blocks not into stages": ({"mesh__stage": 2, "mesh__data": 4, "model__scan_layers": True,
                                 "model__num_layers": 4},
-                               ["leaves 3 MoE blocks, which do not split into the 2 stages of "
-                                "pipeline.schedule='1f1b' on mesh.stage=2"]),
+                               ["leaves 3 MoE blocks, which do not split evenly into the 2 "
+                                "stages of pipeline.schedule='1f1b' on mesh.stage=2"]),
+    "stage blocks not a list of counts": ({"pipeline__stage_blocks": "3,x"},
+                                          ["pipeline.stage_blocks='3,x' must list each stage's "
+                                           "MoE block count"]),
+    "stage blocks not the model's": ({"mesh__stage": 2, "mesh__data": 4,
+                                      "model__scan_layers": True, "model__num_layers": 5,
+                                      "pipeline__stage_blocks": "3,2"},
+                                     ["pipeline.stage_blocks='3,2' gives 2 stages 5 MoE blocks, "
+                                      "but model.num_layers=5 with model.num_dense_layers=1 "
+                                      "leaves 4 MoE blocks"]),
     "kernels in interpret mode in a pipeline": (
         {"mesh__stage": 2, "mesh__data": 4, "model__scan_layers": True, "model__num_layers": 5,
          "dispatch__strategy": "dropless", "dispatch__grouped_matmul": "interpret"},

@@ -22,13 +22,16 @@ def _loss(_, h, targets):
   return jnp.sum((h - targets) ** 2) * 1e-2
 
 
-@pytest.mark.parametrize("name,devices,stages", [("1f1b", 2, 2), ("dualpipev", 2, 4)])
-def test_moe_blocks_as_stages_equal_the_unsplit_stack(name, devices, stages):
+@pytest.mark.parametrize("name,devices,block_counts", [("1f1b", 2, (2, 2)), ("1f1b", 2, (3, 1)),
+                                                       ("dualpipev", 2, (1, 1, 1, 1))])
+def test_moe_blocks_as_stages_equal_the_unsplit_stack(name, devices, block_counts):
+  """Also uneven stages (3 and 1 blocks): the lighter stage padded with skipped blocks, whose
+  gradients are zeros."""
   spec = SMALL.replace(num_layers=5, num_dense_layers=1, scan_layers=True,
                        balancing=BalancingSettings(switch_loss_alpha=0.01,
                                                    sequence_loss_alpha=0.001, z_loss_coef=0.001))
   model = Transformer(spec, nnx.Rngs(params=0))
-  stage_fn, stage_state = moe_stages(model, stages, SEQ)
+  stage_fn, stage_state = moe_stages(model, block_counts, SEQ)
   keys = jax.random.split(jax.random.key(1), 2)
   x = jax.random.normal(keys[0], (MICROBATCHES, ROWS, SEQ, spec.d_model))
   targets = jax.random.normal(keys[1], x.shape)
@@ -59,18 +62,22 @@ def test_moe_blocks_as_stages_equal_the_unsplit_stack(name, devices, stages):
         stage_state, jax.device_put(x, rows), jax.device_put(targets, rows))
   np.testing.assert_allclose(result.loss, expected_loss, rtol=1e-5)
   np.testing.assert_allclose(result.input_grads, expected_input, rtol=1e-4, atol=1e-6)
-  merge = lambda a: a.reshape(-1, *a.shape[2:])           # [S, L/S, ...] -> [L, ...]
-  for got, want in zip(jax.tree.leaves(jax.tree.map(merge, result.grads)),
+  grads = result.grads[0] if len(set(block_counts)) > 1 else result.grads   # (blocks, real)
+  merge = lambda a: np.concatenate([a[s, :n] for s, n in enumerate(block_counts)])  # [L, ...]
+  padding = lambda a: np.concatenate([a[s, n:] for s, n in enumerate(block_counts)])
+  for got, want in zip(jax.tree.leaves(jax.tree.map(merge, grads)),
                        jax.tree.leaves(expected_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  for leaf in jax.tree.leaves(jax.tree.map(padding, grads)):
+    np.testing.assert_array_equal(leaf, 0)
   np.testing.assert_array_equal(merge(result.stats.counts), expected_counts)
 
 
 def test_a_model_that_does_not_split_into_the_stages_is_refused_by_name():
   listed = Transformer(SMALL.replace(num_layers=5, num_dense_layers=1), nnx.Rngs(params=0))
   with pytest.raises(ScheduleError, match="set model.scan_layers=True"):
-    moe_stages(listed, 2, SEQ)
+    moe_stages(listed, (2, 2), SEQ)
   scanned = Transformer(SMALL.replace(num_layers=5, num_dense_layers=1, scan_layers=True),
                         nnx.Rngs(params=0))
-  with pytest.raises(ScheduleError, match="4 MoE blocks do not split into 3 stages"):
-    moe_stages(scanned, 3, SEQ)
+  with pytest.raises(ScheduleError, match=r"4 MoE blocks do not split into stages of \[2, 1\]"):
+    moe_stages(scanned, (2, 1), SEQ)

@@ -26,7 +26,7 @@ from flax import nnx
 from moe_jax.layers.logits import output_logits
 from moe_jax.model import REMAT_POLICIES, mtp_losses
 from moe_jax.pipeline import schedules
-from moe_jax.pipeline.model_stages import as_stages, moe_stack, stage_function
+from moe_jax.pipeline.model_stages import as_stages, layout, moe_stack, stage_function
 from moe_jax.pipeline.scheduled import lockstep_bubble, scheduled, tick_table
 
 AXIS = "stage"   # the mesh axis the stages are split over
@@ -40,10 +40,11 @@ def batch_slices(a, microbatches: int):
 
 
 class Pipeline(NamedTuple):
-  """A schedule's name and how many stages it runs (stage devices, twice that for DualPipeV)."""
+  """A schedule's name and the MoE blocks of each stage it runs (as many stages as stage
+  devices, twice that for DualPipeV)."""
 
   schedule: str
-  stages: int
+  block_counts: tuple[int, ...]
 
 
 def summary(schedule: str, stage_devices: int, microbatches: int) -> str:
@@ -68,7 +69,8 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
   inputs = tokens[:, :-1]
   batch, seq_len = inputs.shape
   model = nnx.merge(graphdef, params, biases)
-  stack = moe_stack(model, pipeline.stages)
+  stack = moe_stack(model, pipeline.block_counts)
+  stages = layout(pipeline.block_counts)
   positions = jnp.arange(seq_len)
 
   def before(params):
@@ -84,10 +86,10 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
     """The stages' state [S, L / S, ...] and what the last stage's loss reads (the final norm,
     the output and input embeddings, the MTP modules), taken out of `params`."""
     m = nnx.merge(graphdef, params, biases)
-    return (as_stages(nnx.state(m.moe_blocks.layers), pipeline.stages),
+    return (as_stages(nnx.state(m.moe_blocks.layers), stages),
             (nnx.state(m.final_norm), m.unembed[...], nnx.state(m.mtp), m.embed[...]))
 
-  stage_fn = stage_function(nnx.graphdef(stack.layers), seq_len)
+  stage_fn = stage_function(nnx.graphdef(stack.layers), seq_len, stages.padded)
 
   def stage(state, x):
     y, (aux_loss, stats) = stage_fn(state, x)
@@ -105,7 +107,7 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
   grads = jax.tree.map(jnp.add, grads_before, grads_parts)
   # Sums over the micro-batches: means over slices once divided by M (counts stay sums).
   cross_entropy, mtp_loss_sums, mtp_accuracy_sums, mtp_stats = result.loss_stats
-  stats = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), result.stats)   # [L, ...]
+  stats = jax.tree.map(stages.blocks, result.stats)   # [L, ...]
   if mtp_stats:   # the MTP blocks' statistics follow the main blocks' (model.moe_layers)
     stats = jax.tree.map(lambda main, extra: jnp.concatenate([main, extra]), stats, mtp_stats)
   mtp = {}
