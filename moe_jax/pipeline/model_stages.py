@@ -83,14 +83,18 @@ def stage_function(graphdef, seq_len: int, padded: bool = False):
       def block(x, inputs):
         layer_state, is_real = inputs
 
+        # Both branches' statistics typed as x is (inside a shard_map: varying along its manual
+        # axes; a statistic may be a constant), the skipped block's zeros made without a
+        # collective: only the devices of this stage take that branch.
+        def real_block(x):
+          y, stats = run(layer_state, x)
+          return y, jax.tree.map(lambda s: typed_like(s, x), stats)
+
         def skip(x):
-          # Zero statistics typed as x is (inside a shard_map: varying along its manual axes,
-          # as the real block's statistics are), made without a collective: only the devices
-          # of this stage take this branch.
           return x, jax.tree.map(lambda s: typed_like(jnp.zeros(s.shape, s.dtype), x),
                                  jax.eval_shape(run, layer_state, x)[1])
 
-        return jax.lax.cond(is_real > 0, lambda x: run(layer_state, x), skip, x)
+        return jax.lax.cond(is_real > 0, real_block, skip, x)
 
       x, stats = jax.lax.scan(block, x, (blocks, real))
     else:
