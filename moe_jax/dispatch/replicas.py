@@ -1,0 +1,107 @@
+"""Replicas of hot experts: a plan of which expert-parallel rank holds which extra copies.
+
+With experts split over P expert-parallel ranks (E / P "home" experts each, rank r holding
+experts r E/P .. (r+1) E/P - 1), skewed routing sends most tokens to the ranks of a few hot
+experts, and the busiest rank sets the layer's time. Each rank gets `slots` spare places for
+copies of other ranks' experts; a replicated expert's tokens are split evenly over its copies
+(home included), so its load per copy falls. DeepSeek's inference load balancer (EPLB)
+replicates the experts of highest load per copy the same way.
+
+`plan_replicas(counts, ranks, slots)` fills the slots greedily from the global expert counts
+(tokens routed to each expert, e.g. the last interval's): one copy at a time, the one that
+leaves the busiest rank least loaded, while copies still help (a copy adds its share to the
+rank it lands on, so filling every slot blindly can make the busiest rank busier).
+`rank_loads` gives each rank's token count under
+a plan, `replica_of_assignment` which copy serves each routed assignment. Host-side numpy:
+plans change every few hundred steps, between steps, not inside the compiled step.
+
+Shape letters: E experts, P ranks, R spare slots per rank, N routed assignments.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class ReplicaPlan(NamedTuple):
+  """`spare` [P, R]: the expert each rank's spare slot holds (-1: empty); `copies` [E]: how
+  many ranks hold each expert (1 + its replicas); `holders` [E, P]: whether rank p holds
+  expert e (home or spare)."""
+
+  spare: np.ndarray
+  copies: np.ndarray
+  holders: np.ndarray
+
+  @property
+  def ranks(self) -> int:
+    return self.spare.shape[0]
+
+
+def home_rank(num_experts: int, ranks: int) -> np.ndarray:
+  """[E]: the rank that holds each expert's weights without replicas."""
+  if num_experts % ranks:
+    raise ValueError(f"{num_experts} experts do not split over {ranks} expert-parallel ranks")
+  return np.arange(num_experts) // (num_experts // ranks)
+
+
+def unreplicated(num_experts: int, ranks: int, slots: int = 0) -> ReplicaPlan:
+  """Every expert on its home rank only; `slots` empty spare slots per rank."""
+  holders = np.zeros((num_experts, ranks), bool)
+  holders[np.arange(num_experts), home_rank(num_experts, ranks)] = True
+  return ReplicaPlan(np.full((ranks, slots), -1), np.ones(num_experts, np.int64), holders)
+
+
+def rank_loads(counts, plan: ReplicaPlan) -> np.ndarray:
+  """[P]: tokens each rank computes under `plan`, an expert's `counts[e]` split evenly over its
+  copies."""
+  counts = np.asarray(counts, np.float64)
+  return (plan.holders * (counts / plan.copies)[:, None]).sum(axis=0)
+
+
+def plan_replicas(counts, ranks: int, slots: int) -> ReplicaPlan:
+  """Fills the ranks' `slots` spare slots one copy at a time, each time with the copy (an
+  expert with tokens, on a rank with a free slot that lacks it) that leaves the busiest rank
+  least loaded (ties: the smaller sum of squared loads, then the lower expert and rank), while
+  a copy still lowers the busiest rank's load or, at equal, the spread."""
+  counts = np.asarray(counts, np.float64)
+  plan = unreplicated(len(counts), ranks, slots)
+  spare, copies, holders = plan.spare.copy(), plan.copies.copy(), plan.holders.copy()
+  free = np.full(ranks, slots)
+  loads = rank_loads(counts, plan)
+  for _ in range(ranks * slots):
+    best = (loads.max(), np.square(loads).sum())
+    choice = None
+    for expert in np.flatnonzero(counts > 0):
+      without = loads - holders[expert] * counts[expert] / copies[expert]
+      share = counts[expert] / (copies[expert] + 1)
+      for rank in np.flatnonzero((free > 0) & ~holders[expert]):
+        after = without + (holders[expert] | (np.arange(ranks) == rank)) * share
+        score = (after.max(), np.square(after).sum())
+        if score < best:
+          best, choice = score, (expert, rank, after)
+    if choice is None:
+      break   # no copy lowers the busiest rank or the spread
+    expert, rank, loads = choice
+    spare[rank, slots - free[rank]] = expert
+    free[rank] -= 1
+    copies[expert] += 1
+    holders[expert, rank] = True
+  return ReplicaPlan(spare, copies, holders)
+
+
+def replica_of_assignment(expert_ids, plan: ReplicaPlan) -> np.ndarray:
+  """[N]: the rank whose copy serves each routed assignment (`expert_ids` [N], in order): an
+  expert's assignments split into `copies[e]` consecutive runs of near-equal length, the
+  first to its home rank, the rest to its spare copies in rank order."""
+  expert_ids = np.asarray(expert_ids)
+  num_experts = len(plan.copies)
+  home = home_rank(num_experts, plan.ranks)
+  counts = np.bincount(expert_ids, minlength=num_experts)
+  order = np.argsort(expert_ids, kind="stable")
+  position = np.empty(len(expert_ids), np.int64)     # index among its expert's assignments
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  position[order] = np.arange(len(expert_ids)) - np.repeat(starts, counts)
+  copy = position * plan.copies[expert_ids] // np.maximum(counts[expert_ids], 1)
+  ranks_of = [np.concatenate([[home[e]], np.flatnonzero(plan.holders[e] & (np.arange(
+      plan.ranks) != home[e]))]) for e in range(num_experts)]
+  return np.array([ranks_of[e][c] for e, c in zip(expert_ids, copy)], np.int64)
