@@ -201,3 +201,33 @@ def test_every_dispatcher_on_a_sharded_batch_matches_reference(tiny_config, mesh
   for name, (logits, dropped) in outputs.items():
     np.testing.assert_allclose(logits, outputs["reference"][0], rtol=1e-4, atol=1e-4, err_msg=name)
     assert dropped == 0.0, name
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 8)], ids=["2x4", "1x8"])
+def test_replicas_of_hot_experts_give_the_reference_and_share_its_tokens(mesh_shape):
+  """`all_gather` with a replica plan made for skewed routing (most tokens to experts 0 and
+  1, both at home on rank 0): outputs and gradients (the copies' summed into their home
+  experts) equal the single-device reference."""
+  from moe_jax.dispatch.replicas import plan_replicas, tables
+  x, weights, _, _ = _problem(3)
+  logits = jax.random.normal(jax.random.key(4), (B * S, E)) + jnp.array([4.0, 3.0] + [0.0] * 6)
+  decision = routing.topk_route(logits, None, top_k=K)
+  ids, gates = decision.expert_ids.reshape(B, S, K), decision.gates.reshape(B, S, K)
+  counts = np.bincount(np.asarray(ids).reshape(-1), minlength=E)
+  plan = plan_replicas(counts, mesh_shape[1], slots=1)
+  assert plan.copies.max() > 1   # the test is about copies
+  mesh = parallel.make_mesh(*mesh_shape)
+  tokens, experts = NamedSharding(mesh, P(("data", "expert"))), NamedSharding(mesh, P("expert"))
+  with jax.set_mesh(mesh):
+    ids_placed, gates_placed = jax.device_put(ids, tokens), jax.device_put(gates, tokens)
+    fn = lambda x, w: expert_parallel_dispatch("all_gather", x, ids_placed, gates_placed,
+                                               SwiGLUExperts(*w), E / K,
+                                               replicas=tables(plan))[0]
+    args = (jax.device_put(x, tokens), jax.device_put(weights, experts))
+    y = jax.jit(fn)(*args)
+    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2), argnums=(0, 1)))(*args)
+  np.testing.assert_allclose(y, _reference(x, weights, ids, gates), rtol=1e-5, atol=1e-5)
+  expected = jax.grad(lambda x, w: jnp.sum(_reference(x, w, ids, gates) ** 2), argnums=(0, 1))(
+      x, weights)
+  for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)

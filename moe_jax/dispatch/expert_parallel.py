@@ -17,6 +17,7 @@ Shape letters: T tokens of this device, D model width, K top-k, E experts, P exp
 """
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -74,6 +75,44 @@ def _all_gather(x, expert_ids, gates, local_experts, capacity_factor):
   inverse = inverse_permutation(order)
   group_sizes = jnp.bincount(key, length=local + 1)[:local].astype(jnp.int32)
   sorted_out = local_experts.ragged(gather_assignments(x_all, order, inverse, top_k), group_sizes)
+  partial = combine_sorted(jnp.where(mine[order][:, None], sorted_out, 0), order, gates_all,
+                           inverse)
+  y = jax.lax.psum_scatter(partial, EXPERT_AXIS, scatter_dimension=0, tiled=True)
+  return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
+
+
+def _all_gather_replicated(replicas, x, expert_ids, gates, local_experts, capacity_factor):
+  """`all_gather` with replicas of hot experts (`dispatch/replicas.py`): each rank runs its
+  home experts and the copies in its spare slots; an expert's assignments (in the gathered
+  order) split into consecutive runs, one per copy, exactly as `replica_of_assignment` splits
+  them. The copies' weights are gathered from their home ranks each step, so their gradients
+  flow back into the home weights (summed there): one set of weights and optimizer state,
+  whatever the plan."""
+  del capacity_factor
+  gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
+  x_all, ids_all, gates_all = gather(x), gather(expert_ids), gather(gates)
+  top_k, num_experts = ids_all.shape[1], replicas.copies.shape[0]
+  rank = jax.lax.axis_index(EXPERT_AXIS)
+  flat = ids_all.reshape(-1).astype(jnp.int32)
+  by_expert = jnp.argsort(flat, stable=True)
+  counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  position = inverse_permutation(by_expert) - (jnp.cumsum(counts) - counts)[flat]
+  copy = position * replicas.copies[flat] // jnp.maximum(counts[flat], 1)
+  serving = replicas.copy_rank[flat, copy]
+  slots = replicas.slot_expert[rank]                                # [E / P + R]
+  slot_of = jnp.full(num_experts + 1, slots.shape[0], jnp.int32).at[
+      jnp.where(slots >= 0, slots, num_experts)].set(jnp.arange(slots.shape[0], dtype=jnp.int32))
+  mine = serving == rank
+  key = jnp.where(mine, slot_of[flat], slots.shape[0])             # others sort last
+  order = jnp.argsort(key, stable=True)
+  inverse = inverse_permutation(order)
+  group_sizes = jnp.bincount(key, length=slots.shape[0] + 1)[:-1].astype(jnp.int32)
+  spare = jnp.maximum(slots[local_experts.num_experts:], 0)         # empty slots get no rows
+  with_copies = dataclasses.replace(local_experts, **{
+      name: jnp.concatenate([weight, gather(weight)[spare]]) for name, weight in (
+          ("w_gate", local_experts.w_gate), ("w_up", local_experts.w_up),
+          ("w_down", local_experts.w_down))})
+  sorted_out = with_copies.ragged(gather_assignments(x_all, order, inverse, top_k), group_sizes)
   partial = combine_sorted(jnp.where(mine[order][:, None], sorted_out, 0), order, gates_all,
                            inverse)
   y = jax.lax.psum_scatter(partial, EXPERT_AXIS, scatter_dimension=0, tiled=True)
@@ -140,14 +179,23 @@ def _in_chunks(function, chunks: int):
 
 
 def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSxK,
-                             experts: SwiGLUExperts, capacity_factor: float, chunks: int = 1):
+                             experts: SwiGLUExperts, capacity_factor: float, chunks: int = 1,
+                             replicas=None):
   """Runs one expert-parallel variant over the context mesh (`jax.set_mesh`).
 
   Takes global arrays: tokens split over ("data", "expert"), expert weights over "expert".
   Each device dispatches its tokens as one group, or as `chunks` groups of equal size
-  (see `_in_chunks`). Returns the output [B, S, D] and the number of dropped assignments.
+  (see `_in_chunks`). `replicas` (`replicas.ReplicaTables`, `all_gather` only): copies of hot
+  experts in each rank's spare slots share their experts' tokens. Returns the output [B, S, D]
+  and the number of dropped assignments.
   """
-  function = _in_chunks(_VARIANT_FUNCTIONS[variant], chunks)
+  if replicas is None:
+    variant_function = _VARIANT_FUNCTIONS[variant]
+  elif variant == "all_gather":
+    variant_function = functools.partial(_all_gather_replicated, replicas)
+  else:
+    raise ValueError(f"replicas of hot experts run with the 'all_gather' variant, not {variant!r}")
+  function = _in_chunks(variant_function, chunks)
 
   def per_device(x, ids, gates, w_gate, w_up, w_down):
     batch, seq, width = x.shape

@@ -20,6 +20,7 @@ Shape letters: E experts, P ranks, R spare slots per rank, N routed assignments.
 
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -105,3 +106,26 @@ def replica_of_assignment(expert_ids, plan: ReplicaPlan) -> np.ndarray:
   ranks_of = [np.concatenate([[home[e]], np.flatnonzero(plan.holders[e] & (np.arange(
       plan.ranks) != home[e]))]) for e in range(num_experts)]
   return np.array([ranks_of[e][c] for e, c in zip(expert_ids, copy)], np.int64)
+
+
+class ReplicaTables(NamedTuple):
+  """A plan as arrays for the compiled layer (they change with the plan, the program does not):
+  `slot_expert` [P, E / P + R]: the expert in each of a rank's slots (its home experts, then
+  its spare slots; -1 empty); `copy_rank` [E, P]: the rank of each copy of an expert, home
+  first, then spare copies in rank order (-1 past its copies); `copies` [E]."""
+
+  slot_expert: jnp.ndarray
+  copy_rank: jnp.ndarray
+  copies: jnp.ndarray
+
+
+def tables(plan: ReplicaPlan) -> ReplicaTables:
+  num_experts, ranks = plan.holders.shape
+  home = home_rank(num_experts, ranks)
+  slot_expert = np.concatenate([np.arange(num_experts).reshape(ranks, -1), plan.spare], axis=1)
+  copy_rank = np.full((num_experts, ranks), -1)
+  for e in range(num_experts):
+    spares = [p for p in range(ranks) if plan.holders[e, p] and p != home[e]]
+    copy_rank[e, :1 + len(spares)] = [home[e], *spares]
+  return ReplicaTables(jnp.asarray(slot_expert, jnp.int32), jnp.asarray(copy_rank, jnp.int32),
+                       jnp.asarray(plan.copies, jnp.int32))
