@@ -10,8 +10,6 @@ jax.distributed.initialize, which reads the cluster from SLURM, Open MPI, Kubern
 metadata, or from --coordinator_address, --num_processes and --process_id.
 """
 
-import importlib.util
-import inspect
 import os
 import re
 import signal
@@ -21,7 +19,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moe_jax.paths import DEFAULT_CONFIG, locate, not_found
+from moe_jax.paths import DEFAULT_CONFIG, call_get_config, load_module, locate, not_found
 
 FLAGS = flags.FLAGS
 EXIT_MISTAKE, EXIT_DIVERGED, EXIT_SAVE_FAILED = 2, 3, 4
@@ -173,9 +171,7 @@ def config_file_problem(argument: str) -> str | None:
     return not_found(f"--config={argument}", path)
   path = str(found)
   try:
-    spec = importlib.util.spec_from_file_location("config_file_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(path)
   except BaseException as error:   # a config file can raise anything, SystemExit included
     return f"--config={argument}: the file cannot be loaded ({_describe(error)})"
   get_config = getattr(module, "get_config", None)
@@ -183,19 +179,13 @@ def config_file_problem(argument: str) -> str | None:
     return f"--config={argument}: the file defines no get_config() function"
   call = f"get_config({arg!r})" if has_arg else "get_config()"
   try:
-    takes_arg = bool(inspect.signature(get_config).parameters)
-    config = get_config(arg) if has_arg or takes_arg and _required_arg(get_config) else get_config()
+    config = call_get_config(get_config, arg if has_arg else None)
   except BaseException as error:
     return f"--config={argument}: {call} raised {_describe(error)}"
   if not isinstance(config, ml_collections.ConfigDict):
     return (f"--config={argument}: {call} returned {type(config).__name__}, not an "
             f"ml_collections.ConfigDict")
   return None
-
-
-def _required_arg(function) -> bool:
-  parameter = next(iter(inspect.signature(function).parameters.values()))
-  return parameter.default is inspect.Parameter.empty
 
 
 def _describe(error: BaseException) -> str:

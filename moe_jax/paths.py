@@ -6,7 +6,10 @@ when it is not there, from the checkout, so `python -m moe_jax.main` (default co
 `--config=configs/default.py:tiny` work wherever the command runs.
 """
 
+import importlib.util
+import inspect
 from pathlib import Path
+from types import ModuleType
 
 CHECKOUT = Path(__file__).resolve().parent.parent   # the repository root of an editable install
 DEFAULT_CONFIG = "configs/default.py"
@@ -30,3 +33,27 @@ def not_found(flag: str, path: str) -> str:
           "; moe_jax is installed without its checkout, so configs/ and experiments/ are not "
           "beside it: clone the repository and run from it, or pass the file's path")
   return f"{flag}: no such file {path!r} (looked for {where}){hint}"
+
+
+def load_module(path: str) -> ModuleType:
+  """The Python file at `path` (found as `locate` finds it) run as a module: a config or sweep
+  file. Whatever the file raises propagates."""
+  found = locate(path) or Path(path)
+  spec = importlib.util.spec_from_file_location(found.stem, found)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def call_get_config(get_config, arg: str | None):
+  """A config file's `get_config(arg)`; without an argument (`arg` None) `get_config()`, or
+  `get_config("")` when its first parameter has no default."""
+  parameters = list(inspect.signature(get_config).parameters.values())
+  needs_arg = bool(parameters) and parameters[0].default is inspect.Parameter.empty
+  return get_config(arg or "") if arg is not None or needs_arg else get_config()
+
+
+def load_config(argument: str):
+  """`FILE.py[:ARG]` -> the config that file's get_config gives (`call_get_config`)."""
+  path, has_arg, arg = argument.partition(":")
+  return call_get_config(load_module(path).get_config, arg if has_arg else None)

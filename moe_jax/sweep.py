@@ -21,7 +21,6 @@ three plots (validation loss, training MaxVio, per-layer validation expert load)
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import signal
@@ -33,7 +32,7 @@ from pathlib import Path
 import ml_collections
 
 from moe_jax import metrics
-from moe_jax.paths import locate, not_found
+from moe_jax.paths import load_module, locate, not_found
 from moe_jax.preemption import PARENT_PID_VARIABLE
 
 
@@ -79,7 +78,7 @@ def load_sweep(spec: str) -> tuple[Sweep, str]:
   root = str(Path(path).resolve().parent.parent)   # sweep files import experiments.sizes
   if root not in sys.path:
     sys.path.insert(0, root)
-  module = _load_module(path)
+  module = load_module(path)
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"{path} defines no get_sweep(size)")
   try:
@@ -88,20 +87,13 @@ def load_sweep(spec: str) -> tuple[Sweep, str]:
     raise SweepError(f"{path}: size {size!r}: {error}") from None
 
 
-def _load_module(path: str):
-  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def member_config(sweep: Sweep, member: str, seed: int | None = None) -> ml_collections.ConfigDict:
   """The member's full config (for one seed), built as the command line would build it."""
   path, _, arg = sweep.config.partition(":")
   found = locate(path)
   if found is None:
     raise SweepError(not_found(f"the sweep's config {sweep.config!r}", path))
-  config = _load_module(str(found)).get_config(arg)
+  config = load_module(str(found)).get_config(arg)
   for dotted, value in sweep.overrides(member, seed).items():
     *sections, name = dotted.split(".")
     node = config

@@ -25,25 +25,15 @@ import time
 from pathlib import Path
 
 import jax
-import ml_collections
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_jax import parallel, steps   # noqa: E402
 from moe_jax.config_validation import validate_config   # noqa: E402
+from moe_jax.paths import load_config   # noqa: E402
 from moe_jax.pipeline import schedules   # noqa: E402
 from moe_jax.pipeline.scheduled import lockstep_bubble, tick_table   # noqa: E402
 from moe_jax.train import jit_train_step, laid_out_state, pipeline_of   # noqa: E402
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`configs/FILE.py:ARG` -> that file's get_config(ARG)."""
-  import importlib.util
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 def step_ms(config, devices, warmup: int, repeats: int) -> float:

@@ -24,22 +24,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_jax import data   # noqa: E402
-from moe_jax.paths import DEFAULT_CONFIG, locate   # noqa: E402
+from moe_jax.paths import DEFAULT_CONFIG, load_config   # noqa: E402
 
 COMPRESSORS = {
     "gzip -9": lambda b: gzip.compress(b, compresslevel=9, mtime=0),
     "bz2 -9": lambda b: bz2.compress(b, compresslevel=9),
     "xz -9e": lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME),
 }
-
-
-def load_config(argument: str):
-  import importlib.util
-  path, _, arg = argument.partition(":")
-  spec = importlib.util.spec_from_file_location("config", locate(path) or path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def main() -> None:

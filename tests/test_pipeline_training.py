@@ -25,9 +25,8 @@ CASES = {   # schedule, MoE blocks per stage, stage devices, (data, fsdp, tensor
     "1f1b, stage 2 x expert 4 (experts split by sharding.experts)": (
         "1f1b", (2, 2), 2, (1, 1, 1, 4), False),
     "dualpipev, stage 2 x fsdp 2 x data 2": ("dualpipev", (1, 1, 1, 1), 2, (2, 2, 1, 1), False),
-    "1f1b, stage 2 x data 4, ZeRO-1": ("1f1b", (2, 2), 2, (4, 1, 1, 1), True),
-    "1f1b, stage 2 x data 4, uneven stages of 3 and 1 blocks": (
-        "1f1b", (3, 1), 2, (4, 1, 1, 1), False),
+    "1f1b, stage 2 x data 4, ZeRO-1, uneven stages of 3 and 1 blocks": (
+        "1f1b", (3, 1), 2, (4, 1, 1, 1), True),
 }
 
 

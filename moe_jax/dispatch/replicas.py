@@ -11,9 +11,9 @@ replicates the experts of highest load per copy the same way.
 (tokens routed to each expert, e.g. the last interval's): one copy at a time, the one that
 leaves the busiest rank least loaded, while copies still help (a copy adds its share to the
 rank it lands on, so filling every slot blindly can make the busiest rank busier).
-`rank_loads` gives each rank's token count under
-a plan, `replica_of_assignment` which copy serves each routed assignment. Host-side numpy:
-plans change every few hundred steps, between steps, not inside the compiled step.
+`rank_loads` gives each rank's token count under a plan, `replica_of_assignment` which copy
+serves each routed assignment, `tables` the plan as arrays for the compiled layer
+(`expert_parallel.py`). Host-side numpy: plans change between steps, not inside one.
 
 Shape letters: E experts, P ranks, R spare slots per rank, N routed assignments.
 """
@@ -96,23 +96,31 @@ def replica_of_assignment(expert_ids, plan: ReplicaPlan) -> np.ndarray:
   first to its home rank, the rest to its spare copies in rank order."""
   expert_ids = np.asarray(expert_ids)
   num_experts = len(plan.copies)
-  home = home_rank(num_experts, plan.ranks)
   counts = np.bincount(expert_ids, minlength=num_experts)
   order = np.argsort(expert_ids, kind="stable")
   position = np.empty(len(expert_ids), np.int64)     # index among its expert's assignments
   starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
   position[order] = np.arange(len(expert_ids)) - np.repeat(starts, counts)
   copy = position * plan.copies[expert_ids] // np.maximum(counts[expert_ids], 1)
-  ranks_of = [np.concatenate([[home[e]], np.flatnonzero(plan.holders[e] & (np.arange(
-      plan.ranks) != home[e]))]) for e in range(num_experts)]
-  return np.array([ranks_of[e][c] for e, c in zip(expert_ids, copy)], np.int64)
+  return copy_ranks(plan)[expert_ids, copy]
+
+
+def copy_ranks(plan: ReplicaPlan) -> np.ndarray:
+  """[E, P]: the rank of each copy of an expert, home first, then its spare copies in rank
+  order; -1 past its copies."""
+  num_experts, ranks = plan.holders.shape
+  home = home_rank(num_experts, ranks)
+  table = np.full((num_experts, ranks), -1)
+  for e in range(num_experts):
+    spares = [p for p in range(ranks) if plan.holders[e, p] and p != home[e]]
+    table[e, :1 + len(spares)] = [home[e], *spares]
+  return table
 
 
 class ReplicaTables(NamedTuple):
   """A plan as arrays for the compiled layer (they change with the plan, the program does not):
   `slot_expert` [P, E / P + R]: the expert in each of a rank's slots (its home experts, then
-  its spare slots; -1 empty); `copy_rank` [E, P]: the rank of each copy of an expert, home
-  first, then spare copies in rank order (-1 past its copies); `copies` [E]."""
+  its spare slots; -1 empty); `copy_rank` [E, P]: `copy_ranks`; `copies` [E]."""
 
   slot_expert: jnp.ndarray
   copy_rank: jnp.ndarray
@@ -121,11 +129,7 @@ class ReplicaTables(NamedTuple):
 
 def tables(plan: ReplicaPlan) -> ReplicaTables:
   num_experts, ranks = plan.holders.shape
-  home = home_rank(num_experts, ranks)
   slot_expert = np.concatenate([np.arange(num_experts).reshape(ranks, -1), plan.spare], axis=1)
-  copy_rank = np.full((num_experts, ranks), -1)
-  for e in range(num_experts):
-    spares = [p for p in range(ranks) if plan.holders[e, p] and p != home[e]]
-    copy_rank[e, :1 + len(spares)] = [home[e], *spares]
-  return ReplicaTables(jnp.asarray(slot_expert, jnp.int32), jnp.asarray(copy_rank, jnp.int32),
+  return ReplicaTables(jnp.asarray(slot_expert, jnp.int32),
+                       jnp.asarray(copy_ranks(plan), jnp.int32),
                        jnp.asarray(plan.copies, jnp.int32))
