@@ -45,3 +45,20 @@ def test_a_copy_goes_where_it_lowers_the_busiest_rank_and_none_where_it_would_ra
   plan = plan_replicas([9, 3, 0], ranks=3, slots=1)
   assert plan.spare.tolist() == [[-1], [-1], [0]]
   np.testing.assert_array_equal(rank_loads([9, 3, 0], plan), [4.5, 3, 4.5])
+
+
+def test_the_layer_splits_assignments_over_copies_as_the_reference_does():
+  """`expert_parallel.serving_ranks` (what the compiled layer runs) against the NumPy
+  `replica_of_assignment`, on 4,096 assignments skewed onto a few of 64 experts over 8 ranks,
+  2 spare slots each; the busiest rank's share of them falls."""
+  import jax.numpy as jnp
+  from moe_jax.dispatch.expert_parallel import serving_ranks
+  from moe_jax.dispatch.replicas import tables
+  rng = np.random.default_rng(0)
+  ids = rng.choice(64, size=4096, p=rng.dirichlet(np.full(64, 0.3)))
+  plan = plan_replicas(np.bincount(ids, minlength=64), ranks=8, slots=2)
+  expected = replica_of_assignment(ids, plan)
+  got = np.asarray(serving_ranks(jnp.asarray(ids, jnp.int32), tables(plan)))
+  np.testing.assert_array_equal(got, expected)
+  home = np.bincount(ids // 8, minlength=8)
+  assert np.bincount(got, minlength=8).max() < 0.8 * home.max()

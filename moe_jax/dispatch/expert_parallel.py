@@ -81,6 +81,18 @@ def _all_gather(x, expert_ids, gates, local_experts, capacity_factor):
   return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
 
 
+def serving_ranks(expert_ids_N, replicas) -> jnp.ndarray:
+  """[N]: the rank whose copy serves each assignment (`expert_ids_N` in order): an expert's
+  assignments in consecutive runs, one per copy, home first (`replicas.replica_of_assignment`
+  is the NumPy reference)."""
+  num_experts = replicas.copies.shape[0]
+  by_expert = jnp.argsort(expert_ids_N, stable=True)
+  counts = jnp.bincount(expert_ids_N, length=num_experts).astype(jnp.int32)
+  position = inverse_permutation(by_expert) - (jnp.cumsum(counts) - counts)[expert_ids_N]
+  copy = position * replicas.copies[expert_ids_N] // jnp.maximum(counts[expert_ids_N], 1)
+  return replicas.copy_rank[expert_ids_N, copy]
+
+
 def _all_gather_replicated(replicas, x, expert_ids, gates, local_experts, capacity_factor):
   """`all_gather` with replicas of hot experts (`dispatch/replicas.py`): each rank runs its
   home experts and the copies in its spare slots; an expert's assignments (in the gathered
@@ -94,11 +106,7 @@ def _all_gather_replicated(replicas, x, expert_ids, gates, local_experts, capaci
   top_k, num_experts = ids_all.shape[1], replicas.copies.shape[0]
   rank = jax.lax.axis_index(EXPERT_AXIS)
   flat = ids_all.reshape(-1).astype(jnp.int32)
-  by_expert = jnp.argsort(flat, stable=True)
-  counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  position = inverse_permutation(by_expert) - (jnp.cumsum(counts) - counts)[flat]
-  copy = position * replicas.copies[flat] // jnp.maximum(counts[flat], 1)
-  serving = replicas.copy_rank[flat, copy]
+  serving = serving_ranks(flat, replicas)
   slots = replicas.slot_expert[rank]                                # [E / P + R]
   slot_of = jnp.full(num_experts + 1, slots.shape[0], jnp.int32).at[
       jnp.where(slots >= 0, slots, num_experts)].set(jnp.arange(slots.shape[0], dtype=jnp.int32))
