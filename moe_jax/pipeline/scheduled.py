@@ -99,16 +99,15 @@ def tick_table(schedule: schedules.Schedule) -> TickTable:
   taken: set[tuple[int, int, int]] = set()     # (device, tick, lane)
 
   def earliest(op: schedules.Op) -> int | None:
-    """The first tick whose start sees every input of `op`, None while one is not placed."""
-    after = {"F": [("F", op.stage - 1, 1)] if op.stage else [],
-             "W": [("B", op.stage, 1)]}.get(op.kind)
-    if after is None:   # BW or B: its own forward, and the next stage's backward
-      after = [("F", op.stage, 0)] + ([("backward", op.stage + 1, 1)]
-                                      if op.stage < last_stage else [])
-    ticks = [done.get((kind, stage, op.microbatch)) for kind, stage, _ in after]
+    """The first tick whose start sees every input of `op`, None while one is not placed: a
+    tick after each input's, but the tick of its own stage's forward for a backward."""
+    needs = schedules.inputs(op, last_stage)
+    ticks = [done.get((need.kind, need.stage, need.microbatch)) for need in needs]
     if any(t is None for t in ticks):
       return None
-    return max([t + delay for t, (_, _, delay) in zip(ticks, after)], default=0)
+    own_forward = lambda need: need.kind == "F" and need.stage == op.stage
+    return max([t + (0 if own_forward(need) else 1) for t, need in zip(ticks, needs)],
+               default=0)
 
   remaining = sum(map(len, ops))
   while remaining:
@@ -156,9 +155,9 @@ def lockstep_bubble(table: TickTable, costs: schedules.Costs = schedules.Costs()
   """The idle share of device time when the ticks run in lockstep, each as long as its slowest
   device's operations (`costs` per kind): what the tick table adds to the schedule's own
   bubble (`schedules.simulate`)."""
-  full = (costs.input_gradient + costs.weight_gradient if costs.full_backward is None
-          else costs.full_backward)
-  cost = np.array([0.0, costs.forward, full, costs.input_gradient, costs.weight_gradient])
+  cost = np.zeros(len(KINDS) + 1)                  # by operation code; IDLE costs nothing
+  for kind, code in KINDS.items():
+    cost[code] = costs.of_kind(kind)
   busy = cost[table.kind].sum(axis=2)              # [D, T]
   makespan = busy.max(axis=0).sum()
   return float(1 - busy.sum() / (busy.shape[0] * makespan))

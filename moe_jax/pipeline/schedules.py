@@ -61,11 +61,15 @@ class Costs(NamedTuple):
   overlapped: float | None = None
   full_backward: float | None = None     # a BW; default: input + weight gradient
 
+  def of_kind(self, kind: str) -> float:
+    """One operation's time: F, B, W, or BW (a full backward)."""
+    if kind == "BW":
+      return (self.input_gradient + self.weight_gradient if self.full_backward is None
+              else self.full_backward)
+    return {"F": self.forward, "B": self.input_gradient, "W": self.weight_gradient}[kind]
+
   def of(self, slot: Slot) -> float:
-    full = (self.input_gradient + self.weight_gradient if self.full_backward is None
-            else self.full_backward)
-    times = {"F": self.forward, "B": self.input_gradient, "W": self.weight_gradient, "BW": full}
-    total = sum(times[op.kind] for op in slot)
+    total = sum(self.of_kind(op.kind) for op in slot)
     if len(slot) == 2 and self.overlapped is not None:
       return self.overlapped
     return total
@@ -223,8 +227,8 @@ def _check_complete(schedule: Schedule) -> None:
                             f"its forward or backward")
 
 
-def _inputs(op: Op, last_stage: int) -> list[Op]:
-  """The operations whose results `op` needs (either form of a backward counts)."""
+def inputs(op: Op, last_stage: int) -> list[Op]:
+  """The operations whose results `op` needs (kind "backward": either form of a backward)."""
   if op.kind == "F":
     return [Op("F", op.stage - 1, op.microbatch)] if op.stage else []
   if op.kind == "W":
@@ -244,7 +248,7 @@ def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
 
   def ready(op: Op) -> float | None:
     times = []
-    for need in _inputs(op, last_stage):
+    for need in inputs(op, last_stage):
       key = (need.kind, need.stage, need.microbatch)
       if key not in done:
         return None
