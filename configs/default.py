@@ -131,6 +131,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                        # "none" replicates them
   c.dispatch.expert_parallel_chunks = 1  # >1: each device's tokens in this many slices, so one
                                          # slice's exchange can overlap another's expert compute
+  c.dispatch.expert_replicas = 0  # spare slots per expert-parallel rank for copies of hot
+                                  # experts (all_gather only); 0: none
+  c.dispatch.replica_replan_every = 100  # steps between replica plans (each from the expert
+                                         # counts summed since the last)
   c.dispatch.grouped_matmul = "auto"  # dropless expert matmuls: "mosaic" (Hopper) | "pallas"
                                       # (CUDA GPUs) | "interpret" | "tiles" (XLA, CPU's) |
                                       # "xla" (ragged_dot) | "auto"

@@ -23,7 +23,7 @@ from moe_jax import data, routing, steps
 from moe_jax import tokenizer as tokenization
 from moe_jax.checkpoint import Checkpointer, abstract_like
 from moe_jax.config_validation import upgrade_saved_config
-from moe_jax.layers.moe import MoE
+from moe_jax.layers.moe import BalancingBias, MoE
 from moe_jax.metrics import read_jsonl
 from moe_jax.model import ModelSpec
 from moe_jax.train import optimizer_from_config, train_and_evaluate
@@ -61,11 +61,12 @@ def load_run(workdir, step: int | None = None) -> Run:
   workdir = Path(workdir)
   config = ml_collections.ConfigDict(
       upgrade_saved_config(json.loads((workdir / "config.json").read_text())))
-  config.dispatch.expert_parallel = "none"   # one device here, whatever the run used
   config.model.remat = "none"                # forward only here
-  spec = ModelSpec.from_config(config)
   _, tx = optimizer_from_config(config)   # the optimizer state's layout is in the checkpoint
-  graphdef, abstract = steps.abstract_state(spec, tx, config.seed)
+  abstract = steps.abstract_state(ModelSpec.from_config(config), tx, config.seed)[1]
+  # One device here, whatever the run used: no expert parallelism, so no replica plans.
+  config.dispatch.update(expert_parallel="none", expert_replicas=0)
+  graphdef = steps.abstract_state(ModelSpec.from_config(config), tx, config.seed)[0]
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep,
                               read_only=True)
@@ -77,7 +78,8 @@ def load_run(workdir, step: int | None = None) -> Run:
         lambda _: device, abstract)))
   finally:
     checkpointer.close()
-  return Run(workdir, config, step, graphdef, state.params, state.biases)
+  return Run(workdir, config, step, graphdef, state.params,
+             state.biases.filter(BalancingBias))
 
 
 def run_from_hf(imported) -> Run:

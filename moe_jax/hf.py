@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.dispatch import DispatchSettings
-from moe_jax.layers.moe import BalancingBias
+from moe_jax.layers.moe import RoutingState
 from moe_jax.model import ModelSpec, Transformer
 from moe_jax.routing import RouterSettings
 
@@ -311,7 +311,7 @@ def from_tensors(tensors: dict, hf: dict, dtype=jnp.float32, scan_layers: bool =
       raise ImportError_(f"parameter {path} got no tensor from the checkpoint")
     flat[path] = flat[path].replace(jnp.zeros(flat[path].shape, dtype))
   model = nnx.merge(graphdef, nnx.from_flat_state(flat)).with_layout(scan_layers)
-  graphdef, params, biases = nnx.split(model, nnx.Param, BalancingBias)
+  graphdef, params, biases = nnx.split(model, nnx.Param, RoutingState)
   return Imported(model.spec, graphdef, params, biases, hf)
 
 

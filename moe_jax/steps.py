@@ -15,7 +15,9 @@ import optax
 from flax import nnx
 
 from moe_jax import routing
-from moe_jax.layers.moe import BalancingBias
+from moe_jax.dispatch.expert_parallel import EXPERT_AXIS
+from moe_jax.dispatch.replicas import plan_on_device
+from moe_jax.layers.moe import RoutingState
 from moe_jax.model import ModelSpec, Transformer, mtp_losses
 from moe_jax.pipeline.training import Pipeline, batch_slices, pipelined_gradients
 from moe_jax.settings import Settings
@@ -24,8 +26,8 @@ from moe_jax.settings import Settings
 class TrainState(NamedTuple):
   step: jax.Array
   params: nnx.State
-  biases: nnx.State
-  opt_state: optax.OptState
+  biases: nnx.State     # the routing state (layers/moe.py: RoutingState): balancing biases and,
+  opt_state: optax.OptState   # with dispatch.expert_replicas, the replica plans and their counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,14 +86,14 @@ def make_optimizer(schedule: optax.Schedule, b1: float, b2: float, weight_decay:
 def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int):
   """(graphdef, TrainState) for a freshly initialised model."""
   model = Transformer(spec, nnx.Rngs(params=seed))
-  graphdef, params, biases = nnx.split(model, nnx.Param, BalancingBias)
+  graphdef, params, biases = nnx.split(model, nnx.Param, RoutingState)
   return graphdef, TrainState(jnp.zeros((), jnp.int32), params, biases, tx.init(params))
 
 
 def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int):
   """(graphdef, TrainState of ShapeDtypeStructs): the state's layout, computing nothing."""
   model = nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=seed)))
-  graphdef = nnx.split(model, nnx.Param, BalancingBias)[0]
+  graphdef = nnx.split(model, nnx.Param, RoutingState)[0]
   return graphdef, jax.eval_shape(lambda: init_state(spec, tx, seed)[1])
 
 
@@ -139,19 +141,34 @@ def loss_fn(params, biases, graphdef, tokens, mtp_weight=0.0):
   return total, (cross_entropy, stats, mtp)
 
 
-def updated_biases(graphdef, params, biases, counts_LxE, rate, rule: str) -> nnx.State:
-  """Applies the aux-loss-free update to every MoE layer's bias from its global counts."""
-  model = nnx.merge(graphdef, params, biases)
+def updated_routing_state(graphdef, params, routing_state, counts_LxE, step, bias_rate,
+                          bias_rule: str, replan_every: int) -> nnx.State:
+  """Every MoE layer's routing state after a step whose global expert counts are `counts_LxE`:
+  the aux-loss-free bias update (at `bias_rate`, None: none) and, for layers with replicas of
+  hot experts, the counts summed since the last plan, replanned (`replicas.plan_on_device`,
+  over the context mesh's `expert` ranks) when the new `step` is a multiple of `replan_every`."""
+  model = nnx.merge(graphdef, params, routing_state)
+  ranks = dict(jax.sharding.get_abstract_mesh().shape).get(EXPERT_AXIS, 1)
   first = 0
-  for layer in model.moe_layers():   # a bias [E], or [L, E] for L scanned layers
+  for layer in model.moe_layers():   # variables per expert [E], or [L, E] for L scanned layers
     bias = layer.balancing_bias[...]
-    layers = bias.shape[0] if bias.ndim == 2 else 1
+    stacked = bias.ndim == 2
+    each_layer = (lambda f: jax.vmap(f)) if stacked else (lambda f: f)
+    layers = bias.shape[0] if stacked else 1
     counts = counts_LxE[first:first + layers].reshape(bias.shape)
-    update = lambda b, c: routing.update_balancing_bias(b, c, rate, rule)
-    layer.balancing_bias[...] = jax.vmap(update)(bias, counts) if bias.ndim == 2 else update(
-        bias, counts)
     first += layers
-  return nnx.state(model, BalancingBias)
+    if bias_rate is not None:
+      layer.balancing_bias[...] = each_layer(
+          lambda b, c: routing.update_balancing_bias(b, c, bias_rate, bias_rule))(bias, counts)
+    if layer.dispatch.expert_replicas:
+      slots, summed = layer.replica_slots[...], layer.replica_counts[...] + counts
+      num_experts, spare = slots.shape[-2:]
+      plan = each_layer(lambda c: jnp.full((num_experts, spare), -1, jnp.int32).at[:ranks].set(
+          plan_on_device(c, ranks, spare)))
+      due = step % replan_every == 0
+      layer.replica_slots[...] = jax.lax.cond(due, plan, lambda _: slots, summed)
+      layer.replica_counts[...] = jnp.where(due, 0.0, summed)
+  return nnx.state(model, RoutingState)
 
 
 def routing_metrics(stats) -> dict:
@@ -184,12 +201,13 @@ def accumulated_gradients(grad_fn, tokens, microbatches: int):
 def train_step(state: TrainState, tokens, *, graphdef, tx,
                balancing: routing.BalancingSettings = routing.BalancingSettings(),
                mtp_weights: MTPWeights = MTPWeights(), microbatches: int = 1,
-               pipeline: Pipeline | None = None):
+               pipeline: Pipeline | None = None, replan_every: int = 100):
   """One optimizer step, then the bias update from this batch's global expert counts. With
   `microbatches` > 1 the gradient is accumulated over that many slices of the batch
   (`accumulated_gradients`); the bias still sees the counts of the whole batch. With a
   `pipeline` the MoE blocks run as its stages over the mesh axis `stage`, the slices as its
-  micro-batches (moe_jax/pipeline/training.py): the same loss, gradients and counts.
+  micro-batches (moe_jax/pipeline/training.py): the same loss, gradients and counts. Layers
+  with replicas of hot experts replan them every `replan_every` steps from their counts.
 
   Returns the new state and the step's metrics: scalars plus, under "routing", per-layer
   arrays (see `routing_metrics`). Nothing here waits for the host.
@@ -212,12 +230,13 @@ def train_step(state: TrainState, tokens, *, graphdef, tx,
                **mtp}
   biases = state.biases
   if stats is not None:
+    rate = None
     if balancing.bias_update_rate > 0:
       rate = balancing.bias_update_rate
       if balancing.bias_freeze_step >= 0:   # updates in steps 1..bias_freeze_step only
         rate = jnp.where(state.step >= balancing.bias_freeze_step, 0.0, rate)
-      biases = updated_biases(graphdef, params, biases, stats.counts, rate,
-                              balancing.bias_update_rule)
+    biases = updated_routing_state(graphdef, params, biases, stats.counts, state.step + 1, rate,
+                                   balancing.bias_update_rule, replan_every)
     metrics["routing"] = routing_metrics(stats)
   return TrainState(state.step + 1, params, biases, opt_state), metrics
 

@@ -31,6 +31,7 @@ from moe_jax.config_validation import (ConfigError, dcn_sizes, pipeline_settings
 from moe_jax.guard import LossGuard
 from moe_jax.live import LiveRoutingMetrics
 from moe_jax.metrics import MetricWriter, plot_expert_load, summarize_routing
+from moe_jax.layers.moe import BalancingBias
 from moe_jax.layers.stack import converted_tree
 from moe_jax.model import LAYOUT_FIELDS, ModelSpec
 from moe_jax.pipeline import training as pipeline_training
@@ -55,7 +56,8 @@ def jit_train_step(spec: ModelSpec, total_steps: int, graphdef, tx, shardings,
       steps.train_step, graphdef=graphdef, tx=tx, balancing=spec.balancing,
       mtp_weights=steps.MTPWeights(spec.mtp_loss_weight, spec.mtp_loss_weight_final,
                                    round(spec.mtp_weight_switch_fraction * total_steps)),
-      microbatches=microbatches, pipeline=pipeline),
+      microbatches=microbatches, pipeline=pipeline,
+      replan_every=spec.dispatch.replica_replan_every),
       out_shardings=(shardings, None), donate_argnums=0)
 
 
@@ -178,6 +180,17 @@ def restore_in_layout(checkpointer: Checkpointer, step: int, abstract_state):
   return jax.device_put(converted_tree(state, scanned, layers, dense), shardings), data, loop
 
 
+def _check_replica_slots(checkpointer: Checkpointer, step: int, slots: int) -> None:
+  """The routing state holds a replica plan per MoE layer only with dispatch.expert_replicas,
+  shaped by it: a checkpoint made with another value cannot be read into this run's state."""
+  saved = checkpointer.saved_config(step).get("dispatch", {}).get("expert_replicas", 0)
+  if saved != slots:
+    raise CheckpointMismatch(
+        f"the checkpoint at step {step} in {checkpointer.directory} was made with "
+        f"dispatch.expert_replicas={saved} (replica plans in its routing state), {slots} now; "
+        f"resume with dispatch.expert_replicas={saved} or use a new --workdir")
+
+
 def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_state,
                             spec: ModelSpec | None, skip_corrupt: bool, say):
   """(step, restored state) of the newest checkpoint at or before `step` that verifies (0 and
@@ -189,6 +202,7 @@ def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_stat
       if spec is not None:
         checkpointer.check_model(step, {k: v for k, v in spec.parameter_settings().items()
                                         if k not in LAYOUT_FIELDS}, ModelSpec.field_defaults())
+        _check_replica_slots(checkpointer, step, spec.dispatch.expert_replicas)
       return step, restore_in_layout(checkpointer, step, abstract_state)
     except CheckpointCorrupt as error:
       if not skip_corrupt:
@@ -493,7 +507,8 @@ class TrainingLoop:
     if "routing" in fetched[-1]:
       routing_scalars, details, histograms = summarize_routing(
           [f["routing"] for f in fetched], self.tokens_per_step * len(fetched))
-      details["bias"] = np.asarray(jax.device_get(jax.tree.leaves(self.state.biases)),
+      biases = self.state.biases.filter(BalancingBias)   # not the replica plans
+      details["bias"] = np.asarray(jax.device_get(jax.tree.leaves(biases)),
                                    np.float64).round(7).tolist()
       scalars.update(routing_scalars)
       self.writer.write_details(self.step, details)

@@ -74,10 +74,12 @@ def median_ms(fn, *args, warmup: int, repeats: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def moe_layer(d, e, f, k, dispatcher, skew: bool, seed=0, grouped_matmul="auto", fp8=False):
+def moe_layer(d, e, f, k, dispatcher, skew: bool, seed=0, grouped_matmul="auto", fp8=False,
+              **dispatch):
+  """The routed layer (`dispatch`: more DispatchSettings fields, e.g. expert parallelism)."""
   layer = MoE(d, e, f, 0, nnx.Rngs(params=seed), router=RouterSettings(top_k=k),
               dispatch=DispatchSettings(strategy=dispatcher, grouped_matmul=grouped_matmul,
-                                        fp8_experts=fp8),
+                                        fp8_experts=fp8, **dispatch),
               dtype=jnp.bfloat16)
   if skew:
     ranks = np.random.default_rng(seed).permutation(e) + 1

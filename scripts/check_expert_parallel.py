@@ -1,5 +1,7 @@
 """Runs every expert-parallel variant the backend supports against the loop-over-experts
-reference on all local devices (experts sharded over all of them) and prints the errors.
+reference on all local devices (experts sharded over all of them) and prints the errors;
+`all_gather` also with replicas of hot experts (one spare slot per rank, planned from the
+routing's counts).
 
   python scripts/check_expert_parallel.py      # on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=8
 """
@@ -12,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe_jax import parallel, routing
 from moe_jax.dispatch import SwiGLUExperts, reference_dispatch
 from moe_jax.dispatch.expert_parallel import VARIANTS, expert_parallel_dispatch
+from moe_jax.dispatch.replicas import plan_replicas
 
 
 def main(batch=16, seq=32, d_model=64, expert_dim=32, experts=16, top_k=4):
@@ -21,21 +24,26 @@ def main(batch=16, seq=32, d_model=64, expert_dim=32, experts=16, top_k=4):
   x = jax.random.normal(keys[0], (batch, seq, d_model))
   weights = tuple(jax.random.normal(k, s) / 4 for k, s in zip(
       keys[1:4], [(experts, d_model, expert_dim)] * 2 + [(experts, expert_dim, d_model)]))
-  decision = routing.topk_route(jax.random.normal(keys[4], (batch * seq, experts)), None, top_k=top_k)
+  hot = jnp.zeros(experts).at[:2].set(1.5)   # experts 0 and 1 hot, both on rank 0
+  decision = routing.topk_route(jax.random.normal(keys[4], (batch * seq, experts)) + hot, None,
+                                top_k=top_k)
   ids, gates = decision.expert_ids.reshape(batch, seq, top_k), decision.gates.reshape(batch, seq, top_k)
   expected = reference_dispatch(x.reshape(-1, d_model), decision.expert_ids, decision.gates,
                                 SwiGLUExperts(*weights)).output.reshape(x.shape)
   variants = [v for v in VARIANTS if not (v == "ragged_all_to_all" and jax.default_backend() == "cpu")]
+  plan = plan_replicas(np.bincount(np.asarray(ids).reshape(-1), minlength=experts), devices, 1)
+  cases = [(v, None) for v in variants] + [("all_gather", jnp.asarray(plan.spare, jnp.int32))]
   print(f"backend {jax.default_backend()}, {devices} device(s), jax {jax.__version__}")
   with jax.set_mesh(mesh):
     tokens, sharded = NamedSharding(mesh, P(("data", "expert"))), NamedSharding(mesh, P("expert"))
-    for variant in variants:
-      run = jax.jit(lambda x, w, i, g, v=variant: expert_parallel_dispatch(
-          v, x, i, g, SwiGLUExperts(*w), experts / top_k))
+    for variant, spare in cases:
+      run = jax.jit(lambda x, w, i, g, v=variant, s=spare: expert_parallel_dispatch(
+          v, x, i, g, SwiGLUExperts(*w), experts / top_k, replica_slots=s))
       y, dropped = run(jax.device_put(x, tokens), jax.device_put(weights, sharded),
                        jax.device_put(ids, tokens), jax.device_put(gates, tokens))
       error = float(jnp.linalg.norm(y - expected) / jnp.linalg.norm(expected))
-      print(f"{variant:>18}: relative error {error:.2e}, dropped {float(dropped):.0f}, "
+      name = variant if spare is None else f"{variant} + {int(plan.copies.sum()) - experts} replicas"
+      print(f"{name:>30}: relative error {error:.2e}, dropped {float(dropped):.0f}, "
             f"{'OK' if error < 1e-4 and np.isfinite(error) else 'MISMATCH'}")
 
 

@@ -4,26 +4,34 @@ across steps): shared by the tests that compare meshes with one device."""
 import functools
 
 import jax
+from flax import nnx
 
 from moe_jax import parallel, steps
+from moe_jax.layers.moe import BalancingBias
 from moe_jax.model import ModelSpec
 from moe_jax.routing import BalancingSettings
 
 
 def train_on_mesh(config, mesh, batches, rules, tx=None, zero1: bool = False, *,
-                  microbatches: int = 1, pipeline=None, metrics_out: list | None = None):
+                  microbatches: int = 1, pipeline=None, metrics_out: list | None = None,
+                  bias_offset=None):
   """(state after one step per batch, losses) of the config's model laid out on `mesh` by
   `rules` (ZeRO-1 with `zero1`); AdamW unless another optimizer `tx` is given; each batch in
   `microbatches` slices, through `pipeline` (steps.train_step's) when given. `metrics_out`
-  receives each step's metrics."""
+  receives each step's metrics. `bias_offset` [E] is added to every balancing bias at the
+  start (skewed routing)."""
   tx = tx or steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0)
   graphdef, state = steps.init_state(ModelSpec.from_config(config), tx, 0)
+  if bias_offset is not None:
+    skewed = jax.tree.map(lambda b: b + bias_offset, state.biases.filter(BalancingBias))
+    state = state._replace(biases=nnx.merge_state(state.biases, skewed))
   with jax.set_mesh(mesh):
     shardings = parallel.state_shardings(state, mesh, rules, zero1)
     state = jax.device_put(state, shardings)
     step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                      balancing=BalancingSettings(bias_update_rate=1e-2),
-                                     microbatches=microbatches, pipeline=pipeline),
+                                     microbatches=microbatches, pipeline=pipeline,
+                                     replan_every=config.dispatch.replica_replan_every),
                    out_shardings=(shardings, None))
     losses = []
     for batch in batches:

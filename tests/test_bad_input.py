@@ -100,6 +100,10 @@ BAD_CONFIGS = {
     "dispatcher": ({"dispatch__strategy": "megablocks"}, ["dispatch.strategy='megablocks' is unknown"]),
     "expert parallel variant": ({"dispatch__expert_parallel": "all_reduce"},
                                 ["dispatch.expert_parallel='all_reduce' is unknown"]),
+    "replicas without all_gather": ({"dispatch__expert_replicas": 2},
+                                    ["dispatch.expert_replicas=2 places copies of hot experts on "
+                                     "expert-parallel ranks of the 'all_gather' variant, but "
+                                     "dispatch.expert_parallel='none'"]),
     "bias rule": ({"balancing__bias_update_rule": "pid"}, ["balancing.bias_update_rule='pid' is unknown"]),
     "data source": ({"data__source": "web"}, ["data.source='web' is unknown"]),
     "sharding axis": ({"sharding__embed": "pipe"}, ["sharding.embed=pipe: unknown mesh axis"]),

@@ -45,6 +45,8 @@ BAD = [
     ("train.metrics_port", 70000, "train.metrics_port=70000 must be 0 (off) or a port"),
     ("dispatch.expert_parallel", "magic", "dispatch.expert_parallel='magic' is unknown"),
     ("dispatch.expert_parallel_chunks", 0, "dispatch.expert_parallel_chunks=0 must be >= 1"),
+    ("dispatch.expert_replicas", -1, "dispatch.expert_replicas=-1 must be >= 0"),
+    ("dispatch.replica_replan_every", 0, "dispatch.replica_replan_every=0 must be >= 1"),
     ("sharding.embed", "pipe", "sharding.embed=pipe: unknown mesh axis"),
     ("sharding.embed", "stage", "sharding.embed=stage: the stage axis holds pipeline stages"),
     ("pipeline.schedule", "zb", "pipeline.schedule='zb' is unknown"),

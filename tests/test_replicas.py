@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from moe_jax.dispatch.replicas import (plan_replicas, rank_loads, replica_of_assignment,
-                                       unreplicated)
+from moe_jax.dispatch.replicas import (ReplicaPlan, copy_ranks, plan_on_device, plan_replicas,
+                                       rank_loads, replica_of_assignment, tables, unreplicated)
 
 
 def test_the_hot_expert_gets_a_copy_on_the_idle_rank_and_the_busiest_rank_falls():
@@ -53,12 +53,42 @@ def test_the_layer_splits_assignments_over_copies_as_the_reference_does():
   2 spare slots each; the busiest rank's share of them falls."""
   import jax.numpy as jnp
   from moe_jax.dispatch.expert_parallel import serving_ranks
-  from moe_jax.dispatch.replicas import tables
   rng = np.random.default_rng(0)
   ids = rng.choice(64, size=4096, p=rng.dirichlet(np.full(64, 0.3)))
   plan = plan_replicas(np.bincount(ids, minlength=64), ranks=8, slots=2)
   expected = replica_of_assignment(ids, plan)
-  got = np.asarray(serving_ranks(jnp.asarray(ids, jnp.int32), tables(plan)))
+  got = np.asarray(serving_ranks(jnp.asarray(ids, jnp.int32), tables(plan.spare, 64)))
   np.testing.assert_array_equal(got, expected)
   home = np.bincount(ids // 8, minlength=8)
   assert np.bincount(got, minlength=8).max() < 0.8 * home.max()
+
+
+def _plan_of(spare, num_experts):
+  """The NumPy plan whose spare slots are `spare` [P, R]."""
+  holders = unreplicated(num_experts, len(spare)).holders.copy()
+  for rank, experts in enumerate(spare):
+    holders[experts[experts >= 0], rank] = True
+  return ReplicaPlan(np.asarray(spare), holders.sum(axis=1), holders)
+
+
+def test_the_step_plans_as_the_reference_does():
+  """`plan_on_device` (what a training step runs, float32) against the NumPy `plan_replicas`:
+  the same spare slots on the hand-worked cases; on skewed counts (64 experts, 2 to 16 ranks,
+  1 to 4 slots) the same busiest-rank load (float32 and float64 may break an exact tie of the
+  spread differently), and the layer's tables equal the reference's copy ranks."""
+  import jax.numpy as jnp
+  for counts, ranks, slots in [([10, 2, 2, 2], 2, 1), ([9, 3, 0], 3, 1), ([0, 0, 0, 0], 2, 2)]:
+    expected = plan_replicas(counts, ranks, slots).spare
+    np.testing.assert_array_equal(plan_on_device(jnp.asarray(counts), ranks, slots), expected)
+  rng = np.random.default_rng(1)
+  for ranks, slots in [(2, 1), (4, 2), (8, 1), (8, 4), (16, 2)]:
+    counts = rng.multinomial(8192, rng.dirichlet(np.full(64, 0.3)))
+    expected = plan_replicas(counts, ranks, slots)
+    spare = np.asarray(plan_on_device(jnp.asarray(counts), ranks, slots))
+    plan = _plan_of(spare, 64)
+    assert (plan.copies > 1).any()
+    np.testing.assert_allclose(rank_loads(counts, plan).max(),
+                               rank_loads(counts, expected).max(), rtol=1e-6)
+    layer = tables(spare, 64)
+    np.testing.assert_array_equal(layer.copy_rank, copy_ranks(plan))
+    np.testing.assert_array_equal(layer.copies, plan.copies)

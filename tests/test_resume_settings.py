@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from moe_jax.model import PARAMETER_FIELDS, ModelSpec, Transformer
-from moe_jax.steps import BalancingBias
+from moe_jax.layers.moe import BalancingBias
 from tests.model_variants import SMALL, VARIANTS
 
 # Another valid value of each field (valid in every variant above).
@@ -33,6 +33,8 @@ OTHER_SETTINGS = {
     "dispatch": [{"strategy": "dropless"}, {"strategy": "dense"}, {"capacity_factor": 2.0},
                  {"strategy": "dropless", "expert_parallel": "all_gather"},
                  {"expert_parallel": "all_to_all", "expert_parallel_chunks": 2},
+                 {"strategy": "dropless", "expert_parallel": "all_gather", "expert_replicas": 1,
+                  "replica_replan_every": 5},
                  {"grouped_matmul": "interpret"}, {"fp8_experts": True}],
 }
 

@@ -28,6 +28,7 @@ from moe_jax.dispatch.base import (Dispatched, combine_sorted, gather_assignment
                                    inverse_permutation)
 from moe_jax.dispatch.capacity import capacity_dispatch
 from moe_jax.dispatch.experts import SwiGLUExperts
+from moe_jax.dispatch.replicas import tables
 
 EXPERT_AXIS = "expert"
 TOKEN_AXES = ("data", "fsdp", "expert")   # parallel.BATCH_AXES
@@ -93,17 +94,19 @@ def serving_ranks(expert_ids_N, replicas) -> jnp.ndarray:
   return replicas.copy_rank[expert_ids_N, copy]
 
 
-def _all_gather_replicated(replicas, x, expert_ids, gates, local_experts, capacity_factor):
+def _all_gather_replicated(spare_slots, x, expert_ids, gates, local_experts, capacity_factor):
   """`all_gather` with replicas of hot experts (`dispatch/replicas.py`): each rank runs its
-  home experts and the copies in its spare slots; an expert's assignments (in the gathered
-  order) split into consecutive runs, one per copy, exactly as `replica_of_assignment` splits
-  them. The copies' weights are gathered from their home ranks each step, so their gradients
-  flow back into the home weights (summed there): one set of weights and optimizer state,
-  whatever the plan."""
+  home experts and the copies in its spare slots (`spare_slots` [P or more, R]: row p, rank
+  p's; rows past the axis unused); an expert's assignments (in the gathered order) split into
+  consecutive runs, one per copy, exactly as `replica_of_assignment` splits them. The copies'
+  weights are gathered from their home ranks each step, so their gradients flow back into the
+  home weights (summed there): one set of weights and optimizer state, whatever the plan."""
   del capacity_factor
   gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
   x_all, ids_all, gates_all = gather(x), gather(expert_ids), gather(gates)
-  top_k, num_experts = ids_all.shape[1], replicas.copies.shape[0]
+  top_k, ranks = ids_all.shape[1], jax.lax.axis_size(EXPERT_AXIS)
+  num_experts = local_experts.num_experts * ranks
+  replicas = tables(spare_slots[:ranks], num_experts)
   rank = jax.lax.axis_index(EXPERT_AXIS)
   flat = ids_all.reshape(-1).astype(jnp.int32)
   serving = serving_ranks(flat, replicas)
@@ -188,31 +191,33 @@ def _in_chunks(function, chunks: int):
 
 def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSxK,
                              experts: SwiGLUExperts, capacity_factor: float, chunks: int = 1,
-                             replicas=None):
+                             replica_slots=None):
   """Runs one expert-parallel variant over the context mesh (`jax.set_mesh`).
 
   Takes global arrays: tokens split over ("data", "expert"), expert weights over "expert".
   Each device dispatches its tokens as one group, or as `chunks` groups of equal size
-  (see `_in_chunks`). `replicas` (`replicas.ReplicaTables`, `all_gather` only): copies of hot
-  experts in each rank's spare slots share their experts' tokens. Returns the output [B, S, D]
-  and the number of dropped assignments.
+  (see `_in_chunks`). `replica_slots` (`all_gather` only; int32 [P or more, R], row p the
+  experts in rank p's spare slots, -1 empty): copies of hot experts that share their experts'
+  tokens (`_all_gather_replicated`). Returns the output [B, S, D] and the number of dropped
+  assignments.
   """
-  if replicas is None:
-    variant_function = _VARIANT_FUNCTIONS[variant]
-  elif variant == "all_gather":
-    variant_function = functools.partial(_all_gather_replicated, replicas)
-  else:
+  if replica_slots is not None and variant != "all_gather":
     raise ValueError(f"replicas of hot experts run with the 'all_gather' variant, not {variant!r}")
-  function = _in_chunks(variant_function, chunks)
+  extra = () if replica_slots is None else (replica_slots,)
 
-  def per_device(x, ids, gates, w_gate, w_up, w_down):
+  def per_device(x, ids, gates, w_gate, w_up, w_down, *spare_slots):
     batch, seq, width = x.shape
     local = dataclasses.replace(experts, w_gate=w_gate, w_up=w_up, w_down=w_down)
-    out = function(x.reshape(batch * seq, width), ids.reshape(batch * seq, -1),
-                   gates.reshape(batch * seq, -1), local, capacity_factor)
+    variant_function = (functools.partial(_all_gather_replicated, *spare_slots) if spare_slots
+                        else _VARIANT_FUNCTIONS[variant])
+    out = _in_chunks(variant_function, chunks)(
+        x.reshape(batch * seq, width), ids.reshape(batch * seq, -1),
+        gates.reshape(batch * seq, -1), local, capacity_factor)
     return out.output.reshape(batch, seq, width), jax.lax.psum(out.dropped, TOKEN_AXES)
 
   tokens, weights = P(TOKEN_AXES), P(EXPERT_AXIS)
-  return jax.shard_map(per_device, in_specs=(tokens, tokens, tokens, weights, weights, weights),
+  return jax.shard_map(per_device, in_specs=(tokens, tokens, tokens, weights, weights, weights,
+                                             *[P()] * len(extra)),
                        out_specs=(tokens, P()))(
-      x_BxSxD, expert_ids_BxSxK, gates_BxSxK, experts.w_gate, experts.w_up, experts.w_down)
+      x_BxSxD, expert_ids_BxSxK, gates_BxSxK, experts.w_gate, experts.w_up, experts.w_down,
+      *extra)

@@ -32,7 +32,8 @@ class LayerDispatch(Protocol):
                experts: SwiGLUExperts) -> tuple[Float[Array, "B S D"], Float[Array, ""]]:
     """(outputs weighted by the gates, fraction of the decision not computed: dropped
     (token, expert) assignments for token choice, tokens no expert took for expert choice).
-    The decision holds one row per sequence: expert_ids/gates [B, S, K] or token_ids [B, E, C]."""
+    The decision holds one row per sequence: expert_ids/gates [B, S, K] or token_ids [B, E, C].
+    Expert parallel `all_gather` also takes `replica_slots` (layers/moe.py: ReplicaSlots)."""
 
 
 def make_dispatch(settings: DispatchSettings, expert_choice: bool = False) -> LayerDispatch:
@@ -68,10 +69,11 @@ def _flat(settings: DispatchSettings, x, decision, experts):
   return y.reshape(batch, seq, width), _dropped_fraction(dropped, decision.expert_ids)
 
 
-def _expert_parallel(settings: DispatchSettings, x, decision, experts):
+def _expert_parallel(settings: DispatchSettings, x, decision, experts, replica_slots=None):
   y, dropped = expert_parallel_dispatch(settings.expert_parallel, x, decision.expert_ids,
                                         decision.gates.astype(x.dtype), experts,
-                                        settings.capacity_factor, settings.expert_parallel_chunks)
+                                        settings.capacity_factor, settings.expert_parallel_chunks,
+                                        replica_slots)
   return y, _dropped_fraction(dropped, decision.expert_ids)
 
 

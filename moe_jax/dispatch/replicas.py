@@ -12,14 +12,17 @@ replicates the experts of highest load per copy the same way.
 leaves the busiest rank least loaded, while copies still help (a copy adds its share to the
 rank it lands on, so filling every slot blindly can make the busiest rank busier).
 `rank_loads` gives each rank's token count under a plan, `replica_of_assignment` which copy
-serves each routed assignment, `tables` the plan as arrays for the compiled layer
-(`expert_parallel.py`). Host-side numpy: plans change between steps, not inside one.
+serves each routed assignment: host-side NumPy, the references. In the program:
+`plan_on_device` makes the same plan (a training step replans from its own counts,
+`moe_jax/steps.py`), `tables` turns a plan's spare slots into the arrays the layer reads
+(`expert_parallel.py`).
 
 Shape letters: E experts, P ranks, R spare slots per rank, N routed assignments.
 """
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -127,9 +130,64 @@ class ReplicaTables(NamedTuple):
   copies: jnp.ndarray
 
 
-def tables(plan: ReplicaPlan) -> ReplicaTables:
-  num_experts, ranks = plan.holders.shape
-  slot_expert = np.concatenate([np.arange(num_experts).reshape(ranks, -1), plan.spare], axis=1)
-  return ReplicaTables(jnp.asarray(slot_expert, jnp.int32),
-                       jnp.asarray(copy_ranks(plan), jnp.int32),
-                       jnp.asarray(plan.copies, jnp.int32))
+def tables(spare_PxR, num_experts: int) -> ReplicaTables:
+  """The layer's tables of the plan whose spare slots are `spare_PxR` (a `ReplicaPlan.spare`,
+  or `plan_on_device`'s), computed in the program. A spare entry that names an expert its rank
+  holds already (a plan made for another rank count) adds no copy."""
+  spare = jnp.asarray(spare_PxR, jnp.int32)
+  ranks = spare.shape[0]
+  experts = jnp.arange(num_experts)
+  home = experts // (num_experts // ranks)
+  is_home = home[:, None] == jnp.arange(ranks)[None, :]                         # [E, P]
+  holds_spare = jnp.any(spare[None, :, :] == experts[:, None, None], axis=-1)   # [E, P]
+  holders = is_home | holds_spare
+  copies = jnp.sum(holders, axis=1).astype(jnp.int32)
+  # Home first, then the other holders in rank order, then -1.
+  order_key = jnp.where(is_home, -1, jnp.where(holders, jnp.arange(ranks)[None, :], ranks))
+  by_order = jnp.argsort(order_key, axis=1, stable=True).astype(jnp.int32)
+  copy_rank = jnp.where(jnp.arange(ranks)[None, :] < copies[:, None], by_order, -1)
+  slot_expert = jnp.concatenate([experts.reshape(ranks, -1).astype(jnp.int32), spare], axis=1)
+  return ReplicaTables(slot_expert, copy_rank, copies)
+
+
+def plan_on_device(counts_E, ranks: int, slots: int) -> jnp.ndarray:
+  """`plan_replicas(counts, ranks, slots).spare` [P, R] computed in the program (float32), so a
+  training step can replan from its own counts without a trip to the host: the same greedy
+  choice, each of the P x R rounds scoring every (expert, rank) copy at once."""
+  counts = jnp.asarray(counts_E, jnp.float32)
+  num_experts = counts.shape[0]
+  home = jnp.arange(num_experts) // (num_experts // ranks)
+  rank_ids = jnp.arange(ranks)
+  holders = home[:, None] == rank_ids[None, :]                                   # [E, P]
+  copies = jnp.ones(num_experts, jnp.float32)
+  loads = jnp.sum(holders * counts[:, None], axis=0)
+  spare = jnp.full((ranks, slots), -1, jnp.int32)
+  free = jnp.full(ranks, slots, jnp.int32)
+
+  def one_copy(_, carry):
+    spare, free, copies, holders, loads = carry
+    without = loads[None, :] - holders * (counts / copies)[:, None]              # [E, P]
+    share = counts / (copies + 1)
+    # after[e, p, q]: rank q's load with a copy of expert e added on rank p.
+    lands = holders[:, None, :] | (rank_ids[None, :, None] == rank_ids[None, None, :])
+    after = without[:, None, :] + lands * share[:, None, None]
+    busiest, spread = jnp.max(after, axis=-1), jnp.sum(jnp.square(after), axis=-1)
+    now_busiest, now_spread = jnp.max(loads), jnp.sum(jnp.square(loads))
+    allowed = (counts[:, None] > 0) & (free[None, :] > 0) & ~holders
+    better = allowed & ((busiest < now_busiest) | ((busiest == now_busiest) & (spread < now_spread)))
+    least = jnp.min(jnp.where(better, busiest, jnp.inf))
+    tied = better & (busiest == least)
+    chosen = tied & (spread == jnp.min(jnp.where(tied, spread, jnp.inf)))
+    flat = jnp.argmax(chosen.reshape(-1))          # the first: lowest expert, then rank
+    expert, rank = flat // ranks, flat % ranks
+    found = jnp.any(better)
+    slot = slots - free[rank]
+    spare = jnp.where(found, spare.at[rank, jnp.minimum(slot, slots - 1)].set(expert), spare)
+    free = jnp.where(found, free.at[rank].add(-1), free)
+    holders = jnp.where(found, holders.at[expert, rank].set(True), holders)
+    loads = jnp.where(found, after[expert, rank], loads)
+    copies = jnp.where(found, copies.at[expert].add(1), copies)
+    return spare, free, copies, holders, loads
+
+  return jax.lax.fori_loop(0, ranks * slots, one_copy,
+                           (spare, free, copies, holders, loads))[0]

@@ -25,6 +25,10 @@ class DispatchSettings(Settings):
                                    # "ragged_all_to_all" (GPU/TPU, "dropless"); "none" replicates
   expert_parallel_chunks: int = 1  # >1: each device's tokens in this many slices, so one
                                    # slice's exchange can overlap another's expert compute
+  expert_replicas: int = 0         # spare slots per expert-parallel rank for copies of hot
+                                   # experts (all_gather; dispatch/replicas.py); 0: none
+  replica_replan_every: int = 100  # steps between replica plans, each from the expert counts
+                                   # summed since the last one (made inside the training step)
   grouped_matmul: str = "auto"     # ragged expert matmuls (dropless): a name of
                                    # kernels/grouped_matmul.IMPLEMENTATIONS
   fp8_experts: bool = False        # the routed experts' matmuls in e4m3 with DeepSeek-V3's
@@ -40,6 +44,15 @@ class DispatchSettings(Settings):
       problems.append(f"dispatch.capacity_factor={self.capacity_factor} must be > 0")
     if self.expert_parallel_chunks < 1:
       problems.append(f"dispatch.expert_parallel_chunks={self.expert_parallel_chunks} must be >= 1")
+    if self.expert_replicas < 0:
+      problems.append(f"dispatch.expert_replicas={self.expert_replicas} must be >= 0")
+    if self.replica_replan_every < 1:
+      problems.append(f"dispatch.replica_replan_every={self.replica_replan_every} must be >= 1")
+    if self.expert_replicas and self.expert_parallel != "all_gather":
+      problems.append(f"dispatch.expert_replicas={self.expert_replicas} places copies of hot "
+                      f"experts on expert-parallel ranks of the 'all_gather' variant, but "
+                      f"dispatch.expert_parallel={self.expert_parallel!r}: set "
+                      f"dispatch.expert_parallel='all_gather' or dispatch.expert_replicas=0")
     if self.expert_parallel not in ("none", *VARIANTS):
       problems.append(f"dispatch.expert_parallel={self.expert_parallel!r} is unknown; choose "
                       f"from {['none', *VARIANTS]}")

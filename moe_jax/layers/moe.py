@@ -23,8 +23,22 @@ from moe_jax.layers.params import named, param
 from moe_jax.routing import BalancingSettings, RouterSettings
 
 
-class BalancingBias(nnx.Variable):
-  """Per-expert routing bias of aux-loss-free balancing: state, not a parameter (no gradient)."""
+class RoutingState(nnx.Variable):
+  """State of the routing that is not a parameter (no gradient, not seen by the optimizer),
+  updated by the training step from the batch's global expert counts."""
+
+
+class BalancingBias(RoutingState):
+  """Per-expert routing bias of aux-loss-free balancing."""
+
+
+class ReplicaSlots(RoutingState):
+  """[E, R]: the experts held in each expert-parallel rank's R spare slots (row p: rank p's;
+  rows past the mesh's `expert` size unused; -1 empty): replicas of hot experts."""
+
+
+class ReplicaCounts(RoutingState):
+  """[E]: assignments per expert since the replicas were last planned (the next plan's input)."""
 
 
 class RoutingDecision(nnx.Intermediate):
@@ -60,6 +74,10 @@ class MoE(nnx.Module):
     self.router_kernel = param(scaled_normal(d_model)(rngs.params(), (d_model, num_experts)),
                                "embed", "router")
     self.balancing_bias = named(BalancingBias, jnp.zeros((num_experts,), jnp.float32), "router")
+    if dispatch.expert_replicas:
+      self.replica_slots = named(ReplicaSlots, jnp.full((num_experts, dispatch.expert_replicas), -1,
+                                                        jnp.int32), None, None)
+      self.replica_counts = named(ReplicaCounts, jnp.zeros((num_experts,), jnp.float32), None)
     init_in, init_out = scaled_normal(d_model), scaled_normal(expert_dim)
     self.w_gate = param(init_in(rngs.params(), (num_experts, d_model, expert_dim)),
                         "experts", "embed", "mlp")
@@ -94,7 +112,9 @@ class MoE(nnx.Module):
     if self.keep_decision:
       self.decision = RoutingDecision(decision)
     dispatch = make_dispatch(self.dispatch, r.expert_choice)
-    y, dropped_fraction = dispatch(x_BxSxD.astype(self.dtype), decision, self._experts())
+    replicas = {"replica_slots": self.replica_slots[...]} if self.dispatch.expert_replicas else {}
+    y, dropped_fraction = dispatch(x_BxSxD.astype(self.dtype), decision, self._experts(),
+                                   **replicas)
     if self.shared is not None:
       with jax.named_scope("shared_experts"):
         shared = self.shared(x_BxSxD)
