@@ -305,6 +305,9 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
       last_eval, eval_counts = run_eval(loop.state)
     if is_chief:
       _finish(config, workdir, graphdef, loop.state, corpus.tokenizer, eval_counts, last_eval)
+    if jax.process_count() > 1:   # the others wait for the chief's outputs: jax.distributed's
+      from jax.experimental import multihost_utils   # shutdown barrier does not wait long
+      multihost_utils.sync_global_devices("outputs written")
     return last_eval
 
 

@@ -129,7 +129,7 @@ def main():
                                                mesh, args.warmup, args.repeats)
             except Exception as error:   # noqa: BLE001 - e.g. out of memory: report, go on
               print(f"  {variant} chunks={chunks} replicas={slots}: failed: "
-                    f"{str(error).splitlines()[0][:200]}", flush=True)
+                    f"{str(error)[:1500]}", flush=True)
               continue
             efficiency = single[dispatcher] / ms
             rows.append((shape, routing, variant, chunks, slots, busiest, single[dispatcher], ms,

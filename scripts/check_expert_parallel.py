@@ -4,7 +4,12 @@ reference on all local devices (experts sharded over all of them) and prints the
 routing's counts).
 
   python scripts/check_expert_parallel.py      # on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=8
+  python scripts/check_expert_parallel.py --d_model=128 --expert_dim=128   # Mosaic kernels' widths
+
+A variant that fails to compile or run is reported, and the others still run.
 """
+
+import argparse
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +33,10 @@ def main(batch=16, seq=32, d_model=64, expert_dim=32, experts=16, top_k=4):
   decision = routing.topk_route(jax.random.normal(keys[4], (batch * seq, experts)) + hot, None,
                                 top_k=top_k)
   ids, gates = decision.expert_ids.reshape(batch, seq, top_k), decision.gates.reshape(batch, seq, top_k)
-  expected = reference_dispatch(x.reshape(-1, d_model), decision.expert_ids, decision.gates,
-                                SwiGLUExperts(*weights)).output.reshape(x.shape)
+  reference = lambda x, w: reference_dispatch(x.reshape(-1, d_model), decision.expert_ids,
+                                              decision.gates, SwiGLUExperts(*w)).output.reshape(x.shape)
+  expected = reference(x, weights)
+  expected_grads = jax.grad(lambda x, w: jnp.sum(reference(x, w) ** 2), argnums=(0, 1))(x, weights)
   variants = [v for v in VARIANTS if not (v == "ragged_all_to_all" and jax.default_backend() == "cpu")]
   plan = plan_replicas(np.bincount(np.asarray(ids).reshape(-1), minlength=experts), devices, 1)
   cases = [(v, None) for v in variants] + [("all_gather", jnp.asarray(plan.spare, jnp.int32))]
@@ -37,15 +44,29 @@ def main(batch=16, seq=32, d_model=64, expert_dim=32, experts=16, top_k=4):
   with jax.set_mesh(mesh):
     tokens, sharded = NamedSharding(mesh, P(("data", "expert"))), NamedSharding(mesh, P("expert"))
     for variant, spare in cases:
-      run = jax.jit(lambda x, w, i, g, v=variant, s=spare: expert_parallel_dispatch(
-          v, x, i, g, SwiGLUExperts(*w), experts / top_k, replica_slots=s))
-      y, dropped = run(jax.device_put(x, tokens), jax.device_put(weights, sharded),
-                       jax.device_put(ids, tokens), jax.device_put(gates, tokens))
-      error = float(jnp.linalg.norm(y - expected) / jnp.linalg.norm(expected))
       name = variant if spare is None else f"{variant} + {int(plan.copies.sum()) - experts} replicas"
-      print(f"{name:>30}: relative error {error:.2e}, dropped {float(dropped):.0f}, "
-            f"{'OK' if error < 1e-4 and np.isfinite(error) else 'MISMATCH'}")
+      layer = lambda x, w, i, g, v=variant, s=spare: expert_parallel_dispatch(
+          v, x, i, g, SwiGLUExperts(*w), experts / top_k, replica_slots=s)
+      placed = (jax.device_put(x, tokens), jax.device_put(weights, sharded),
+                jax.device_put(ids, tokens), jax.device_put(gates, tokens))
+      try:
+        y, dropped = jax.jit(layer)(*placed)
+        grads = jax.jit(jax.grad(lambda x, w, i, g: jnp.sum(layer(x, w, i, g)[0] ** 2),
+                                 argnums=(0, 1)))(*placed)
+      except Exception as error:   # noqa: BLE001 - report it, check the other variants
+        print(f"{name:>30}: FAILED: {str(error)[:1500]}")
+        continue
+      error = float(jnp.linalg.norm(y - expected) / jnp.linalg.norm(expected))
+      grad_error = max(float(jnp.linalg.norm(g - e) / jnp.linalg.norm(e))
+                       for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)))
+      ok = max(error, grad_error) < 1e-3 and np.isfinite(error + grad_error)
+      print(f"{name:>30}: relative error {error:.2e}, gradients {grad_error:.2e}, dropped "
+            f"{float(dropped):.0f}, {'OK' if ok else 'MISMATCH'}")
 
 
 if __name__ == "__main__":
-  main()
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--d_model", type=int, default=64)
+  parser.add_argument("--expert_dim", type=int, default=32)
+  args = parser.parse_args()
+  main(d_model=args.d_model, expert_dim=args.expert_dim)

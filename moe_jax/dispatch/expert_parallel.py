@@ -99,8 +99,9 @@ def _all_gather_replicated(spare_slots, x, expert_ids, gates, local_experts, cap
   home experts and the copies in its spare slots (`spare_slots` [P or more, R]: row p, rank
   p's; rows past the axis unused); an expert's assignments (in the gathered order) split into
   consecutive runs, one per copy, exactly as `replica_of_assignment` splits them. The copies'
-  weights are gathered from their home ranks each step, so their gradients flow back into the
-  home weights (summed there): one set of weights and optimizer state, whatever the plan."""
+  weights are fetched from their home ranks each step (`_fetch_copies`), so their gradients
+  flow back into the home weights (summed there): one set of weights and optimizer state,
+  whatever the plan."""
   del capacity_factor
   gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
   x_all, ids_all, gates_all = gather(x), gather(expert_ids), gather(gates)
@@ -118,9 +119,9 @@ def _all_gather_replicated(spare_slots, x, expert_ids, gates, local_experts, cap
   order = jnp.argsort(key, stable=True)
   inverse = inverse_permutation(order)
   group_sizes = jnp.bincount(key, length=slots.shape[0] + 1)[:-1].astype(jnp.int32)
-  spare = jnp.maximum(slots[local_experts.num_experts:], 0)         # empty slots get no rows
+  fetch = functools.partial(_fetch_copies, replicas.slot_expert[:, local_experts.num_experts:])
   with_copies = dataclasses.replace(local_experts, **{
-      name: jnp.concatenate([weight, gather(weight)[spare]]) for name, weight in (
+      name: jnp.concatenate([weight, fetch(weight)]) for name, weight in (
           ("w_gate", local_experts.w_gate), ("w_up", local_experts.w_up),
           ("w_down", local_experts.w_down))})
   sorted_out = with_copies.ragged(gather_assignments(x_all, order, inverse, top_k), group_sizes)
@@ -128,6 +129,21 @@ def _all_gather_replicated(spare_slots, x, expert_ids, gates, local_experts, cap
                            inverse)
   y = jax.lax.psum_scatter(partial, EXPERT_AXIS, scatter_dimension=0, tiled=True)
   return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
+
+
+def _fetch_copies(spare_PxR, local_weights):
+  """[R, ...]: the weights of the experts in this rank's spare slots, from their home ranks
+  (zeros for an empty slot). One all_to_all: each rank sends every rank the weights it is home
+  to for that rank's slots (zeros elsewhere), and sums what arrives; its transpose returns
+  each copy's gradient to the home weights."""
+  local = local_weights.shape[0]
+  rank = jax.lax.axis_index(EXPERT_AXIS)
+  is_home = (spare_PxR >= 0) & (spare_PxR // local == rank)
+  index = jnp.clip(spare_PxR - rank * local, 0, local - 1)
+  outgoing = jnp.where(is_home.reshape(is_home.shape + (1,) * (local_weights.ndim - 1)),
+                       local_weights[index], 0)                     # [P, R, ...] by destination
+  arriving = jax.lax.all_to_all(outgoing, EXPERT_AXIS, 0, 0, tiled=True)   # [P, R, ...] by source
+  return jnp.sum(arriving, axis=0)
 
 
 def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):

@@ -136,11 +136,12 @@ def gmm_padded(x: Float[Array, "M K"], w, tile_group: Int[Array, "G"], *, blocks
   contraction, out_width = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
   kernel = functools.partial(_gmm_kernel, blocks=blocks, contraction=contraction,
                              num_groups=num_groups, transpose_w=transpose_w)
-  return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((x.shape[0], out_width), x.dtype),
+  out = pl.pallas_call(
+      kernel, out_shape=kernel_output((x.shape[0], out_width), x.dtype, x),
       grid=(x.shape[0] // blocks.m, out_width // blocks.n), interpret=interpret,
       compiler_params=compiler_params(blocks, interpret), name="moe_gmm",
   )(tile_group, x, w)
+  return typed_like(typed_like(out, w), tile_group)
 
 
 @functools.partial(jax.jit, static_argnames=("num_groups", "blocks", "out_dtype", "interpret"))
@@ -149,11 +150,12 @@ def tgmm_padded(x: Float[Array, "M K"], dy: Float[Array, "M F"], group_tile_star
   """Per group, the sum over its row tiles of x^T dy: the weight gradient of gmm."""
   width_in, width_out = x.shape[1], dy.shape[1]
   kernel = functools.partial(_tgmm_kernel, blocks=blocks)
-  return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((num_groups, width_in, width_out), out_dtype),
+  out = pl.pallas_call(
+      kernel, out_shape=kernel_output((num_groups, width_in, width_out), out_dtype, x),
       grid=(num_groups, width_in // blocks.k, width_out // blocks.n), interpret=interpret,
       compiler_params=compiler_params(blocks, interpret), name="moe_tgmm",
   )(group_tile_start, x, dy)
+  return typed_like(typed_like(out, dy), group_tile_start)
 
 
 def typed_like(value, reference):
@@ -162,6 +164,25 @@ def typed_like(value, reference):
   type, and a kernel's output carries none."""
   missing = tuple(_varying_axes(reference) - _varying_axes(value))
   return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+
+def gradient_like(gradient, primal):
+  """A custom VJP's `gradient` for `primal`, typed as `primal` is: summed over the manual
+  mesh axes along which the gradient differs and the primal does not (the transpose of the
+  primal's implicit broadcast there: expert weights, one per expert rank, used by tokens that
+  differ along `data`), then `typed_like` it."""
+  extra = tuple(_varying_axes(gradient) - _varying_axes(primal))
+  return typed_like(jax.lax.psum(gradient, extra) if extra else gradient, primal)
+
+
+def kernel_output(shape, dtype, like) -> jax.ShapeDtypeStruct:
+  """A Pallas kernel's `out_shape`: inside a `jax.shard_map` its output must say along which
+  manual axes it differs; it differs as `like` (its row operand) does (`typed_like` the others
+  after the call)."""
+  manual = getattr(jax.typeof(like), "mat", None)
+  if manual is None:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
 
 
 def _varying_axes(x) -> frozenset:
@@ -195,7 +216,7 @@ def _gmm_backward(blocks, interpret, residuals, dy):
   dw_blocks = blocks._replace(k=_block(w.shape[1], blocks.k), n=_block(w.shape[2], blocks.n))
   dw = tgmm_padded(x, dy.astype(x.dtype), group_tile_start, w.shape[0], blocks=dw_blocks,
                    out_dtype=w.dtype, interpret=interpret)
-  return typed_like(dx, x), typed_like(dw, w), None, None
+  return gradient_like(dx, x), gradient_like(dw, w), None, None
 
 
 gmm.defvjp(_gmm_forward, _gmm_backward)
@@ -317,7 +338,7 @@ def _mosaic_backward(blocks, residuals, dy):
   dy = dy.astype(rows.dtype)
   dx = _mosaic_ragged(dy, w, group_sizes, blocks, transpose_rhs=True)
   dw = _mosaic_weight_gradient(rows, dy, group_sizes, blocks).astype(w.dtype)
-  return typed_like(dx, rows), typed_like(dw, w), None
+  return gradient_like(dx, rows), gradient_like(dw, w), None
 
 
 @functools.partial(jax.jit, static_argnames=("blocks",))
