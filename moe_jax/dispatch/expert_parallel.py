@@ -166,7 +166,10 @@ def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
   offsets_at_peer = exchange(jnp.broadcast_to(
       (jnp.cumsum(recv_sizes) - recv_sizes)[:, None], (peers, 1))).reshape(peers)
   capacity = peers * rows                                        # worst case: everything comes here
-  received = jax.lax.ragged_all_to_all(send, jnp.zeros((capacity, x.shape[1]), x.dtype),
+  # The receive buffers differ per device: typed so (a zeros constant is typed as the same
+  # everywhere, which would make the gradients of what arrives in them sum over devices).
+  buffer = lambda shape: jax.lax.pcast(jnp.zeros(shape, x.dtype), EXPERT_AXIS, to="varying")
+  received = jax.lax.ragged_all_to_all(send, buffer((capacity, x.shape[1])),
                                        input_offsets, send_sizes, offsets_at_peer, recv_sizes,
                                        axis_name=EXPERT_AXIS)
   # Received rows are grouped by source, then expert: regroup by expert for the ragged matmul.
@@ -179,7 +182,7 @@ def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
   out = local_experts.ragged(received[by_expert], group_sizes)
   out = jnp.zeros_like(out).at[by_expert].set(out)
   back_offsets = exchange(jnp.broadcast_to(input_offsets[:, None], (peers, 1))).reshape(peers)
-  returned = jax.lax.ragged_all_to_all(out, jnp.zeros((rows, x.shape[1]), x.dtype),
+  returned = jax.lax.ragged_all_to_all(out, buffer((rows, x.shape[1])),
                                        jnp.cumsum(recv_sizes) - recv_sizes, recv_sizes,
                                        back_offsets, send_sizes, axis_name=EXPERT_AXIS)
   y = combine_sorted(returned, order, gates, inverse)

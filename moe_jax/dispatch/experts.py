@@ -65,7 +65,7 @@ class SwiGLUExperts:
         dot = fp8_grouped_matmul.padded_fp8_dot(layout, interpret=choice == "interpret")
       return self._on_row_tiles(rows, layout, dot)
     choice = grouped_matmul.chosen_implementation(self.w_gate.shape[1], self.w_gate.shape[2],
-                                                  self.implementation)
+                                                  self.implementation, rows.dtype)
     if choice == "xla":
       return self.swiglu(rows, lambda x, w: jax.lax.ragged_dot(x, w, group_sizes))
     if choice == "mosaic":   # zero rows appended past the groups (any row count, e.g. decoding)

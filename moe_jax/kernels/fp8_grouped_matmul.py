@@ -24,8 +24,8 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from moe_jax.kernels import fp8
-from moe_jax.kernels.grouped_matmul import (Blocks, GroupLayout, compiler_params, gradient_like,
-                                           kernel_output, typed_like)
+from moe_jax.kernels.grouped_matmul import (Blocks, GroupLayout, compiler_params, kernel_output,
+                                           typed_like)
 
 TILE = fp8.TILE
 BLOCKS = Blocks(m=TILE, n=TILE, k=TILE, num_warps=8, num_stages=3)   # one scale per block
@@ -136,7 +136,7 @@ def _fp8_gmm_backward(interpret, residuals, dy):
   dw = fp8_tgmm_padded(quantize_row_tiles(x), quantize_row_tiles(dy), group_tile_start,
                        w.shape[0], interpret=interpret)
   dw = dw[:, :w.shape[1], :w.shape[2]].astype(w.dtype)
-  return gradient_like(dx, x), gradient_like(dw, w), None, None
+  return typed_like(dx, x), typed_like(dw, w), None, None
 
 
 fp8_gmm.defvjp(_fp8_gmm_forward, _fp8_gmm_backward)

@@ -166,15 +166,6 @@ def typed_like(value, reference):
   return jax.lax.pcast(value, missing, to="varying") if missing else value
 
 
-def gradient_like(gradient, primal):
-  """A custom VJP's `gradient` for `primal`, typed as `primal` is: summed over the manual
-  mesh axes along which the gradient differs and the primal does not (the transpose of the
-  primal's implicit broadcast there: expert weights, one per expert rank, used by tokens that
-  differ along `data`), then `typed_like` it."""
-  extra = tuple(_varying_axes(gradient) - _varying_axes(primal))
-  return typed_like(jax.lax.psum(gradient, extra) if extra else gradient, primal)
-
-
 def kernel_output(shape, dtype, like) -> jax.ShapeDtypeStruct:
   """A Pallas kernel's `out_shape`: inside a `jax.shard_map` its output must say along which
   manual axes it differs; it differs as `like` (its row operand) does (`typed_like` the others
@@ -216,7 +207,7 @@ def _gmm_backward(blocks, interpret, residuals, dy):
   dw_blocks = blocks._replace(k=_block(w.shape[1], blocks.k), n=_block(w.shape[2], blocks.n))
   dw = tgmm_padded(x, dy.astype(x.dtype), group_tile_start, w.shape[0], blocks=dw_blocks,
                    out_dtype=w.dtype, interpret=interpret)
-  return gradient_like(dx, x), gradient_like(dw, w), None, None
+  return typed_like(dx, x), typed_like(dw, w), None, None
 
 
 gmm.defvjp(_gmm_forward, _gmm_backward)
@@ -338,7 +329,7 @@ def _mosaic_backward(blocks, residuals, dy):
   dy = dy.astype(rows.dtype)
   dx = _mosaic_ragged(dy, w, group_sizes, blocks, transpose_rhs=True)
   dw = _mosaic_weight_gradient(rows, dy, group_sizes, blocks).astype(w.dtype)
-  return gradient_like(dx, rows), gradient_like(dw, w), None
+  return typed_like(dx, rows), typed_like(dw, w), None
 
 
 @functools.partial(jax.jit, static_argnames=("blocks",))
@@ -371,16 +362,19 @@ def hopper() -> bool:
 IMPLEMENTATIONS = ("auto", "mosaic", "pallas", "interpret", "tiles", "xla")
 
 
-def chosen_implementation(k_dim: int, f_dim: int, requested: str = "auto") -> str:
-  """The implementation the ragged matmuls of experts of these widths use for `requested` on
-  this backend: "mosaic", "pallas", "interpret", "tiles" or "xla"."""
+def chosen_implementation(k_dim: int, f_dim: int, requested: str = "auto",
+                          dtype=jnp.bfloat16) -> str:
+  """The implementation the ragged matmuls of experts of these widths and `dtype` use for
+  `requested` on this backend: "mosaic", "pallas", "interpret", "tiles" or "xla"."""
   name = requested
   if name == "auto":
     backend = jax.default_backend()
     name = (("mosaic" if hopper() else "pallas") if backend == "gpu"
             else "tiles" if backend == "cpu" else "xla")
-  if name == "mosaic" and (k_dim % MOSAIC_MIN_BLOCK or f_dim % MOSAIC_MIN_BLOCK):
-    name = "pallas"   # its swizzled tiles need widths in multiples of 64
+  if name == "mosaic" and (k_dim % MOSAIC_MIN_BLOCK or f_dim % MOSAIC_MIN_BLOCK
+                           or jnp.dtype(dtype).itemsize != 2):
+    name = "pallas"   # its swizzled tiles need widths in multiples of 64, its transposed
+                      # operands 16-bit values (wgmma)
   if name not in ("xla", "tiles") and not supported(k_dim, f_dim):
     return "xla"
   return name
