@@ -89,6 +89,7 @@ def test_implementation_choice():
   assert gm.chosen_implementation(64, 100, "pallas") == "xla"        # not a multiple of 16
   assert gm.chosen_implementation(1024, 384, "mosaic") == "mosaic"
   assert gm.chosen_implementation(1024, 352, "mosaic") == "pallas"   # mosaic tiles: multiples of 64
+  assert gm.chosen_implementation(1024, 384, "mosaic", jnp.float32) == "pallas"   # 16-bit only
   with pytest.raises(ConfigError, match="dispatch.grouped_matmul='cuda' is unknown"):
     DispatchSettings(strategy="dropless", grouped_matmul="cuda")
 
@@ -118,3 +119,36 @@ def test_layers_share_each_kernels_lowering():
   # the three forward products take 2 distinct shapes, the backward ones 4.
   assert len(kernels[2]) == 6 and kernels[4] == kernels[2], kernels
   assert (calls[2], calls[4]) == (2 * 9, 4 * 9), calls
+
+
+def test_a_kernels_weight_gradient_sums_over_the_token_axes_its_weight_does_not_split():
+  """Inside a shard_map, a custom VJP's weight gradient made from tokens that differ along
+  `data` and `expert` belongs to a weight that does not: `gradient_like` sums it over both,
+  as autodiff of the plain product does (typing it without the sum fails the VJP's check)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from moe_jax import parallel
+
+  @jax.custom_vjp
+  def product(x, w):
+    return x @ w
+
+  def forward(x, w):
+    return product(x, w), (x, w)
+
+  def backward(residuals, dy):
+    x, w = residuals
+    return gm.gradient_like(dy @ w.T, x), gm.gradient_like(x.T @ dy, w)
+
+  product.defvjp(forward, backward)
+  mesh = parallel.make_mesh(2, 4)
+  x = jax.random.normal(jax.random.key(0), (16, 6))
+  w = jax.random.normal(jax.random.key(1), (6, 5))
+  loss = lambda fn: lambda x, w: jnp.sum(jax.shard_map(
+      lambda x, w: jax.lax.psum(jnp.sum(fn(x, w) ** 2), ("data", "expert")), mesh=mesh,
+      in_specs=(P(("data", "expert")), P()), out_specs=P())(x, w))
+  with jax.set_mesh(mesh):
+    placed = jax.device_put(x, NamedSharding(mesh, P(("data", "expert")))), w
+    got = jax.jit(jax.grad(loss(product), argnums=(0, 1)))(*placed)
+  expected = jax.grad(lambda x, w: jnp.sum((x @ w) ** 2), argnums=(0, 1))(x, w)
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)

@@ -24,8 +24,8 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from moe_jax.kernels import fp8
-from moe_jax.kernels.grouped_matmul import (Blocks, GroupLayout, compiler_params, kernel_output,
-                                           typed_like)
+from moe_jax.kernels.grouped_matmul import (Blocks, GroupLayout, compiler_params, gradient_like,
+                                           kernel_output, typed_like)
 
 TILE = fp8.TILE
 BLOCKS = Blocks(m=TILE, n=TILE, k=TILE, num_warps=8, num_stages=3)   # one scale per block
@@ -86,7 +86,7 @@ def fp8_gmm_padded(x: fp8.Quantized, w: fp8.Quantized, tile_group: Int[Array, "G
       grid=(rows // TILE, out_width // TILE), interpret=interpret,
       compiler_params=compiler_params(BLOCKS, interpret), name="moe_fp8_gmm",
   )(tile_group, x.values, x.scales, w.values, w.scales)
-  return typed_like(typed_like(out, w.values), tile_group)
+  return typed_like(out, w.values, tile_group)
 
 
 @functools.partial(jax.jit, static_argnames=("num_groups", "interpret"))
@@ -100,7 +100,7 @@ def fp8_tgmm_padded(x: fp8.Quantized, dy: fp8.Quantized, group_tile_start, num_g
       grid=(num_groups, k_dim // TILE, n_dim // TILE), interpret=interpret,
       compiler_params=compiler_params(BLOCKS, interpret), name="moe_fp8_tgmm",
   )(group_tile_start, x.values, x.scales, dy.values, dy.scales)
-  return typed_like(typed_like(out, dy.values), group_tile_start)
+  return typed_like(out, dy.values, group_tile_start)
 
 
 def quantize_row_tiles(x: Float[Array, "M K"]) -> fp8.Quantized:
@@ -136,7 +136,7 @@ def _fp8_gmm_backward(interpret, residuals, dy):
   dw = fp8_tgmm_padded(quantize_row_tiles(x), quantize_row_tiles(dy), group_tile_start,
                        w.shape[0], interpret=interpret)
   dw = dw[:, :w.shape[1], :w.shape[2]].astype(w.dtype)
-  return typed_like(dx, x), typed_like(dw, w), None, None
+  return gradient_like(dx, x), gradient_like(dw, w), None, None
 
 
 fp8_gmm.defvjp(_fp8_gmm_forward, _fp8_gmm_backward)

@@ -141,7 +141,7 @@ def gmm_padded(x: Float[Array, "M K"], w, tile_group: Int[Array, "G"], *, blocks
       grid=(x.shape[0] // blocks.m, out_width // blocks.n), interpret=interpret,
       compiler_params=compiler_params(blocks, interpret), name="moe_gmm",
   )(tile_group, x, w)
-  return typed_like(typed_like(out, w), tile_group)
+  return typed_like(out, w, tile_group)
 
 
 @functools.partial(jax.jit, static_argnames=("num_groups", "blocks", "out_dtype", "interpret"))
@@ -155,15 +155,24 @@ def tgmm_padded(x: Float[Array, "M K"], dy: Float[Array, "M F"], group_tile_star
       grid=(num_groups, width_in // blocks.k, width_out // blocks.n), interpret=interpret,
       compiler_params=compiler_params(blocks, interpret), name="moe_tgmm",
   )(group_tile_start, x, dy)
-  return typed_like(typed_like(out, dy), group_tile_start)
+  return typed_like(out, dy, group_tile_start)
 
 
-def typed_like(value, reference):
-  """`value` typed as differing along the manual mesh axes `reference` differs along. Inside a
-  `jax.shard_map` (a pipeline's stage axis) a custom VJP's gradient must carry its input's
-  type, and a kernel's output carries none."""
-  missing = tuple(_varying_axes(reference) - _varying_axes(value))
+def typed_like(value, *references):
+  """`value` typed as differing along every manual mesh axis one of `references` differs along.
+  Inside a `jax.shard_map` a kernel's output carries no such type: it differs wherever its
+  inputs do."""
+  missing = tuple(frozenset().union(*map(_varying_axes, references)) - _varying_axes(value))
   return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+
+def gradient_like(gradient, primal):
+  """A custom VJP's `gradient` (typed as differing wherever its inputs do) for `primal`, typed
+  as `primal` is: summed over the manual mesh axes along which it differs and `primal` does
+  not (the transpose of the primal's implicit broadcast there: expert weights, one copy per
+  `data` rank, used by tokens that differ along `data`), then given `primal`'s other axes."""
+  extra = tuple(_varying_axes(gradient) - _varying_axes(primal))
+  return typed_like(jax.lax.psum(gradient, extra) if extra else gradient, primal)
 
 
 def kernel_output(shape, dtype, like) -> jax.ShapeDtypeStruct:
@@ -207,7 +216,7 @@ def _gmm_backward(blocks, interpret, residuals, dy):
   dw_blocks = blocks._replace(k=_block(w.shape[1], blocks.k), n=_block(w.shape[2], blocks.n))
   dw = tgmm_padded(x, dy.astype(x.dtype), group_tile_start, w.shape[0], blocks=dw_blocks,
                    out_dtype=w.dtype, interpret=interpret)
-  return typed_like(dx, x), typed_like(dw, w), None, None
+  return gradient_like(dx, x), gradient_like(dw, w), None, None
 
 
 gmm.defvjp(_gmm_forward, _gmm_backward)
@@ -303,7 +312,7 @@ def _mosaic_ragged(rows, w, group_sizes, blocks: MosaicBlocks, transpose_rhs: bo
                    max_concurrent_steps=blocks.steps, grid_block_n=blocks.grid_block_n,
                    transpose_rhs=transpose_rhs)
   inside = jnp.arange(rows.shape[0]) < jnp.sum(group_sizes)   # the kernel skips other rows
-  return jnp.where(inside[:, None], out, 0)
+  return jnp.where(inside[:, None], typed_like(out, rows, w, group_sizes), 0)
 
 
 def mosaic_row_count(rows: int) -> int:
@@ -329,18 +338,18 @@ def _mosaic_backward(blocks, residuals, dy):
   dy = dy.astype(rows.dtype)
   dx = _mosaic_ragged(dy, w, group_sizes, blocks, transpose_rhs=True)
   dw = _mosaic_weight_gradient(rows, dy, group_sizes, blocks).astype(w.dtype)
-  return typed_like(dx, rows), typed_like(dw, w), None
+  return gradient_like(dx, rows), gradient_like(dw, w), None
 
 
 @functools.partial(jax.jit, static_argnames=("blocks",))
 def _mosaic_weight_gradient(rows, dy, group_sizes, blocks: MosaicBlocks):
   """[E, K, N] gradient of the weights: group e's rows^T dy."""
   _, transposed_ragged_dot = _mosaic_kernels()
-  return transposed_ragged_dot(rows, dy, group_sizes=group_sizes,
-                               block_m=_block(rows.shape[1], blocks.m),
-                               block_n=_block(dy.shape[1], blocks.n), block_k=blocks.k,
-                               max_concurrent_steps=blocks.steps,
-                               grid_block_n=blocks.grid_block_n)
+  dw = transposed_ragged_dot(rows, dy, group_sizes=group_sizes,
+                             block_m=_block(rows.shape[1], blocks.m),
+                             block_n=_block(dy.shape[1], blocks.n), block_k=blocks.k,
+                             max_concurrent_steps=blocks.steps, grid_block_n=blocks.grid_block_n)
+  return typed_like(dw, rows, dy, group_sizes)
 
 
 mosaic_grouped_matmul.defvjp(_mosaic_forward, _mosaic_backward)
