@@ -303,11 +303,15 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     last_eval, eval_counts = loop.last_eval, loop.eval_counts
     if not last_eval:   # resumed at the end: evaluate the restored state
       last_eval, eval_counts = run_eval(loop.state)
+    model_state = loop.state.params, loop.state.biases
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      if config.train.sample_tokens > 0:   # the chief samples from a whole copy on its host
+        model_state = multihost_utils.process_allgather(model_state, tiled=True)
     if is_chief:
-      _finish(config, workdir, graphdef, loop.state, corpus.tokenizer, eval_counts, last_eval)
+      _finish(config, workdir, graphdef, *model_state, corpus.tokenizer, eval_counts, last_eval)
     if jax.process_count() > 1:   # the others wait for the chief's outputs: jax.distributed's
-      from jax.experimental import multihost_utils   # shutdown barrier does not wait long
-      multihost_utils.sync_global_devices("outputs written")
+      multihost_utils.sync_global_devices("outputs written")   # shutdown does not wait long
     return last_eval
 
 
@@ -556,12 +560,12 @@ def log_line(step: int, steps: int, scalars: dict[str, float]) -> str:
   return " | ".join(parts)
 
 
-def _finish(config, workdir, graphdef, state, tokenizer, eval_counts, last_eval):
+def _finish(config, workdir, graphdef, params, biases, tokenizer, eval_counts, last_eval):
   """The end-of-run artifacts: final metrics, a text sample and the expert-load plot."""
   (workdir / "final_metrics.json").write_text(json.dumps(last_eval, indent=2))
   sample = tokenizer is not None and config.train.sample_tokens > 0
   if sample:
-    text = sample_text(graphdef, state.params, state.biases, tokenizer, config.train.sample_prompt,
+    text = sample_text(graphdef, params, biases, tokenizer, config.train.sample_prompt,
                        config.train.sample_tokens, config.data.seq_len, seed=config.seed)
     (workdir / "sample.txt").write_text(text)
     print("\n--- sample ---\n" + text + "\n--------------")

@@ -14,7 +14,7 @@ from tests.conftest import QUICK_COMPILE_FLAGS, ROOT
 
 ARGS = ["--config=configs/default.py:tiny,ep=all_to_all", "--config.train.log_every=1",
         "--config.train.eval_every=100", "--config.train.checkpoint_every=3",
-        "--config.train.sample_tokens=0", "--config.optimizer.warmup_steps=2",
+        "--config.train.sample_tokens=8", "--config.optimizer.warmup_steps=2",
         "--config.optimizer.final_lr_fraction=1.0"]   # a schedule that train.steps leaves alone
 
 
@@ -73,6 +73,7 @@ def test_two_processes_match_one_and_resume_across_processes(tmp_path):
   final_one = json.loads((one / "final_metrics.json").read_text())["validation_loss"]
   final_two = json.loads((two / "final_metrics.json").read_text())["validation_loss"]
   np.testing.assert_allclose(final_two, final_one, rtol=1e-4)
+  assert (two / "sample.txt").read_text()   # the chief sampled from the model both hold
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
