@@ -16,7 +16,7 @@ from flax import nnx
 
 from moe_jax import routing
 from moe_jax.dispatch.expert_parallel import EXPERT_AXIS
-from moe_jax.dispatch.replicas import plan_on_device
+from moe_jax.dispatch import replicas
 from moe_jax.layers.moe import RoutingState
 from moe_jax.model import ModelSpec, Transformer, mtp_losses
 from moe_jax.pipeline.training import Pipeline, batch_slices, pipelined_gradients
@@ -24,10 +24,13 @@ from moe_jax.settings import Settings
 
 
 class TrainState(NamedTuple):
+  """`biases` is the routing state (layers/moe.py: RoutingState): the balancing biases and,
+  with dispatch.expert_replicas, each layer's replica plan and the counts since it was made."""
+
   step: jax.Array
   params: nnx.State
-  biases: nnx.State     # the routing state (layers/moe.py: RoutingState): balancing biases and,
-  opt_state: optax.OptState   # with dispatch.expert_replicas, the replica plans and their counts
+  biases: nnx.State
+  opt_state: optax.OptState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,22 +155,17 @@ def updated_routing_state(graphdef, params, routing_state, counts_LxE, step, bia
   first = 0
   for layer in model.moe_layers():   # variables per expert [E], or [L, E] for L scanned layers
     bias = layer.balancing_bias[...]
-    stacked = bias.ndim == 2
-    each_layer = (lambda f: jax.vmap(f)) if stacked else (lambda f: f)
-    layers = bias.shape[0] if stacked else 1
+    layers = bias.shape[0] if bias.ndim == 2 else 1
     counts = counts_LxE[first:first + layers].reshape(bias.shape)
     first += layers
     if bias_rate is not None:
-      layer.balancing_bias[...] = each_layer(
-          lambda b, c: routing.update_balancing_bias(b, c, bias_rate, bias_rule))(bias, counts)
+      update = lambda b, c: routing.update_balancing_bias(b, c, bias_rate, bias_rule)
+      layer.balancing_bias[...] = jax.vmap(update)(bias, counts) if bias.ndim == 2 else update(
+          bias, counts)
     if layer.dispatch.expert_replicas:
-      slots, summed = layer.replica_slots[...], layer.replica_counts[...] + counts
-      num_experts, spare = slots.shape[-2:]
-      plan = each_layer(lambda c: jnp.full((num_experts, spare), -1, jnp.int32).at[:ranks].set(
-          plan_on_device(c, ranks, spare)))
-      due = step % replan_every == 0
-      layer.replica_slots[...] = jax.lax.cond(due, plan, lambda _: slots, summed)
-      layer.replica_counts[...] = jnp.where(due, 0.0, summed)
+      layer.replica_slots[...], layer.replica_counts[...] = replicas.replanned(
+          layer.replica_slots[...], layer.replica_counts[...] + counts,
+          step % replan_every == 0, ranks)
   return nnx.state(model, RoutingState)
 
 

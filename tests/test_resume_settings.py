@@ -40,9 +40,10 @@ OTHER_SETTINGS = {
 
 
 def parameter_layout(spec: ModelSpec):
-  """Every parameter's and balancing bias's path, shape and dtype, computing nothing."""
+  """Every parameter's and balancing bias's path, shape and dtype, computing nothing (replica
+  plans, with dispatch.expert_replicas, are routing state, not parameters)."""
   model = nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=0)))
-  _, params, biases = nnx.split(model, nnx.Param, BalancingBias)
+  _, params, biases, _ = nnx.split(model, nnx.Param, BalancingBias, ...)
   leaves = jax.tree_util.tree_leaves_with_path((params, biases))
   return {jax.tree_util.keystr(path): (leaf.shape, str(leaf.dtype)) for path, leaf in leaves}
 

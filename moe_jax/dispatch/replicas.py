@@ -13,9 +13,9 @@ leaves the busiest rank least loaded, while copies still help (a copy adds its s
 rank it lands on, so filling every slot blindly can make the busiest rank busier).
 `rank_loads` gives each rank's token count under a plan, `replica_of_assignment` which copy
 serves each routed assignment: host-side NumPy, the references. In the program:
-`plan_on_device` makes the same plan (a training step replans from its own counts,
-`moe_jax/steps.py`), `tables` turns a plan's spare slots into the arrays the layer reads
-(`expert_parallel.py`).
+`plan_on_device` makes the same plan and `replanned` applies it to a layer's routing state (a
+training step replans from its own counts, `moe_jax/steps.py`), `tables` turns a plan's spare
+slots into the arrays the layer reads (`expert_parallel.py`).
 
 Shape letters: E experts, P ranks, R spare slots per rank, N routed assignments.
 """
@@ -191,3 +191,17 @@ def plan_on_device(counts_E, ranks: int, slots: int) -> jnp.ndarray:
 
   return jax.lax.fori_loop(0, ranks * slots, one_copy,
                            (spare, free, copies, holders, loads))[0]
+
+
+def replanned(slots_ExR, summed_E, due, ranks: int):
+  """(spare slots [E, R], counts since the plan [E]) of a layer's routing state after a step
+  (a stack of layers: leading axes on both): when `due`, the plan `plan_on_device` makes from
+  `summed_E` over `ranks` ranks (rows past them empty) and counts started again; else as
+  they were."""
+  num_experts, slots = slots_ExR.shape[-2:]
+  plan = lambda counts: jnp.full((num_experts, slots), -1, jnp.int32).at[:ranks].set(
+      plan_on_device(counts, ranks, slots))
+  for _ in range(summed_E.ndim - 1):
+    plan = jax.vmap(plan)
+  return (jax.lax.cond(due, plan, lambda _: slots_ExR, summed_E),
+          jnp.where(due, jnp.zeros_like(summed_E), summed_E))

@@ -74,9 +74,9 @@ class MoE(nnx.Module):
     self.router_kernel = param(scaled_normal(d_model)(rngs.params(), (d_model, num_experts)),
                                "embed", "router")
     self.balancing_bias = named(BalancingBias, jnp.zeros((num_experts,), jnp.float32), "router")
-    if dispatch.expert_replicas:
-      self.replica_slots = named(ReplicaSlots, jnp.full((num_experts, dispatch.expert_replicas), -1,
-                                                        jnp.int32), None, None)
+    if dispatch.expert_replicas:   # an empty plan; the training step replans
+      empty = jnp.full((num_experts, dispatch.expert_replicas), -1, jnp.int32)
+      self.replica_slots = named(ReplicaSlots, empty, None, None)
       self.replica_counts = named(ReplicaCounts, jnp.zeros((num_experts,), jnp.float32), None)
     init_in, init_out = scaled_normal(d_model), scaled_normal(expert_dim)
     self.w_gate = param(init_in(rngs.params(), (num_experts, d_model, expert_dim)),
