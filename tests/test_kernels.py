@@ -127,6 +127,7 @@ def test_a_kernels_weight_gradient_sums_over_the_token_axes_its_weight_does_not_
   as autodiff of the plain product does (typing it without the sum fails the VJP's check)."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   from moe_jax import parallel
+  from moe_jax.manual_axes import gradient_like
 
   @jax.custom_vjp
   def product(x, w):
@@ -137,7 +138,7 @@ def test_a_kernels_weight_gradient_sums_over_the_token_axes_its_weight_does_not_
 
   def backward(residuals, dy):
     x, w = residuals
-    return gm.gradient_like(dy @ w.T, x), gm.gradient_like(x.T @ dy, w)
+    return gradient_like(dy @ w.T, x), gradient_like(x.T @ dy, w)
 
   product.defvjp(forward, backward)
   mesh = parallel.make_mesh(2, 4)

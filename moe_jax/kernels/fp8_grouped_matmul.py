@@ -24,8 +24,8 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from moe_jax.kernels import fp8
-from moe_jax.kernels.grouped_matmul import (Blocks, GroupLayout, compiler_params, gradient_like,
-                                           kernel_output, typed_like)
+from moe_jax.kernels.grouped_matmul import Blocks, GroupLayout, compiler_params
+from moe_jax.manual_axes import gradient_like, kernel_output, typed_like
 
 TILE = fp8.TILE
 BLOCKS = Blocks(m=TILE, n=TILE, k=TILE, num_warps=8, num_stages=3)   # one scale per block

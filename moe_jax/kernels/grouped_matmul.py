@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
+from moe_jax.manual_axes import gradient_like, kernel_output, typed_like
+
 
 MIN_BLOCK = 16          # the smallest dot Triton takes
 MOSAIC_MIN_BLOCK = 64   # the Mosaic GPU kernels' smallest tile (128-byte swizzle of bf16)
@@ -156,41 +158,6 @@ def tgmm_padded(x: Float[Array, "M K"], dy: Float[Array, "M F"], group_tile_star
       compiler_params=compiler_params(blocks, interpret), name="moe_tgmm",
   )(group_tile_start, x, dy)
   return typed_like(out, dy, group_tile_start)
-
-
-def typed_like(value, *references):
-  """`value` typed as differing along every manual mesh axis one of `references` differs along.
-  Inside a `jax.shard_map` a kernel's output carries no such type: it differs wherever its
-  inputs do."""
-  missing = tuple(frozenset().union(*map(_varying_axes, references)) - _varying_axes(value))
-  return jax.lax.pcast(value, missing, to="varying") if missing else value
-
-
-def gradient_like(gradient, primal):
-  """A custom VJP's `gradient` (typed as differing wherever its inputs do) for `primal`, typed
-  as `primal` is: summed over the manual mesh axes along which it differs and `primal` does
-  not (the transpose of the primal's implicit broadcast there: expert weights, one copy per
-  `data` rank, used by tokens that differ along `data`), then given `primal`'s other axes."""
-  extra = tuple(_varying_axes(gradient) - _varying_axes(primal))
-  return typed_like(jax.lax.psum(gradient, extra) if extra else gradient, primal)
-
-
-def kernel_output(shape, dtype, like) -> jax.ShapeDtypeStruct:
-  """A Pallas kernel's `out_shape`: inside a `jax.shard_map` its output must say along which
-  manual axes it differs; it differs as `like` (its row operand) does (`typed_like` the others
-  after the call)."""
-  manual = getattr(jax.typeof(like), "mat", None)
-  if manual is None:
-    return jax.ShapeDtypeStruct(shape, dtype)
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
-
-
-def _varying_axes(x) -> frozenset:
-  """The manual mesh axes along which x's type says it differs (jax keeps them in `mat`, or
-  in `vma` in some versions)."""
-  aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)
-  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
 # ---- differentiable grouped matmul over a padded layout ------------------------------------

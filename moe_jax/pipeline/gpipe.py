@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.pipeline.carry import varying_along
+from moe_jax.manual_axes import varying_along
 
 
 def gpipe(stage_fn, axis: str = "stage", batch_axes=None):

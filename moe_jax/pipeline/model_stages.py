@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.kernels.grouped_matmul import typed_like
+from moe_jax.manual_axes import typed_like
 from moe_jax.pipeline.schedules import ScheduleError
 
 

@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from moe_jax.manual_axes import varying_along
 from moe_jax.pipeline import schedules
-from moe_jax.pipeline.carry import varying_along
 
 IDLE, FORWARD, FULL_BACKWARD, INPUT_GRADIENT, WEIGHT_GRADIENT = range(5)
 KINDS = {"F": FORWARD, "BW": FULL_BACKWARD, "B": INPUT_GRADIENT, "W": WEIGHT_GRADIENT}
