@@ -264,14 +264,15 @@ class Checkpointer:
     return items["config"]
 
   def check_model(self, step: int, settings: dict, defaults: dict) -> None:
-    """Raises CheckpointMismatch naming each of the model `settings` that differs from the
-    checkpoint's; a setting its config lacks (written before the field existed) takes its
-    value from `defaults`."""
-    saved_model = self.saved_config(step).get("model", {})
-    saved = {k: saved_model.get(k, defaults[k]) for k in settings}
+    """Raises CheckpointMismatch naming each of the `settings` ("section.field": value) that
+    differs from the checkpoint's; a setting its config lacks (written before the field
+    existed) takes its value from `defaults`."""
+    saved_config = self.saved_config(step)
+    saved = {name: saved_config.get(name.split(".")[0], {}).get(name.split(".")[1], defaults[name])
+             for name in settings}
     differing = sorted(k for k in settings if saved[k] != settings[k])
     if differing:
-      details = ", ".join(f"model.{k}: {saved[k]!r} in the checkpoint, {settings[k]!r} now"
+      details = ", ".join(f"{k}: {saved[k]!r} in the checkpoint, {settings[k]!r} now"
                           for k in differing)
       raise CheckpointMismatch(
           f"the checkpoint at step {step} in {self.directory} was made by a model of another "

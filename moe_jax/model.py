@@ -148,9 +148,16 @@ class ModelSpec(Settings):
   def parameter_settings(self) -> dict:
     """The fields that can change which parameters exist or their shapes (tested against the
     model: every other field leaves them unchanged). A checkpoint is checked against these
-    only, so a run resumes after changing how it computes: dispatch, expert parallelism,
-    compute dtype, routing rules, loss weights."""
+    (with dispatch.expert_replicas: `state_settings`) only, so a run resumes after changing
+    how it computes: dispatch, expert parallelism, compute dtype, routing rules, loss weights."""
     return {name: getattr(self, name) for name in PARAMETER_FIELDS}
+
+  def state_settings(self) -> dict:
+    """The settings that shape the training state, by "section.field": the parameters'
+    (`parameter_settings`) and dispatch.expert_replicas (the replica plans in the routing
+    state). A checkpoint is checked against these."""
+    return {**{f"model.{name}": value for name, value in self.parameter_settings().items()},
+            "dispatch.expert_replicas": self.dispatch.expert_replicas}
 
   def problems(self) -> list[str]:
     problems = []

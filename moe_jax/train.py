@@ -180,17 +180,6 @@ def restore_in_layout(checkpointer: Checkpointer, step: int, abstract_state):
   return jax.device_put(converted_tree(state, scanned, layers, dense), shardings), data, loop
 
 
-def _check_replica_slots(checkpointer: Checkpointer, step: int, slots: int) -> None:
-  """The routing state holds a replica plan per MoE layer only with dispatch.expert_replicas,
-  shaped by it: a checkpoint made with another value cannot be read into this run's state."""
-  saved = checkpointer.saved_config(step).get("dispatch", {}).get("expert_replicas", 0)
-  if saved != slots:
-    raise CheckpointMismatch(
-        f"the checkpoint at step {step} in {checkpointer.directory} was made with "
-        f"dispatch.expert_replicas={saved} (replica plans in its routing state), {slots} now; "
-        f"resume with dispatch.expert_replicas={saved} or use a new --workdir")
-
-
 def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_state,
                             spec: ModelSpec | None, skip_corrupt: bool, say):
   """(step, restored state) of the newest checkpoint at or before `step` that verifies (0 and
@@ -200,9 +189,9 @@ def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_stat
   while step:
     try:
       if spec is not None:
-        checkpointer.check_model(step, {k: v for k, v in spec.parameter_settings().items()
-                                        if k not in LAYOUT_FIELDS}, ModelSpec.field_defaults())
-        _check_replica_slots(checkpointer, step, spec.dispatch.expert_replicas)
+        converted = {f"model.{name}" for name in LAYOUT_FIELDS}   # restore_in_layout's
+        checkpointer.check_model(step, {k: v for k, v in spec.state_settings().items()
+                                        if k not in converted}, ModelSpec().state_settings())
       return step, restore_in_layout(checkpointer, step, abstract_state)
     except CheckpointCorrupt as error:
       if not skip_corrupt:
