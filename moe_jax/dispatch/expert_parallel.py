@@ -63,23 +63,34 @@ def _all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
   return capacity_dispatch(x, expert_ids, gates, experts, capacity_factor)
 
 
+def _gathered(x, expert_ids, gates):
+  """The tokens, expert ids and gates of the whole `expert` group, on every rank of it."""
+  gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
+  return gather(x), gather(expert_ids), gather(gates)
+
+
+def _run_mine(x_all, gates_all, slot_N, experts: SwiGLUExperts, out_dtype) -> Dispatched:
+  """The gathered assignments whose `slot_N` names one of this rank's expert slots (the rest
+  carry `experts.num_experts`) through those experts (sorted, ragged groups); the outputs
+  combined per token and reduce-scattered back to the tokens' ranks."""
+  slots, top_k = experts.num_experts, slot_N.shape[0] // x_all.shape[0]
+  order = jnp.argsort(slot_N, stable=True)                     # others sort last, in no group
+  inverse = inverse_permutation(order)
+  group_sizes = jnp.bincount(slot_N, length=slots + 1)[:slots].astype(jnp.int32)
+  sorted_out = experts.ragged(gather_assignments(x_all, order, inverse, top_k), group_sizes)
+  mine = (slot_N < slots)[order]
+  partial = combine_sorted(jnp.where(mine[:, None], sorted_out, 0), order, gates_all, inverse)
+  y = jax.lax.psum_scatter(partial, EXPERT_AXIS, scatter_dimension=0, tiled=True)
+  return Dispatched(y.astype(out_dtype), jnp.zeros((), jnp.float32))
+
+
 def _all_gather(x, expert_ids, gates, local_experts, capacity_factor):
   del capacity_factor
-  gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
-  x_all, ids_all, gates_all = gather(x), gather(expert_ids), gather(gates)
-  top_k, local = ids_all.shape[1], local_experts.num_experts
-  first = jax.lax.axis_index(EXPERT_AXIS) * local
-  local_ids = ids_all.reshape(-1).astype(jnp.int32) - first
-  mine = (local_ids >= 0) & (local_ids < local)
-  key = jnp.where(mine, local_ids, local)                       # others sort last, in no group
-  order = jnp.argsort(key, stable=True)
-  inverse = inverse_permutation(order)
-  group_sizes = jnp.bincount(key, length=local + 1)[:local].astype(jnp.int32)
-  sorted_out = local_experts.ragged(gather_assignments(x_all, order, inverse, top_k), group_sizes)
-  partial = combine_sorted(jnp.where(mine[order][:, None], sorted_out, 0), order, gates_all,
-                           inverse)
-  y = jax.lax.psum_scatter(partial, EXPERT_AXIS, scatter_dimension=0, tiled=True)
-  return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
+  x_all, ids_all, gates_all = _gathered(x, expert_ids, gates)
+  local = local_experts.num_experts
+  local_ids = ids_all.reshape(-1).astype(jnp.int32) - jax.lax.axis_index(EXPERT_AXIS) * local
+  slot = jnp.where((local_ids >= 0) & (local_ids < local), local_ids, local)
+  return _run_mine(x_all, gates_all, slot, local_experts, x.dtype)
 
 
 def serving_ranks(expert_ids_N, replicas) -> jnp.ndarray:
@@ -103,32 +114,21 @@ def _all_gather_replicated(spare_slots, x, expert_ids, gates, local_experts, cap
   flow back into the home weights (summed there): one set of weights and optimizer state,
   whatever the plan."""
   del capacity_factor
-  gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
-  x_all, ids_all, gates_all = gather(x), gather(expert_ids), gather(gates)
-  top_k, ranks = ids_all.shape[1], jax.lax.axis_size(EXPERT_AXIS)
+  x_all, ids_all, gates_all = _gathered(x, expert_ids, gates)
+  ranks, rank = jax.lax.axis_size(EXPERT_AXIS), jax.lax.axis_index(EXPERT_AXIS)
   num_experts = local_experts.num_experts * ranks
   replicas = tables(spare_slots[:ranks], num_experts)
-  rank = jax.lax.axis_index(EXPERT_AXIS)
   flat = ids_all.reshape(-1).astype(jnp.int32)
-  serving = serving_ranks(flat, replicas)
   slots = replicas.slot_expert[rank]                                # [E / P + R]
   slot_of = jnp.full(num_experts + 1, slots.shape[0], jnp.int32).at[
       jnp.where(slots >= 0, slots, num_experts)].set(jnp.arange(slots.shape[0], dtype=jnp.int32))
-  mine = serving == rank
-  key = jnp.where(mine, slot_of[flat], slots.shape[0])             # others sort last
-  order = jnp.argsort(key, stable=True)
-  inverse = inverse_permutation(order)
-  group_sizes = jnp.bincount(key, length=slots.shape[0] + 1)[:-1].astype(jnp.int32)
+  slot = jnp.where(serving_ranks(flat, replicas) == rank, slot_of[flat], slots.shape[0])
   fetch = functools.partial(_fetch_copies, replicas.slot_expert[:, local_experts.num_experts:])
   with_copies = dataclasses.replace(local_experts, **{
       name: jnp.concatenate([weight, fetch(weight)]) for name, weight in (
           ("w_gate", local_experts.w_gate), ("w_up", local_experts.w_up),
           ("w_down", local_experts.w_down))})
-  sorted_out = with_copies.ragged(gather_assignments(x_all, order, inverse, top_k), group_sizes)
-  partial = combine_sorted(jnp.where(mine[order][:, None], sorted_out, 0), order, gates_all,
-                           inverse)
-  y = jax.lax.psum_scatter(partial, EXPERT_AXIS, scatter_dimension=0, tiled=True)
-  return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
+  return _run_mine(x_all, gates_all, slot, with_copies, x.dtype)
 
 
 def _fetch_copies(spare_PxR, local_weights):
