@@ -22,9 +22,8 @@ def decoding_model(graphdef, params, biases) -> Transformer:
   its blocks as a list (one KV cache each)."""
   model = nnx.merge(graphdef, params, biases).with_layout(scan_layers=False)
   for layer in model.moe_layers():
-    layer.dispatch = layer.dispatch.replace(
-        capacity_factor=layer.num_experts / layer.router.top_k, expert_parallel="none",
-        expert_replicas=0)
+    layer.dispatch = layer.dispatch.on_one_device(
+        capacity_factor=layer.num_experts / layer.router.top_k)
   return model
 
 

@@ -171,7 +171,7 @@ def plan(config, mesh_sizes: dict[str, int], backend: str = "gpu") -> MemoryPlan
   state = checkpoint.abstract_like(abstract, shardings)
   # Activations of one device's tokens, dispatched locally (the expert exchange moves about
   # as many tokens as it receives).
-  spec = spec.replace(dispatch=spec.dispatch.replace(expert_parallel="none", expert_replicas=0),
+  spec = spec.replace(dispatch=spec.dispatch.on_one_device(),
                       attention_implementation=_traced_attention(spec, backend))
   token_split = math.prod(mesh_sizes[a] for a in rules["batch"])
   batch = config.data.batch_size // (config.train.microbatches * token_split)

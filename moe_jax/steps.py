@@ -15,8 +15,8 @@ import optax
 from flax import nnx
 
 from moe_jax import routing
-from moe_jax.dispatch.expert_parallel import EXPERT_AXIS
 from moe_jax.dispatch import replicas
+from moe_jax.dispatch.expert_parallel import EXPERT_AXIS
 from moe_jax.layers.moe import RoutingState
 from moe_jax.model import ModelSpec, Transformer, mtp_losses
 from moe_jax.pipeline.training import Pipeline, batch_slices, pipelined_gradients

@@ -35,6 +35,11 @@ class DispatchSettings(Settings):
                                    # 1x128 / 128x128 scaling (kernels/fp8.py; Pallas kernels
                                    # on GPU, slower than bf16 for now)
 
+  def on_one_device(self, **changes) -> "DispatchSettings":
+    """These settings for a model whose experts all sit on one device (sampling, analysis,
+    activation plans): no expert parallelism, so no replicas of hot experts."""
+    return self.replace(expert_parallel="none", expert_replicas=0, **changes)
+
   def problems(self) -> list[str]:
     problems = []
     if self.strategy not in DISPATCHERS:
