@@ -41,6 +41,8 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_jax.dispatch import DispatchSettings   # noqa: E402
+from moe_jax.kernels import fp8_grouped_matmul as fgm   # noqa: E402
+from moe_jax.kernels import fp8_mosaic   # noqa: E402
 from moe_jax.kernels import grouped_matmul as gm   # noqa: E402
 from moe_jax.layers.mlp import SwiGLU   # noqa: E402
 from moe_jax.layers.moe import MoE   # noqa: E402
@@ -59,7 +61,8 @@ DISPATCHERS = {   # name: (dispatcher, grouped matmul implementation, FP8 expert
     "dropless": ("dropless", "auto", False),           # mosaic on Hopper, pallas on other GPUs
     "dropless_pallas": ("dropless", "pallas", False),  # this repository's Triton kernels
     "dropless_xla": ("dropless", "xla", False),        # jax.lax.ragged_dot
-    "dropless_fp8": ("dropless", "auto", True),        # the FP8 Triton kernels
+    "dropless_fp8": ("dropless", "auto", True),        # FP8: Mosaic on Hopper, else Triton
+    "dropless_fp8_pallas": ("dropless", "pallas", True),  # the FP8 Triton kernels
 }
 
 
@@ -162,30 +165,33 @@ def check_fp8_kernels(interpret: bool) -> None:
   """The FP8 kernels against kernels/fp8.py's XLA numerics over the same 128-row tiles, and
   both against the float32 product: forward and both gradients, relative errors."""
   from moe_jax.kernels import fp8
-  from moe_jax.kernels import fp8_grouped_matmul as fgm
   rng = np.random.default_rng(int(time.time()))
   print("FP8 kernel check (relative error against the XLA FP8 numerics; against float32):")
   cases = [(300, 200, 136, 5)] if interpret else [(20000, 2048, 1408, 64), (4096, 7168, 2048, 8)]
   for n, k_dim, f_dim, e in cases:
     sizes, rows, w, cotangent = _random_case(rng, n, k_dim, f_dim, e, jnp.float32, jnp.bfloat16)
     layout = gm.group_layout(jnp.asarray(sizes, jnp.int32), n, fp8.TILE)
-    dots = {"kernel": fgm.padded_fp8_dot(layout, interpret), "xla": gm.tiled_dot(layout, fp8.TILE, fp8.fp8_matmul),
-            "float32": gm.tiled_dot(layout, fp8.TILE)}
+    dots = {"xla": gm.tiled_dot(layout, fp8.TILE, fp8.fp8_matmul),
+            "float32": gm.tiled_dot(layout, fp8.TILE), "pallas": fgm.padded_fp8_dot(layout, interpret)}
+    if gm.hopper():
+      dots["mosaic"] = fp8_mosaic.padded_dot(layout)
 
     def with_grads(dot, rows, w, cotangent):
       fn = lambda r, w: gm.unpad(dot(gm.pad(r, layout), w), layout)
       out, vjp = jax.vjp(fn, rows, w)
       return [a.astype(jnp.float32) for a in (out, *vjp(cotangent.astype(out.dtype)))]
 
-    got, xla, exact = (jax.jit(functools.partial(with_grads, dot))(
+    results = {name: jax.jit(functools.partial(with_grads, dot))(
         rows.astype(jnp.float32) if name == "float32" else rows, w, cotangent)
-        for name, dot in dots.items())
+        for name, dot in dots.items()}
+    xla, exact = results.pop("xla"), results.pop("float32")
     error = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-    print(f"  N={n} K={k_dim} F={f_dim} E={e}: out {error(got[0], xla[0]):.1e} "
-          f"({error(got[0], exact[0]):.1e})  d_rows {error(got[1], xla[1]):.1e} "
-          f"({error(got[1], exact[1]):.1e})  d_w {error(got[2], xla[2]):.1e} "
-          f"({error(got[2], exact[2]):.1e})", flush=True)
-    assert max(error(a, b) for a, b in zip(got, xla)) < 1e-2
+    for name, got in results.items():
+      print(f"  {name} N={n} K={k_dim} F={f_dim} E={e}: out {error(got[0], xla[0]):.1e} "
+            f"({error(got[0], exact[0]):.1e})  d_rows {error(got[1], xla[1]):.1e} "
+            f"({error(got[1], exact[1]):.1e})  d_w {error(got[2], xla[2]):.1e} "
+            f"({error(got[2], exact[2]):.1e})", flush=True)
+      assert max(error(a, b) for a, b in zip(got, xla)) < 1e-2, name
 
 
 TUNE_BLOCKS = [gm.Blocks(128, 128, 64, 4, 4), gm.Blocks(64, 128, 64, 4, 4),
@@ -193,6 +199,9 @@ TUNE_BLOCKS = [gm.Blocks(128, 128, 64, 4, 4), gm.Blocks(64, 128, 64, 4, 4),
                gm.MosaicBlocks(128, 128, 64, 4, 1), gm.MosaicBlocks(128, 128, 64, 4, 4),
                gm.MosaicBlocks(128, 128, 64, 6, 2), gm.MosaicBlocks(64, 128, 64, 4, 1),
                gm.MosaicBlocks(128, 256, 64, 3, 1), gm.MosaicBlocks(128, 192, 64, 4, 1)]
+TUNE_FP8_BLOCKS = [fp8_mosaic.FP8Blocks(64, 128, 4, 1), fp8_mosaic.FP8Blocks(64, 128, 4, 2),
+                   fp8_mosaic.FP8Blocks(64, 128, 2, 2), fp8_mosaic.FP8Blocks(128, 64, 4, 2),
+                   fp8_mosaic.FP8Blocks(64, 128, 6, 1)]
 
 
 def tune(shapes, tokens, warmup, repeats) -> None:
@@ -213,8 +222,16 @@ def tune(shapes, tokens, warmup, repeats) -> None:
     dense_both = median_ms(dense_grad, rows, dense_w, warmup=warmup, repeats=repeats)
     print(f"tune {shape}: rows {n} x {d} -> {f}, E={e}: dense fwd {flops / dense / 1e9:.0f} "
           f"TFLOP/s, fwd+bwd {3 * flops / dense_both / 1e9:.0f}", flush=True)
-    for blocks in TUNE_BLOCKS:
-      if isinstance(blocks, gm.MosaicBlocks):
+    layout = gm.group_layout(sizes, n, 128)    # the FP8 kernels' 128-row tiles
+    fp8_dot = lambda r, w, dot: gm.unpad(dot(gm.pad(r, layout), w.astype(jnp.float32)), layout)
+    for blocks in TUNE_BLOCKS + ["fp8 pallas"] + TUNE_FP8_BLOCKS:
+      if blocks == "fp8 pallas":
+        matmul = lambda r, w: fp8_dot(r, w, fgm.padded_fp8_dot(layout, False))
+      elif isinstance(blocks, fp8_mosaic.FP8Blocks):
+        if not gm.hopper():
+          continue
+        matmul = lambda r, w, b=blocks: fp8_dot(r, w, fp8_mosaic.padded_dot(layout, b))
+      elif isinstance(blocks, gm.MosaicBlocks):
         if not gm.hopper():
           continue
         matmul = lambda r, w, b=blocks: gm.mosaic_grouped_matmul(r, w, sizes, b)
@@ -230,8 +247,35 @@ def tune(shapes, tokens, warmup, repeats) -> None:
       except Exception as error:
         print(f"  {blocks}: failed: {str(error).splitlines()[0][:160]}", flush=True)
         continue
-      print(f"  {type(blocks).__name__}{tuple(blocks)}: fwd {t_fwd:.2f} ms {flops / t_fwd / 1e9:.0f} "
+      name = blocks if isinstance(blocks, str) else f"{type(blocks).__name__}{tuple(blocks)}"
+      print(f"  {name}: fwd {t_fwd:.2f} ms {flops / t_fwd / 1e9:.0f} "
             f"TFLOP/s; fwd+bwd {t_grad:.2f} ms {3 * flops / t_grad / 1e9:.0f} TFLOP/s", flush=True)
+      if isinstance(blocks, fp8_mosaic.FP8Blocks):
+        print("    " + _fp8_kernel_times(gm.pad(rows, layout), w, layout, blocks, flops, warmup,
+                                          repeats), flush=True)
+
+
+def _fp8_kernel_times(padded_rows, w, layout, blocks, flops, warmup, repeats) -> str:
+  """The Mosaic FP8 kernels alone on operands quantized beforehand (the rest of the time is
+  quantization, padding and the weight's casts)."""
+  from moe_jax.kernels import fp8
+  rows_q = fp8.quantize_rows(padded_rows)
+  weight_t = fp8.quantize_blocks(jnp.swapaxes(w, 1, 2).astype(jnp.float32))
+  column_scales = fp8_mosaic._output_column_scales(weight_t.scales)
+  forward = functools.partial(fp8_mosaic.row_tile_product, out_dtype=jnp.bfloat16, blocks=blocks)
+  t_forward = median_ms(forward, rows_q.values, weight_t.values, rows_q.scales.T, column_scales,
+                        layout.tile_group, warmup=warmup, repeats=repeats)
+  dy = padded_rows[:, :w.shape[2]]
+  x_t, x_scales = fp8_mosaic._column_tiles(padded_rows)
+  dy_t, dy_scales = fp8_mosaic._column_tiles(dy)
+  weights = functools.partial(fp8_mosaic.group_product, blocks=blocks)
+  t_weights = median_ms(weights, x_t, dy_t, x_scales, dy_scales, layout.group_tile_start,
+                        warmup=warmup, repeats=repeats)
+  quantize = jax.jit(lambda r: fp8.quantize_rows(r))
+  t_quantize = median_ms(quantize, padded_rows, warmup=warmup, repeats=repeats)
+  return (f"kernels alone: forward {t_forward:.2f} ms {flops / t_forward / 1e9:.0f} TFLOP/s; "
+          f"weight gradient {t_weights:.2f} ms {flops / t_weights / 1e9:.0f} TFLOP/s; "
+          f"quantizing the rows {t_quantize:.2f} ms")
 
 
 def _fused_experts(rows, experts, sizes):

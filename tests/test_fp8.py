@@ -271,3 +271,31 @@ def test_the_fp8_gpu_kernels_in_interpret_mode_equal_the_xla_numerics():
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
   for g, e in zip(got_grads, expected_grads):
     np.testing.assert_allclose(g, e, rtol=0, atol=1e-5 * np.abs(np.asarray(e)).max())
+
+
+def test_the_mosaic_kernels_operands_and_scales_give_the_fp8_numerics():
+  """fp8_mosaic hands its kernels contraction-last operands with per-row and per-column scales
+  (the weight transposed for the forward, 128 x 1 tiles held transposed for the weight
+  gradient). With the kernels' XLA references in their place (Mosaic GPU runs only on
+  Hopper), values and both gradients equal fp8_matmul over the same row tiles: widths that
+  need padding, an odd chunk count, an empty expert, a group over two tiles, rows past the
+  groups."""
+  from moe_jax.kernels import fp8_mosaic, grouped_matmul
+  rng = np.random.default_rng(7)
+  rows_count, width, hidden, group_sizes = 330, 200, 300, jnp.asarray([130, 0, 60, 100])
+  layout = grouped_matmul.group_layout(group_sizes, rows_count, TILE)
+  rows = jnp.asarray(spread_values(rng, (rows_count, width)))
+  w = jnp.asarray(rng.standard_normal((4, width, hidden)) * 0.1, jnp.float32)
+  cotangent = jnp.asarray(spread_values(rng, (rows_count, hidden)))
+
+  def product(dot):
+    return lambda r, w: grouped_matmul.unpad(dot(grouped_matmul.pad(r, layout), w), layout)
+
+  got, got_grads = _value_and_vjp(product(fp8_mosaic.padded_dot(layout, kernels=False)),
+                                  cotangent, rows, w)
+  expected, expected_grads = _value_and_vjp(
+      product(grouped_matmul.tiled_dot(layout, TILE, fp8.fp8_matmul)), cotangent, rows, w)
+  for g, e in zip((got, *got_grads), (expected, *expected_grads)):
+    e = np.asarray(e)
+    assert g.shape == e.shape and np.abs(e).max() > 0
+    np.testing.assert_allclose(g, e, rtol=0, atol=1e-5 * np.abs(e).max())

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
-from moe_jax.kernels import fp8, fp8_grouped_matmul, grouped_matmul
+from moe_jax.kernels import fp8, fp8_grouped_matmul, fp8_mosaic, grouped_matmul
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["w_gate", "w_up", "w_down"],
@@ -61,7 +61,9 @@ class SwiGLUExperts:
       layout = grouped_matmul.group_layout(group_sizes, rows.shape[0], fp8.TILE)
       if choice in ("tiles", "xla"):   # the numerics in XLA
         dot = grouped_matmul.tiled_dot(layout, fp8.TILE, fp8.fp8_matmul)
-      else:                            # GPU kernels (or them in interpret mode)
+      elif choice == "mosaic":         # Hopper: e4m3 wgmma
+        dot = fp8_mosaic.padded_dot(layout)
+      else:                            # the Triton kernels (or them in interpret mode)
         dot = fp8_grouped_matmul.padded_fp8_dot(layout, interpret=choice == "interpret")
       return self._on_row_tiles(rows, layout, dot)
     choice = grouped_matmul.chosen_implementation(self.w_gate.shape[1], self.w_gate.shape[2],
