@@ -199,9 +199,8 @@ TUNE_BLOCKS = [gm.Blocks(128, 128, 64, 4, 4), gm.Blocks(64, 128, 64, 4, 4),
                gm.MosaicBlocks(128, 128, 64, 4, 1), gm.MosaicBlocks(128, 128, 64, 4, 4),
                gm.MosaicBlocks(128, 128, 64, 6, 2), gm.MosaicBlocks(64, 128, 64, 4, 1),
                gm.MosaicBlocks(128, 256, 64, 3, 1), gm.MosaicBlocks(128, 192, 64, 4, 1)]
-TUNE_FP8_BLOCKS = [fp8_mosaic.FP8Blocks(64, 128, 4, 1), fp8_mosaic.FP8Blocks(64, 128, 4, 2),
-                   fp8_mosaic.FP8Blocks(64, 128, 2, 2), fp8_mosaic.FP8Blocks(128, 64, 4, 2),
-                   fp8_mosaic.FP8Blocks(64, 128, 6, 1)]
+TUNE_FP8_BLOCKS = [fp8_mosaic.FP8Blocks(128, 4), fp8_mosaic.FP8Blocks(128, 3),
+                   fp8_mosaic.FP8Blocks(64, 4)]
 
 
 def tune(shapes, tokens, warmup, repeats) -> None:
@@ -256,26 +255,32 @@ def tune(shapes, tokens, warmup, repeats) -> None:
 
 
 def _fp8_kernel_times(padded_rows, w, layout, blocks, flops, warmup, repeats) -> str:
-  """The Mosaic FP8 kernels alone on operands quantized beforehand (the rest of the time is
-  quantization, padding and the weight's casts)."""
-  from moe_jax.kernels import fp8
-  rows_q = fp8.quantize_rows(padded_rows)
-  weight_t = fp8.quantize_blocks(jnp.swapaxes(w, 1, 2).astype(jnp.float32))
-  column_scales = fp8_mosaic._output_column_scales(weight_t.scales)
-  forward = functools.partial(fp8_mosaic.row_tile_product, out_dtype=jnp.bfloat16, blocks=blocks)
-  t_forward = median_ms(forward, rows_q.values, weight_t.values, rows_q.scales.T, column_scales,
-                        layout.tile_group, warmup=warmup, repeats=repeats)
+  """The Mosaic FP8 kernels alone on operands quantized beforehand, and each quantization pass
+  as a kernel (fp8_quantize) and in XLA (kernels/fp8.py)."""
+  time = lambda fn, *args: median_ms(fn, *args, warmup=warmup, repeats=repeats)
+  w = w.astype(jnp.float32)
   dy = padded_rows[:, :w.shape[2]]
-  x_t, x_scales = fp8_mosaic._column_tiles(padded_rows)
-  dy_t, dy_scales = fp8_mosaic._column_tiles(dy)
-  weights = functools.partial(fp8_mosaic.group_product, blocks=blocks)
-  t_weights = median_ms(weights, x_t, dy_t, x_scales, dy_scales, layout.group_tile_start,
-                        warmup=warmup, repeats=repeats)
-  quantize = jax.jit(lambda r: fp8.quantize_rows(r))
-  t_quantize = median_ms(quantize, padded_rows, warmup=warmup, repeats=repeats)
+  rows, row_scales = fp8_mosaic._rows(padded_rows, True)
+  weight_t, weight_scales = fp8_mosaic._weight(w, True, True)
+  t_forward = time(functools.partial(fp8_mosaic.row_tile_product, out_dtype=jnp.bfloat16,
+                                     blocks=blocks),
+                   rows, weight_t, row_scales, fp8_mosaic._per_output_column(weight_scales),
+                   layout.tile_group)
+  x_t, x_scales = fp8_mosaic._columns(padded_rows, True)
+  dy_t, dy_scales = fp8_mosaic._columns(dy, True)
+  t_weights = time(functools.partial(fp8_mosaic.group_product, blocks=blocks),
+                   x_t, dy_t, x_scales, dy_scales, layout.group_tile_start)
+  passes = []
+  for name, fn, arg in (("rows", fp8_mosaic._rows, padded_rows),
+                        ("columns", fp8_mosaic._columns, padded_rows),
+                        ("weight", lambda v, kernels: fp8_mosaic._weight(v, True, kernels), w),
+                        ("weight untransposed",
+                         lambda v, kernels: fp8_mosaic._weight(v, False, kernels), w)):
+    kernel, xla = (time(jax.jit(functools.partial(fn, kernels=k)), arg) for k in (True, False))
+    passes.append(f"{name} {kernel:.2f} (XLA {xla:.2f})")
   return (f"kernels alone: forward {t_forward:.2f} ms {flops / t_forward / 1e9:.0f} TFLOP/s; "
           f"weight gradient {t_weights:.2f} ms {flops / t_weights / 1e9:.0f} TFLOP/s; "
-          f"quantizing the rows {t_quantize:.2f} ms")
+          f"quantizing, ms: " + ", ".join(passes))
 
 
 def _fused_experts(rows, experts, sizes):

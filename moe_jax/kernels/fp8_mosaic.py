@@ -10,7 +10,9 @@ kernel is one pattern:
 
 each step's product accumulated by the tensor cores over one 128-wide scaling tile, then
 scaled and added into a float32 accumulator in registers (DeepSeek-V3's promotion to CUDA
-cores):
+cores). As in DeepGEMM, each block of the grid runs two compute warpgroups (64 output rows
+each, sharing the B block) and one warpgroup that issues the TMA loads ahead of them, so one
+warpgroup's scaling overlaps the other's tensor-core work:
 
   row_tile_product  out[M, N] = sum_c a[:, c] @ b[g][:, c]^T          steps: contraction chunks
       forward        a = x [M, Kp],  b = w^T [E, Np, Kp]
@@ -21,9 +23,10 @@ cores):
 Scales come as one float32 per output row and per output column for each step (a weight
 block's scale repeated over its 128 columns): [steps, rows] and [E, steps, columns].
 
-The reference is fp8_grouped_matmul's Pallas kernels and kernels/fp8.py's numerics, which
-`python scripts/bench_moe.py --check` compares these with on a GPU (Mosaic GPU does not run on
-CPU).
+Each kernel's contract is also written in XLA (`row_tile_product_reference`,
+`group_product_reference`): `fp8_gmm(..., kernels=False)` runs on them, which the tests
+compare with kernels/fp8.py's numerics on CPU; `python scripts/bench_moe.py --check` compares
+the kernels with those numerics on a Hopper GPU (Mosaic GPU runs nowhere else).
 
 Shape letters: M padded rows, K input width, N output width, E groups, T = M / 128 row tiles,
 C contraction chunks of 128; a trailing p marks a width padded to a multiple of 128.
@@ -38,22 +41,20 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from moe_jax.kernels import fp8
-from moe_jax.kernels.fp8_grouped_matmul import quantize_row_tiles
+from moe_jax.kernels import fp8, fp8_quantize
 from moe_jax.manual_axes import gradient_like, typed_like
 
 TILE = fp8.TILE
+WARPGROUP_ROWS = 64   # output rows per compute warpgroup: two of them make one 128-row tile
 
 
 class FP8Blocks(NamedTuple):
-  """Tiles of the Mosaic FP8 kernels: m x n outputs per warpgroup (two float32 accumulators
-  of m x n live in registers, so m x n <= 64 x 128), `steps` contraction chunks in flight,
-  `ctas_per_sm` kernels' blocks resident per SM (one's scaling overlaps another's wgmma)."""
+  """Tiles of the Mosaic FP8 kernels: each block of the grid computes a 128 x n output tile,
+  64 rows per compute warpgroup (two float32 accumulators of 64 x n live in its registers, so
+  n <= 128), with `steps` 128-wide contraction chunks in flight."""
 
-  m: int = 64
   n: int = 128
   steps: int = 4
-  ctas_per_sm: int = 2
 
 
 def _plgpu():
@@ -82,72 +83,10 @@ def _load(ref, layout):
   return plgpu.load(ref, layout=layout)
 
 
-def _scaled_sum(a_gmem, b_gmem, a_scales_gmem, b_scales_gmem, *, steps, a_index, b_index,
-                blocks: FP8Blocks):
-  """sum over `steps` of (A_s @ B_s^T) * a_scale_s[:, None] * b_scale_s[None, :], float32 in
-  registers: A_s the [m, 128] block of a_gmem at a_index(s), B_s the [n, 128] block of b_gmem
-  at b_index(s); the scales [1, m] / [1, n] blocks of the scale arrays at the same steps (their
-  row the step's scale row, their column the block's)."""
-  plgpu = _plgpu()
-  from jax.experimental import pallas as pl
-  m, n = blocks.m, blocks.n
-  operand = _swizzled(fp8.E4M3, TILE)
-
-  def step(_, a_smem, b_smem, a_scale_smem, b_scale_smem, acc):
-    def product(acc_ref):
-      plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
-      return acc_ref[...]
-
-    partial = pl.run_scoped(product, plgpu.ACC((m, n), jnp.float32))
-    a_scale = _load(a_scale_smem.at[0], plgpu.Layout.WGMMA.reduce(1))   # one per output row
-    b_scale = _load(b_scale_smem.at[0], plgpu.Layout.WGMMA.reduce(0))   # one per column
-    return acc + (partial * lax.broadcast_in_dim(a_scale, (m, n), [0])
-                  * lax.broadcast_in_dim(b_scale, (m, n), [1]))
-
-  first, second = (lambda s: a_index(s)), (lambda s: b_index(s))
-  zeros = plgpu.layout_cast(jnp.zeros((m, n), jnp.float32), plgpu.Layout.WGMMA)
-  return plgpu.emit_pipeline(
-      step, grid=(steps,), max_concurrent_steps=blocks.steps, init_carry=zeros,
-      in_specs=[
-          plgpu.BlockSpec((m, TILE), lambda s: first(s), transforms=operand),
-          plgpu.BlockSpec((n, TILE), lambda s: second(s), transforms=operand),
-          plgpu.BlockSpec((1, m), lambda s: (first(s)[1], first(s)[0])),
-          plgpu.BlockSpec((1, n), lambda s: (second(s)[1], second(s)[0])),
-      ],
-  )(a_gmem, b_gmem, a_scales_gmem, b_scales_gmem)
-
-
-def _store(acc, out_gmem, blocks: FP8Blocks):
-  """acc (or zeros for None) into out_gmem, an [m, n] window of the output, through SMEM."""
-  plgpu = _plgpu()
-  from jax.experimental import pallas as pl
-
-  def scope(out_smem):
-    if acc is None:
-      out_smem[...] = plgpu.layout_cast(jnp.zeros((blocks.m, blocks.n), out_gmem.dtype),
-                                        plgpu.Layout.WGMMA)
-    else:
-      out_smem[...] = acc.astype(out_gmem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_gmem)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-  pl.run_scoped(scope, plgpu.SMEM((blocks.m, blocks.n), out_gmem.dtype,
-                                  transforms=_swizzled(out_gmem.dtype, blocks.n)))
-
-
-def _launch(body, out_shape, out_dtype, blocks: FP8Blocks, *operands):
-  plgpu = _plgpu()
-  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
-                      grid=(_num_sms() * blocks.ctas_per_sm,), grid_names=("sm",))(*operands)
-
-
-def _check_tiles(blocks: FP8Blocks, **widths: int):
+def _check_tiles(**widths: int):
   for name, width in widths.items():
     if width % TILE:
       raise ValueError(f"{name}={width} must be a multiple of {TILE} (pad to scaling tiles)")
-  if TILE % blocks.m:
-    raise ValueError(f"row tile {blocks.m} must divide {TILE}")
 
 
 def _fitting(n: int, width: int) -> int:
@@ -157,6 +96,126 @@ def _fitting(n: int, width: int) -> int:
   return n
 
 
+class _TileTask(NamedTuple):
+  """One output tile's work: whether it has any, its step count, and its windows: operands
+  [rows, >= steps * 128] and [n, >= steps * 128], scales [>= steps, rows] and [>= steps, n],
+  the output [rows, n]."""
+
+  has_work: Array
+  steps: Array | int
+  a: object
+  b: object
+  a_scales: object
+  b_scales: object
+  out: object
+
+
+def _warp_specialized(num_tiles: int, task, out_shape, out_dtype, blocks: FP8Blocks,
+                      *operands):
+  """Runs `task(refs, tile)` -> _TileTask for every output tile, tiles spread over the SMs,
+  each CTA two compute warpgroups of blocks.m rows (sharing the [n, 128] operand block) and
+  one warpgroup issuing the TMA loads ahead of them; each compute warpgroup scales every
+  step's product into its float32 accumulator while the other one's runs."""
+  plgpu = _plgpu()
+  from jax.experimental import pallas as pl
+  m, n = WARPGROUP_ROWS, blocks.n
+  operand = _swizzled(fp8.E4M3, TILE)
+  zeros = lambda: plgpu.layout_cast(jnp.zeros((m, n), jnp.float32), plgpu.Layout.WGMMA)
+
+  def pipeline(step, context, steps):
+    return plgpu.emit_pipeline_warp_specialized(
+        step, grid=(steps,), memory_registers=40, max_concurrent_steps=blocks.steps,
+        wg_axis="wg", num_compute_wgs=2, compute_context=context,
+        in_specs=[plgpu.BlockSpec((2 * m, TILE), lambda s: (0, s), transforms=operand),
+                  plgpu.BlockSpec((n, TILE), lambda s: (0, s), transforms=operand),
+                  plgpu.BlockSpec((1, 2 * m), lambda s: (s, 0)),
+                  plgpu.BlockSpec((1, n), lambda s: (s, 0))])
+
+  def body(*refs):
+    *inputs, out_gmem = refs
+    wg = lax.axis_index("wg")
+    mine = pl.ds(wg * m, m)                 # this compute warpgroup's rows of the tile
+    example = task(inputs, out_gmem, 0)
+    ignore = lambda *_, **__: None
+    allocations = pipeline(ignore, ignore, 1 << 20).get_allocations(
+        example.a, example.b, example.a_scales, example.b_scales)
+
+    def scope(pipeline_allocations, out_smem):
+      @plgpu.nd_loop((num_tiles,), collective_axes="sm")
+      def _(loop_info):
+        work = task(inputs, out_gmem, loop_info.index[0])
+
+        def store(values):
+          out_smem[wg] = values.astype(out_dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], work.out.at[mine])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        def step(_, a_smem, b_smem, a_scale_smem, b_scale_smem, total):
+          def product(acc_ref):
+            plgpu.wgmma(acc_ref, a_smem.at[mine], plgpu.transpose_ref(b_smem, (1, 0)))
+            return acc_ref[...]
+
+          partial = pl.run_scoped(product, plgpu.ACC((m, n), jnp.float32))
+          a_scale = _load(a_scale_smem.at[0, mine], plgpu.Layout.WGMMA.reduce(1))
+          b_scale = _load(b_scale_smem.at[0], plgpu.Layout.WGMMA.reduce(0))
+          return total + (partial * lax.broadcast_in_dim(a_scale, (m, n), [0])
+                          * lax.broadcast_in_dim(b_scale, (m, n), [1]))
+
+        @pl.when(work.has_work)
+        def _():
+          pipeline(step, lambda run: store(run(zeros())), work.steps)(
+              work.a, work.b, work.a_scales, work.b_scales, allocations=pipeline_allocations)
+
+        @pl.when(jnp.logical_not(work.has_work) & (wg < 2))
+        def _():
+          store(zeros())
+
+    pl.run_scoped(scope, allocations, plgpu.SMEM((2, m, n), out_dtype,
+                                                 transforms=_swizzled(out_dtype, n)),
+                  collective_axes="wg")
+
+  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+                      grid=(_num_sms(),), grid_names=("sm",), num_threads=3,
+                      thread_name="wg")(*operands)
+
+
+def _row_tile_task(num_groups: int, width_blocks: int, n: int):
+  from jax.experimental import pallas as pl
+  rows = TILE
+
+  def task(inputs, out_gmem, tile):
+    tile_group_gmem, a_gmem, b_gmem, a_scales_gmem, b_scales_gmem = inputs
+    mi, ni = lax.div(tile, width_blocks), lax.rem(tile, width_blocks)
+    group = tile_group_gmem[mi]
+    safe = jnp.minimum(group, num_groups - 1)
+    mine, columns = pl.ds(mi * rows, rows), pl.ds(ni * n, n)
+    return _TileTask(group < num_groups, a_gmem.shape[1] // TILE, a_gmem.at[mine],
+                     b_gmem.at[safe, columns], a_scales_gmem.at[:, mine],
+                     b_scales_gmem.at[safe, :, columns], out_gmem.at[mine, columns])
+  return task
+
+
+def _group_task(k_blocks: int, n_blocks: int, n: int):
+  from jax.experimental import pallas as pl
+  rows = TILE
+
+  def task(inputs, out_gmem, tile):
+    starts_gmem, x_gmem, dy_gmem, x_scales_gmem, dy_scales_gmem = inputs
+    group = lax.div(tile, k_blocks * n_blocks)
+    ki = lax.div(lax.rem(tile, k_blocks * n_blocks), n_blocks)
+    ni = lax.rem(tile, n_blocks)
+    first, end = starts_gmem[group], starts_gmem[group + 1]
+    # Windows from the group's first row tile; they reach past the arrays' ends, where the
+    # pipeline never reads (it runs end - first steps).
+    tiles, columns = pl.ds(first, x_scales_gmem.shape[0]), pl.ds(first * TILE, x_gmem.shape[1])
+    k_rows, n_rows = pl.ds(ki * rows, rows), pl.ds(ni * n, n)
+    return _TileTask(end > first, end - first, x_gmem.at[k_rows, columns],
+                     dy_gmem.at[n_rows, columns], x_scales_gmem.at[tiles, k_rows],
+                     dy_scales_gmem.at[tiles, n_rows], out_gmem.at[group, k_rows, n_rows])
+  return task
+
+
 @functools.partial(jax.jit, static_argnames=("out_dtype", "blocks"))
 def row_tile_product(a: Float[Array, "M Cp"], b: Float[Array, "E Np Cp"],
                      a_scales: Float[Array, "C M"], b_scales: Float[Array, "E C Np"],
@@ -164,33 +223,13 @@ def row_tile_product(a: Float[Array, "M Cp"], b: Float[Array, "E Np Cp"],
                      blocks: FP8Blocks = FP8Blocks()) -> Float[Array, "M Np"]:
   """out[rows of tile t] = sum_c (a[rows, c] @ b[g, :, c]^T) * scales, g = tile_group[t]
   (e4m3 operands, contraction-last); tiles of no group (tile_group >= E) give zeros."""
-  plgpu = _plgpu()
-  from jax.experimental import pallas as pl
   rows, contraction = a.shape
   num_groups, width, _ = b.shape
-  _check_tiles(blocks, rows=rows, contraction=contraction, width=width)
-  blocks = blocks._replace(n=_fitting(blocks.n, width))
-  grid = (rows // blocks.m, width // blocks.n)
-
-  def body(tile_group_gmem, a_gmem, b_gmem, a_scales_gmem, b_scales_gmem, out_gmem):
-    @plgpu.nd_loop((grid[0] * grid[1],), collective_axes="sm")
-    def _(loop_info):
-      mi, ni = lax.div(loop_info.index[0], grid[1]), lax.rem(loop_info.index[0], grid[1])
-      group = tile_group_gmem[lax.div(mi * blocks.m, TILE)]
-      window = out_gmem.at[pl.ds(mi * blocks.m, blocks.m), pl.ds(ni * blocks.n, blocks.n)]
-
-      @pl.when(group < num_groups)
-      def _():
-        acc = _scaled_sum(a_gmem, b_gmem.at[group], a_scales_gmem, b_scales_gmem.at[group],
-                          steps=contraction // TILE, a_index=lambda c: (mi, c),
-                          b_index=lambda c: (ni, c), blocks=blocks)
-        _store(acc, window, blocks)
-
-      @pl.when(group >= num_groups)
-      def _():
-        _store(None, window, blocks)
-
-  out = _launch(body, (rows, width), out_dtype, blocks, tile_group, a, b, a_scales, b_scales)
+  _check_tiles(rows=rows, contraction=contraction, width=width)
+  n = _fitting(blocks.n, width)
+  out = _warp_specialized(rows // TILE * (width // n), _row_tile_task(num_groups, width // n, n),
+                          (rows, width), out_dtype, blocks._replace(n=n), tile_group, a, b,
+                          a_scales, b_scales)
   return typed_like(out, a, b, tile_group)
 
 
@@ -201,38 +240,15 @@ def group_product(x_t: Float[Array, "Kp M"], dy_t: Float[Array, "Np M"],
                   blocks: FP8Blocks = FP8Blocks()) -> Float[Array, "E Kp Np"]:
   """dw[g] = sum over g's row tiles t of (x_t[:, t] @ dy_t[:, t]^T) * x_scales[t][:, None] *
   dy_scales[t][None, :], in float32 (operands e4m3, the rows contracted)."""
-  plgpu = _plgpu()
-  from jax.experimental import pallas as pl
   k_dim, rows = x_t.shape
   n_dim = dy_t.shape[0]
   num_groups = group_tile_start.shape[0] - 1
-  _check_tiles(blocks, rows=rows, k=k_dim, n=n_dim)
-  blocks = blocks._replace(n=_fitting(blocks.n, n_dim))
-  grid = (num_groups, k_dim // blocks.m, n_dim // blocks.n)
-
-  def body(starts_gmem, x_gmem, dy_gmem, x_scales_gmem, dy_scales_gmem, out_gmem):
-    @plgpu.nd_loop((grid[0] * grid[1] * grid[2],), collective_axes="sm")
-    def _(loop_info):
-      index = loop_info.index[0]
-      group = lax.div(index, grid[1] * grid[2])
-      ki = lax.div(lax.rem(index, grid[1] * grid[2]), grid[2])
-      ni = lax.rem(index, grid[2])
-      first, end = starts_gmem[group], starts_gmem[group + 1]
-      window = out_gmem.at[group, pl.ds(ki * blocks.m, blocks.m), pl.ds(ni * blocks.n, blocks.n)]
-
-      @pl.when(end > first)
-      def _():
-        acc = _scaled_sum(x_gmem, dy_gmem, x_scales_gmem, dy_scales_gmem, steps=end - first,
-                          a_index=lambda t: (ki, first + t), b_index=lambda t: (ni, first + t),
-                          blocks=blocks)
-        _store(acc, window, blocks)
-
-      @pl.when(end <= first)
-      def _():
-        _store(None, window, blocks)
-
-  out = _launch(body, (num_groups, k_dim, n_dim), jnp.float32, blocks, group_tile_start,
-                x_t, dy_t, x_scales, dy_scales)
+  _check_tiles(rows=rows, k=k_dim, n=n_dim)
+  n = _fitting(blocks.n, n_dim)
+  k_blocks, n_blocks = k_dim // TILE, n_dim // n
+  out = _warp_specialized(num_groups * k_blocks * n_blocks, _group_task(k_blocks, n_blocks, n),
+                          (num_groups, k_dim, n_dim), jnp.float32, blocks._replace(n=n),
+                          group_tile_start, x_t, dy_t, x_scales, dy_scales)
   return typed_like(out, x_t, dy_t, group_tile_start)
 
 
@@ -277,23 +293,46 @@ def _products(kernels: bool):
 # ---- the three products of y = x @ w, differentiable ---------------------------------------
 
 
-def _padded_rows_to(values: Array, rows: int) -> Array:
-  return jnp.pad(values, ((0, rows - values.shape[0]), (0, 0)))
+def _to_tiles(x: Array, *axes: int) -> Array:
+  """x zero-padded along `axes` to whole 128-wide tiles (no copy when already whole)."""
+  pad = [(0, 0)] * x.ndim
+  for axis in axes:
+    pad[axis] = (0, -x.shape[axis] % TILE)
+  return jnp.pad(x, pad) if any(p for _, p in pad) else x
 
 
-def _column_tiles(x: Float[Array, "M K"]) -> tuple[Array, Array]:
-  """x quantized in 128 x 1 tiles, held transposed: values [Kp, M] and scales [T, Kp]
-  (padding columns zero with scale 1)."""
-  columns = fp8.quantize_rows(x.T)                              # [K, M], scales [K, T]
-  width = columns.values.shape[0] + (-columns.values.shape[0] % TILE)
-  return (_padded_rows_to(columns.values, width),
-          jnp.pad(columns.scales.T, ((0, 0), (0, width - x.shape[1])), constant_values=1.0))
+def _rows(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]:
+  """1 x 128 tiles: values [M, Kp], scales [C, M]."""
+  if kernels:
+    return fp8_quantize.rows(_to_tiles(x, 1))
+  quantized = fp8.quantize_rows(x)
+  return quantized.values, quantized.scales.T
 
 
-def _output_column_scales(block_scales: Float[Array, "E Rb Cb"]) -> Float[Array, "E Cb Rp"]:
-  """A weight's 128 x 128 block scales as one scale per output row of the transposed product
-  and contraction chunk: block (r, c) repeated over its 128 rows r, chunk-major."""
-  return jnp.repeat(jnp.swapaxes(block_scales, 1, 2), TILE, axis=-1)
+def _columns(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]:
+  """128 x 1 tiles along the rows, held transposed: values [Kp, M], scales [T, Kp] (padding
+  columns zero with scale 1)."""
+  x = _to_tiles(x, 1)
+  if kernels:
+    return fp8_quantize.columns(x)
+  quantized = fp8.quantize_rows(x.T)                            # [Kp, M], scales [Kp, T]
+  return quantized.values, quantized.scales.T
+
+
+def _weight(w: Float[Array, "E K N"], transpose: bool, kernels: bool) -> tuple[Array, Array]:
+  """128 x 128 blocks: values [E, Kp, Np] ([E, Np, Kp] with `transpose`), scales
+  [E, K/128, N/128] either way."""
+  if kernels:
+    return fp8_quantize.blocks(_to_tiles(w, 1, 2), transpose=transpose)
+  quantized = fp8.quantize_blocks(w)
+  values = jnp.swapaxes(quantized.values, 1, 2) if transpose else quantized.values
+  return values, quantized.scales
+
+
+def _per_output_column(block_scales: Float[Array, "E C Ob"]) -> Float[Array, "E C Op"]:
+  """Block scales [E, contraction chunk, output block] as one scale per output column (each
+  block's repeated over its 128 columns), the kernels' b_scales."""
+  return jnp.repeat(block_scales, TILE, axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -301,14 +340,13 @@ def fp8_gmm(x: Float[Array, "M K"], w: Float[Array, "E K N"], tile_group: Int[Ar
             group_tile_start: Int[Array, "E+1"], blocks: FP8Blocks = FP8Blocks(),
             kernels: bool = True) -> Float[Array, "M N"]:
   """fp8_grouped_matmul.fp8_gmm (x's 128-row tiles times their group's weight, DeepSeek-V3's
-  FP8 numerics, differentiable in x and w) on the Mosaic GPU kernels, or with `kernels=False`
-  on their XLA references (the same operands, any backend)."""
+  FP8 numerics, differentiable in x and w) on the Mosaic GPU kernels and fp8_quantize's
+  passes, or with `kernels=False` on their XLA references (the same operands, any backend)."""
   tile_product, _ = _products(kernels)
-  weight_t = fp8.quantize_blocks(jnp.swapaxes(w, 1, 2))          # [E, Np, Kp], w^T's blocks
-  rows = fp8.quantize_rows(x)                                     # [M, Kp], [M, Kc]
-  out = tile_product(rows.values, weight_t.values, rows.scales.T,
-                     _output_column_scales(weight_t.scales), tile_group, out_dtype=x.dtype,
-                     blocks=blocks)
+  weight_t, weight_scales = _weight(w, transpose=True, kernels=kernels)   # [E, Np, Kp]
+  rows, row_scales = _rows(x, kernels)                                     # [M, Kp], [C, M]
+  out = tile_product(rows, weight_t, row_scales, _per_output_column(weight_scales),
+                     tile_group, out_dtype=x.dtype, blocks=blocks)
   return out[:, :w.shape[2]]
 
 
@@ -321,13 +359,13 @@ def _fp8_gmm_backward(blocks, kernels, residuals, dy):
   tile_product, weight_product = _products(kernels)
   x, w, tile_group, group_tile_start = residuals
   dy = dy.astype(x.dtype)
-  weight = fp8.quantize_blocks(w)                                 # [E, Kp, Np]
-  dy_rows = fp8.quantize_rows(dy)                                 # [M, Np], [M, Nc]
-  dx = tile_product(dy_rows.values, weight.values, dy_rows.scales.T,
-                    _output_column_scales(weight.scales), tile_group, out_dtype=x.dtype,
-                    blocks=blocks)[:, :x.shape[1]]
-  x_t, x_scales = _column_tiles(x)
-  dy_t, dy_scales = _column_tiles(dy)
+  weight, weight_scales = _weight(w, transpose=False, kernels=kernels)     # [E, Kp, Np]
+  dy_rows, dy_row_scales = _rows(dy, kernels)                              # [M, Np], [Nc, M]
+  dx = tile_product(dy_rows, weight, dy_row_scales,
+                    _per_output_column(jnp.swapaxes(weight_scales, 1, 2)), tile_group,
+                    out_dtype=x.dtype, blocks=blocks)[:, :x.shape[1]]
+  x_t, x_scales = _columns(x, kernels)
+  dy_t, dy_scales = _columns(dy, kernels)
   dw = weight_product(x_t, dy_t, x_scales, dy_scales, group_tile_start, blocks=blocks)
   dw = dw[:, :w.shape[1], :w.shape[2]].astype(w.dtype)
   return gradient_like(dx, x), gradient_like(dw, w), None, None

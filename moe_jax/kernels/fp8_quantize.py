@@ -1,0 +1,132 @@
+"""kernels/fp8.py's quantization as Pallas kernels for GPU, in the layouts the Mosaic FP8
+kernels read (fp8_mosaic.py): one pass over the input, writing the e4m3 values and the scales.
+
+  rows(x [M, K])       1 x 128 tiles:   values [M, K],  scales [C, M] (chunk-major)
+  columns(x [M, K])    128 x 1 tiles:   values [K, M] (transposed), scales [T, K]
+  blocks(w [E, K, N])  128 x 128 blocks: values [E, K, N] or [E, N, K] (transposed),
+                                         scales [E, K/128, N/128]
+
+Each tile's scale is its largest magnitude times float32(1 / 448), 1 for an all-zero tile, and
+its values are clip(x / scale, -448, 448) rounded to e4m3: kernels/fp8.py's arithmetic, which
+the tests compare these with bit for bit in Pallas interpret mode (on CPU). Widths must be
+multiples of 128 (the callers pad); M a multiple of 128 for `columns`.
+
+Shape letters: M rows, K and N widths, E experts, C = K / 128 chunks, T = M / 128 row tiles.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float
+
+from moe_jax.kernels import fp8
+from moe_jax.manual_axes import kernel_output, typed_like
+
+TILE = fp8.TILE
+ROWS = 64   # rows of x per program of `rows` (64 x 128 elements)
+
+
+def _scaled(tiles: Array, amax: Array) -> tuple[Array, Array]:
+  """(scale, values clipped to e4m3's range) of float32 tiles whose largest magnitudes are
+  amax (broadcasting against tiles)."""
+  scale = jnp.where(amax > 0, amax * jnp.float32(1 / fp8.E4M3_MAX), jnp.float32(1))
+  return scale, jnp.clip(tiles / scale, -fp8.E4M3_MAX, fp8.E4M3_MAX)
+
+
+def _scale_and_values(tiles: Array, axis: int) -> tuple[Array, Array]:
+  """One scale per slice of float32 tiles along `axis`."""
+  return _scaled(tiles, jnp.max(jnp.abs(tiles), axis=axis, keepdims=True))
+
+
+def _rows_kernel(x_ref, values_ref, scales_ref):
+  scale, values = _scale_and_values(x_ref[...].astype(jnp.float32), axis=1)   # [ROWS, 1]
+  values_ref[...] = values.astype(fp8.E4M3)
+  scales_ref[...] = scale.T
+
+
+def _columns_kernel(x_ref, values_ref, scales_ref):
+  scale, values = _scale_and_values(x_ref[...].astype(jnp.float32), axis=0)   # [1, width]
+  values_ref[...] = values.T.astype(fp8.E4M3)
+  scales_ref[...] = scale
+
+
+def _blocks_kernel(w_ref, values_ref, scales_ref, *, transpose: bool):
+  block = w_ref[0].astype(jnp.float32)                                        # [128, 128]
+  amax = jnp.max(jnp.max(jnp.abs(block), axis=1, keepdims=True), axis=0, keepdims=True)
+  scale, values = _scaled(block, amax)                                        # [1, 1]
+  values_ref[0] = (values.T if transpose else values).astype(fp8.E4M3)
+  scales_ref[...] = scale.reshape(1, 1, 1)
+
+
+def _check_widths(**widths: int):
+  for name, width in widths.items():
+    if width % TILE:
+      raise ValueError(f"{name}={width} must be a multiple of {TILE}")
+
+
+def _params(interpret: bool):
+  if interpret:
+    return None
+  from jax.experimental.pallas import triton as pltriton
+  return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def rows(x: Float[Array, "M K"], interpret: bool = False) -> tuple[Array, Array]:
+  """1 x 128 tiles: e4m3 values [M, K] and float32 scales [C, M]."""
+  m, k = x.shape
+  _check_widths(K=k)
+  if m % ROWS:
+    raise ValueError(f"M={m} must be a multiple of {ROWS}")
+  values, scales = pl.pallas_call(
+      _rows_kernel, grid=(m // ROWS, k // TILE),
+      in_specs=[pl.BlockSpec((ROWS, TILE), lambda i, c: (i, c))],
+      out_specs=[pl.BlockSpec((ROWS, TILE), lambda i, c: (i, c)),
+                 pl.BlockSpec((1, ROWS), lambda i, c: (c, i))],
+      out_shape=[kernel_output((m, k), fp8.E4M3, x),
+                 kernel_output((k // TILE, m), jnp.float32, x)],
+      interpret=interpret, compiler_params=_params(interpret), name="fp8_quantize_rows",
+  )(x)
+  return typed_like(values, x), typed_like(scales, x)
+
+
+COLUMNS = 64   # columns of x per program of `columns` (128 x 64 elements)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def columns(x: Float[Array, "M K"], interpret: bool = False) -> tuple[Array, Array]:
+  """128 x 1 tiles along the rows, held transposed: e4m3 values [K, M], scales [T, K]."""
+  m, k = x.shape
+  _check_widths(M=m, K=k)
+  values, scales = pl.pallas_call(
+      _columns_kernel, grid=(m // TILE, k // COLUMNS),
+      in_specs=[pl.BlockSpec((TILE, COLUMNS), lambda t, j: (t, j))],
+      out_specs=[pl.BlockSpec((COLUMNS, TILE), lambda t, j: (j, t)),
+                 pl.BlockSpec((1, COLUMNS), lambda t, j: (t, j))],
+      out_shape=[kernel_output((k, m), fp8.E4M3, x),
+                 kernel_output((m // TILE, k), jnp.float32, x)],
+      interpret=interpret, compiler_params=_params(interpret), name="fp8_quantize_columns",
+  )(x)
+  return typed_like(values, x), typed_like(scales, x)
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "interpret"))
+def blocks(w: Float[Array, "E K N"], transpose: bool = False,
+           interpret: bool = False) -> tuple[Array, Array]:
+  """128 x 128 blocks: e4m3 values [E, K, N] ([E, N, K] with `transpose`), scales
+  [E, K/128, N/128]."""
+  e, k, n = w.shape
+  _check_widths(K=k, N=n)
+  out_block = (lambda g, i, j: (g, j, i)) if transpose else (lambda g, i, j: (g, i, j))
+  values, scales = pl.pallas_call(
+      functools.partial(_blocks_kernel, transpose=transpose), grid=(e, k // TILE, n // TILE),
+      in_specs=[pl.BlockSpec((1, TILE, TILE), lambda g, i, j: (g, i, j))],
+      out_specs=[pl.BlockSpec((1, TILE, TILE), out_block),
+                 pl.BlockSpec((1, 1, 1), lambda g, i, j: (g, i, j))],
+      out_shape=[kernel_output((e, n, k) if transpose else (e, k, n), fp8.E4M3, w),
+                 kernel_output((e, k // TILE, n // TILE), jnp.float32, w)],
+      interpret=interpret, compiler_params=_params(interpret), name="fp8_quantize_blocks",
+  )(w)
+  return typed_like(values, w), typed_like(scales, w)
