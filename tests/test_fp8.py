@@ -304,21 +304,19 @@ def test_the_mosaic_kernels_operands_and_scales_give_the_fp8_numerics():
 def test_the_quantization_kernels_equal_the_xla_quantization_bit_for_bit():
   """fp8_quantize's Pallas kernels (in interpret mode) against kernels/fp8.py: values bit for
   bit and scales exactly, in the layouts the Mosaic kernels read (row scales chunk-major,
-  column tiles transposed, weight blocks either way), with an all-zero row and block."""
+  column tiles transposed, weight blocks both ways), with an all-zero row and block."""
   from moe_jax.kernels import fp8_quantize
   rng = np.random.default_rng(8)
   x = jnp.asarray(spread_values(rng, (256, 384)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((2, 256, 384)), jnp.float32).at[1, :128, 128:256].set(0)
-  rows = fp8.quantize_rows(x)
-  columns = fp8.quantize_rows(x.T)
-  blocks = fp8.quantize_blocks(w)
+  rows, columns, weight = fp8.quantize_rows(x), fp8.quantize_rows(x.T), fp8.quantize_blocks(w)
   cases = [(fp8_quantize.rows(x, interpret=True), (rows.values, rows.scales.T)),
            (fp8_quantize.columns(x, interpret=True), (columns.values, columns.scales.T)),
-           (fp8_quantize.blocks(w, interpret=True), (blocks.values, blocks.scales)),
-           (fp8_quantize.blocks(w, transpose=True, interpret=True),
-            (jnp.swapaxes(blocks.values, 1, 2), blocks.scales))]
-  for (values, scales), (expected_values, expected_scales) in cases:
-    assert values.dtype == fp8.E4M3 and values.shape == expected_values.shape
-    np.testing.assert_array_equal(bits(values), bits(expected_values))
-    np.testing.assert_array_equal(scales, expected_scales)
-  assert np.any(np.asarray(blocks.scales) == 1.0)   # the zero block's scale is 1
+           (fp8_quantize.blocks(w, interpret=True),
+            (weight.values, jnp.swapaxes(weight.values, 1, 2), weight.scales))]
+  for got, expected in cases:
+    for g, e in zip(got, expected, strict=True):
+      assert g.dtype == e.dtype and g.shape == e.shape
+      np.testing.assert_array_equal(bits(g) if g.dtype == fp8.E4M3 else g,
+                                    bits(e) if e.dtype == fp8.E4M3 else e)
+  assert np.any(np.asarray(weight.scales) == 1.0)   # the zero block's scale is 1

@@ -303,8 +303,9 @@ def _to_tiles(x: Array, *axes: int) -> Array:
 
 def _rows(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]:
   """1 x 128 tiles: values [M, Kp], scales [C, M]."""
+  x = _to_tiles(x, 1)
   if kernels:
-    return fp8_quantize.rows(_to_tiles(x, 1))
+    return fp8_quantize.rows(x)
   quantized = fp8.quantize_rows(x)
   return quantized.values, quantized.scales.T
 
@@ -315,24 +316,34 @@ def _columns(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]:
   x = _to_tiles(x, 1)
   if kernels:
     return fp8_quantize.columns(x)
-  quantized = fp8.quantize_rows(x.T)                            # [Kp, M], scales [Kp, T]
+  quantized = fp8.quantize_rows(x.T)
   return quantized.values, quantized.scales.T
 
 
-def _weight(w: Float[Array, "E K N"], transpose: bool, kernels: bool) -> tuple[Array, Array]:
-  """128 x 128 blocks: values [E, Kp, Np] ([E, Np, Kp] with `transpose`), scales
-  [E, K/128, N/128] either way."""
+def _weight(w: Float[Array, "E K N"], kernels: bool) -> tuple[Array, Array, Array]:
+  """128 x 128 blocks: values [E, Kp, Np], the same transposed [E, Np, Kp], scales
+  [E, K/128, N/128]."""
   if kernels:
-    return fp8_quantize.blocks(_to_tiles(w, 1, 2), transpose=transpose)
+    return fp8_quantize.blocks(_to_tiles(w, 1, 2))
   quantized = fp8.quantize_blocks(w)
-  values = jnp.swapaxes(quantized.values, 1, 2) if transpose else quantized.values
-  return values, quantized.scales
+  return quantized.values, jnp.swapaxes(quantized.values, 1, 2), quantized.scales
 
 
 def _per_output_column(block_scales: Float[Array, "E C Ob"]) -> Float[Array, "E C Op"]:
   """Block scales [E, contraction chunk, output block] as one scale per output column (each
   block's repeated over its 128 columns), the kernels' b_scales."""
   return jnp.repeat(block_scales, TILE, axis=-1)
+
+
+def _forward(x, w, tile_group, group_tile_start, blocks, kernels):
+  """The product and what the backward pass keeps of it: the weight's blocks in e4m3 in the
+  data gradient's layout (quantized once, with the forward's), beside the inputs."""
+  tile_product, _ = _products(kernels)
+  rows, row_scales = _rows(x, kernels)
+  weight, weight_t, weight_scales = _weight(w, kernels)
+  out = tile_product(rows, weight_t, row_scales, _per_output_column(weight_scales),
+                     tile_group, out_dtype=x.dtype, blocks=blocks)[:, :w.shape[2]]
+  return out, (x, w, weight, weight_scales, tile_group, group_tile_start)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -342,36 +353,26 @@ def fp8_gmm(x: Float[Array, "M K"], w: Float[Array, "E K N"], tile_group: Int[Ar
   """fp8_grouped_matmul.fp8_gmm (x's 128-row tiles times their group's weight, DeepSeek-V3's
   FP8 numerics, differentiable in x and w) on the Mosaic GPU kernels and fp8_quantize's
   passes, or with `kernels=False` on their XLA references (the same operands, any backend)."""
-  tile_product, _ = _products(kernels)
-  weight_t, weight_scales = _weight(w, transpose=True, kernels=kernels)   # [E, Np, Kp]
-  rows, row_scales = _rows(x, kernels)                                     # [M, Kp], [C, M]
-  out = tile_product(rows, weight_t, row_scales, _per_output_column(weight_scales),
-                     tile_group, out_dtype=x.dtype, blocks=blocks)
-  return out[:, :w.shape[2]]
-
-
-def _fp8_gmm_forward(x, w, tile_group, group_tile_start, blocks, kernels):
-  return (fp8_gmm(x, w, tile_group, group_tile_start, blocks, kernels),
-          (x, w, tile_group, group_tile_start))
+  return _forward(x, w, tile_group, group_tile_start, blocks, kernels)[0]
 
 
 def _fp8_gmm_backward(blocks, kernels, residuals, dy):
   tile_product, weight_product = _products(kernels)
-  x, w, tile_group, group_tile_start = residuals
+  x, w, weight, weight_scales, tile_group, group_tile_start = residuals
   dy = dy.astype(x.dtype)
-  weight, weight_scales = _weight(w, transpose=False, kernels=kernels)     # [E, Kp, Np]
-  dy_rows, dy_row_scales = _rows(dy, kernels)                              # [M, Np], [Nc, M]
+  dy_rows, dy_row_scales = _rows(dy, kernels)
   dx = tile_product(dy_rows, weight, dy_row_scales,
                     _per_output_column(jnp.swapaxes(weight_scales, 1, 2)), tile_group,
                     out_dtype=x.dtype, blocks=blocks)[:, :x.shape[1]]
-  x_t, x_scales = _columns(x, kernels)
-  dy_t, dy_scales = _columns(dy, kernels)
-  dw = weight_product(x_t, dy_t, x_scales, dy_scales, group_tile_start, blocks=blocks)
+  x_columns, x_column_scales = _columns(x, kernels)
+  dy_columns, dy_column_scales = _columns(dy, kernels)
+  dw = weight_product(x_columns, dy_columns, x_column_scales, dy_column_scales,
+                      group_tile_start, blocks=blocks)
   dw = dw[:, :w.shape[1], :w.shape[2]].astype(w.dtype)
   return gradient_like(dx, x), gradient_like(dw, w), None, None
 
 
-fp8_gmm.defvjp(_fp8_gmm_forward, _fp8_gmm_backward)
+fp8_gmm.defvjp(_forward, _fp8_gmm_backward)
 
 
 def padded_dot(layout, blocks: FP8Blocks = FP8Blocks(), kernels: bool = True):
