@@ -20,7 +20,8 @@ from moe_jax.kernels import fp8, fp8_grouped_matmul, fp8_mosaic, grouped_matmul
 class SwiGLUExperts:
   """The weights, which grouped-matmul implementation ragged groups use (a name of
   `grouped_matmul.IMPLEMENTATIONS`, from `dispatch.grouped_matmul`), and whether the three
-  products run in FP8 (`dispatch.fp8_experts`: kernels/fp8.py, kernels/fp8_grouped_matmul.py)."""
+  products run in FP8 (`dispatch.fp8_experts`: kernels/fp8.py, fp8_mosaic.py,
+  fp8_grouped_matmul.py)."""
 
   w_gate: Float[Array, "E D F"]
   w_up: Float[Array, "E D F"]
@@ -53,8 +54,8 @@ class SwiGLUExperts:
     groups (Hopper), or this repository's Pallas ones with rows padded once per group to the
     row tile; on CPU one batched XLA matmul over such padded row tiles; elsewhere
     `jax.lax.ragged_dot`. FP8 experts always take padded row tiles of 128 rows (one scaling
-    tile of the weight gradient each): the FP8 Pallas kernels on GPU (and in interpret mode),
-    kernels/fp8.py's XLA numerics elsewhere.
+    tile of the weight gradient each): the Mosaic FP8 kernels on Hopper, the FP8 Pallas kernels
+    on other GPUs (and in interpret mode), kernels/fp8.py's XLA numerics elsewhere.
     """
     if self.fp8:   # widths are padded to whole scaling tiles: any width suits the kernels
       choice = grouped_matmul.chosen_implementation(fp8.TILE, fp8.TILE, self.implementation)

@@ -32,8 +32,8 @@ class DispatchSettings(Settings):
   grouped_matmul: str = "auto"     # ragged expert matmuls (dropless): a name of
                                    # kernels/grouped_matmul.IMPLEMENTATIONS
   fp8_experts: bool = False        # the routed experts' matmuls in e4m3 with DeepSeek-V3's
-                                   # 1x128 / 128x128 scaling (kernels/fp8.py; Pallas kernels
-                                   # on GPU, slower than bf16 for now)
+                                   # 1x128 / 128x128 scaling (kernels/fp8.py; on Hopper
+                                   # Mosaic kernels, level with bf16 for now)
 
   def on_one_device(self, **changes) -> "DispatchSettings":
     """These settings for a model whose experts all sit on one device (sampling, analysis,
