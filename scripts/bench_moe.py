@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_jax.dispatch import DispatchSettings   # noqa: E402
 from moe_jax.kernels import fp8_grouped_matmul as fgm   # noqa: E402
-from moe_jax.kernels import fp8_mosaic   # noqa: E402
+from moe_jax.kernels import fp8_mosaic, fp8_quantize   # noqa: E402
 from moe_jax.kernels import grouped_matmul as gm   # noqa: E402
 from moe_jax.layers.mlp import SwiGLU   # noqa: E402
 from moe_jax.layers.moe import MoE   # noqa: E402
@@ -199,8 +199,8 @@ TUNE_BLOCKS = [gm.Blocks(128, 128, 64, 4, 4), gm.Blocks(64, 128, 64, 4, 4),
                gm.MosaicBlocks(128, 128, 64, 4, 1), gm.MosaicBlocks(128, 128, 64, 4, 4),
                gm.MosaicBlocks(128, 128, 64, 6, 2), gm.MosaicBlocks(64, 128, 64, 4, 1),
                gm.MosaicBlocks(128, 256, 64, 3, 1), gm.MosaicBlocks(128, 192, 64, 4, 1)]
-TUNE_FP8_BLOCKS = [fp8_mosaic.FP8Blocks(128, 4), fp8_mosaic.FP8Blocks(128, 3),
-                   fp8_mosaic.FP8Blocks(64, 4)]
+TUNE_FP8_BLOCKS = ["fp8 pallas", fp8_mosaic.FP8Blocks(128, 4), fp8_mosaic.FP8Blocks(128, 3),
+                   fp8_mosaic.FP8Blocks(64, 4)]   # "fp8 pallas": the Triton FP8 kernels
 
 
 def tune(shapes, tokens, warmup, repeats) -> None:
@@ -223,7 +223,7 @@ def tune(shapes, tokens, warmup, repeats) -> None:
           f"TFLOP/s, fwd+bwd {3 * flops / dense_both / 1e9:.0f}", flush=True)
     layout = gm.group_layout(sizes, n, 128)    # the FP8 kernels' 128-row tiles
     fp8_dot = lambda r, w, dot: gm.unpad(dot(gm.pad(r, layout), w.astype(jnp.float32)), layout)
-    for blocks in TUNE_BLOCKS + ["fp8 pallas"] + TUNE_FP8_BLOCKS:
+    for blocks in TUNE_BLOCKS + TUNE_FP8_BLOCKS:
       if blocks == "fp8 pallas":
         matmul = lambda r, w: fp8_dot(r, w, fgm.padded_fp8_dot(layout, False))
       elif isinstance(blocks, fp8_mosaic.FP8Blocks):
@@ -277,7 +277,34 @@ def _fp8_kernel_times(padded_rows, w, layout, blocks, flops, warmup, repeats) ->
     passes.append(f"{name} {kernel:.2f} (XLA {xla:.2f})")
   return (f"kernels alone: forward {t_forward:.2f} ms {flops / t_forward / 1e9:.0f} TFLOP/s; "
           f"weight gradient {t_weights:.2f} ms {flops / t_weights / 1e9:.0f} TFLOP/s; "
-          f"quantizing, ms: " + ", ".join(passes))
+          f"quantizing, ms: " + ", ".join(passes) + "\n" +
+          _quantize_tiles_times(padded_rows, w, warmup, repeats))
+
+
+QUANTIZE_TILES = [fp8_quantize.QuantizeTiles(),
+                  fp8_quantize.QuantizeTiles(rows=128, columns=32, blocks_warps=4),
+                  fp8_quantize.QuantizeTiles(rows=128, rows_warps=8, columns=128,
+                                             columns_warps=8, blocks_warps=16),
+                  fp8_quantize.QuantizeTiles(rows=32, columns=128, columns_warps=4)]
+
+
+def _quantize_tiles_times(x, w, warmup, repeats) -> str:
+  """Each quantization kernel's time for each of QUANTIZE_TILES, and the fastest choice."""
+  best, lines = {}, []
+  for tiles in QUANTIZE_TILES:
+    times = {}
+    for name, fn, arg in (("rows", fp8_quantize.rows, x), ("columns", fp8_quantize.columns, x),
+                          ("blocks", fp8_quantize.blocks, w)):
+      times[name] = median_ms(functools.partial(fn, tiles=tiles), arg, warmup=warmup,
+                              repeats=repeats)
+      if times[name] < best.get(name, (float("inf"),))[0]:
+        best[name] = (times[name], tiles)
+    lines.append(f"    {tiles}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()))
+  chosen = fp8_quantize.QuantizeTiles(
+      rows=best["rows"][1].rows, rows_warps=best["rows"][1].rows_warps,
+      columns=best["columns"][1].columns, columns_warps=best["columns"][1].columns_warps,
+      blocks_warps=best["blocks"][1].blocks_warps)
+  return "\n".join(lines) + f"\n    fastest: {chosen}"
 
 
 def _fused_experts(rows, experts, sizes):

@@ -14,12 +14,14 @@ against 1.11 + 1.35 ms at 131,072 x 7,168 on an H200.)
 Each tile's scale is its largest magnitude times float32(1 / 448), 1 for an all-zero tile, and
 its values are clip(x / scale, -448, 448) rounded to e4m3: kernels/fp8.py's arithmetic, which
 the tests compare these with bit for bit in Pallas interpret mode (on CPU). Widths must be
-multiples of 128 (the callers pad), and so must M.
+multiples of 128 (the callers pad), and so must M. `QuantizeTiles` sets each kernel's block
+and warps (`python scripts/bench_moe.py --tune` times the choices).
 
 Shape letters: M rows, K and N widths, E experts, C = K / 128 chunks, T = M / 128 row tiles.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,22 @@ from moe_jax.kernels import fp8
 from moe_jax.manual_axes import kernel_output, typed_like
 
 TILE = fp8.TILE
-ROWS = 64      # rows of x per program of `rows` (64 x 128 elements)
+
+
+class QuantizeTiles(NamedTuple):
+  """Each kernel's block per program and warps: `rows` takes rows x 128 elements, `columns`
+  128 x columns. The defaults timed fastest of four choices at 131,072 x 7,168 on an H200
+  (rows 1.07 ms, columns 1.19 ms, a 64 x 7,168 x 2,048 weight 1.94 ms; the others within
+  0.05-0.8 ms), which is still about half the memory's speed."""
+
+  rows: int = 128
+  rows_warps: int = 4
+  columns: int = 64
+  columns_warps: int = 4
+  blocks_warps: int = 4
+
+
+TILES = QuantizeTiles()   # what the kernels use unless given others
 
 
 def _scaled(tiles: Array, amax: Array) -> tuple[Array, Array]:
@@ -46,7 +63,7 @@ def _scale_and_values(tiles: Array, axis: int) -> tuple[Array, Array]:
 
 
 def _rows_kernel(x_ref, values_ref, scales_ref):
-  scale, values = _scale_and_values(x_ref[...].astype(jnp.float32), axis=1)   # [ROWS, 1]
+  scale, values = _scale_and_values(x_ref[...].astype(jnp.float32), axis=1)   # [rows, 1]
   values_ref[...] = values.astype(fp8.E4M3)
   scales_ref[...] = scale.T
 
@@ -79,47 +96,49 @@ def _params(interpret: bool, num_warps: int = 4):
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def rows(x: Float[Array, "M K"], interpret: bool = False) -> tuple[Array, Array]:
+@functools.partial(jax.jit, static_argnames=("interpret", "tiles"))
+def rows(x: Float[Array, "M K"], interpret: bool = False,
+         tiles: QuantizeTiles = TILES) -> tuple[Array, Array]:
   """1 x 128 tiles: e4m3 values [M, K] and float32 scales [C, M]."""
   m, k = x.shape
-  _check_widths(K=k)
-  if m % ROWS:
-    raise ValueError(f"M={m} must be a multiple of {ROWS}")
+  _check_widths(K=k, M=m)
+  block = min(tiles.rows, TILE)
   values, scales = pl.pallas_call(
-      _rows_kernel, grid=(m // ROWS, k // TILE),
-      in_specs=[pl.BlockSpec((ROWS, TILE), lambda i, c: (i, c))],
-      out_specs=[pl.BlockSpec((ROWS, TILE), lambda i, c: (i, c)),
-                 pl.BlockSpec((1, ROWS), lambda i, c: (c, i))],
+      _rows_kernel, grid=(m // block, k // TILE),
+      in_specs=[pl.BlockSpec((block, TILE), lambda i, c: (i, c))],
+      out_specs=[pl.BlockSpec((block, TILE), lambda i, c: (i, c)),
+                 pl.BlockSpec((1, block), lambda i, c: (c, i))],
       out_shape=[kernel_output((m, k), fp8.E4M3, x),
                  kernel_output((k // TILE, m), jnp.float32, x)],
-      interpret=interpret, compiler_params=_params(interpret), name="fp8_quantize_rows",
+      interpret=interpret, compiler_params=_params(interpret, tiles.rows_warps),
+      name="fp8_quantize_rows",
   )(x)
   return typed_like(values, x), typed_like(scales, x)
 
 
-COLUMNS = 64   # columns of x per program of `columns` (128 x 64 elements)
-
-
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def columns(x: Float[Array, "M K"], interpret: bool = False) -> tuple[Array, Array]:
+@functools.partial(jax.jit, static_argnames=("interpret", "tiles"))
+def columns(x: Float[Array, "M K"], interpret: bool = False,
+            tiles: QuantizeTiles = TILES) -> tuple[Array, Array]:
   """128 x 1 tiles along the rows, held transposed: e4m3 values [K, M], scales [T, K]."""
   m, k = x.shape
   _check_widths(M=m, K=k)
+  block = min(tiles.columns, TILE)
   values, scales = pl.pallas_call(
-      _columns_kernel, grid=(m // TILE, k // COLUMNS),
-      in_specs=[pl.BlockSpec((TILE, COLUMNS), lambda t, j: (t, j))],
-      out_specs=[pl.BlockSpec((COLUMNS, TILE), lambda t, j: (j, t)),
-                 pl.BlockSpec((1, COLUMNS), lambda t, j: (t, j))],
+      _columns_kernel, grid=(m // TILE, k // block),
+      in_specs=[pl.BlockSpec((TILE, block), lambda t, j: (t, j))],
+      out_specs=[pl.BlockSpec((block, TILE), lambda t, j: (j, t)),
+                 pl.BlockSpec((1, block), lambda t, j: (t, j))],
       out_shape=[kernel_output((k, m), fp8.E4M3, x),
                  kernel_output((m // TILE, k), jnp.float32, x)],
-      interpret=interpret, compiler_params=_params(interpret), name="fp8_quantize_columns",
+      interpret=interpret, compiler_params=_params(interpret, tiles.columns_warps),
+      name="fp8_quantize_columns",
   )(x)
   return typed_like(values, x), typed_like(scales, x)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def blocks(w: Float[Array, "E K N"], interpret: bool = False) -> tuple[Array, Array, Array]:
+@functools.partial(jax.jit, static_argnames=("interpret", "tiles"))
+def blocks(w: Float[Array, "E K N"], interpret: bool = False,
+           tiles: QuantizeTiles = TILES) -> tuple[Array, Array, Array]:
   """128 x 128 blocks: e4m3 values [E, K, N], the same transposed [E, N, K], scales
   [E, K/128, N/128]."""
   e, k, n = w.shape
@@ -133,7 +152,7 @@ def blocks(w: Float[Array, "E K N"], interpret: bool = False) -> tuple[Array, Ar
                  pl.BlockSpec((1, 1, 1), block)],
       out_shape=[kernel_output((e, k, n), fp8.E4M3, w), kernel_output((e, n, k), fp8.E4M3, w),
                  kernel_output((e, k // TILE, n // TILE), jnp.float32, w)],
-      interpret=interpret, compiler_params=_params(interpret, num_warps=8),
+      interpret=interpret, compiler_params=_params(interpret, tiles.blocks_warps),
       name="fp8_quantize_blocks",
   )(w)
   return tuple(typed_like(o, w) for o in out)
