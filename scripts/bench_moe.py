@@ -259,20 +259,20 @@ def _fp8_kernel_times(padded_rows, w, layout, blocks, flops, warmup, repeats) ->
   as a kernel (fp8_quantize) and in XLA (kernels/fp8.py)."""
   time = lambda fn, *args: median_ms(fn, *args, warmup=warmup, repeats=repeats)
   w = w.astype(jnp.float32)
-  rows, row_scales = fp8_mosaic._rows(padded_rows, True)
-  x_t, x_scales = fp8_mosaic._columns(padded_rows, True)
-  _, weight_t, weight_scales = fp8_mosaic._weight(w, True)
+  rows, row_scales = fp8_mosaic.quantized_rows(padded_rows, True)
+  x_t, x_scales = fp8_mosaic.quantized_columns(padded_rows, True)
+  _, weight_t, weight_scales = fp8_mosaic.quantized_weight(w, True)
   t_forward = time(functools.partial(fp8_mosaic.row_tile_product, out_dtype=jnp.bfloat16,
                                      blocks=blocks),
-                   rows, weight_t, row_scales, fp8_mosaic._per_output_column(weight_scales),
+                   rows, weight_t, row_scales, fp8_mosaic.per_output_column(weight_scales),
                    layout.tile_group)
-  dy_t, dy_scales = fp8_mosaic._columns(padded_rows[:, :w.shape[2]], True)
+  dy_t, dy_scales = fp8_mosaic.quantized_columns(padded_rows[:, :w.shape[2]], True)
   t_weights = time(functools.partial(fp8_mosaic.group_product, blocks=blocks),
                    x_t, dy_t, x_scales, dy_scales, layout.group_tile_start)
   passes = []
-  for name, fn, arg in (("rows", fp8_mosaic._rows, padded_rows),
-                        ("columns", fp8_mosaic._columns, padded_rows),
-                        ("weight, both layouts", fp8_mosaic._weight, w)):
+  for name, fn, arg in (("rows", fp8_mosaic.quantized_rows, padded_rows),
+                        ("columns", fp8_mosaic.quantized_columns, padded_rows),
+                        ("weight, both layouts", fp8_mosaic.quantized_weight, w)):
     kernel, xla = (time(jax.jit(functools.partial(fn, kernels=k)), arg) for k in (True, False))
     passes.append(f"{name} {kernel:.2f} (XLA {xla:.2f})")
   return (f"kernels alone: forward {t_forward:.2f} ms {flops / t_forward / 1e9:.0f} TFLOP/s; "

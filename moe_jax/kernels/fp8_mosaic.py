@@ -39,6 +39,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from moe_jax.kernels import fp8, fp8_quantize
@@ -113,11 +114,10 @@ class _TileTask(NamedTuple):
 def _warp_specialized(num_tiles: int, task, out_shape, out_dtype, blocks: FP8Blocks,
                       *operands):
   """Runs `task(refs, tile)` -> _TileTask for every output tile, tiles spread over the SMs,
-  each CTA two compute warpgroups of blocks.m rows (sharing the [n, 128] operand block) and
+  each CTA two compute warpgroups of 64 rows (sharing the [n, 128] operand block) and
   one warpgroup issuing the TMA loads ahead of them; each compute warpgroup scales every
   step's product into its float32 accumulator while the other one's runs."""
   plgpu = _plgpu()
-  from jax.experimental import pallas as pl
   m, n = WARPGROUP_ROWS, blocks.n
   operand = _swizzled(fp8.E4M3, TILE)
   zeros = lambda: plgpu.layout_cast(jnp.zeros((m, n), jnp.float32), plgpu.Layout.WGMMA)
@@ -181,7 +181,6 @@ def _warp_specialized(num_tiles: int, task, out_shape, out_dtype, blocks: FP8Blo
 
 
 def _row_tile_task(num_groups: int, width_blocks: int, n: int):
-  from jax.experimental import pallas as pl
   rows = TILE
 
   def task(inputs, out_gmem, tile):
@@ -197,7 +196,6 @@ def _row_tile_task(num_groups: int, width_blocks: int, n: int):
 
 
 def _group_task(k_blocks: int, n_blocks: int, n: int):
-  from jax.experimental import pallas as pl
   rows = TILE
 
   def task(inputs, out_gmem, tile):
@@ -301,7 +299,7 @@ def _to_tiles(x: Array, *axes: int) -> Array:
   return jnp.pad(x, pad) if any(p for _, p in pad) else x
 
 
-def _rows(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]:
+def quantized_rows(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]:
   """1 x 128 tiles: values [M, Kp], scales [C, M]."""
   x = _to_tiles(x, 1)
   if kernels:
@@ -310,7 +308,7 @@ def _rows(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]:
   return quantized.values, quantized.scales.T
 
 
-def _columns(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]:
+def quantized_columns(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]:
   """128 x 1 tiles along the rows, held transposed: values [Kp, M], scales [T, Kp] (padding
   columns zero with scale 1)."""
   x = _to_tiles(x, 1)
@@ -320,7 +318,7 @@ def _columns(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]:
   return quantized.values, quantized.scales.T
 
 
-def _weight(w: Float[Array, "E K N"], kernels: bool) -> tuple[Array, Array, Array]:
+def quantized_weight(w: Float[Array, "E K N"], kernels: bool) -> tuple[Array, Array, Array]:
   """128 x 128 blocks: values [E, Kp, Np], the same transposed [E, Np, Kp], scales
   [E, K/128, N/128]."""
   if kernels:
@@ -329,7 +327,7 @@ def _weight(w: Float[Array, "E K N"], kernels: bool) -> tuple[Array, Array, Arra
   return quantized.values, jnp.swapaxes(quantized.values, 1, 2), quantized.scales
 
 
-def _per_output_column(block_scales: Float[Array, "E C Ob"]) -> Float[Array, "E C Op"]:
+def per_output_column(block_scales: Float[Array, "E C Ob"]) -> Float[Array, "E C Op"]:
   """Block scales [E, contraction chunk, output block] as one scale per output column (each
   block's repeated over its 128 columns), the kernels' b_scales."""
   return jnp.repeat(block_scales, TILE, axis=-1)
@@ -339,9 +337,9 @@ def _forward(x, w, tile_group, group_tile_start, blocks, kernels):
   """The product and what the backward pass keeps of it: the weight's blocks in e4m3 in the
   data gradient's layout (quantized once, with the forward's), beside the inputs."""
   tile_product, _ = _products(kernels)
-  rows, row_scales = _rows(x, kernels)
-  weight, weight_t, weight_scales = _weight(w, kernels)
-  out = tile_product(rows, weight_t, row_scales, _per_output_column(weight_scales),
+  rows, row_scales = quantized_rows(x, kernels)
+  weight, weight_t, weight_scales = quantized_weight(w, kernels)
+  out = tile_product(rows, weight_t, row_scales, per_output_column(weight_scales),
                      tile_group, out_dtype=x.dtype, blocks=blocks)[:, :w.shape[2]]
   return out, (x, w, weight, weight_scales, tile_group, group_tile_start)
 
@@ -360,12 +358,12 @@ def _fp8_gmm_backward(blocks, kernels, residuals, dy):
   tile_product, weight_product = _products(kernels)
   x, w, weight, weight_scales, tile_group, group_tile_start = residuals
   dy = dy.astype(x.dtype)
-  dy_rows, dy_row_scales = _rows(dy, kernels)
+  dy_rows, dy_row_scales = quantized_rows(dy, kernels)
   dx = tile_product(dy_rows, weight, dy_row_scales,
-                    _per_output_column(jnp.swapaxes(weight_scales, 1, 2)), tile_group,
+                    per_output_column(jnp.swapaxes(weight_scales, 1, 2)), tile_group,
                     out_dtype=x.dtype, blocks=blocks)[:, :x.shape[1]]
-  x_columns, x_column_scales = _columns(x, kernels)
-  dy_columns, dy_column_scales = _columns(dy, kernels)
+  x_columns, x_column_scales = quantized_columns(x, kernels)
+  dy_columns, dy_column_scales = quantized_columns(dy, kernels)
   dw = weight_product(x_columns, dy_columns, x_column_scales, dy_column_scales,
                       group_tile_start, blocks=blocks)
   dw = dw[:, :w.shape[1], :w.shape[2]].astype(w.dtype)
