@@ -5,6 +5,7 @@ FLOPs, timed in the same run, on one accelerator.
   python scripts/bench_moe.py --shapes=a --tokens=16384,65536 --routing=skewed
   python scripts/bench_moe.py --check              # kernels against jax.lax.ragged_dot first
   python scripts/bench_moe.py --dispatchers=dropless,dropless_fp8   # FP8 experts against bf16
+  python scripts/bench_moe.py --tune --shapes=b    # one grouped matmul's tiles, bf16 and FP8
   python scripts/bench_moe.py --torch              # adds the PyTorch reference layer's rows
 
 The layer is the routed part of moe_jax's MoE block (router, dispatch, SwiGLU experts; shared
@@ -281,8 +282,8 @@ def _fp8_kernel_times(padded_rows, w, layout, blocks, flops, warmup, repeats) ->
           _quantize_tiles_times(padded_rows, w, warmup, repeats))
 
 
-QUANTIZE_TILES = [fp8_quantize.QuantizeTiles(),
-                  fp8_quantize.QuantizeTiles(rows=128, columns=32, blocks_warps=4),
+QUANTIZE_TILES = [fp8_quantize.QuantizeTiles(),   # the defaults, then others
+                  fp8_quantize.QuantizeTiles(rows=64, columns=32, blocks_warps=8),
                   fp8_quantize.QuantizeTiles(rows=128, rows_warps=8, columns=128,
                                              columns_warps=8, blocks_warps=16),
                   fp8_quantize.QuantizeTiles(rows=32, columns=128, columns_warps=4)]
