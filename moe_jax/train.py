@@ -23,8 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moe_jax import checkpoint, data, parallel, steps, throughput
-from moe_jax.checkpoint import (CheckpointCorrupt, CheckpointMismatch, CheckpointSaveFailed,
-                                Checkpointer)
+from moe_jax.checkpoint import CheckpointCorrupt, CheckpointSaveFailed, Checkpointer
 from moe_jax.config_validation import (ConfigError, dcn_sizes, pipeline_settings,
                                        resolve_mesh_shape,
                                        validate_config)

@@ -334,14 +334,17 @@ def per_output_column(block_scales: Float[Array, "E C Ob"]) -> Float[Array, "E C
 
 
 def _forward(x, w, tile_group, group_tile_start, blocks, kernels):
-  """The product and what the backward pass keeps of it: the weight's blocks in e4m3 in the
-  data gradient's layout (quantized once, with the forward's), beside the inputs."""
+  """The product and what the backward pass keeps of it: x, and the weight's blocks in e4m3 in
+  the data gradient's layout (quantized once, with the forward's). Of the float32 weight
+  only an empty slice, which carries its shape, dtype and type: under FSDP the whole weight
+  is a gathered copy the step should not hold until the backward pass (bf16's path keeps a
+  2-byte copy, this one a 1-byte one)."""
   tile_product, _ = _products(kernels)
   rows, row_scales = quantized_rows(x, kernels)
   weight, weight_t, weight_scales = quantized_weight(w, kernels)
   out = tile_product(rows, weight_t, row_scales, per_output_column(weight_scales),
                      tile_group, out_dtype=x.dtype, blocks=blocks)[:, :w.shape[2]]
-  return out, (x, w, weight, weight_scales, tile_group, group_tile_start)
+  return out, (x, w[:0], weight, weight_scales, tile_group, group_tile_start)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -356,7 +359,7 @@ def fp8_gmm(x: Float[Array, "M K"], w: Float[Array, "E K N"], tile_group: Int[Ar
 
 def _fp8_gmm_backward(blocks, kernels, residuals, dy):
   tile_product, weight_product = _products(kernels)
-  x, w, weight, weight_scales, tile_group, group_tile_start = residuals
+  x, w_like, weight, weight_scales, tile_group, group_tile_start = residuals
   dy = dy.astype(x.dtype)
   dy_rows, dy_row_scales = quantized_rows(dy, kernels)
   dx = tile_product(dy_rows, weight, dy_row_scales,
@@ -366,8 +369,8 @@ def _fp8_gmm_backward(blocks, kernels, residuals, dy):
   dy_columns, dy_column_scales = quantized_columns(dy, kernels)
   dw = weight_product(x_columns, dy_columns, x_column_scales, dy_column_scales,
                       group_tile_start, blocks=blocks)
-  dw = dw[:, :w.shape[1], :w.shape[2]].astype(w.dtype)
-  return gradient_like(dx, x), gradient_like(dw, w), None, None
+  dw = dw[:, :w_like.shape[1], :w_like.shape[2]].astype(w_like.dtype)
+  return gradient_like(dx, x), gradient_like(dw, w_like), None, None
 
 
 fp8_gmm.defvjp(_forward, _fp8_gmm_backward)
