@@ -43,11 +43,19 @@ class Quantized(NamedTuple):
   scales: Array   # [..., R, C/TILE] (row tiles) or [..., R/TILE, C/TILE] (blocks), float32
 
 
-def _padded_to_tiles(x: Array, axes: tuple[int, ...]) -> Array:
+def padded_to_tiles(x: Array, axes: tuple[int, ...]) -> Array:
+  """x zero-padded along `axes` to whole 128-wide tiles (x itself when already whole)."""
   pad = [(0, 0)] * x.ndim
   for axis in axes:
     pad[axis] = (0, -x.shape[axis] % TILE)
-  return jnp.pad(x, pad)
+  return jnp.pad(x, pad) if any(after for _, after in pad) else x
+
+
+def check_whole_tiles(**widths: int) -> None:
+  """Refuses, by name, a width that is not a multiple of 128 (the kernels' callers pad)."""
+  for name, width in widths.items():
+    if width % TILE:
+      raise ValueError(f"{name}={width} must be a multiple of {TILE} (pad to scaling tiles)")
 
 
 def _scale(amax: Array) -> Array:
@@ -63,7 +71,7 @@ def _to_e4m3(scaled: Array) -> Array:
 
 def quantize_rows(x: Float[Array, "... M K"]) -> Quantized:
   """1 x 128 tiles along the last dimension: values [..., M, K padded], scales [..., M, T]."""
-  x = _padded_to_tiles(x.astype(jnp.float32), (-1,))
+  x = padded_to_tiles(x.astype(jnp.float32), (-1,))
   tiles = x.reshape(*x.shape[:-1], -1, TILE)
   scales = _scale(jnp.max(jnp.abs(tiles), axis=-1))
   values = _to_e4m3(tiles / scales[..., None])
@@ -84,7 +92,7 @@ def dequantize_rows(q: Quantized) -> Float[Array, "... M K"]:
 def quantize_blocks(w: Float[Array, "... K N"]) -> Quantized:
   """128 x 128 blocks over the last two dimensions: values [..., K, N padded], scales
   [..., K/128, N/128]."""
-  w = _padded_to_tiles(w.astype(jnp.float32), (-2, -1))
+  w = padded_to_tiles(w.astype(jnp.float32), (-2, -1))
   *batch, rows, columns = w.shape
   blocks = w.reshape(*batch, rows // TILE, TILE, columns // TILE, TILE)
   scales = _scale(jnp.max(jnp.abs(blocks), axis=(-3, -1)))

@@ -84,12 +84,6 @@ def _load(ref, layout):
   return plgpu.load(ref, layout=layout)
 
 
-def _check_tiles(**widths: int):
-  for name, width in widths.items():
-    if width % TILE:
-      raise ValueError(f"{name}={width} must be a multiple of {TILE} (pad to scaling tiles)")
-
-
 def _fitting(n: int, width: int) -> int:
   """The largest of n, n/2, ... down to 64 that divides width (a multiple of 128)."""
   while n > 64 and width % n:
@@ -223,7 +217,7 @@ def row_tile_product(a: Float[Array, "M Cp"], b: Float[Array, "E Np Cp"],
   (e4m3 operands, contraction-last); tiles of no group (tile_group >= E) give zeros."""
   rows, contraction = a.shape
   num_groups, width, _ = b.shape
-  _check_tiles(rows=rows, contraction=contraction, width=width)
+  fp8.check_whole_tiles(rows=rows, contraction=contraction, width=width)
   n = _fitting(blocks.n, width)
   out = _warp_specialized(rows // TILE * (width // n), _row_tile_task(num_groups, width // n, n),
                           (rows, width), out_dtype, blocks._replace(n=n), tile_group, a, b,
@@ -241,7 +235,7 @@ def group_product(x_t: Float[Array, "Kp M"], dy_t: Float[Array, "Np M"],
   k_dim, rows = x_t.shape
   n_dim = dy_t.shape[0]
   num_groups = group_tile_start.shape[0] - 1
-  _check_tiles(rows=rows, k=k_dim, n=n_dim)
+  fp8.check_whole_tiles(rows=rows, k=k_dim, n=n_dim)
   n = _fitting(blocks.n, n_dim)
   k_blocks, n_blocks = k_dim // TILE, n_dim // n
   out = _warp_specialized(num_groups * k_blocks * n_blocks, _group_task(k_blocks, n_blocks, n),
@@ -291,17 +285,9 @@ def _products(kernels: bool):
 # ---- the three products of y = x @ w, differentiable ---------------------------------------
 
 
-def _to_tiles(x: Array, *axes: int) -> Array:
-  """x zero-padded along `axes` to whole 128-wide tiles (no copy when already whole)."""
-  pad = [(0, 0)] * x.ndim
-  for axis in axes:
-    pad[axis] = (0, -x.shape[axis] % TILE)
-  return jnp.pad(x, pad) if any(p for _, p in pad) else x
-
-
 def quantized_rows(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]:
   """1 x 128 tiles: values [M, Kp], scales [C, M]."""
-  x = _to_tiles(x, 1)
+  x = fp8.padded_to_tiles(x, (1,))
   if kernels:
     return fp8_quantize.rows(x)
   quantized = fp8.quantize_rows(x)
@@ -311,7 +297,7 @@ def quantized_rows(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]
 def quantized_columns(x: Float[Array, "M K"], kernels: bool) -> tuple[Array, Array]:
   """128 x 1 tiles along the rows, held transposed: values [Kp, M], scales [T, Kp] (padding
   columns zero with scale 1)."""
-  x = _to_tiles(x, 1)
+  x = fp8.padded_to_tiles(x, (1,))
   if kernels:
     return fp8_quantize.columns(x)
   quantized = fp8.quantize_rows(x.T)
@@ -322,7 +308,7 @@ def quantized_weight(w: Float[Array, "E K N"], kernels: bool) -> tuple[Array, Ar
   """128 x 128 blocks: values [E, Kp, Np], the same transposed [E, Np, Kp], scales
   [E, K/128, N/128]."""
   if kernels:
-    return fp8_quantize.blocks(_to_tiles(w, 1, 2))
+    return fp8_quantize.blocks(fp8.padded_to_tiles(w, (1, 2)))
   quantized = fp8.quantize_blocks(w)
   return quantized.values, jnp.swapaxes(quantized.values, 1, 2), quantized.scales
 

@@ -83,17 +83,20 @@ def _blocks_kernel(w_ref, values_ref, transposed_ref, scales_ref):
   scales_ref[...] = scale.reshape(1, 1, 1)
 
 
-def _check_widths(**widths: int):
-  for name, width in widths.items():
-    if width % TILE:
-      raise ValueError(f"{name}={width} must be a multiple of {TILE}")
-
-
-def _params(interpret: bool, num_warps: int = 4):
-  if interpret:
-    return None
-  from jax.experimental.pallas import triton as pltriton
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
+def _quantize(kernel, operand, *, grid, in_block, out_blocks, outputs, num_warps: int, name,
+              interpret: bool) -> tuple[Array, ...]:
+  """One of the kernels over `operand` (in_block its block), writing `outputs` ((shape,
+  dtype) each, out_blocks theirs), typed as the operand inside a shard_map."""
+  params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as pltriton
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
+  out = pl.pallas_call(
+      kernel, grid=grid, in_specs=[in_block], out_specs=out_blocks,
+      out_shape=[kernel_output(shape, dtype, operand) for shape, dtype in outputs],
+      interpret=interpret, compiler_params=params, name=name,
+  )(operand)
+  return tuple(typed_like(o, operand) for o in out)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "tiles"))
@@ -101,19 +104,13 @@ def rows(x: Float[Array, "M K"], interpret: bool = False,
          tiles: QuantizeTiles = TILES) -> tuple[Array, Array]:
   """1 x 128 tiles: e4m3 values [M, K] and float32 scales [C, M]."""
   m, k = x.shape
-  _check_widths(K=k, M=m)
+  fp8.check_whole_tiles(K=k, M=m)
   block = min(tiles.rows, TILE)
-  values, scales = pl.pallas_call(
-      _rows_kernel, grid=(m // block, k // TILE),
-      in_specs=[pl.BlockSpec((block, TILE), lambda i, c: (i, c))],
-      out_specs=[pl.BlockSpec((block, TILE), lambda i, c: (i, c)),
-                 pl.BlockSpec((1, block), lambda i, c: (c, i))],
-      out_shape=[kernel_output((m, k), fp8.E4M3, x),
-                 kernel_output((k // TILE, m), jnp.float32, x)],
-      interpret=interpret, compiler_params=_params(interpret, tiles.rows_warps),
-      name="fp8_quantize_rows",
-  )(x)
-  return typed_like(values, x), typed_like(scales, x)
+  tile = pl.BlockSpec((block, TILE), lambda i, c: (i, c))
+  return _quantize(_rows_kernel, x, grid=(m // block, k // TILE), in_block=tile,
+                   out_blocks=[tile, pl.BlockSpec((1, block), lambda i, c: (c, i))],
+                   outputs=[((m, k), fp8.E4M3), ((k // TILE, m), jnp.float32)],
+                   num_warps=tiles.rows_warps, name="fp8_quantize_rows", interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "tiles"))
@@ -121,19 +118,15 @@ def columns(x: Float[Array, "M K"], interpret: bool = False,
             tiles: QuantizeTiles = TILES) -> tuple[Array, Array]:
   """128 x 1 tiles along the rows, held transposed: e4m3 values [K, M], scales [T, K]."""
   m, k = x.shape
-  _check_widths(M=m, K=k)
+  fp8.check_whole_tiles(M=m, K=k)
   block = min(tiles.columns, TILE)
-  values, scales = pl.pallas_call(
-      _columns_kernel, grid=(m // TILE, k // block),
-      in_specs=[pl.BlockSpec((TILE, block), lambda t, j: (t, j))],
-      out_specs=[pl.BlockSpec((block, TILE), lambda t, j: (j, t)),
-                 pl.BlockSpec((1, block), lambda t, j: (t, j))],
-      out_shape=[kernel_output((k, m), fp8.E4M3, x),
-                 kernel_output((m // TILE, k), jnp.float32, x)],
-      interpret=interpret, compiler_params=_params(interpret, tiles.columns_warps),
-      name="fp8_quantize_columns",
-  )(x)
-  return typed_like(values, x), typed_like(scales, x)
+  return _quantize(_columns_kernel, x, grid=(m // TILE, k // block),
+                   in_block=pl.BlockSpec((TILE, block), lambda t, j: (t, j)),
+                   out_blocks=[pl.BlockSpec((block, TILE), lambda t, j: (j, t)),
+                               pl.BlockSpec((1, block), lambda t, j: (t, j))],
+                   outputs=[((k, m), fp8.E4M3), ((m // TILE, k), jnp.float32)],
+                   num_warps=tiles.columns_warps, name="fp8_quantize_columns",
+                   interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "tiles"))
@@ -142,17 +135,12 @@ def blocks(w: Float[Array, "E K N"], interpret: bool = False,
   """128 x 128 blocks: e4m3 values [E, K, N], the same transposed [E, N, K], scales
   [E, K/128, N/128]."""
   e, k, n = w.shape
-  _check_widths(K=k, N=n)
-  block = lambda g, i, j: (g, i, j)
-  out = pl.pallas_call(
-      _blocks_kernel, grid=(e, k // TILE, n // TILE),
-      in_specs=[pl.BlockSpec((1, TILE, TILE), block)],
-      out_specs=[pl.BlockSpec((1, TILE, TILE), block),
-                 pl.BlockSpec((1, TILE, TILE), lambda g, i, j: (g, j, i)),
-                 pl.BlockSpec((1, 1, 1), block)],
-      out_shape=[kernel_output((e, k, n), fp8.E4M3, w), kernel_output((e, n, k), fp8.E4M3, w),
-                 kernel_output((e, k // TILE, n // TILE), jnp.float32, w)],
-      interpret=interpret, compiler_params=_params(interpret, tiles.blocks_warps),
-      name="fp8_quantize_blocks",
-  )(w)
-  return tuple(typed_like(o, w) for o in out)
+  fp8.check_whole_tiles(K=k, N=n)
+  block = pl.BlockSpec((1, TILE, TILE), lambda g, i, j: (g, i, j))
+  return _quantize(_blocks_kernel, w, grid=(e, k // TILE, n // TILE), in_block=block,
+                   out_blocks=[block, pl.BlockSpec((1, TILE, TILE), lambda g, i, j: (g, j, i)),
+                               pl.BlockSpec((1, 1, 1), lambda g, i, j: (g, i, j))],
+                   outputs=[((e, k, n), fp8.E4M3), ((e, n, k), fp8.E4M3),
+                            ((e, k // TILE, n // TILE), jnp.float32)],
+                   num_warps=tiles.blocks_warps, name="fp8_quantize_blocks",
+                   interpret=interpret)
