@@ -45,6 +45,7 @@ from moe_jax.dispatch import DispatchSettings   # noqa: E402
 from moe_jax.kernels import fp8_grouped_matmul as fgm   # noqa: E402
 from moe_jax.kernels import fp8_mosaic, fp8_quantize   # noqa: E402
 from moe_jax.kernels import grouped_matmul as gm   # noqa: E402
+from moe_jax.kernels import ragged_mosaic   # noqa: E402
 from moe_jax.layers.mlp import SwiGLU   # noqa: E402
 from moe_jax.layers.moe import MoE   # noqa: E402
 from moe_jax.routing import RouterSettings   # noqa: E402
@@ -141,8 +142,9 @@ def check_kernels(interpret: bool) -> None:
     def pallas(rows, w):
       return gm.grouped_matmul(rows, w, group_sizes, blocks=blocks, interpret=interpret)
 
-    def mosaic(rows, w):
-      return gm.mosaic_grouped_matmul(rows, w, group_sizes)
+    def mosaic(rows, w):   # rows padded to whole 128-row blocks, as the experts do
+      padded = jnp.pad(rows, ((0, gm.mosaic_row_count(n) - n), (0, 0)))
+      return ragged_mosaic.grouped_matmul(padded, w, group_sizes)[:n]
 
     def reference(rows, w):
       return jax.lax.ragged_dot(rows.astype(jnp.float32), w.astype(jnp.float32), group_sizes)
@@ -197,9 +199,8 @@ def check_fp8_kernels(interpret: bool) -> None:
 
 TUNE_BLOCKS = [gm.Blocks(128, 128, 64, 4, 4), gm.Blocks(64, 128, 64, 4, 4),
                gm.Blocks(128, 128, 64, 8, 4), gm.Blocks(128, 256, 64, 8, 2),
-               gm.MosaicBlocks(128, 128, 64, 4, 1), gm.MosaicBlocks(128, 128, 64, 4, 4),
-               gm.MosaicBlocks(128, 128, 64, 6, 2), gm.MosaicBlocks(64, 128, 64, 4, 1),
-               gm.MosaicBlocks(128, 256, 64, 3, 1), gm.MosaicBlocks(128, 192, 64, 4, 1)]
+               ragged_mosaic.RaggedBlocks(128, 3, 128, 3), ragged_mosaic.RaggedBlocks(128, 3, 64, 4),
+               ragged_mosaic.RaggedBlocks(64, 4, 64, 4), ragged_mosaic.RaggedBlocks(64, 5, 128, 3)]
 TUNE_FP8_BLOCKS = ["fp8 pallas", fp8_mosaic.FP8Blocks(128, 4), fp8_mosaic.FP8Blocks(128, 3),
                    fp8_mosaic.FP8Blocks(64, 4)]   # "fp8 pallas": the Triton FP8 kernels
 
@@ -231,10 +232,10 @@ def tune(shapes, tokens, warmup, repeats) -> None:
         if not gm.hopper():
           continue
         matmul = lambda r, w, b=blocks: fp8_dot(r, w, fp8_mosaic.padded_dot(layout, b))
-      elif isinstance(blocks, gm.MosaicBlocks):
+      elif isinstance(blocks, ragged_mosaic.RaggedBlocks):
         if not gm.hopper():
           continue
-        matmul = lambda r, w, b=blocks: gm.mosaic_grouped_matmul(r, w, sizes, b)
+        matmul = lambda r, w, b=blocks: ragged_mosaic.grouped_matmul(r, w, sizes, b)
       else:
         matmul = lambda r, w, b=blocks: gm.grouped_matmul(r, w, sizes, blocks=b)
       fwd = jax.jit(matmul)
@@ -311,9 +312,10 @@ def _quantize_tiles_times(x, w, warmup, repeats) -> str:
 def _fused_experts(rows, experts, sizes):
   """The SwiGLU experts with w_gate and w_up concatenated: one grouped matmul of width 2F."""
   width = experts.w_gate.shape[2]
-  both = gm.mosaic_grouped_matmul(rows, jnp.concatenate([experts.w_gate, experts.w_up], axis=2), sizes)
+  both = ragged_mosaic.grouped_matmul(
+      rows, jnp.concatenate([experts.w_gate, experts.w_up], axis=2), sizes)
   hidden = jax.nn.silu(both[:, :width]) * both[:, width:]
-  return gm.mosaic_grouped_matmul(hidden, experts.w_down, sizes)
+  return ragged_mosaic.grouped_matmul(hidden, experts.w_down, sizes)
 
 
 def breakdown(shapes, tokens, warmup, repeats) -> None:

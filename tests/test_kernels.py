@@ -9,6 +9,7 @@ import pytest
 from moe_jax.dispatch import (DispatchSettings, SwiGLUExperts, dropless_dispatch,
                               reference_dispatch)
 from moe_jax.kernels import grouped_matmul as gm
+from moe_jax.kernels import ragged_mosaic as rm
 from moe_jax.settings import ConfigError
 
 SMALL = gm.Blocks(m=16, n=16, k=16)
@@ -82,13 +83,59 @@ def test_dropless_dispatch_through_the_kernels_matches_the_reference(implementat
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_ragged_mosaic_tables_by_hand():
+  """Which rows each tile of the Mosaic kernels holds: groups of 3, 0, 200 and 1 rows in 256
+  (128-row blocks; rows 204-255 in no group)."""
+  tiles = rm.row_tiles(jnp.array([3, 0, 200, 1]), 256)
+  np.testing.assert_array_equal(tiles.T, [
+      [0, 0, 0, 3],       # group 0: rows 0-2 of block 0
+      [2, 0, 3, 128],     # group 2 starts in block 0 ...
+      [2, 1, 0, 75],      # ... and ends in block 1
+      [3, 1, 75, 76],     # group 3: one row
+      [4, 1, 76, 128],    # past the groups (group E): written as zeros
+      [4, 0, 0, 0]])      # a spare tile: no rows
+  steps = rm.group_steps(jnp.array([3, 0, 200, 1]))
+  np.testing.assert_array_equal(steps.T, [[0, 1, 0, 3], [0, 0, 3, 3], [0, 4, 3, 203],
+                                          [3, 1, 203, 204]])
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 200, 1], [0, 256, 0, 0], [64, 64, 64, 64]],
+                         ids=["mixed", "one_expert", "balanced"])
+def test_ragged_mosaic_contract_matches_ragged_dot(sizes):
+  """The Mosaic kernels' contracts (their XLA references, through the custom VJP the kernels
+  run in) against ragged_dot on the same bf16 values: output and data gradient to bf16
+  rounding, the float32 master weight's gradient in float32 to float32 rounding."""
+  rng = np.random.default_rng(len(sizes) + sizes[0])
+  rows = jnp.asarray(rng.normal(size=(256, 128)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(4, 128, 256)) / 11, jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(256, 256)), jnp.bfloat16).astype(jnp.float32)
+  group_sizes = jnp.asarray(sizes, jnp.int32)
+  inside = (jnp.arange(256) < sum(sizes))[:, None]
+
+  def reference(r, w):   # w: the bf16 values in float32 (a cast here would round dw to bf16)
+    return jnp.where(inside, jax.lax.ragged_dot(r.astype(jnp.float32), w, group_sizes,
+                                                precision=jax.lax.Precision.HIGHEST), 0)
+
+  def with_grads(fn, w):
+    out, vjp = jax.vjp(fn, rows, w)
+    return (out, *vjp(cotangent))
+
+  got = with_grads(lambda r, w: rm.grouped_matmul(r, w, group_sizes, kernels=False)
+                   .astype(jnp.float32), w)
+  want = with_grads(reference, w.astype(jnp.bfloat16).astype(jnp.float32))
+  assert got[2].dtype == jnp.float32
+  for name, a, b, tolerance in zip(("out", "d_rows", "d_w"), got, want, (8e-3, 8e-3, 1e-5)):
+    error = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
+    assert error < tolerance, (name, error)
+
+
 def test_implementation_choice():
   assert gm.chosen_implementation(64, 128) == "tiles"        # auto on CPU
   assert gm.chosen_implementation(64, 100, "tiles") == "tiles"      # any widths
   assert gm.chosen_implementation(64, 128, "pallas") == "pallas"
   assert gm.chosen_implementation(64, 100, "pallas") == "xla"        # not a multiple of 16
   assert gm.chosen_implementation(1024, 384, "mosaic") == "mosaic"
-  assert gm.chosen_implementation(1024, 352, "mosaic") == "pallas"   # mosaic tiles: multiples of 64
+  assert gm.chosen_implementation(1024, 320, "mosaic") == "pallas"   # mosaic: multiples of 128
   assert gm.chosen_implementation(1024, 384, "mosaic", jnp.float32) == "pallas"   # 16-bit only
   with pytest.raises(ConfigError, match="dispatch.grouped_matmul='cuda' is unknown"):
     DispatchSettings(strategy="dropless", grouped_matmul="cuda")

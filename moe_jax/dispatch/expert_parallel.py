@@ -223,6 +223,8 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
   if replica_slots is not None and variant != "all_gather":
     raise ValueError(f"replicas of hot experts run with the 'all_gather' variant, not {variant!r}")
   extra = () if replica_slots is None else (replica_slots,)
+  if not experts.fp8:   # the weights travel between devices (replicas, gathers) in bf16
+    experts = experts.in_dtype(x_BxSxD.dtype)
 
   def per_device(x, ids, gates, w_gate, w_up, w_down, *spare_slots):
     batch, seq, width = x.shape

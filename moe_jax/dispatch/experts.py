@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
-from moe_jax.kernels import fp8, fp8_grouped_matmul, fp8_mosaic, grouped_matmul
+from moe_jax.kernels import fp8, fp8_grouped_matmul, fp8_mosaic, grouped_matmul, ragged_mosaic
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["w_gate", "w_up", "w_down"],
@@ -21,7 +21,9 @@ class SwiGLUExperts:
   """The weights, which grouped-matmul implementation ragged groups use (a name of
   `grouped_matmul.IMPLEMENTATIONS`, from `dispatch.grouped_matmul`), and whether the three
   products run in FP8 (`dispatch.fp8_experts`: kernels/fp8.py, fp8_mosaic.py,
-  fp8_grouped_matmul.py)."""
+  fp8_grouped_matmul.py). The weights may be the float32 master weights: each product casts
+  them to the rows' dtype, the FP8 and Mosaic kernels inside their custom VJPs, so that the
+  weight gradients come out of the kernels in float32."""
 
   w_gate: Float[Array, "E D F"]
   w_up: Float[Array, "E D F"]
@@ -33,25 +35,40 @@ class SwiGLUExperts:
   def num_experts(self) -> int:
     return self.w_gate.shape[0]
 
-  def swiglu(self, x, dot):
+  def swiglu(self, x, dot, casts: bool = False):
     """The three products of every expert's SwiGLU through `dot(x, w)` (w one of the [E, ., .]
-    weights): batched, ragged or padded-grouped, the same function."""
+    weights): batched, ragged or padded-grouped, the same function. `casts`: `dot` takes the
+    weights as they are and casts them itself; otherwise they are cast to x's dtype here."""
+    weights = (self.w_gate, self.w_up, self.w_down)
+    if not casts:
+      weights = self.in_dtype(x.dtype).weights
+    w_gate, w_up, w_down = weights
     with jax.named_scope("experts"):
       x = checkpoint_name(x, "expert_inputs")   # names a remat policy can keep
-      return checkpoint_name(dot(jax.nn.silu(dot(x, self.w_gate)) * dot(x, self.w_up),
-                                 self.w_down), "expert_outputs")
+      hidden = jax.nn.silu(dot(x, w_gate)) * dot(x, w_up)
+      return checkpoint_name(dot(hidden, w_down), "expert_outputs")
+
+  @property
+  def weights(self):
+    return self.w_gate, self.w_up, self.w_down
+
+  def in_dtype(self, dtype) -> "SwiGLUExperts":
+    """These experts with their weights cast to `dtype` (a no-op for weights already in it)."""
+    with jax.named_scope("expert_weights"):
+      return dataclasses.replace(self, **{name: getattr(self, name).astype(dtype)
+                                          for name in ("w_gate", "w_up", "w_down")})
 
   def __call__(self, buffer: Float[Array, "E C D"]) -> Float[Array, "E C D"]:
     """Expert e on buffer[e]: one batched matmul per weight."""
     if self.fp8:
-      return self.swiglu(buffer, fp8.fp8_matmul)
+      return self.swiglu(buffer, fp8.fp8_matmul, casts=True)
     return self.swiglu(buffer, lambda x, w: jnp.einsum("eci,eio->eco", x, w))
 
   def ragged(self, rows: Float[Array, "N D"], group_sizes: Int[Array, "E"]) -> Float[Array, "N D"]:
     """Rows sorted by expert, group_sizes[e] of them for expert e; rows past the groups give 0.
 
-    On GPU the grouped matmuls are kernels (moe_jax/kernels): jax's Mosaic GPU ones on ragged
-    groups (Hopper), or this repository's Pallas ones with rows padded once per group to the
+    On GPU the grouped matmuls are kernels (moe_jax/kernels): Mosaic GPU ones on ragged
+    groups (Hopper: ragged_mosaic.py), or Pallas ones with rows padded once per group to the
     row tile; on CPU one batched XLA matmul over such padded row tiles; elsewhere
     `jax.lax.ragged_dot`. FP8 experts always take padded row tiles of 128 rows (one scaling
     tile of the weight gradient each): the Mosaic FP8 kernels on Hopper, the FP8 Pallas kernels
@@ -66,7 +83,7 @@ class SwiGLUExperts:
         dot = fp8_mosaic.padded_dot(layout)
       else:                            # the Triton kernels (or them in interpret mode)
         dot = fp8_grouped_matmul.padded_fp8_dot(layout, interpret=choice == "interpret")
-      return self._on_row_tiles(rows, layout, dot)
+      return self._on_row_tiles(rows, layout, dot, casts=True)
     choice = grouped_matmul.chosen_implementation(self.w_gate.shape[1], self.w_gate.shape[2],
                                                   self.implementation, rows.dtype)
     if choice == "xla":
@@ -74,8 +91,8 @@ class SwiGLUExperts:
     if choice == "mosaic":   # zero rows appended past the groups (any row count, e.g. decoding)
       count = rows.shape[0]
       padded = jnp.pad(rows, ((0, grouped_matmul.mosaic_row_count(count) - count), (0, 0)))
-      out = self.swiglu(padded,
-                        lambda x, w: grouped_matmul.mosaic_grouped_matmul(x, w, group_sizes))
+      out = self.swiglu(padded, lambda x, w: ragged_mosaic.grouped_matmul(x, w, group_sizes),
+                        casts=True)
       return out[:count]
     # The rest pad each group to a row tile once, run the three products, and un-pad.
     if choice == "tiles":
@@ -90,6 +107,7 @@ class SwiGLUExperts:
     layout = grouped_matmul.group_layout(group_sizes, rows.shape[0], block_m)
     return self._on_row_tiles(rows, layout, make_dot(layout))
 
-  def _on_row_tiles(self, rows, layout: grouped_matmul.GroupLayout, dot):
+  def _on_row_tiles(self, rows, layout: grouped_matmul.GroupLayout, dot, casts: bool = False):
     """Pad each group to the layout's row tiles, run the three products, un-pad."""
-    return grouped_matmul.unpad(self.swiglu(grouped_matmul.pad(rows, layout), dot), layout)
+    return grouped_matmul.unpad(self.swiglu(grouped_matmul.pad(rows, layout), dot, casts),
+                                layout)

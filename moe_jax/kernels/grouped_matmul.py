@@ -23,12 +23,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
+from moe_jax.kernels import ragged_mosaic
 from moe_jax.manual_axes import gradient_like, kernel_output, typed_like
 
 
 MIN_BLOCK = 16          # the smallest dot Triton takes
-MOSAIC_MIN_BLOCK = 64   # the Mosaic GPU kernels' smallest tile (128-byte swizzle of bf16)
-MOSAIC_ROW_MULTIPLE = 8  # their row count: below this or a multiple of it (TMA tiling)
+MOSAIC_MIN_BLOCK = ragged_mosaic.ROWS   # the Mosaic GPU kernels take widths in multiples of it
 
 
 class Blocks(NamedTuple):
@@ -251,75 +251,13 @@ def grouped_matmul(rows: Float[Array, "N K"], w: Float[Array, "E K F"], group_si
   return unpad(padded_dot(layout, blocks, interpret)(pad(rows, layout), w), layout)
 
 
-# ---- Hopper: jax's Mosaic GPU ragged-dot kernels (wgmma), wrapped with their gradients ----
-
-
-class MosaicBlocks(NamedTuple):
-  """Tile sizes of jax's Mosaic GPU ragged_dot / transposed_ragged_dot kernels."""
-
-  m: int = 128
-  n: int = 128
-  k: int = 64
-  steps: int = 4          # pipeline depth (max_concurrent_steps)
-  grid_block_n: int = 4   # column blocks one SM walks before the next row block
-
-
-def _mosaic_kernels():
-  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
-  return ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot
-
-
-# Jitted, as the Pallas kernels above, so that the layers share each kernel's lowering.
-@functools.partial(jax.jit, static_argnames=("blocks", "transpose_rhs"))
-def _mosaic_ragged(rows, w, group_sizes, blocks: MosaicBlocks, transpose_rhs: bool):
-  ragged_dot, _ = _mosaic_kernels()
-  contraction, width = (w.shape[2], w.shape[1]) if transpose_rhs else (w.shape[1], w.shape[2])
-  out = ragged_dot(rows, w, group_sizes=group_sizes, block_m=blocks.m,
-                   block_n=_block(width, blocks.n), block_k=_block(contraction, blocks.k),
-                   max_concurrent_steps=blocks.steps, grid_block_n=blocks.grid_block_n,
-                   transpose_rhs=transpose_rhs)
-  inside = jnp.arange(rows.shape[0]) < jnp.sum(group_sizes)   # the kernel skips other rows
-  return jnp.where(inside[:, None], typed_like(out, rows, w, group_sizes), 0)
+# ---- Hopper: this repository's Mosaic GPU kernels on ragged groups (ragged_mosaic.py) ------
 
 
 def mosaic_row_count(rows: int) -> int:
-  """The row count the Mosaic kernels take for `rows` rows (a few zero rows appended)."""
-  if rows <= MOSAIC_ROW_MULTIPLE:
-    return rows
-  return -(-rows // MOSAIC_ROW_MULTIPLE) * MOSAIC_ROW_MULTIPLE
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def mosaic_grouped_matmul(rows, w, group_sizes, blocks: MosaicBlocks = MosaicBlocks()):
-  """ragged_dot(rows, w, group_sizes) on Hopper GPUs (rows past the groups give 0); the
-  number of rows must be what `mosaic_row_count` gives."""
-  return _mosaic_ragged(rows, w, group_sizes, blocks, transpose_rhs=False)
-
-
-def _mosaic_forward(rows, w, group_sizes, blocks):
-  return mosaic_grouped_matmul(rows, w, group_sizes, blocks), (rows, w, group_sizes)
-
-
-def _mosaic_backward(blocks, residuals, dy):
-  rows, w, group_sizes = residuals
-  dy = dy.astype(rows.dtype)
-  dx = _mosaic_ragged(dy, w, group_sizes, blocks, transpose_rhs=True)
-  dw = _mosaic_weight_gradient(rows, dy, group_sizes, blocks).astype(w.dtype)
-  return gradient_like(dx, rows), gradient_like(dw, w), None
-
-
-@functools.partial(jax.jit, static_argnames=("blocks",))
-def _mosaic_weight_gradient(rows, dy, group_sizes, blocks: MosaicBlocks):
-  """[E, K, N] gradient of the weights: group e's rows^T dy."""
-  _, transposed_ragged_dot = _mosaic_kernels()
-  dw = transposed_ragged_dot(rows, dy, group_sizes=group_sizes,
-                             block_m=_block(rows.shape[1], blocks.m),
-                             block_n=_block(dy.shape[1], blocks.n), block_k=blocks.k,
-                             max_concurrent_steps=blocks.steps, grid_block_n=blocks.grid_block_n)
-  return typed_like(dw, rows, dy, group_sizes)
-
-
-mosaic_grouped_matmul.defvjp(_mosaic_forward, _mosaic_backward)
+  """The row count the Mosaic kernels take for `rows` rows (zero rows appended up to a whole
+  128-row block)."""
+  return -(-rows // ragged_mosaic.ROWS) * ragged_mosaic.ROWS
 
 
 def hopper() -> bool:
@@ -330,7 +268,7 @@ def hopper() -> bool:
 
 # ---- which implementation the experts use --------------------------------------------------
 
-# dispatch.grouped_matmul: "mosaic" (jax's Mosaic GPU kernels, Hopper), "pallas" (this
+# dispatch.grouped_matmul: "mosaic" (ragged_mosaic.py's Mosaic GPU kernels, Hopper), "pallas" (this
 # module's Triton kernels, any CUDA GPU), "interpret" (those in Pallas interpret mode, any
 # backend), "tiles" (`tiled_dot`: XLA over block-padded row tiles, any backend), "xla"
 # (`jax.lax.ragged_dot`) or "auto" (mosaic on Hopper, pallas on other GPUs, tiles on CPU, xla
@@ -349,8 +287,8 @@ def chosen_implementation(k_dim: int, f_dim: int, requested: str = "auto",
             else "tiles" if backend == "cpu" else "xla")
   if name == "mosaic" and (k_dim % MOSAIC_MIN_BLOCK or f_dim % MOSAIC_MIN_BLOCK
                            or jnp.dtype(dtype).itemsize != 2):
-    name = "pallas"   # its swizzled tiles need widths in multiples of 64, its transposed
-                      # operands 16-bit values (wgmma)
+    name = "pallas"   # its tiles need widths in multiples of 128, its transposed operands
+                      # 16-bit values (wgmma)
   if name not in ("xla", "tiles") and not supported(k_dim, f_dim):
     return "xla"
   return name

@@ -97,12 +97,10 @@ class MoE(nnx.Module):
     return jnp.einsum("bsd,de->bse", x_BxSxD.astype(jnp.float32), self.router_kernel[...])
 
   def _experts(self) -> SwiGLUExperts:
-    fp8 = self.dispatch.fp8_experts
-    # FP8 experts quantize the master (float32) weights themselves: no bf16 copy in between.
-    cast = (lambda w: w[...]) if fp8 else (lambda w: w[...].astype(self.dtype))
-    with jax.named_scope("expert_weights"):
-      return SwiGLUExperts(cast(self.w_gate), cast(self.w_up), cast(self.w_down),
-                           self.dispatch.grouped_matmul, fp8)
+    # The master (float32) weights: each product casts them (SwiGLUExperts.swiglu), FP8 and
+    # Mosaic kernels inside their custom VJPs, whose weight gradients come out in float32.
+    return SwiGLUExperts(self.w_gate[...], self.w_up[...], self.w_down[...],
+                         self.dispatch.grouped_matmul, self.dispatch.fp8_experts)
 
   def __call__(self, x_BxSxD) -> tuple[Float[Array, "B S D"], MoEStats]:
     r, w = self.router, self.balancing

@@ -1,0 +1,401 @@
+"""bf16 grouped matmuls over ragged groups for Hopper GPUs on Mosaic GPU (wgmma), warp-specialized.
+
+The dropless experts' three products on rows sorted by expert, groups left ragged (no padding):
+
+  row_product      out[rows of g] = rows[g] @ w[g]        forward       (w [E, K, N])
+                   out[rows of g] = dy[g] @ w[g]^T        data gradient (transpose_w)
+  weight_product   dw[g] = rows[g]^T @ dy[g]              weight gradient, written in the
+                                                          master weights' dtype (float32)
+
+Each block of the grid runs two compute warpgroups and one warpgroup that issues the TMA
+loads ahead of them; the two compute warpgroups share the block's row operand and each
+takes half its columns, accumulating in registers over the whole contraction. A 128-row
+block of `row_product` that holds the end of one group and the start of the next is
+computed once per group, each storing only its own rows (TMA stores of 64, 32, ... rows);
+rows past the groups are written as zeros. `weight_product` walks a group's rows in 64-row
+steps from the step holding its first row; rows of the neighbouring groups in its first and
+last steps are zeroed in shared memory before the product.
+
+Which tile holds which rows is worked out in XLA (`row_tiles`, `group_steps`), so the
+kernels only read tables; `row_product_reference` and `weight_product_reference` run the
+same tables in XLA, which the tests compare with `jax.lax.ragged_dot` on CPU.
+`python scripts/bench_moe.py --check` compares the kernels themselves on a Hopper GPU.
+
+Shape letters: M rows (a multiple of 128), K contraction width, N output width, E groups,
+V row tiles (M / 128 + E).
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from moe_jax.manual_axes import gradient_like, typed_like
+
+ROWS = 128   # rows per block of row_product (both compute warpgroups' operand)
+STEP = 64    # contraction step: 64 bf16 values, one 128-byte swizzled row
+
+
+class RaggedBlocks(NamedTuple):
+  """Tiles of the ragged kernels: each compute warpgroup accumulates a 128 x n tile (two per
+  block), with `steps` contraction steps in flight; `weight_*` the same for weight_product."""
+
+  n: int = 128
+  steps: int = 3
+  weight_n: int = 128
+  weight_steps: int = 3
+
+
+# ---- which rows each tile holds, in XLA (tiny int32 tables) -------------------------------
+
+
+def row_tiles(group_sizes: Int[Array, "E"], num_rows: int) -> Int[Array, "4 V"]:
+  """For each row tile of row_product: [group (E: rows past the groups, written as zeros),
+  128-row block, first row, end row (within the block)]. A block holding rows of several
+  groups appears once per group; tiles past the last one have no rows (first = end)."""
+  num_groups = group_sizes.shape[0]
+  total = jnp.sum(group_sizes)
+  sizes = jnp.concatenate([group_sizes, (num_rows - total)[None]]).astype(jnp.int32)
+  ends = jnp.cumsum(sizes)
+  starts = ends - sizes
+  first_block, last_block = starts // ROWS, (ends - 1) // ROWS
+  count = jnp.where(sizes > 0, last_block - first_block + 1, 0)
+  count_end = jnp.cumsum(count)
+  tile = jnp.arange(num_rows // ROWS + num_groups, dtype=jnp.int32)
+  group = jnp.minimum(jnp.searchsorted(count_end, tile, side="right"), num_groups)
+  block = first_block[group] + tile - (count_end[group] - count[group])
+  used = tile < count_end[-1]
+  block = jnp.where(used, block, 0)
+  first = jnp.where(used, jnp.clip(starts[group] - block * ROWS, 0, ROWS), 0)
+  end = jnp.where(used, jnp.clip(ends[group] - block * ROWS, 0, ROWS), 0)
+  return jnp.stack([group, block, first, end]).astype(jnp.int32)
+
+
+def group_steps(group_sizes: Int[Array, "E"]) -> Int[Array, "4 E"]:
+  """For each group of weight_product: [first 64-row step, number of steps, first row, end
+  row]."""
+  ends = jnp.cumsum(group_sizes).astype(jnp.int32)
+  starts = ends - group_sizes.astype(jnp.int32)
+  first_step = starts // STEP
+  steps = jnp.where(group_sizes > 0, -(-ends // STEP) - first_step, 0)
+  return jnp.stack([first_step, steps, starts, ends]).astype(jnp.int32)
+
+
+# ---- the kernels -----------------------------------------------------------------------------
+
+
+def _plgpu():
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  return plgpu
+
+
+def _swizzled(dtype, minor: int):
+  """TMA transforms of a tile whose minor dimension holds `minor` elements of `dtype`."""
+  plgpu = _plgpu()
+  swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def _num_sms() -> int:
+  """The GPU's SM count (132 on an H100 or H200, the figure used where no GPU is attached)."""
+  return getattr(jax.devices()[0], "core_count", 132)
+
+
+def _half_width(n: int, width: int) -> int:
+  """The largest of n, n/2, ... down to 64 with 2 x it dividing width (a multiple of 128)."""
+  while n > 64 and width % (2 * n):
+    n //= 2
+  return n
+
+
+def _check(rows: int, **widths):
+  if rows % ROWS:
+    raise ValueError(f"ragged_mosaic needs a multiple of {ROWS} rows, got {rows}")
+  for name, width in widths.items():
+    if width % ROWS:
+      raise ValueError(f"ragged_mosaic needs {name} in multiples of {ROWS}, got {width}")
+
+
+def _warp_specialized(body, out_shape, out_dtype, *operands):
+  """One block per SM, two compute warpgroups and one issuing the loads."""
+  plgpu = _plgpu()
+  return plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(_num_sms(),),
+      grid_names=("sm",), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*operands)
+
+
+def _pipeline(step, context, steps: int, specs, in_flight: int):
+  plgpu = _plgpu()
+  return plgpu.emit_pipeline_warp_specialized(
+      step, grid=(steps,), memory_registers=40, max_concurrent_steps=in_flight,
+      wg_axis="wg", num_compute_wgs=2, compute_context=context, in_specs=specs)
+
+
+def _accumulate(width: int, store):
+  """compute_context: a float32 [128, width] accumulator through the pipeline, then
+  `store(values)`."""
+  plgpu = _plgpu()
+
+  def context(run):
+    def scope(acc_ref):
+      run(acc_ref)
+      store(acc_ref[...])
+    pl.run_scoped(scope, plgpu.ACC((ROWS, width), jnp.float32))
+  return context
+
+
+@functools.partial(jax.jit, static_argnames=("transpose_w", "blocks"))
+def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[Array, "4 V"],
+                *, transpose_w: bool = False,
+                blocks: RaggedBlocks = RaggedBlocks()) -> Float[Array, "M N"]:
+  """out[r] = rows[r] @ w[g] (w[g]^T with transpose_w: w [E, N, K]) for the rows r of each
+  group g in `tiles` (row_tiles), zeros for rows past the groups."""
+  plgpu = _plgpu()
+  num_rows, contraction = rows.shape
+  num_groups = w.shape[0]
+  width = w.shape[1] if transpose_w else w.shape[2]
+  _check(num_rows, contraction=contraction, width=width)
+  n = _half_width(blocks.n, width)
+  column_blocks = width // (2 * n)
+  num_steps = contraction // STEP
+  in_flight = min(blocks.steps, num_steps)   # a pipeline keeps no more steps than it has
+  num_row_tiles = tiles.shape[1]
+  num_tiles = num_row_tiles * column_blocks
+  operand = _swizzled(rows.dtype, STEP)
+  b_spec = (plgpu.BlockSpec((2 * n, STEP), lambda s: (0, s), transforms=operand)
+            if transpose_w else
+            plgpu.BlockSpec((STEP, 2 * n), lambda s: (s, 0), transforms=operand))
+  specs = [plgpu.BlockSpec((ROWS, STEP), lambda s: (0, s), transforms=operand),
+           b_spec]
+
+  def body(tiles_gmem, rows_gmem, w_gmem, out_gmem):
+    wg = lax.axis_index("wg")
+    mine = pl.ds(wg * n, n)
+    ignore = lambda *_, **__: None
+    w_block = (w_gmem.at[0, pl.ds(0, 2 * n)] if transpose_w else w_gmem.at[0, :, pl.ds(0, 2 * n)])
+    allocations = _pipeline(ignore, ignore, num_steps, specs, in_flight).get_allocations(
+        rows_gmem.at[pl.ds(0, ROWS)], w_block)
+
+    def scope(pipeline_allocations, out_smem):
+      @plgpu.nd_loop((num_tiles,), collective_axes="sm")
+      def _(loop_info):
+        tile = loop_info.index[0]
+        ti, ci = lax.div(tile, column_blocks), lax.rem(tile, column_blocks)
+        group, block = tiles_gmem[ti], tiles_gmem[num_row_tiles + ti]
+        first, end = tiles_gmem[2 * num_row_tiles + ti], tiles_gmem[3 * num_row_tiles + ti]
+        columns = pl.ds(ci * 2 * n + wg * n, n)
+
+        def store(values):
+          """This warpgroup's columns of rows first..end of the block (TMA stores of a
+          power of two rows each: a store's row count is static)."""
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          out_smem[wg] = values.astype(out_gmem.dtype)
+          plgpu.commit_smem()
+          start, count, size = first, end - first, ROWS
+          while size:
+            @pl.when(count & size != 0)
+            def _(start=start, size=size):
+              plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(start, size)],
+                                      out_gmem.at[pl.ds(block * ROWS + start, size), columns])
+            start += count & size
+            size //= 2
+
+        def step(_, a_smem, b_smem, acc_ref):
+          b = (plgpu.transpose_ref(b_smem.at[mine], (1, 0)) if transpose_w
+               else b_smem.at[:, mine])
+          plgpu.wgmma(acc_ref, a_smem, b)
+          plgpu.wgmma_wait(0)   # the slot is released when the step returns
+          return acc_ref
+
+        cols = pl.ds(ci * 2 * n, 2 * n)
+        b_window = w_gmem.at[group, cols] if transpose_w else w_gmem.at[group, :, cols]
+
+        @pl.when((group < num_groups) & (end > first))
+        def _():
+          _pipeline(step, _accumulate(n, store), num_steps, specs, in_flight)(
+              rows_gmem.at[pl.ds(block * ROWS, ROWS)], b_window,
+              allocations=pipeline_allocations)
+
+        @pl.when((group >= num_groups) & (end > first) & (wg < 2))
+        def _():
+          store(jnp.zeros((ROWS, n), jnp.float32))
+
+      @pl.when(wg < 2)
+      def _():
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    pl.run_scoped(scope, allocations, plgpu.SMEM((2, ROWS, n), out_gmem.dtype),
+                  collective_axes="wg")
+
+  # The tables go in flat: the kernel reads scalars from one-dimensional arrays.
+  out = _warp_specialized(body, (num_rows, width), rows.dtype, tiles.reshape(-1), rows, w)
+  return typed_like(out, rows, w, tiles)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "blocks"))
+def weight_product(rows: Float[Array, "M K"], dy: Float[Array, "M N"], steps: Int[Array, "4 E"],
+                   *, out_dtype=jnp.float32,
+                   blocks: RaggedBlocks = RaggedBlocks()) -> Float[Array, "E K N"]:
+  """dw[g] = rows[g]^T @ dy[g] over each group's rows (`steps`: group_steps), in out_dtype;
+  zeros for empty groups."""
+  plgpu = _plgpu()
+  num_rows, contraction = rows.shape
+  width = dy.shape[1]
+  num_groups = steps.shape[1]
+  _check(num_rows, k=contraction, n=width)
+  n = _half_width(blocks.weight_n, width)
+  k_blocks, column_blocks = contraction // ROWS, width // (2 * n)
+  num_tiles = num_groups * k_blocks * column_blocks
+  operand = _swizzled(rows.dtype, ROWS)
+  b_operand = _swizzled(rows.dtype, 2 * n)
+  specs = [plgpu.BlockSpec((STEP, ROWS), lambda s: (s, 0), transforms=operand),
+           plgpu.BlockSpec((STEP, 2 * n), lambda s: (s, 0), transforms=b_operand)]
+  half = ROWS // 2   # the float32 tile is stored in two halves of 64 rows (shared memory)
+
+  def body(steps_gmem, rows_gmem, dy_gmem, out_gmem):
+    wg = lax.axis_index("wg")
+    mine = pl.ds(wg * n, n)
+    ignore = lambda *_, **__: None
+    # (a static grid shorter than the steps in flight would allocate fewer buffers)
+    allocations = _pipeline(ignore, ignore, 1 << 20, specs, blocks.weight_steps).get_allocations(
+        rows_gmem.at[pl.ds(0, STEP), pl.ds(0, ROWS)], dy_gmem.at[pl.ds(0, STEP), pl.ds(0, 2 * n)])
+
+    def scope(pipeline_allocations, out_smem):
+      @plgpu.nd_loop((num_tiles,), collective_axes="sm")
+      def _(loop_info):
+        tile = loop_info.index[0]
+        group = lax.div(tile, k_blocks * column_blocks)
+        ki = lax.div(lax.rem(tile, k_blocks * column_blocks), column_blocks)
+        ci = lax.rem(tile, column_blocks)
+        first_step, count = steps_gmem[group], steps_gmem[num_groups + group]
+        start, end = steps_gmem[2 * num_groups + group], steps_gmem[3 * num_groups + group]
+        columns = pl.ds(ci * 2 * n + wg * n, n)
+
+        def store(values):
+          for part in range(ROWS // half):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_smem[wg] = values[part * half:(part + 1) * half].astype(out_gmem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                out_smem.at[wg], out_gmem.at[group, pl.ds(ki * ROWS + part * half, half), columns])
+
+        def step(index, a_smem, b_smem, acc_ref):
+          b = b_smem.at[:, mine]
+          row = (first_step + index[0]) * STEP
+
+          @pl.when((row < start) | (row + STEP > end))
+          def _():   # rows of the neighbouring groups: zero this warpgroup's columns of them
+            values = b[...]
+            index_of_row = plgpu.layout_cast(
+                lax.broadcasted_iota(jnp.int32, (STEP, n), 0), plgpu.Layout.WGMMA) + row
+            inside = (index_of_row >= start) & (index_of_row < end)
+            b[...] = jnp.where(inside, values, jnp.zeros_like(values))
+            plgpu.commit_smem()
+
+          plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_smem, (1, 0)), b)
+          plgpu.wgmma_wait(0)   # the slot is released when the step returns
+          return acc_ref
+
+        # Windows from the group's first step; they reach past the arrays' ends, where the
+        # pipeline never reads (it runs `count` steps).
+        window = pl.ds(first_step * STEP, num_rows)
+
+        @pl.when(count > 0)
+        def _():
+          _pipeline(step, _accumulate(n, store), count, specs, blocks.weight_steps)(
+              rows_gmem.at[window, pl.ds(ki * ROWS, ROWS)],
+              dy_gmem.at[window, pl.ds(ci * 2 * n, 2 * n)], allocations=pipeline_allocations)
+
+        @pl.when((count == 0) & (wg < 2))
+        def _():
+          store(jnp.zeros((ROWS, n), jnp.float32))
+
+      @pl.when(wg < 2)
+      def _():
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    pl.run_scoped(scope, allocations,
+                  plgpu.SMEM((2, half, n), out_dtype, transforms=_swizzled(out_dtype, n)),
+                  collective_axes="wg")
+
+  out = _warp_specialized(body, (num_groups, contraction, width), out_dtype, steps.reshape(-1),
+                         rows, dy)
+  return typed_like(out, rows, dy, steps)
+
+
+# ---- the same contracts in XLA: the obviously correct references (any backend) --------------
+
+
+def row_product_reference(rows, w, tiles, *, transpose_w=False, blocks=RaggedBlocks()):
+  """row_product tile by tile in float32: each tile's block times its group's weight, its
+  rows first..end kept."""
+  del blocks
+  num_groups = w.shape[0]
+  w = jnp.swapaxes(w, 1, 2) if transpose_w else w
+  group, block, first, end = tiles
+  blocks_of_rows = rows.astype(jnp.float32).reshape(-1, ROWS, rows.shape[1])[block]
+  weights = w.astype(jnp.float32)[jnp.minimum(group, num_groups - 1)]
+  products = jnp.einsum("trk,tkn->trn", blocks_of_rows, weights, precision=lax.Precision.HIGHEST)
+  row = jnp.arange(ROWS)
+  kept = (row >= first[:, None]) & (row < end[:, None]) & (group < num_groups)[:, None]
+  out = jnp.zeros((rows.shape[0] // ROWS, ROWS, w.shape[2]), jnp.float32)
+  out = out.at[block].add(jnp.where(kept[..., None], products, 0))
+  return out.reshape(rows.shape[0], -1).astype(rows.dtype)
+
+
+def weight_product_reference(rows, dy, steps, *, out_dtype=jnp.float32, blocks=RaggedBlocks()):
+  """weight_product in float32: each group's rows (from its steps' first and end rows)."""
+  del blocks
+  _, _, start, end = steps
+  row = jnp.arange(rows.shape[0])
+  member = ((row[None] >= start[:, None]) & (row[None] < end[:, None])).astype(jnp.float32)
+  return jnp.einsum("em,mk,mn->ekn", member, rows.astype(jnp.float32), dy.astype(jnp.float32),
+                    precision=lax.Precision.HIGHEST).astype(out_dtype)
+
+
+def _products(kernels: bool):
+  return ((row_product, weight_product) if kernels
+          else (row_product_reference, weight_product_reference))
+
+
+# ---- y = rows @ w[g], differentiable -----------------------------------------------------
+
+
+def _forward(rows, w, group_sizes, blocks, kernels):
+  """The product and what the backward pass keeps: rows, the weight in rows' dtype (the
+  cast made here), the tables, and an empty slice of w (its shape, dtype and type)."""
+  product, _ = _products(kernels)
+  tiles, steps = row_tiles(group_sizes, rows.shape[0]), group_steps(group_sizes)
+  weight = w.astype(rows.dtype)
+  out = product(rows, weight, tiles, blocks=blocks)
+  return out, (rows, weight, tiles, steps, w[:0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def grouped_matmul(rows: Float[Array, "M K"], w: Float[Array, "E K N"],
+                   group_sizes: Int[Array, "E"], blocks: RaggedBlocks = RaggedBlocks(),
+                   kernels: bool = True) -> Float[Array, "M N"]:
+  """ragged_dot(rows, w, group_sizes) in rows' dtype (bf16), zeros for rows past the groups;
+  differentiable in rows and w, w's gradient made in w's dtype (float32 master weights get
+  theirs from the kernel's accumulator, not through a bf16 copy). `kernels=False`: the XLA
+  references of the kernels' contracts (any backend)."""
+  return _forward(rows, w, group_sizes, blocks, kernels)[0]
+
+
+def _backward(blocks, kernels, residuals, dy):
+  product, weight_gradient = _products(kernels)
+  rows, weight, tiles, steps, w_like = residuals
+  dy = dy.astype(rows.dtype)
+  drows = product(dy, weight, tiles, transpose_w=True, blocks=blocks)
+  dw = weight_gradient(rows, dy, steps, out_dtype=w_like.dtype, blocks=blocks)
+  return gradient_like(drows, rows), gradient_like(dw, w_like), None
+
+
+grouped_matmul.defvjp(_forward, _backward)
