@@ -199,8 +199,8 @@ def check_fp8_kernels(interpret: bool) -> None:
 
 TUNE_BLOCKS = [gm.Blocks(128, 128, 64, 4, 4), gm.Blocks(64, 128, 64, 4, 4),
                gm.Blocks(128, 128, 64, 8, 4), gm.Blocks(128, 256, 64, 8, 2),
-               ragged_mosaic.RaggedBlocks(128, 3, 128, 3), ragged_mosaic.RaggedBlocks(128, 3, 64, 4),
-               ragged_mosaic.RaggedBlocks(64, 4, 64, 4), ragged_mosaic.RaggedBlocks(64, 5, 128, 3)]
+               ragged_mosaic.RaggedBlocks(), ragged_mosaic.RaggedBlocks(128, 3, 64, 4),
+               ragged_mosaic.RaggedBlocks(64, 4, 64, 4), ragged_mosaic.RaggedBlocks(64, 6, 64, 6)]
 TUNE_FP8_BLOCKS = ["fp8 pallas", fp8_mosaic.FP8Blocks(128, 4), fp8_mosaic.FP8Blocks(128, 3),
                    fp8_mosaic.FP8Blocks(64, 4)]   # "fp8 pallas": the Triton FP8 kernels
 

@@ -40,14 +40,24 @@ ROWS = 128   # rows per block of row_product (both compute warpgroups' operand)
 STEP = 64    # contraction step: 64 bf16 values, one 128-byte swizzled row
 
 
+SHARED_MEMORY = 227 * 1024   # bytes one block may use on Hopper
+MAX_STEPS = 4                # steps in flight when shared memory holds more
+
+
 class RaggedBlocks(NamedTuple):
   """Tiles of the ragged kernels: each compute warpgroup accumulates a 128 x n tile (two per
-  block), with `steps` contraction steps in flight; `weight_*` the same for weight_product."""
+  block), with `steps` contraction steps in flight (0: as many as shared memory holds beside
+  the output tile, at most MAX_STEPS); `weight_*` the same for weight_product."""
 
   n: int = 128
-  steps: int = 3
+  steps: int = 0
   weight_n: int = 128
-  weight_steps: int = 3
+  weight_steps: int = 0
+
+
+def _in_flight(requested: int, step_bytes: int, output_bytes: int) -> int:
+  """`requested` steps in flight, or for 0 as many as fit in shared memory (at most 4)."""
+  return requested or min(MAX_STEPS, (SHARED_MEMORY - output_bytes) // step_bytes)
 
 
 # ---- which rows each tile holds, in XLA (tiny int32 tables) -------------------------------
@@ -165,7 +175,10 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
   n = _half_width(blocks.n, width)
   column_blocks = width // (2 * n)
   num_steps = contraction // STEP
-  in_flight = min(blocks.steps, num_steps)   # a pipeline keeps no more steps than it has
+  itemsize = jnp.dtype(rows.dtype).itemsize
+  in_flight = min(num_steps,   # a pipeline keeps no more steps than it has
+                  _in_flight(blocks.steps, (ROWS + 2 * n) * STEP * itemsize,
+                             2 * ROWS * n * itemsize))
   num_row_tiles = tiles.shape[1]
   num_tiles = num_row_tiles * column_blocks
   operand = _swizzled(rows.dtype, STEP)
@@ -258,13 +271,16 @@ def weight_product(rows: Float[Array, "M K"], dy: Float[Array, "M N"], steps: In
   specs = [plgpu.BlockSpec((STEP, ROWS), lambda s: (s, 0), transforms=operand),
            plgpu.BlockSpec((STEP, 2 * n), lambda s: (s, 0), transforms=b_operand)]
   half = ROWS // 2   # the float32 tile is stored in two halves of 64 rows (shared memory)
+  in_flight = _in_flight(blocks.weight_steps,
+                         (ROWS + 2 * n) * STEP * jnp.dtype(rows.dtype).itemsize,
+                         2 * half * n * jnp.dtype(out_dtype).itemsize)
 
   def body(steps_gmem, rows_gmem, dy_gmem, out_gmem):
     wg = lax.axis_index("wg")
     mine = pl.ds(wg * n, n)
     ignore = lambda *_, **__: None
     # (a static grid shorter than the steps in flight would allocate fewer buffers)
-    allocations = _pipeline(ignore, ignore, 1 << 20, specs, blocks.weight_steps).get_allocations(
+    allocations = _pipeline(ignore, ignore, 1 << 20, specs, in_flight).get_allocations(
         rows_gmem.at[pl.ds(0, STEP), pl.ds(0, ROWS)], dy_gmem.at[pl.ds(0, STEP), pl.ds(0, 2 * n)])
 
     def scope(pipeline_allocations, out_smem):
@@ -309,7 +325,7 @@ def weight_product(rows: Float[Array, "M K"], dy: Float[Array, "M N"], steps: In
 
         @pl.when(count > 0)
         def _():
-          _pipeline(step, _accumulate(n, store), count, specs, blocks.weight_steps)(
+          _pipeline(step, _accumulate(n, store), count, specs, in_flight)(
               rows_gmem.at[window, pl.ds(ki * ROWS, ROWS)],
               dy_gmem.at[window, pl.ds(ci * 2 * n, 2 * n)], allocations=pipeline_allocations)
 
