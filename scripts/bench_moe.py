@@ -254,6 +254,25 @@ def tune(shapes, tokens, warmup, repeats) -> None:
       if isinstance(blocks, fp8_mosaic.FP8Blocks):
         print("    " + _fp8_kernel_times(gm.pad(rows, layout), w, layout, blocks, flops, warmup,
                                           repeats), flush=True)
+      if isinstance(blocks, ragged_mosaic.RaggedBlocks):
+        print("    " + _ragged_kernel_times(rows, w, sizes, blocks, flops, warmup, repeats),
+              flush=True)
+
+
+def _ragged_kernel_times(rows, w, sizes, blocks, flops, warmup, repeats) -> str:
+  """The three bf16 Mosaic kernels alone (bf16 operands, no casts, the tables made before)."""
+  time = lambda fn, *args: median_ms(fn, *args, warmup=warmup, repeats=repeats)
+  tiles, steps = ragged_mosaic.row_tiles(sizes, rows.shape[0]), ragged_mosaic.group_steps(sizes)
+  dy = jnp.tile(rows, (1, -(-w.shape[2] // w.shape[1])))[:, :w.shape[2]]   # [rows, F]
+  kernels = {
+      "forward": (functools.partial(ragged_mosaic.row_product, blocks=blocks), (rows, w, tiles)),
+      "data gradient": (functools.partial(ragged_mosaic.row_product, transpose_w=True,
+                                          blocks=blocks), (dy, w, tiles)),
+      "weight gradient (float32)": (functools.partial(ragged_mosaic.weight_product,
+                                                      blocks=blocks), (rows, dy, steps))}
+  times = {name: time(fn, *args) for name, (fn, args) in kernels.items()}
+  return "kernels alone: " + "; ".join(f"{name} {t:.2f} ms {flops / t / 1e9:.0f} TFLOP/s"
+                                       for name, t in times.items())
 
 
 def _fp8_kernel_times(padded_rows, w, layout, blocks, flops, warmup, repeats) -> str:
