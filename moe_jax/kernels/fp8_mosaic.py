@@ -33,7 +33,6 @@ C contraction chunks of 128; a trailing p marks a width padded to a multiple of 
 """
 
 import functools
-import inspect
 from typing import NamedTuple
 
 import jax
@@ -42,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from moe_jax.kernels import fp8, fp8_quantize
+from moe_jax.kernels import fp8, fp8_quantize, mosaic
 from moe_jax.manual_axes import gradient_like, typed_like
 
 TILE = fp8.TILE
@@ -56,32 +55,6 @@ class FP8Blocks(NamedTuple):
 
   n: int = 128
   steps: int = 4
-
-
-def _plgpu():
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  return plgpu
-
-
-def _swizzled(dtype, minor: int):
-  """TMA transforms of a tile whose minor dimension holds `minor` elements of `dtype`."""
-  plgpu = _plgpu()
-  swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
-  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-          plgpu.SwizzleTransform(swizzle))
-
-
-def _num_sms() -> int:
-  """The GPU's SM count (132 on an H100 or H200, the figure used where no GPU is attached)."""
-  return getattr(jax.devices()[0], "core_count", 132)
-
-
-def _load(ref, layout):
-  """plgpu.load of the whole ref (jax before 0.11 takes an index, later ones refuse it)."""
-  plgpu = _plgpu()
-  if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
-    return plgpu.load(ref, (), layout=layout)
-  return plgpu.load(ref, layout=layout)
 
 
 def _fitting(n: int, width: int) -> int:
@@ -111,9 +84,9 @@ def _warp_specialized(num_tiles: int, task, out_shape, out_dtype, blocks: FP8Blo
   each CTA two compute warpgroups of 64 rows (sharing the [n, 128] operand block) and
   one warpgroup issuing the TMA loads ahead of them; each compute warpgroup scales every
   step's product into its float32 accumulator while the other one's runs."""
-  plgpu = _plgpu()
+  plgpu = mosaic.plgpu()
   m, n = WARPGROUP_ROWS, blocks.n
-  operand = _swizzled(fp8.E4M3, TILE)
+  operand = mosaic.swizzled(fp8.E4M3, TILE)
   zeros = lambda: plgpu.layout_cast(jnp.zeros((m, n), jnp.float32), plgpu.Layout.WGMMA)
 
   def pipeline(step, context, steps):
@@ -151,8 +124,8 @@ def _warp_specialized(num_tiles: int, task, out_shape, out_dtype, blocks: FP8Blo
             return acc_ref[...]
 
           partial = pl.run_scoped(product, plgpu.ACC((m, n), jnp.float32))
-          a_scale = _load(a_scale_smem.at[0, mine], plgpu.Layout.WGMMA.reduce(1))
-          b_scale = _load(b_scale_smem.at[0], plgpu.Layout.WGMMA.reduce(0))
+          a_scale = mosaic.load(a_scale_smem.at[0, mine], plgpu.Layout.WGMMA.reduce(1))
+          b_scale = mosaic.load(b_scale_smem.at[0], plgpu.Layout.WGMMA.reduce(0))
           return total + (partial * lax.broadcast_in_dim(a_scale, (m, n), [0])
                           * lax.broadcast_in_dim(b_scale, (m, n), [1]))
 
@@ -166,11 +139,11 @@ def _warp_specialized(num_tiles: int, task, out_shape, out_dtype, blocks: FP8Blo
           store(zeros())
 
     pl.run_scoped(scope, allocations, plgpu.SMEM((2, m, n), out_dtype,
-                                                 transforms=_swizzled(out_dtype, n)),
+                                                 transforms=mosaic.swizzled(out_dtype, n)),
                   collective_axes="wg")
 
   return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
-                      grid=(_num_sms(),), grid_names=("sm",), num_threads=3,
+                      grid=(mosaic.num_sms(),), grid_names=("sm",), num_threads=3,
                       thread_name="wg")(*operands)
 
 

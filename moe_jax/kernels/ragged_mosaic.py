@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
+from moe_jax.kernels import mosaic
 from moe_jax.manual_axes import gradient_like, typed_like
 
 ROWS = 128   # rows per block of row_product (both compute warpgroups' operand)
@@ -98,24 +99,6 @@ def group_steps(group_sizes: Int[Array, "E"]) -> Int[Array, "4 E"]:
 # ---- the kernels -----------------------------------------------------------------------------
 
 
-def _plgpu():
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  return plgpu
-
-
-def _swizzled(dtype, minor: int):
-  """TMA transforms of a tile whose minor dimension holds `minor` elements of `dtype`."""
-  plgpu = _plgpu()
-  swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
-  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-          plgpu.SwizzleTransform(swizzle))
-
-
-def _num_sms() -> int:
-  """The GPU's SM count (132 on an H100 or H200, the figure used where no GPU is attached)."""
-  return getattr(jax.devices()[0], "core_count", 132)
-
-
 def _half_width(n: int, width: int) -> int:
   """The largest of n, n/2, ... down to 64 with 2 x it dividing width (a multiple of 128)."""
   while n > 64 and width % (2 * n):
@@ -133,16 +116,16 @@ def _check(rows: int, **widths):
 
 def _warp_specialized(body, out_shape, out_dtype, *operands):
   """One block per SM, two compute warpgroups and one issuing the loads."""
-  plgpu = _plgpu()
+  plgpu = mosaic.plgpu()
   return plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(_num_sms(),),
+      body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(mosaic.num_sms(),),
       grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*operands)
 
 
 def _pipeline(step, context, steps: int, specs, in_flight: int):
-  plgpu = _plgpu()
+  plgpu = mosaic.plgpu()
   return plgpu.emit_pipeline_warp_specialized(
       step, grid=(steps,), memory_registers=40, max_concurrent_steps=in_flight,
       wg_axis="wg", num_compute_wgs=2, compute_context=context, in_specs=specs)
@@ -151,7 +134,7 @@ def _pipeline(step, context, steps: int, specs, in_flight: int):
 def _accumulate(width: int, store):
   """compute_context: a float32 [128, width] accumulator through the pipeline, then
   `store(values)`."""
-  plgpu = _plgpu()
+  plgpu = mosaic.plgpu()
 
   def context(run):
     def scope(acc_ref):
@@ -167,7 +150,7 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
                 blocks: RaggedBlocks = RaggedBlocks()) -> Float[Array, "M N"]:
   """out[r] = rows[r] @ w[g] (w[g]^T with transpose_w: w [E, N, K]) for the rows r of each
   group g in `tiles` (row_tiles), zeros for rows past the groups."""
-  plgpu = _plgpu()
+  plgpu = mosaic.plgpu()
   num_rows, contraction = rows.shape
   num_groups = w.shape[0]
   width = w.shape[1] if transpose_w else w.shape[2]
@@ -181,7 +164,7 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
                              2 * ROWS * n * itemsize))
   num_row_tiles = tiles.shape[1]
   num_tiles = num_row_tiles * column_blocks
-  operand = _swizzled(rows.dtype, STEP)
+  operand = mosaic.swizzled(rows.dtype, STEP)
   b_spec = (plgpu.BlockSpec((2 * n, STEP), lambda s: (0, s), transforms=operand)
             if transpose_w else
             plgpu.BlockSpec((STEP, 2 * n), lambda s: (s, 0), transforms=operand))
@@ -258,7 +241,7 @@ def weight_product(rows: Float[Array, "M K"], dy: Float[Array, "M N"], steps: In
                    blocks: RaggedBlocks = RaggedBlocks()) -> Float[Array, "E K N"]:
   """dw[g] = rows[g]^T @ dy[g] over each group's rows (`steps`: group_steps), in out_dtype;
   zeros for empty groups."""
-  plgpu = _plgpu()
+  plgpu = mosaic.plgpu()
   num_rows, contraction = rows.shape
   width = dy.shape[1]
   num_groups = steps.shape[1]
@@ -266,8 +249,8 @@ def weight_product(rows: Float[Array, "M K"], dy: Float[Array, "M N"], steps: In
   n = _half_width(blocks.weight_n, width)
   k_blocks, column_blocks = contraction // ROWS, width // (2 * n)
   num_tiles = num_groups * k_blocks * column_blocks
-  operand = _swizzled(rows.dtype, ROWS)
-  b_operand = _swizzled(rows.dtype, 2 * n)
+  operand = mosaic.swizzled(rows.dtype, ROWS)
+  b_operand = mosaic.swizzled(rows.dtype, 2 * n)
   specs = [plgpu.BlockSpec((STEP, ROWS), lambda s: (s, 0), transforms=operand),
            plgpu.BlockSpec((STEP, 2 * n), lambda s: (s, 0), transforms=b_operand)]
   half = ROWS // 2   # the float32 tile is stored in two halves of 64 rows (shared memory)
@@ -338,7 +321,7 @@ def weight_product(rows: Float[Array, "M K"], dy: Float[Array, "M N"], steps: In
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     pl.run_scoped(scope, allocations,
-                  plgpu.SMEM((2, half, n), out_dtype, transforms=_swizzled(out_dtype, n)),
+                  plgpu.SMEM((2, half, n), out_dtype, transforms=mosaic.swizzled(out_dtype, n)),
                   collective_axes="wg")
 
   out = _warp_specialized(body, (num_groups, contraction, width), out_dtype, steps.reshape(-1),
