@@ -99,6 +99,36 @@ def test_ragged_mosaic_tables_by_hand():
                                           [3, 1, 203, 204]])
 
 
+def test_ragged_mosaic_tables_give_every_row_to_its_group_once():
+  """Random group sizes, many of them at or next to the kernels' 64- and 128-row boundaries:
+  the row tiles hold every row once, with its group (rows past the groups with group E, to be
+  zeroed), and each group's 64-row steps cover exactly its rows' steps."""
+  rng = np.random.default_rng(7)
+  row_tiles, group_steps = jax.jit(rm.row_tiles, static_argnums=1), jax.jit(rm.group_steps)
+  for case in range(40):
+    num_groups = int(rng.choice([1, 3, 8, 33]))
+    num_rows = 128 * int(rng.integers(1, 9))
+    sizes = rng.choice([0, 1, 63, 64, 65, 127, 128, 129], num_groups)
+    while sizes.sum() > num_rows:
+      sizes[rng.integers(num_groups)] //= 2
+    group_of_row = np.concatenate([np.repeat(np.arange(num_groups), sizes),
+                                   np.full(num_rows - sizes.sum(), num_groups)])
+    group, block, first, end = np.asarray(row_tiles(jnp.asarray(sizes, jnp.int32), num_rows))
+    seen = np.zeros(num_rows, int)
+    for g, b, lo, hi in zip(group, block, first, end):
+      rows = b * 128 + np.arange(lo, hi)
+      seen[rows] += 1
+      assert (group_of_row[rows] == g).all(), (case, sizes, g, b, lo, hi)
+    assert (seen == 1).all(), (case, sizes, seen)
+    first_step, steps, start, stop = np.asarray(group_steps(jnp.asarray(sizes, jnp.int32)))
+    ends = np.cumsum(sizes)
+    np.testing.assert_array_equal(start, ends - sizes)
+    np.testing.assert_array_equal(stop, ends)
+    for g in range(num_groups):
+      want = set(range(start[g] // 64, -(-stop[g] // 64))) if sizes[g] else set()
+      assert set(range(first_step[g], first_step[g] + steps[g])) == want, (case, sizes, g)
+
+
 @pytest.mark.parametrize("sizes", [[3, 0, 200, 1], [0, 256, 0, 0], [64, 64, 64, 64]],
                          ids=["mixed", "one_expert", "balanced"])
 def test_ragged_mosaic_contract_matches_ragged_dot(sizes):
