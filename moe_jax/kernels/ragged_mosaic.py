@@ -175,7 +175,8 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
     wg = lax.axis_index("wg")
     mine = pl.ds(wg * n, n)
     ignore = lambda *_, **__: None
-    w_block = (w_gmem.at[0, pl.ds(0, 2 * n)] if transpose_w else w_gmem.at[0, :, pl.ds(0, 2 * n)])
+    w_block = (w_gmem.at[0, pl.ds(0, 2 * n)] if transpose_w
+               else w_gmem.at[0, :, pl.ds(0, 2 * n)])
     allocations = _pipeline(ignore, ignore, num_steps, specs, in_flight).get_allocations(
         rows_gmem.at[pl.ds(0, ROWS)], w_block)
 
@@ -186,7 +187,8 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
         ti, ci = lax.div(tile, column_blocks), lax.rem(tile, column_blocks)
         group, block = tiles_gmem[ti], tiles_gmem[num_row_tiles + ti]
         first, end = tiles_gmem[2 * num_row_tiles + ti], tiles_gmem[3 * num_row_tiles + ti]
-        columns = pl.ds(ci * 2 * n + wg * n, n)
+        block_columns = pl.ds(ci * 2 * n, 2 * n)
+        columns = pl.ds(ci * 2 * n + wg * n, n)     # this warpgroup's
 
         def store(values):
           """This warpgroup's columns of rows first..end of the block (TMA stores of a
@@ -210,8 +212,8 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
           plgpu.wgmma_wait(0)   # the slot is released when the step returns
           return acc_ref
 
-        cols = pl.ds(ci * 2 * n, 2 * n)
-        b_window = w_gmem.at[group, cols] if transpose_w else w_gmem.at[group, :, cols]
+        b_window = (w_gmem.at[group, block_columns] if transpose_w
+                    else w_gmem.at[group, :, block_columns])
 
         @pl.when((group < num_groups) & (end > first))
         def _():
@@ -230,7 +232,7 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
     pl.run_scoped(scope, allocations, plgpu.SMEM((2, ROWS, n), out_gmem.dtype),
                   collective_axes="wg")
 
-  # The tables go in flat: the kernel reads scalars from one-dimensional arrays.
+  # The table goes in flat: the kernel reads it as scalars from one one-dimensional array.
   out = _warp_specialized(body, (num_rows, width), rows.dtype, tiles.reshape(-1), rows, w)
   return typed_like(out, rows, w, tiles)
 
