@@ -39,10 +39,7 @@ class SwiGLUExperts:
     """The three products of every expert's SwiGLU through `dot(x, w)` (w one of the [E, ., .]
     weights): batched, ragged or padded-grouped, the same function. `casts`: `dot` takes the
     weights as they are and casts them itself; otherwise they are cast to x's dtype here."""
-    weights = (self.w_gate, self.w_up, self.w_down)
-    if not casts:
-      weights = self.in_dtype(x.dtype).weights
-    w_gate, w_up, w_down = weights
+    w_gate, w_up, w_down = (self if casts else self.in_dtype(x.dtype)).weights
     with jax.named_scope("experts"):
       x = checkpoint_name(x, "expert_inputs")   # names a remat policy can keep
       hidden = jax.nn.silu(dot(x, w_gate)) * dot(x, w_up)
@@ -88,12 +85,10 @@ class SwiGLUExperts:
                                                   self.implementation, rows.dtype)
     if choice == "xla":
       return self.swiglu(rows, lambda x, w: jax.lax.ragged_dot(x, w, group_sizes))
-    if choice == "mosaic":   # zero rows appended past the groups (any row count, e.g. decoding)
-      count = rows.shape[0]
-      padded = jnp.pad(rows, ((0, grouped_matmul.mosaic_row_count(count) - count), (0, 0)))
-      out = self.swiglu(padded, lambda x, w: ragged_mosaic.grouped_matmul(x, w, group_sizes),
-                        casts=True)
-      return out[:count]
+    if choice == "mosaic":   # zero rows appended past the groups, dropped after
+      out = self.swiglu(grouped_matmul.to_mosaic_rows(rows),
+                        lambda x, w: ragged_mosaic.grouped_matmul(x, w, group_sizes), casts=True)
+      return out[:rows.shape[0]]
     # The rest pad each group to a row tile once, run the three products, and un-pad.
     if choice == "tiles":
       block_m = grouped_matmul.TILE_ROWS
