@@ -159,6 +159,32 @@ def test_ragged_mosaic_contract_matches_ragged_dot(sizes):
     assert error < tolerance, (name, error)
 
 
+def test_ragged_mosaic_weights_side_by_side_get_their_own_gradients():
+  """Gate and up as one product (a tuple of weights used side by side): the output is each
+  weight's product next to the other's, and each float32 weight gets its own gradient."""
+  rng = np.random.default_rng(7)
+  rows = jnp.asarray(rng.normal(size=(256, 128)), jnp.bfloat16)
+  pair = tuple(jnp.asarray(rng.normal(size=(3, 128, 128)) / 11, jnp.float32) for _ in range(2))
+  cotangent = jnp.asarray(rng.normal(size=(256, 256)), jnp.bfloat16).astype(jnp.float32)
+  group_sizes = jnp.asarray([100, 0, 140], jnp.int32)
+
+  def reference(r, pair):
+    return jnp.concatenate([jax.lax.ragged_dot(r.astype(jnp.float32), w, group_sizes,
+                                               precision=jax.lax.Precision.HIGHEST)
+                            for w in pair], axis=-1)
+
+  out, vjp = jax.vjp(lambda r, pair: rm.grouped_matmul(r, pair, group_sizes, kernels=False)
+                     .astype(jnp.float32), rows, pair)
+  d_rows, d_pair = vjp(cotangent)
+  bf16_pair = tuple(w.astype(jnp.bfloat16).astype(jnp.float32) for w in pair)
+  want_out, want_vjp = jax.vjp(reference, rows, bf16_pair)
+  want_rows, want_pair = want_vjp(cotangent)
+  relative = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
+  assert relative(out[:240], want_out[:240]) < 8e-3 and relative(d_rows, want_rows) < 8e-3
+  for got, want in zip(d_pair, want_pair):
+    assert got.dtype == jnp.float32 and relative(got, want) < 1e-5
+
+
 def test_implementation_choice():
   assert gm.chosen_implementation(64, 128) == "tiles"        # auto on CPU
   assert gm.chosen_implementation(64, 100, "tiles") == "tiles"      # any widths
@@ -192,10 +218,10 @@ def test_layers_share_each_kernels_lowering():
     text = jax.jit(step).lower(state, jnp.zeros((2, 33), jnp.int32)).as_text()
     kernels[layers] = set(re.findall(r"func\.func private @(t?gmm_padded\w*)", text))
     calls[layers] = len(re.findall(r"call @t?gmm_padded", text))
-  # Per layer: 3 forward products, 3 x 2 backward ones (through the rows and the weights);
-  # the three forward products take 2 distinct shapes, the backward ones 4.
+  # Per layer: 2 forward products (gate and up as one), 2 x 2 backward ones (through the rows
+  # and the weights); each of a layer's 6 products has its own shape.
   assert len(kernels[2]) == 6 and kernels[4] == kernels[2], kernels
-  assert (calls[2], calls[4]) == (2 * 9, 4 * 9), calls
+  assert (calls[2], calls[4]) == (2 * 6, 4 * 6), calls
 
 
 def test_a_kernels_weight_gradient_sums_over_the_token_axes_its_weight_does_not_split():

@@ -5,7 +5,8 @@ The dropless experts' three products on rows sorted by expert, groups left ragge
   row_product      out[rows of g] = rows[g] @ w[g]        forward       (w [E, K, N])
                    out[rows of g] = dy[g] @ w[g]^T        data gradient (transpose_w)
   weight_product   dw[g] = rows[g]^T @ dy[g]              weight gradient, written in the
-                                                          master weights' dtype (float32)
+                                                          master weights' dtype (float32),
+                                                          split into `parts` arrays by column
 
 Each block of the grid runs two compute warpgroups and one warpgroup that issues the TMA
 loads ahead of them; the two compute warpgroups share the block's row operand and each
@@ -114,11 +115,11 @@ def _check(rows: int, **widths):
       raise ValueError(f"ragged_mosaic needs {name} in multiples of {ROWS}, got {width}")
 
 
-def _warp_specialized(body, out_shape, out_dtype, *operands):
+def _warp_specialized(body, out_type, *operands):
   """One block per SM, two compute warpgroups and one issuing the loads."""
   plgpu = mosaic.plgpu()
   return plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(mosaic.num_sms(),),
+      body, out_type=out_type, grid=(mosaic.num_sms(),),
       grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*operands)
@@ -233,22 +234,28 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
                   collective_axes="wg")
 
   # The table goes in flat: the kernel reads it as scalars from one one-dimensional array.
-  out = _warp_specialized(body, (num_rows, width), rows.dtype, tiles.reshape(-1), rows, w)
+  out = _warp_specialized(body, jax.ShapeDtypeStruct((num_rows, width), rows.dtype),
+                          tiles.reshape(-1), rows, w)
   return typed_like(out, rows, w, tiles)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "blocks"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "blocks", "parts"))
 def weight_product(rows: Float[Array, "M K"], dy: Float[Array, "M N"], steps: Int[Array, "4 E"],
-                   *, out_dtype=jnp.float32,
-                   blocks: RaggedBlocks = RaggedBlocks()) -> Float[Array, "E K N"]:
+                   *, out_dtype=jnp.float32, blocks: RaggedBlocks = RaggedBlocks(),
+                   parts: int = 1) -> tuple[Float[Array, "E K N/parts"], ...]:
   """dw[g] = rows[g]^T @ dy[g] over each group's rows (`steps`: group_steps), in out_dtype;
-  zeros for empty groups."""
+  zeros for empty groups. Written as `parts` arrays of N / parts columns each (the gradients
+  of weights used side by side: one kernel over the whole width, no copy to split it)."""
   plgpu = mosaic.plgpu()
   num_rows, contraction = rows.shape
   width = dy.shape[1]
   num_groups = steps.shape[1]
   _check(num_rows, k=contraction, n=width)
   n = _half_width(blocks.weight_n, width)
+  part_width = width // parts
+  if part_width * parts != width or part_width % n:
+    raise ValueError(f"weight_product: {parts} parts of {width} columns need each a multiple of "
+                     f"{n} columns")
   k_blocks, column_blocks = contraction // ROWS, width // (2 * n)
   num_tiles = num_groups * k_blocks * column_blocks
   operand = mosaic.swizzled(rows.dtype, ROWS)
@@ -260,7 +267,7 @@ def weight_product(rows: Float[Array, "M K"], dy: Float[Array, "M N"], steps: In
                          (ROWS + 2 * n) * STEP * jnp.dtype(rows.dtype).itemsize,
                          2 * half * n * jnp.dtype(out_dtype).itemsize)
 
-  def body(steps_gmem, rows_gmem, dy_gmem, out_gmem):
+  def body(steps_gmem, rows_gmem, dy_gmem, *out_gmems):
     wg = lax.axis_index("wg")
     mine = pl.ds(wg * n, n)
     ignore = lambda *_, **__: None
@@ -277,15 +284,21 @@ def weight_product(rows: Float[Array, "M K"], dy: Float[Array, "M N"], steps: In
         ci = lax.rem(tile, column_blocks)
         first_step, count = steps_gmem[group], steps_gmem[num_groups + group]
         start, end = steps_gmem[2 * num_groups + group], steps_gmem[3 * num_groups + group]
-        columns = pl.ds(ci * 2 * n + wg * n, n)
+        column = ci * 2 * n + wg * n   # this warpgroup's first, within one part's columns
+        part_of_tile = lax.div(column, part_width)
+        columns = pl.ds(column - part_of_tile * part_width, n)
 
         def store(values):
-          for part in range(ROWS // half):
+          for upper in range(ROWS // half):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem[wg] = values[part * half:(part + 1) * half].astype(out_gmem.dtype)
+            out_smem[wg] = values[upper * half:(upper + 1) * half].astype(out_dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                out_smem.at[wg], out_gmem.at[group, pl.ds(ki * ROWS + part * half, half), columns])
+            for part, out_gmem in enumerate(out_gmems):
+              @pl.when(part_of_tile == part)
+              def _(out_gmem=out_gmem, upper=upper):
+                plgpu.copy_smem_to_gmem(
+                    out_smem.at[wg],
+                    out_gmem.at[group, pl.ds(ki * ROWS + upper * half, half), columns])
 
         def step(index, a_smem, b_smem, acc_ref):
           b = b_smem.at[:, mine]
@@ -326,9 +339,9 @@ def weight_product(rows: Float[Array, "M K"], dy: Float[Array, "M N"], steps: In
                   plgpu.SMEM((2, half, n), out_dtype, transforms=mosaic.swizzled(out_dtype, n)),
                   collective_axes="wg")
 
-  out = _warp_specialized(body, (num_groups, contraction, width), out_dtype, steps.reshape(-1),
-                         rows, dy)
-  return typed_like(out, rows, dy, steps)
+  out_type = (jax.ShapeDtypeStruct((num_groups, contraction, part_width), out_dtype),) * parts
+  outs = _warp_specialized(body, out_type, steps.reshape(-1), rows, dy)
+  return tuple(typed_like(out, rows, dy, steps) for out in outs)
 
 
 # ---- the same contracts in XLA: the obviously correct references (any backend) --------------
@@ -351,14 +364,16 @@ def row_product_reference(rows, w, tiles, *, transpose_w=False, blocks=RaggedBlo
   return out.reshape(rows.shape[0], -1).astype(rows.dtype)
 
 
-def weight_product_reference(rows, dy, steps, *, out_dtype=jnp.float32, blocks=RaggedBlocks()):
+def weight_product_reference(rows, dy, steps, *, out_dtype=jnp.float32, blocks=RaggedBlocks(),
+                             parts=1):
   """weight_product in float32: each group's rows (from its steps' first and end rows)."""
   del blocks
   _, _, start, end = steps
   row = jnp.arange(rows.shape[0])
   member = ((row[None] >= start[:, None]) & (row[None] < end[:, None])).astype(jnp.float32)
-  return jnp.einsum("em,mk,mn->ekn", member, rows.astype(jnp.float32), dy.astype(jnp.float32),
-                    precision=lax.Precision.HIGHEST).astype(out_dtype)
+  dw = jnp.einsum("em,mk,mn->ekn", member, rows.astype(jnp.float32), dy.astype(jnp.float32),
+                  precision=lax.Precision.HIGHEST).astype(out_dtype)
+  return tuple(jnp.split(dw, parts, axis=-1))
 
 
 def _products(kernels: bool):
@@ -370,22 +385,27 @@ def _products(kernels: bool):
 
 
 def _forward(rows, w, group_sizes, blocks, kernels):
-  """The product and what the backward pass keeps: rows, the weight in rows' dtype (the
-  cast made here), the tables, and an empty slice of w (its shape, dtype and type)."""
+  """The product and what the backward pass keeps: rows, the weights side by side in rows'
+  dtype (the cast made here), the tables, and an empty slice of each weight (its shape, dtype
+  and type)."""
   product, _ = _products(kernels)
   tiles, steps = row_tiles(group_sizes, rows.shape[0]), group_steps(group_sizes)
-  weight = w.astype(rows.dtype)
+  parts = w if isinstance(w, tuple) else (w,)
+  weight = jnp.concatenate([part.astype(rows.dtype) for part in parts], axis=-1)
   out = product(rows, weight, tiles, blocks=blocks)
-  return out, (rows, weight, tiles, steps, w[:0])
+  return out, (rows, weight, tiles, steps, jax.tree.map(lambda part: part[:0], w))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def grouped_matmul(rows: Float[Array, "M K"], w: Float[Array, "E K N"],
+def grouped_matmul(rows: Float[Array, "M K"],
+                   w: Float[Array, "E K N"] | tuple[Float[Array, "E K N/P"], ...],
                    group_sizes: Int[Array, "E"], blocks: RaggedBlocks = RaggedBlocks(),
                    kernels: bool = True) -> Float[Array, "M N"]:
   """ragged_dot(rows, w, group_sizes) in rows' dtype (bf16), zeros for rows past the groups;
   differentiable in rows and w, w's gradient made in w's dtype (float32 master weights get
-  theirs from the kernel's accumulator, not through a bf16 copy). `kernels=False`: the XLA
+  theirs from the kernel's accumulator, not through a bf16 copy). `w` may be a tuple of P
+  weights of equal shape used side by side (concatenated along N: gate and up as one
+  product); each gets its own gradient from the one kernel. `kernels=False`: the XLA
   references of the kernels' contracts (any backend)."""
   return _forward(rows, w, group_sizes, blocks, kernels)[0]
 
@@ -395,8 +415,11 @@ def _backward(blocks, kernels, residuals, dy):
   rows, weight, tiles, steps, w_like = residuals
   dy = dy.astype(rows.dtype)
   drows = product(dy, weight, tiles, transpose_w=True, blocks=blocks)
-  dw = weight_gradient(rows, dy, steps, out_dtype=w_like.dtype, blocks=blocks)
-  return gradient_like(drows, rows), gradient_like(dw, w_like), None
+  parts = w_like if isinstance(w_like, tuple) else (w_like,)
+  dws = weight_gradient(rows, dy, steps, out_dtype=parts[0].dtype, blocks=blocks,
+                        parts=len(parts))
+  dws = tuple(gradient_like(dw, like) for dw, like in zip(dws, parts))
+  return gradient_like(drows, rows), dws if isinstance(w_like, tuple) else dws[0], None
 
 
 grouped_matmul.defvjp(_forward, _backward)
