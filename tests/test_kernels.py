@@ -120,6 +120,10 @@ def test_ragged_mosaic_tables_give_every_row_to_its_group_once():
       seen[rows] += 1
       assert (group_of_row[rows] == g).all(), (case, sizes, g, b, lo, hi)
     assert (seen == 1).all(), (case, sizes, seen)
+    # row_product computes a prefix of the table (its chain of pipelines must not skip):
+    # every tile with a group's rows comes before every other tile.
+    computes = (group < num_groups) & (end > first)
+    assert not (computes[1:] & ~computes[:-1]).any(), (case, sizes, group, first, end)
     first_step, steps, start, stop = np.asarray(group_steps(jnp.asarray(sizes, jnp.int32)))
     ends = np.cumsum(sizes)
     np.testing.assert_array_equal(start, ends - sizes)
@@ -127,6 +131,31 @@ def test_ragged_mosaic_tables_give_every_row_to_its_group_once():
     for g in range(num_groups):
       want = set(range(start[g] // 64, -(-stop[g] // 64))) if sizes[g] else set()
       assert set(range(first_step[g], first_step[g] + steps[g])) == want, (case, sizes, g)
+
+
+def test_ragged_mosaic_band_order_visits_every_tile_once():
+  """row_product's tile order: bands of `band` row tiles walked column block by column
+  block, the last band shorter; every (row tile, column block) exactly once."""
+  order = lambda band, row_tiles, column_blocks: [
+      tuple(int(v) for v in rm._band_order(jnp.int32(i), band, jnp.int32(row_tiles),
+                                           column_blocks))
+      for i in range(row_tiles * column_blocks)]
+  # By hand: 5 row tiles, 2 column blocks, bands of 2 (the last band holds row tile 4 alone).
+  assert order(2, 5, 2) == [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (3, 0), (2, 1), (3, 1),
+                            (4, 0), (4, 1)]
+  for band, row_tiles, column_blocks in [(8, 37, 3), (16, 5, 7), (1, 4, 4), (8, 64, 1)]:
+    visits = order(band, row_tiles, column_blocks)
+    assert sorted(visits) == [(t, c) for t in range(row_tiles) for c in range(column_blocks)]
+
+
+def test_ragged_mosaic_steps_in_flight():
+  """A chain of pipelines needs steps in flight dividing the contraction's steps."""
+  assert rm._steps_in_flight(16, 4, chain=True) == 4
+  assert rm._steps_in_flight(6, 4, chain=True) == 3      # 384 wide: 6 steps
+  assert rm._steps_in_flight(22, 4, chain=True) == 2     # 1408 wide: 22 steps
+  assert rm._steps_in_flight(7, 4, chain=True) == 0      # a prime: no chain
+  assert rm._steps_in_flight(7, 4, chain=False) == 4
+  assert rm._steps_in_flight(2, 4, chain=False) == 2
 
 
 @pytest.mark.parametrize("sizes", [[3, 0, 200, 1], [0, 256, 0, 0], [64, 64, 64, 64]],

@@ -49,12 +49,21 @@ MAX_STEPS = 4                # steps in flight when shared memory holds more
 class RaggedBlocks(NamedTuple):
   """Tiles of the ragged kernels: each compute warpgroup accumulates a 128 x n tile (two per
   block), with `steps` contraction steps in flight (0: as many as shared memory holds beside
-  the output tile, at most MAX_STEPS); `weight_*` the same for weight_product."""
+  the output tile, at most MAX_STEPS); `weight_*` the same for weight_product.
+
+  row_product walks its tiles in bands of `band` row tiles (a band's column tiles, each for
+  the band's row tiles, so that the blocks running at once share a few weight columns in L2)
+  and, for contractions of at most `chain_steps` steps, runs one SM's tiles as one chain of
+  pipelines: the loads run ahead into the next tile while the last steps and the store of
+  this one finish (short contractions refill the pipeline often; at long ones the chain
+  measured slower). docs/performance.md has the measurements."""
 
   n: int = 128
   steps: int = 0
   weight_n: int = 128
   weight_steps: int = 0
+  band: int = 8
+  chain_steps: int = 16
 
 
 def _in_flight(requested: int, step_bytes: int, output_bytes: int) -> int:
@@ -68,7 +77,8 @@ def _in_flight(requested: int, step_bytes: int, output_bytes: int) -> int:
 def row_tiles(group_sizes: Int[Array, "E"], num_rows: int) -> Int[Array, "4 V"]:
   """For each row tile of row_product: [group (E: rows past the groups, written as zeros),
   128-row block, first row, end row (within the block)]. A block holding rows of several
-  groups appears once per group; tiles past the last one have no rows (first = end)."""
+  groups appears once per group; tiles past the last one have no rows (first = end), so the
+  tiles with a group's rows come first (row_product chains them)."""
   num_groups = group_sizes.shape[0]
   total = jnp.sum(group_sizes)
   sizes = jnp.concatenate([group_sizes, (num_rows - total)[None]]).astype(jnp.int32)
@@ -125,11 +135,19 @@ def _warp_specialized(body, out_type, *operands):
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*operands)
 
 
-def _pipeline(step, context, steps: int, specs, in_flight: int):
+def _pipeline(step, context, steps: int, specs, in_flight: int, state=None):
   plgpu = mosaic.plgpu()
   return plgpu.emit_pipeline_warp_specialized(
       step, grid=(steps,), memory_registers=40, max_concurrent_steps=in_flight,
-      wg_axis="wg", num_compute_wgs=2, compute_context=context, in_specs=specs)
+      wg_axis="wg", num_compute_wgs=2, compute_context=context, in_specs=specs,
+      pipeline_state=state)
+
+
+def _chain_state(local_index, count):
+  """A chained pipeline's place in one SM's chain of `count` (> 1): START, STEADY or STOP."""
+  states = mosaic.plgpu().PipelinePipeline
+  return jnp.where(local_index == 0, int(states.START),
+                   jnp.where(local_index == count - 1, int(states.STOP), int(states.STEADY)))
 
 
 def _accumulate(width: int, store):
@@ -143,6 +161,26 @@ def _accumulate(width: int, store):
       store(acc_ref[...])
     pl.run_scoped(scope, plgpu.ACC((ROWS, width), jnp.float32))
   return context
+
+
+def _steps_in_flight(num_steps: int, fit: int, chain: bool) -> int:
+  """Steps in flight: at most `fit` and the pipeline's steps; a chain's must divide them (its
+  pipelines hand over buffers in step), else the chain is off (returned 0)."""
+  in_flight = min(num_steps, fit)
+  if not chain:
+    return in_flight
+  divisor = max(d for d in range(1, in_flight + 1) if num_steps % d == 0)
+  return divisor if divisor > 1 else 0
+
+
+def _band_order(index, band: int, row_tiles, column_blocks: int):
+  """Tile `index` of the band order -> (row tile, column block): bands of `band` row tiles,
+  each walked column block by column block (the last band may hold fewer row tiles)."""
+  band_tiles = band * column_blocks
+  first_row_tile = lax.div(index, band_tiles) * band
+  within = lax.rem(index, band_tiles)
+  rows_in_band = jnp.minimum(band, row_tiles - first_row_tile)
+  return first_row_tile + lax.rem(within, rows_in_band), lax.div(within, rows_in_band)
 
 
 @functools.partial(jax.jit, static_argnames=("transpose_w", "blocks"))
@@ -160,17 +198,16 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
   column_blocks = width // (2 * n)
   num_steps = contraction // STEP
   itemsize = jnp.dtype(rows.dtype).itemsize
-  in_flight = min(num_steps,   # a pipeline keeps no more steps than it has
-                  _in_flight(blocks.steps, (ROWS + 2 * n) * STEP * itemsize,
-                             2 * ROWS * n * itemsize))
+  fit = _in_flight(blocks.steps, (ROWS + 2 * n) * STEP * itemsize, 2 * ROWS * n * itemsize)
+  in_flight = _steps_in_flight(num_steps, fit, num_steps <= blocks.chain_steps)
+  chain = num_steps <= blocks.chain_steps and in_flight > 0
+  in_flight = in_flight or min(num_steps, fit)
   num_row_tiles = tiles.shape[1]
-  num_tiles = num_row_tiles * column_blocks
   operand = mosaic.swizzled(rows.dtype, STEP)
   b_spec = (plgpu.BlockSpec((2 * n, STEP), lambda s: (0, s), transforms=operand)
             if transpose_w else
             plgpu.BlockSpec((STEP, 2 * n), lambda s: (s, 0), transforms=operand))
-  specs = [plgpu.BlockSpec((ROWS, STEP), lambda s: (0, s), transforms=operand),
-           b_spec]
+  specs = [plgpu.BlockSpec((ROWS, STEP), lambda s: (0, s), transforms=operand), b_spec]
 
   def body(tiles_gmem, rows_gmem, w_gmem, out_gmem):
     wg = lax.axis_index("wg")
@@ -180,51 +217,69 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
                else w_gmem.at[0, :, pl.ds(0, 2 * n)])
     allocations = _pipeline(ignore, ignore, num_steps, specs, in_flight).get_allocations(
         rows_gmem.at[pl.ds(0, ROWS)], w_block)
+    # Row tiles holding a group's rows: a prefix of the table, then tiles of rows past the
+    # groups (written as zeros) and tiles with no rows.
+    computed = tiles_gmem[4 * num_row_tiles]
+
+    def read_tile(ti):
+      return [tiles_gmem[i * num_row_tiles + ti] for i in range(4)]
 
     def scope(pipeline_allocations, out_smem):
-      @plgpu.nd_loop((num_tiles,), collective_axes="sm")
+      def store(block, first, end, ci, values):
+        """This warpgroup's columns of rows first..end of the block (TMA stores of a power
+        of two rows each: a store's row count is static)."""
+        columns = pl.ds(ci * 2 * n + wg * n, n)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        out_smem[wg] = values.astype(out_gmem.dtype)
+        plgpu.commit_smem()
+        start, count, size = first, end - first, ROWS
+        while size:
+          @pl.when(count & size != 0)
+          def _(start=start, size=size):
+            plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(start, size)],
+                                    out_gmem.at[pl.ds(block * ROWS + start, size), columns])
+          start += count & size
+          size //= 2
+
+      def step(_, a_smem, b_smem, acc_ref):
+        b = (plgpu.transpose_ref(b_smem.at[mine], (1, 0)) if transpose_w
+             else b_smem.at[:, mine])
+        plgpu.wgmma(acc_ref, a_smem, b)
+        plgpu.wgmma_wait(0)   # the slot is released when the step returns
+        return acc_ref
+
+      @plgpu.nd_loop((computed * column_blocks,), collective_axes="sm")
       def _(loop_info):
-        tile = loop_info.index[0]
-        ti, ci = lax.div(tile, column_blocks), lax.rem(tile, column_blocks)
-        group, block = tiles_gmem[ti], tiles_gmem[num_row_tiles + ti]
-        first, end = tiles_gmem[2 * num_row_tiles + ti], tiles_gmem[3 * num_row_tiles + ti]
+        ti, ci = _band_order(loop_info.index[0], blocks.band, computed, column_blocks)
+        group, block, first, end = read_tile(ti)
         block_columns = pl.ds(ci * 2 * n, 2 * n)
-        columns = pl.ds(ci * 2 * n + wg * n, n)     # this warpgroup's
-
-        def store(values):
-          """This warpgroup's columns of rows first..end of the block (TMA stores of a
-          power of two rows each: a store's row count is static)."""
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          out_smem[wg] = values.astype(out_gmem.dtype)
-          plgpu.commit_smem()
-          start, count, size = first, end - first, ROWS
-          while size:
-            @pl.when(count & size != 0)
-            def _(start=start, size=size):
-              plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(start, size)],
-                                      out_gmem.at[pl.ds(block * ROWS + start, size), columns])
-            start += count & size
-            size //= 2
-
-        def step(_, a_smem, b_smem, acc_ref):
-          b = (plgpu.transpose_ref(b_smem.at[mine], (1, 0)) if transpose_w
-               else b_smem.at[:, mine])
-          plgpu.wgmma(acc_ref, a_smem, b)
-          plgpu.wgmma_wait(0)   # the slot is released when the step returns
-          return acc_ref
-
         b_window = (w_gmem.at[group, block_columns] if transpose_w
                     else w_gmem.at[group, :, block_columns])
+        context = _accumulate(n, functools.partial(store, block, first, end, ci))
+        operands = (rows_gmem.at[pl.ds(block * ROWS, ROWS)], b_window)
+        count = loop_info.num_local_steps
 
-        @pl.when((group < num_groups) & (end > first))
+        @pl.when(jnp.logical_not(chain) | (count == 1))
         def _():
-          _pipeline(step, _accumulate(n, store), num_steps, specs, in_flight)(
-              rows_gmem.at[pl.ds(block * ROWS, ROWS)], b_window,
-              allocations=pipeline_allocations)
+          _pipeline(step, context, num_steps, specs, in_flight)(
+              *operands, allocations=pipeline_allocations)
 
-        @pl.when((group >= num_groups) & (end > first) & (wg < 2))
+        if chain:
+          @pl.when(count > 1)
+          def _():
+            state = _chain_state(loop_info.local_index, count)
+            _pipeline(step, context, num_steps, specs, in_flight, state)(
+                *operands, allocations=pipeline_allocations)
+
+      @plgpu.nd_loop(((num_row_tiles - computed) * column_blocks,), collective_axes="sm")
+      def _(loop_info):
+        index = loop_info.index[0]
+        ti, ci = computed + lax.div(index, column_blocks), lax.rem(index, column_blocks)
+        _, block, first, end = read_tile(ti)
+
+        @pl.when((end > first) & (wg < 2))
         def _():
-          store(jnp.zeros((ROWS, n), jnp.float32))
+          store(block, first, end, ci, jnp.zeros((ROWS, n), jnp.float32))
 
       @pl.when(wg < 2)
       def _():
@@ -233,9 +288,12 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
     pl.run_scoped(scope, allocations, plgpu.SMEM((2, ROWS, n), out_gmem.dtype),
                   collective_axes="wg")
 
-  # The table goes in flat: the kernel reads it as scalars from one one-dimensional array.
+  # The table goes in flat, with the count of its tiles that compute (a group's rows): the
+  # kernel reads it as scalars from one one-dimensional array.
+  computed = jnp.sum((tiles[0] < num_groups) & (tiles[3] > tiles[2]), dtype=jnp.int32)
+  table = jnp.concatenate([tiles.reshape(-1), computed[None]])
   out = _warp_specialized(body, jax.ShapeDtypeStruct((num_rows, width), rows.dtype),
-                          tiles.reshape(-1), rows, w)
+                          table, rows, w)
   return typed_like(out, rows, w, tiles)
 
 
