@@ -139,7 +139,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                       # (CUDA GPUs) | "interpret" | "tiles" (XLA, CPU's) |
                                       # "xla" (ragged_dot) | "auto"
   c.dispatch.fp8_experts = False  # routed experts' matmuls in e4m3, DeepSeek-V3's 1x128 /
-                                  # 128x128 scaling (kernels/fp8.py; level with bf16 on Hopper)
+                                  # 128x128 scaling (kernels/fp8.py; on Hopper slower than bf16 now)
 
   # ---- optimizer (AdamW, linear warmup then cosine decay, global-norm clipping) ------------
   c.optimizer = ml_collections.ConfigDict()

@@ -33,7 +33,7 @@ class DispatchSettings(Settings):
                                    # kernels/grouped_matmul.IMPLEMENTATIONS
   fp8_experts: bool = False        # the routed experts' matmuls in e4m3 with DeepSeek-V3's
                                    # 1x128 / 128x128 scaling (kernels/fp8.py; on Hopper
-                                   # Mosaic kernels, level with bf16 for now)
+                                   # Mosaic kernels, slower than bf16 for now)
 
   def on_one_device(self, **changes) -> "DispatchSettings":
     """These settings for a model whose experts all sit on one device (sampling, analysis,
