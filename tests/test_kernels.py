@@ -148,14 +148,15 @@ def test_ragged_mosaic_band_order_visits_every_tile_once():
     assert sorted(visits) == [(t, c) for t in range(row_tiles) for c in range(column_blocks)]
 
 
-def test_ragged_mosaic_steps_in_flight():
-  """A chain of pipelines needs steps in flight dividing the contraction's steps."""
-  assert rm._steps_in_flight(16, 4, chain=True) == 4
-  assert rm._steps_in_flight(6, 4, chain=True) == 3      # 384 wide: 6 steps
-  assert rm._steps_in_flight(22, 4, chain=True) == 2     # 1408 wide: 22 steps
-  assert rm._steps_in_flight(7, 4, chain=True) == 0      # a prime: no chain
-  assert rm._steps_in_flight(7, 4, chain=False) == 4
-  assert rm._steps_in_flight(2, 4, chain=False) == 2
+def test_ragged_mosaic_pipeline_plan():
+  """Steps in flight, and the chain of pipelines only for short contractions whose steps a
+  count of steps in flight (> 1) divides."""
+  assert rm._pipeline_plan(16, 4, chain_steps=16) == (4, True)
+  assert rm._pipeline_plan(6, 4, chain_steps=16) == (3, True)      # 384 wide: 6 steps
+  assert rm._pipeline_plan(22, 4, chain_steps=32) == (2, True)     # 1408 wide: 22 steps
+  assert rm._pipeline_plan(7, 4, chain_steps=16) == (4, False)     # a prime: no chain
+  assert rm._pipeline_plan(32, 4, chain_steps=16) == (4, False)    # long: no chain
+  assert rm._pipeline_plan(2, 4, chain_steps=0) == (2, False)      # no more than its steps
 
 
 @pytest.mark.parametrize("sizes", [[3, 0, 200, 1], [0, 256, 0, 0], [64, 64, 64, 64]],

@@ -163,14 +163,16 @@ def _accumulate(width: int, store):
   return context
 
 
-def _steps_in_flight(num_steps: int, fit: int, chain: bool) -> int:
-  """Steps in flight: at most `fit` and the pipeline's steps; a chain's must divide them (its
-  pipelines hand over buffers in step), else the chain is off (returned 0)."""
+def _pipeline_plan(num_steps: int, fit: int, chain_steps: int) -> tuple[int, bool]:
+  """(steps in flight, whether one SM's pipelines chain): at most `fit` and the pipeline's
+  steps in flight; a chain (for at most `chain_steps` steps) needs them to divide the steps,
+  its pipelines handing over buffers in step (none but 1 does: no chain)."""
   in_flight = min(num_steps, fit)
-  if not chain:
-    return in_flight
-  divisor = max(d for d in range(1, in_flight + 1) if num_steps % d == 0)
-  return divisor if divisor > 1 else 0
+  if num_steps <= chain_steps:
+    divisor = max((d for d in range(2, in_flight + 1) if num_steps % d == 0), default=0)
+    if divisor:
+      return divisor, True
+  return in_flight, False
 
 
 def _band_order(index, band: int, row_tiles, column_blocks: int):
@@ -199,9 +201,7 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
   num_steps = contraction // STEP
   itemsize = jnp.dtype(rows.dtype).itemsize
   fit = _in_flight(blocks.steps, (ROWS + 2 * n) * STEP * itemsize, 2 * ROWS * n * itemsize)
-  in_flight = _steps_in_flight(num_steps, fit, num_steps <= blocks.chain_steps)
-  chain = num_steps <= blocks.chain_steps and in_flight > 0
-  in_flight = in_flight or min(num_steps, fit)
+  in_flight, chain = _pipeline_plan(num_steps, fit, blocks.chain_steps)
   num_row_tiles = tiles.shape[1]
   operand = mosaic.swizzled(rows.dtype, STEP)
   b_spec = (plgpu.BlockSpec((2 * n, STEP), lambda s: (0, s), transforms=operand)
@@ -347,16 +347,16 @@ def weight_product(rows: Float[Array, "M K"], dy: Float[Array, "M N"], steps: In
         columns = pl.ds(column - part_of_tile * part_width, n)
 
         def store(values):
-          for upper in range(ROWS // half):
+          for row_half in range(ROWS // half):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem[wg] = values[upper * half:(upper + 1) * half].astype(out_dtype)
+            out_smem[wg] = values[row_half * half:(row_half + 1) * half].astype(out_dtype)
             plgpu.commit_smem()
             for part, out_gmem in enumerate(out_gmems):
               @pl.when(part_of_tile == part)
-              def _(out_gmem=out_gmem, upper=upper):
+              def _(out_gmem=out_gmem, row_half=row_half):
                 plgpu.copy_smem_to_gmem(
                     out_smem.at[wg],
-                    out_gmem.at[group, pl.ds(ki * ROWS + upper * half, half), columns])
+                    out_gmem.at[group, pl.ds(ki * ROWS + row_half * half, half), columns])
 
         def step(index, a_smem, b_smem, acc_ref):
           b = b_smem.at[:, mine]
