@@ -153,6 +153,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.1
   c.optimizer.grad_clip_norm = 1.0
   c.optimizer.shard_over_data = False  # ZeRO-1: moments of replicated parameters split over `data`
+  c.optimizer.moment_dtype = "float32"  # "bfloat16": Adam's moments stored in bf16 (DeepSeek-V3)
 
   # ---- training loop ----------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()

@@ -34,7 +34,8 @@ INTEGRITY_FORMAT = 1
 
 
 class CheckpointMismatch(ValueError):
-  """The workdir's checkpoint was made by a model of another shape, or cannot be read."""
+  """The workdir's checkpoint was made by a model (or optimizer state) of another shape, or
+  cannot be read."""
 
 
 class CheckpointCorrupt(CheckpointMismatch):
@@ -264,9 +265,10 @@ class Checkpointer:
     return items["config"]
 
   def check_model(self, step: int, settings: dict, defaults: dict) -> None:
-    """Raises CheckpointMismatch naming each of the `settings` ("section.field": value) that
-    differs from the checkpoint's; a setting its config lacks (written before the field
-    existed) takes its value from `defaults`."""
+    """Raises CheckpointMismatch naming each of the `settings` ("section.field": value: those
+    that shape the model's state and the optimizer's) that differs from the checkpoint's; a
+    setting its config lacks (written before the field existed) takes its value from
+    `defaults`."""
     saved_config = self.saved_config(step)
     saved = {name: saved_config.get(name.split(".")[0], {}).get(name.split(".")[1], defaults[name])
              for name in settings}
@@ -275,8 +277,9 @@ class Checkpointer:
       details = ", ".join(f"{k}: {saved[k]!r} in the checkpoint, {settings[k]!r} now"
                           for k in differing)
       raise CheckpointMismatch(
-          f"the checkpoint at step {step} in {self.directory} was made by a model of another "
-          f"shape ({details}); use a new --workdir or the checkpoint's settings")
+          f"the checkpoint at step {step} in {self.directory} was made by a model or optimizer "
+          f"state of another shape ({details}); use a new --workdir or the checkpoint's "
+          f"settings")
 
   def restore(self, step: int, abstract_state):
     """(state, data iterator state, loop state) at `step`, each checked against the

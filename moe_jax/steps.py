@@ -33,6 +33,9 @@ class TrainState(NamedTuple):
   opt_state: optax.OptState
 
 
+MOMENT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings(Settings):
   """AdamW with linear warmup, cosine decay and global-norm clipping (`optimizer`)."""
@@ -47,6 +50,8 @@ class OptimizerSettings(Settings):
   weight_decay: float = 0.1
   grad_clip_norm: float = 1.0
   shard_over_data: bool = False    # ZeRO-1: moments of replicated parameters split over `data`
+  moment_dtype: str = "float32"    # "bfloat16": Adam's moments stored in bf16 (DeepSeek-V3),
+                                   # computed in float32; half the optimizer state
 
   def problems(self) -> list[str]:
     problems = []
@@ -59,6 +64,9 @@ class OptimizerSettings(Settings):
          f"optimizer.b1={self.b1}, b2={self.b2} must be in [0, 1)")
     need(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
     need(self.grad_clip_norm > 0, f"optimizer.grad_clip_norm={self.grad_clip_norm} must be > 0")
+    need(self.moment_dtype in MOMENT_DTYPES,
+         f"optimizer.moment_dtype={self.moment_dtype!r} is unknown; choose from "
+         f"{sorted(MOMENT_DTYPES)}")
     return problems
 
   def make(self, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
@@ -66,7 +74,7 @@ class OptimizerSettings(Settings):
     schedule = make_schedule(self.learning_rate, self.warmup_steps, total_steps,
                              self.final_lr_fraction)
     return schedule, make_optimizer(schedule, self.b1, self.b2, self.weight_decay,
-                                    self.grad_clip_norm)
+                                    self.grad_clip_norm, MOMENT_DTYPES[self.moment_dtype])
 
 
 def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int,
@@ -78,12 +86,31 @@ def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int,
 
 
 def make_optimizer(schedule: optax.Schedule, b1: float, b2: float, weight_decay: float,
-                   grad_clip_norm: float) -> optax.GradientTransformation:
-  """AdamW on the schedule after global-norm clipping; decay only on matrices (ndim >= 2)."""
+                   grad_clip_norm: float, moment_dtype=jnp.float32) -> optax.GradientTransformation:
+  """AdamW on the schedule after global-norm clipping; decay only on matrices (ndim >= 2);
+  Adam's moments stored in `moment_dtype` (the update computed in float32 either way)."""
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  # optax.adamw's own chain, with the moments' storage chosen (the same state tree).
   return optax.chain(
       optax.clip_by_global_norm(grad_clip_norm),
-      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
+      optax.chain(scale_by_adam_stored_in(moment_dtype, b1=b1, b2=b2),
+                  optax.add_decayed_weights(weight_decay, decay_mask),
+                  optax.scale_by_learning_rate(schedule)))
+
+
+def scale_by_adam_stored_in(dtype, **adam) -> optax.GradientTransformation:
+  """optax.scale_by_adam with both moments stored in `dtype`: each update reads them into
+  float32, runs optax's update there and stores the new moments back in `dtype` (float32
+  params: exactly optax.scale_by_adam)."""
+  scale = optax.scale_by_adam(**adam)
+  stored = lambda state, to: state._replace(mu=optax.tree.cast(state.mu, to),
+                                            nu=optax.tree.cast(state.nu, to))
+
+  def update(updates, state, params=None):
+    updates, state = scale.update(updates, stored(state, jnp.float32), params)
+    return updates, stored(state, dtype)
+
+  return optax.GradientTransformation(lambda params: stored(scale.init(params), dtype), update)
 
 
 def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int):

@@ -179,18 +179,28 @@ def restore_in_layout(checkpointer: Checkpointer, step: int, abstract_state):
   return jax.device_put(converted_tree(state, scanned, layers, dense), shardings), data, loop
 
 
+def checked_settings(spec: ModelSpec, moment_dtype: str) -> dict:
+  """The settings a checkpoint must have been made with, by "section.field": those that shape
+  the training state (the model's, less the layout that `restore_in_layout` converts, and the
+  optimizer moments' dtype)."""
+  converted = {f"model.{name}" for name in LAYOUT_FIELDS}
+  return {**{k: v for k, v in spec.state_settings().items() if k not in converted},
+          "optimizer.moment_dtype": moment_dtype}
+
+
+CHECKED_DEFAULTS = checked_settings(ModelSpec(), steps.OptimizerSettings().moment_dtype)
+
+
 def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_state,
-                            spec: ModelSpec | None, skip_corrupt: bool, say):
+                            settings: dict | None, skip_corrupt: bool, say):
   """(step, restored state) of the newest checkpoint at or before `step` that verifies (0 and
   None: the initial state). A corrupt one raises CheckpointCorrupt, or with `skip_corrupt` is
-  moved to corrupt_checkpoints/ and the next older one is tried; the parameter-shaping
-  settings of `spec` (when given) must match each checkpoint's."""
+  moved to corrupt_checkpoints/ and the next older one is tried; the state-shaping
+  `settings` (`checked_settings`, when given) must match each checkpoint's."""
   while step:
     try:
-      if spec is not None:
-        converted = {f"model.{name}" for name in LAYOUT_FIELDS}   # restore_in_layout's
-        checkpointer.check_model(step, {k: v for k, v in spec.state_settings().items()
-                                        if k not in converted}, ModelSpec().state_settings())
+      if settings is not None:
+        checkpointer.check_model(step, settings, CHECKED_DEFAULTS)
       return step, restore_in_layout(checkpointer, step, abstract_state)
     except CheckpointCorrupt as error:
       if not skip_corrupt:
@@ -249,7 +259,8 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     start_step, resumed = 0, None
     if resuming:
       start_step, resumed = restore_newest_verified(
-          checkpointer, checkpointer.latest_step() or 0, abstract_state, spec, skip_corrupt,
+          checkpointer, checkpointer.latest_step() or 0, abstract_state,
+          checked_settings(spec, config.optimizer.get("moment_dtype", "float32")), skip_corrupt,
           print)
     if start_step > config.train.steps:
       raise ConfigError(f"invalid config:\n  - train.steps={config.train.steps} is below the "

@@ -226,6 +226,8 @@ OTHER_MODELS = {
     "deeper": ({"model__num_layers": 3}, "model.num_layers: 2 in the checkpoint, 3 now"),
     "other vocabulary": ({"model__vocab_size": 300}, "model.vocab_size: 260 in the checkpoint, 300 now"),
     "an MTP module": ({"model__mtp_depth": 1}, "model.mtp_depth: 0 in the checkpoint, 1 now"),
+    "bf16 moments": ({"optimizer__moment_dtype": "bfloat16"},
+                     "optimizer.moment_dtype: 'float32' in the checkpoint, 'bfloat16' now"),
 }
 
 

@@ -37,6 +37,8 @@ BAD = [
     ("mesh.expert", 3, "mesh: 8 devices cannot be split with fixed axes of 3"),
     ("mesh.data", 3, "mesh: data=3 x fsdp=1 x tensor=1 x expert=1 x stage=1 = 3 devices, but 8 are available"),
     ("optimizer.warmup_steps", 100, "optimizer.warmup_steps=100 must be >= 0 and below"),
+    ("optimizer.moment_dtype", "float16",
+     "optimizer.moment_dtype='float16' is unknown; choose from ['bfloat16', 'float32']"),
     ("router.num_groups", 3, "router.num_groups=3 must divide model.num_routed_experts=8"),
     ("router.topk_groups", 2, "router.topk_groups=2 must be between 1 and router.num_groups=1"),
     ("router.group_score", "mean", "router.group_score='mean' is unknown"),

@@ -7,6 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -123,8 +124,11 @@ def test_short_run_learns_and_writes_its_outputs(tiny_config, tmp_path):
   assert Checkpointer(tmp_path / "checkpoints", 2).latest_step() == tiny_config.train.steps
 
 
-def test_exact_resume(tiny_config, tmp_path):
-  """N steps straight == N/2 steps, stop, resume to N: bitwise on CPU."""
+@pytest.mark.parametrize("moment_dtype", ["float32", "bfloat16"])
+def test_exact_resume(tiny_config, tmp_path, moment_dtype):
+  """N steps straight == N/2 steps, stop, resume to N: bitwise on CPU (Adam's moments in
+  float32, or stored in bf16: optimizer.moment_dtype)."""
+  tiny_config.optimizer.moment_dtype = moment_dtype
   config = _config(tiny_config, steps=8, log_every=1, eval_every=100, checkpoint_every=100,
                    sample_tokens=0)
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -142,6 +146,9 @@ def test_exact_resume(tiny_config, tmp_path):
     states.append(checkpointer.manager.restore(8)["state"])
   for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
     np.testing.assert_array_equal(a, b)
+  stored = {np.dtype(leaf.dtype).name for leaf in jax.tree.leaves(states[0]["opt_state"])
+            if np.ndim(leaf)}
+  assert stored == {moment_dtype}, stored   # the moments, as the setting says
 
 
 def test_resume_with_other_model_sizes_is_refused(tiny_config, tmp_path):
@@ -202,3 +209,42 @@ def test_other_routers_and_dispatchers_train(tiny_config, tmp_path, router, disp
   final = train_and_evaluate(config, tmp_path)
   losses = [r["loss"] for r in _metrics(tmp_path) if "loss" in r]
   assert np.isfinite(final["validation_loss"]) and losses[-1] < losses[0]
+
+
+def test_optimizer_moments_in_bf16_are_stored_so_and_update_as_optax_does():
+  """optimizer.moment_dtype: float32 is optax.adamw itself (same state tree and updates);
+  bfloat16 stores both moments in bf16, and each step is optax.adamw's step from the same
+  moments in float32, its new moments rounded to bf16."""
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(16,)), jnp.float32)}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.1, jnp.float32),
+                        params) for _ in range(3)]
+  decay_mask = lambda ps: jax.tree.map(lambda p: p.ndim >= 2, ps)
+  optax_adamw = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.adamw(1e-2, b1=0.9, b2=0.95, weight_decay=0.1, mask=decay_mask))
+  as_float32 = lambda tree: jax.tree.map(
+      lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, tree)
+
+  ours = steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0)
+  state, reference = ours.init(params), optax_adamw.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(reference)
+  for g in grads:
+    (got, state), (want, reference) = ours.update(g, state, params), optax_adamw.update(
+        g, reference, params)
+    for a, b in zip(jax.tree.leaves((got, state)), jax.tree.leaves((want, reference))):
+      np.testing.assert_array_equal(a, b)
+
+  bf16 = steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0, jnp.bfloat16)
+  state = bf16.init(params)
+  adam = state[1][0]
+  assert {x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(jnp.bfloat16)}
+  for g in grads:
+    want, want_state = optax_adamw.update(g, as_float32(state), params)
+    got, state = bf16.update(g, state, params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want_state)):
+      assert a.dtype == (jnp.bfloat16 if b.dtype == jnp.float32 else b.dtype)
+      np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                    np.asarray(b.astype(a.dtype), np.float32))
