@@ -5,6 +5,7 @@
   python scripts/bench_train.py --dispatchers=dropless --batch=16
   python scripts/bench_train.py --dispatchers=dropless --remat=none,block   # memory vs time
   python scripts/bench_train.py --dispatchers=dropless --scan=off,on        # compile time
+  python scripts/bench_train.py --dispatchers=dropless --moment_dtype=float32,bfloat16
   python scripts/bench_train.py --preset=v2_lite --layers=10 --batch=8 --seq=4096 \
       --microbatches=4 --remat=block --dispatchers=dropless                # a larger model
 
@@ -128,8 +129,10 @@ def top_device_ops(trace_dir: Path, steps_traced: int, scopes: dict[str, str],
 
 
 def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
-          profile_dir: Path | None = None, microbatches: int = 1) -> dict:
-  tx = steps.make_optimizer(steps.make_schedule(1e-3, 10, 1000, 0.1), 0.9, 0.95, 0.1, 1.0)
+          profile_dir: Path | None = None, microbatches: int = 1,
+          moment_dtype: str = "float32") -> dict:
+  tx = steps.make_optimizer(steps.make_schedule(1e-3, 10, 1000, 0.1), 0.9, 0.95, 0.1, 1.0,
+                            steps.MOMENT_DTYPES[moment_dtype])
   graphdef, state = steps.init_state(spec, tx, 0)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                    balancing=spec.balancing.replace(bias_update_rate=1e-3),
@@ -184,6 +187,8 @@ def main():
                       help="comma-separated activation-checkpointing policies (model.remat)")
   parser.add_argument("--dense_reference", action="store_true",
                       help="also time a dense model of the same FLOPs per token")
+  parser.add_argument("--moment_dtype", default="float32",
+                      help="comma-separated Adam moment dtypes (optimizer.moment_dtype) to time")
   args = parser.parse_args()
   spec0 = ModelSpec.from_config(get_config(args.preset))
   if args.layers:
@@ -202,12 +207,13 @@ def main():
     variants.append((f"dense model, MLP width {width} (same FLOPs per token)",
                      spec0.replace(num_dense_layers=spec0.num_layers, dense_mlp_dim=width)))
   rows = []
-  for (dispatcher, spec), path, kernels, remat, scan in itertools.product(
+  for (dispatcher, spec), path, kernels, remat, scan, moments in itertools.product(
       variants, args.attention.split(","), args.grouped_matmul.split(","),
-      args.remat.split(","), args.scan.split(",")):
+      args.remat.split(","), args.scan.split(","), args.moment_dtype.split(",")):
     name = dispatcher if path == "auto" else f"{dispatcher}, attention {path}"
     name = name if kernels == "auto" else f"{name}, grouped matmul {kernels}"
     name = name if remat == "none" else f"{name}, remat {remat}"
+    name = name if moments == "float32" else f"{name}, {moments} moments"
     scanned = spec.scan_layers if scan == "preset" else scan == "on"
     name = f"{name}, scan {'on' if scanned else 'off'}"
     profile = args.profile / name.replace(" ", "_").replace(",", "") if args.profile else None
@@ -216,7 +222,7 @@ def main():
     print(f"{name}: attention "
           f"{attention.chosen_implementation(jnp.bfloat16, spec.head_dim, path)}", flush=True)
     result = bench(spec, args.batch, args.seq, args.warmup, args.repeats, profile,
-                   args.microbatches)
+                   args.microbatches, moments)
     rows.append((name, result))
     print(f"  {name}: {result['seconds'] * 1e3:.1f} ms/step, "
           f"{result['tokens_per_second']:,.0f} tokens/s, {result['model_tflops']:.0f} TFLOP/s, "
