@@ -188,9 +188,6 @@ def checked_settings(spec: ModelSpec, moment_dtype: str) -> dict:
           "optimizer.moment_dtype": moment_dtype}
 
 
-CHECKED_DEFAULTS = checked_settings(ModelSpec(), steps.OptimizerSettings().moment_dtype)
-
-
 def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_state,
                             settings: dict | None, skip_corrupt: bool, say):
   """(step, restored state) of the newest checkpoint at or before `step` that verifies (0 and
@@ -199,8 +196,9 @@ def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_stat
   `settings` (`checked_settings`, when given) must match each checkpoint's."""
   while step:
     try:
-      if settings is not None:
-        checkpointer.check_model(step, settings, CHECKED_DEFAULTS)
+      if settings is not None:   # a field a checkpoint's config lacks takes its default
+        checkpointer.check_model(step, settings, checked_settings(
+            ModelSpec(), steps.OptimizerSettings().moment_dtype))
       return step, restore_in_layout(checkpointer, step, abstract_state)
     except CheckpointCorrupt as error:
       if not skip_corrupt:
@@ -260,8 +258,8 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     if resuming:
       start_step, resumed = restore_newest_verified(
           checkpointer, checkpointer.latest_step() or 0, abstract_state,
-          checked_settings(spec, config.optimizer.get("moment_dtype", "float32")), skip_corrupt,
-          print)
+          checked_settings(spec, steps.OptimizerSettings.from_section(config.optimizer)
+                           .moment_dtype), skip_corrupt, print)
     if start_step > config.train.steps:
       raise ConfigError(f"invalid config:\n  - train.steps={config.train.steps} is below the "
                         f"step of the workdir's newest checkpoint ({start_step}); raise it, or "
