@@ -57,13 +57,6 @@ class FP8Blocks(NamedTuple):
   steps: int = 4
 
 
-def _fitting(n: int, width: int) -> int:
-  """The largest of n, n/2, ... down to 64 that divides width (a multiple of 128)."""
-  while n > 64 and width % n:
-    n //= 2
-  return n
-
-
 class _TileTask(NamedTuple):
   """One output tile's work: whether it has any, its step count, and its windows: operands
   [rows, >= steps * 128] and [n, >= steps * 128], scales [>= steps, rows] and [>= steps, n],
@@ -191,7 +184,7 @@ def row_tile_product(a: Float[Array, "M Cp"], b: Float[Array, "E Np Cp"],
   rows, contraction = a.shape
   num_groups, width, _ = b.shape
   fp8.check_whole_tiles(rows=rows, contraction=contraction, width=width)
-  n = _fitting(blocks.n, width)
+  n = mosaic.tile_width(blocks.n, width)
   out = _warp_specialized(rows // TILE * (width // n), _row_tile_task(num_groups, width // n, n),
                           (rows, width), out_dtype, blocks._replace(n=n), tile_group, a, b,
                           a_scales, b_scales)
@@ -209,7 +202,7 @@ def group_product(x_t: Float[Array, "Kp M"], dy_t: Float[Array, "Np M"],
   n_dim = dy_t.shape[0]
   num_groups = group_tile_start.shape[0] - 1
   fp8.check_whole_tiles(rows=rows, k=k_dim, n=n_dim)
-  n = _fitting(blocks.n, n_dim)
+  n = mosaic.tile_width(blocks.n, n_dim)
   k_blocks, n_blocks = k_dim // TILE, n_dim // n
   out = _warp_specialized(num_groups * k_blocks * n_blocks, _group_task(k_blocks, n_blocks, n),
                           (num_groups, k_dim, n_dim), jnp.float32, blocks._replace(n=n),

@@ -1,5 +1,5 @@
 """What the Mosaic GPU kernels (fp8_mosaic.py, ragged_mosaic.py) share: the module, TMA tile
-transforms, the SM count, and a whole-ref load across jax versions."""
+transforms, the SM count, a whole-ref load across jax versions, and their tile widths."""
 
 import inspect
 
@@ -30,3 +30,11 @@ def load(ref, layout):
   if inspect.signature(plgpu().load).parameters["idx"].default is inspect.Parameter.empty:
     return plgpu().load(ref, (), layout=layout)
   return plgpu().load(ref, layout=layout)
+
+
+def tile_width(n: int, width: int, per_block: int = 1) -> int:
+  """The largest of n, n/2, ... down to 64 with `per_block` tiles of it dividing `width` (a
+  multiple of 64 x per_block): a warpgroup's tile of columns, `per_block` of them a block."""
+  while n > 64 and width % (per_block * n):
+    n //= 2
+  return n

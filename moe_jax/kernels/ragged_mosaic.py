@@ -110,13 +110,6 @@ def group_steps(group_sizes: Int[Array, "E"]) -> Int[Array, "4 E"]:
 # ---- the kernels -----------------------------------------------------------------------------
 
 
-def _half_width(n: int, width: int) -> int:
-  """The largest of n, n/2, ... down to 64 with 2 x it dividing width (a multiple of 128)."""
-  while n > 64 and width % (2 * n):
-    n //= 2
-  return n
-
-
 def _check(rows: int, **widths):
   if rows % ROWS:
     raise ValueError(f"ragged_mosaic needs a multiple of {ROWS} rows, got {rows}")
@@ -196,7 +189,7 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
   num_groups = w.shape[0]
   width = w.shape[1] if transpose_w else w.shape[2]
   _check(num_rows, contraction=contraction, width=width)
-  n = _half_width(blocks.n, width)
+  n = mosaic.tile_width(blocks.n, width, per_block=2)
   column_blocks = width // (2 * n)
   num_steps = contraction // STEP
   itemsize = jnp.dtype(rows.dtype).itemsize
@@ -257,19 +250,16 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
                     else w_gmem.at[group, :, block_columns])
         context = _accumulate(n, functools.partial(store, block, first, end, ci))
         operands = (rows_gmem.at[pl.ds(block * ROWS, ROWS)], b_window)
-        count = loop_info.num_local_steps
-
-        @pl.when(jnp.logical_not(chain) | (count == 1))
-        def _():
-          _pipeline(step, context, num_steps, specs, in_flight)(
+        def run(state=None):
+          _pipeline(step, context, num_steps, specs, in_flight, state)(
               *operands, allocations=pipeline_allocations)
 
-        if chain:
-          @pl.when(count > 1)
-          def _():
-            state = _chain_state(loop_info.local_index, count)
-            _pipeline(step, context, num_steps, specs, in_flight, state)(
-                *operands, allocations=pipeline_allocations)
+        if not chain:
+          run()
+        else:   # an SM with one tile runs a pipeline alone (a chain's state is not both ends)
+          count = loop_info.num_local_steps
+          pl.when(count == 1)(run)
+          pl.when(count > 1)(lambda: run(_chain_state(loop_info.local_index, count)))
 
       @plgpu.nd_loop(((num_row_tiles - computed) * column_blocks,), collective_axes="sm")
       def _(loop_info):
@@ -309,7 +299,7 @@ def weight_product(rows: Float[Array, "M K"], dy: Float[Array, "M N"], steps: In
   width = dy.shape[1]
   num_groups = steps.shape[1]
   _check(num_rows, k=contraction, n=width)
-  n = _half_width(blocks.weight_n, width)
+  n = mosaic.tile_width(blocks.weight_n, width, per_block=2)
   part_width = width // parts
   if part_width * parts != width or part_width % n:
     raise ValueError(f"weight_product: {parts} parts of {width} columns need each a multiple of "
