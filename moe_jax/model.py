@@ -17,7 +17,7 @@ from moe_jax.dispatch import DispatchSettings
 from moe_jax.layers.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from moe_jax.layers.attention import QK_NORMS, Attention
 from moe_jax.layers.attention import chosen_implementation as chosen_attention
-from moe_jax.layers.logits import output_logits
+from moe_jax.layers.logits import output_cross_entropy, output_logits
 from moe_jax.layers.mla import LatentAttention
 from moe_jax.layers.mlp import SwiGLU, scaled_normal
 from moe_jax.layers.moe import MoE, MoEStats
@@ -436,10 +436,24 @@ class Transformer(nnx.Module):
     with jax.named_scope("output"):
       return output_logits(normed_BxSxD, self.unembed[...].astype(self.dtype))
 
+  def token_losses(self, features_BxSxD, targets_BxS) -> Float[Array, "B S"]:
+    """Each position's next-token cross-entropy from the final norm's output, through the
+    output projection fused with the loss (`output_cross_entropy`: training never writes
+    the loss's gradient as float32 logits)."""
+    with jax.named_scope("output"):
+      return output_cross_entropy(features_BxSxD, self.unembed[...].astype(self.dtype),
+                                  targets_BxS)
+
+  def features(self, tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S D"], MoEStats]:
+    """The output projection's input (the final norm of the last block's output) and the MoE
+    blocks' statistics stacked along a leading layer axis."""
+    x, stats_chunks = self.hidden_states(tokens)
+    return self.final_norm(x), _concatenated(stats_chunks)
+
   def __call__(self, tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S V"], MoEStats]:
     """Logits in float32 and the MoE blocks' statistics stacked along a leading layer axis."""
-    x, stats_chunks = self.hidden_states(tokens)
-    return self.logits(self.final_norm(x)), _concatenated(stats_chunks)
+    features, stats = self.features(tokens)
+    return self.logits(features), stats
 
   def init_cache(self, batch: int, max_len: int) -> tuple[list, list]:
     """Empty decoding caches: one per main block, one per MTP module. Decoding runs on the
@@ -468,13 +482,14 @@ class Transformer(nnx.Module):
     return self.logits(module.final_norm(hidden)), hidden, cache
 
   def with_mtp(self, tokens: Int[Array, "B S"]):
-    """(logits, statistics of every MoE layer incl. the MTP blocks', MTP logits per depth).
+    """(the main model's `features`, statistics of every MoE layer incl. the MTP blocks', MTP
+    logits per depth).
 
     Depth k's logits [B, S - k, V] at position i predict token i + k + 1 of the window that
-    `tokens` starts (the main logits predict i + 1).
+    `tokens` starts (the main model's predict i + 1).
     """
     hidden, stats_chunks = self.hidden_states(tokens)
-    logits = self.logits(self.final_norm(hidden))
+    features = self.final_norm(hidden)
     mtp_logits = []
     with jax.named_scope("mtp"):
       for depth, module in enumerate(self.mtp, start=1):
@@ -484,7 +499,7 @@ class Transformer(nnx.Module):
         if stats is not None:
           stats_chunks.append(jax.tree.map(lambda a: a[None], stats))
         mtp_logits.append(self.logits(module.final_norm(hidden)))
-    return logits, _concatenated(stats_chunks), tuple(mtp_logits)
+    return features, _concatenated(stats_chunks), tuple(mtp_logits)
 
 
 ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")

@@ -3,11 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from moe_jax.layers import attention
-from moe_jax.layers.logits import output_logits
+from moe_jax.layers.logits import output_cross_entropy, output_logits
 from moe_jax.layers.moe import BalancingBias
 from moe_jax.model import ModelSpec, Transformer
 from moe_jax.settings import ConfigError
@@ -95,6 +96,25 @@ def test_output_logits_are_float32_and_backward_products_take_a_16_bit_cotangent
                              rtol=1e-2, atol=1e-2)
   np.testing.assert_allclose(dw.astype(jnp.float32), jnp.einsum("bsd,bsv->dv", x32, g16),
                              rtol=1e-2, atol=1e-2)
+
+
+def test_output_cross_entropy_equals_the_projection_then_optax_cross_entropy():
+  keys = jax.random.split(jax.random.key(1), 4)
+  x, w = jax.random.normal(keys[0], (2, 5, 8)), 0.5 * jax.random.normal(keys[1], (8, 11))
+  targets = jax.random.randint(keys[2], (2, 5), 0, 11).at[0, :2].set(jnp.array([0, 10]))
+  weights = jax.random.uniform(keys[3], (2, 5))   # a cotangent that differs per position
+  apart = lambda x, w: jnp.sum(weights * optax.softmax_cross_entropy_with_integer_labels(
+      output_logits(x, w), targets))
+  fused = lambda x, w: jnp.sum(weights * output_cross_entropy(x, w, targets))
+  for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 0.0)):
+    args = x.astype(dtype), w.astype(dtype)
+    (want, want_grads), (got, got_grads) = (jax.value_and_grad(f, (0, 1))(*args)
+                                            for f in (apart, fused))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, ref in zip(got_grads, want_grads):   # bf16: both round the same cotangent once
+      assert g.dtype == dtype
+      np.testing.assert_allclose(g.astype(jnp.float32), ref.astype(jnp.float32),
+                                 rtol=tolerance, atol=tolerance)
 
 
 def test_attention_takes_the_xla_path_off_gpu_and_can_be_forced():

@@ -25,10 +25,10 @@ def test_depth_k_sees_tokens_up_to_i_plus_k_and_nothing_later(tiny_config):
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
   graphdef, state = nnx.split(model)
   with_mtp = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).with_mtp(tokens))
-  logits, stats, (depth1, depth2) = with_mtp(state, tokens)
-  assert logits.shape == (2, 16, 260) and depth1.shape == (2, 15, 260) and depth2.shape == (2, 14, 260)
+  features, stats, (depth1, depth2) = with_mtp(state, tokens)
+  assert depth1.shape == (2, 15, 260) and depth2.shape == (2, 14, 260)
   assert stats.counts.shape[0] == len(model.moe_layers()) == 1 + 2   # one main MoE block + 2 MTP
-  np.testing.assert_allclose(model(tokens)[0], logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model(tokens)[0], model.logits(features), rtol=1e-5, atol=1e-5)
   changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % 256)
   _, _, (new1, new2) = with_mtp(state, changed)
   for k, (old, new) in enumerate([(depth1, new1), (depth2, new2)], start=1):

@@ -20,10 +20,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from moe_jax.layers.logits import output_logits
+from moe_jax.layers.logits import output_cross_entropy, output_logits
 from moe_jax.model import REMAT_POLICIES, mtp_losses
 from moe_jax.pipeline import schedules
 from moe_jax.pipeline.model_stages import as_stages, layout, moe_stack, stage_function
@@ -131,9 +130,8 @@ def _head_loss(model, microbatches: int, mtp_weight):
     inputs, targets = window[:, :-1], window[:, 1:]
     logits_of = lambda normed: output_logits(normed, unembed.astype(dtype))
     with jax.named_scope("output"):
-      logits = logits_of(nnx.merge(norm_graphdef, norm_state)(h))
-    with jax.named_scope("cross_entropy"):
-      cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+      features = nnx.merge(norm_graphdef, norm_state)(h)
+      cross_entropy = output_cross_entropy(features, unembed.astype(dtype), targets).mean()
     if not depths:
       return cross_entropy / microbatches, (cross_entropy, jnp.zeros(0), jnp.zeros(0), ())
     hidden, mtp_logits, stats = h, [], []
