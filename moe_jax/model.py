@@ -9,7 +9,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -335,14 +334,15 @@ class MTPModule(nnx.Module):
     return self.block(self.join(hidden_BxSxD, embedded_BxSxD), positions_S)
 
 
-def mtp_losses(mtp_logits, tokens):
+def mtp_losses(token_losses, mtp_features, tokens):
   """Per depth k: mean cross-entropy and top-1 accuracy of predicting token i + k + 1 of the
-  windows `tokens` [B, S + 1] (depth k's logits: [B, S - k, V])."""
+  windows `tokens` [B, S + 1] from depth k's features [B, S - k, D], through
+  `token_losses(features, targets) -> (nats, hits)` (`Transformer.token_losses`)."""
   losses, accuracies = [], []
-  for depth, logits in enumerate(mtp_logits, start=1):
-    targets = tokens[:, depth + 1:]
-    losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean())
-    accuracies.append(jnp.mean(jnp.argmax(logits, axis=-1) == targets))
+  for depth, features in enumerate(mtp_features, start=1):
+    nats, hits = token_losses(features, tokens[:, depth + 1:])
+    losses.append(nats.mean())
+    accuracies.append(hits.mean())
   return losses, accuracies
 
 
@@ -436,10 +436,10 @@ class Transformer(nnx.Module):
     with jax.named_scope("output"):
       return output_logits(normed_BxSxD, self.unembed[...].astype(self.dtype))
 
-  def token_losses(self, features_BxSxD, targets_BxS) -> Float[Array, "B S"]:
-    """Each position's next-token cross-entropy from the final norm's output, through the
-    output projection fused with the loss (`output_cross_entropy`: training never writes
-    the loss's gradient as float32 logits)."""
+  def token_losses(self, features_BxSxD, targets_BxS):
+    """(cross-entropy, 1.0 where the target is the top prediction) of each position [B, S]
+    from a final norm's output, through the output projection fused with the loss
+    (`output_cross_entropy`: training never writes the loss's gradient as float32 logits)."""
     with jax.named_scope("output"):
       return output_cross_entropy(features_BxSxD, self.unembed[...].astype(self.dtype),
                                   targets_BxS)
@@ -482,15 +482,15 @@ class Transformer(nnx.Module):
     return self.logits(module.final_norm(hidden)), hidden, cache
 
   def with_mtp(self, tokens: Int[Array, "B S"]):
-    """(the main model's `features`, statistics of every MoE layer incl. the MTP blocks', MTP
-    logits per depth).
+    """(the main model's `features`, statistics of every MoE layer incl. the MTP blocks', the
+    MTP modules' features per depth: their final norm's output, the output projection's input).
 
-    Depth k's logits [B, S - k, V] at position i predict token i + k + 1 of the window that
+    Depth k's features [B, S - k, D] at position i predict token i + k + 1 of the window that
     `tokens` starts (the main model's predict i + 1).
     """
     hidden, stats_chunks = self.hidden_states(tokens)
     features = self.final_norm(hidden)
-    mtp_logits = []
+    mtp_features = []
     with jax.named_scope("mtp"):
       for depth, module in enumerate(self.mtp, start=1):
         length = tokens.shape[1] - depth
@@ -498,8 +498,8 @@ class Transformer(nnx.Module):
         hidden, stats = self.run_block(module.block, joined, jnp.arange(length))
         if stats is not None:
           stats_chunks.append(jax.tree.map(lambda a: a[None], stats))
-        mtp_logits.append(self.logits(module.final_norm(hidden)))
-    return features, _concatenated(stats_chunks), tuple(mtp_logits)
+        mtp_features.append(module.final_norm(hidden))
+    return features, _concatenated(stats_chunks), tuple(mtp_features)
 
 
 ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")

@@ -153,15 +153,15 @@ def loss_fn(params, biases, graphdef, tokens, mtp_weight=0.0):
   model = nnx.merge(graphdef, params, biases)
   mtp = {}
   if model.mtp:
-    features, stats, mtp_logits = model.with_mtp(inputs)
+    features, stats, mtp_features = model.with_mtp(inputs)
     with jax.named_scope("mtp_loss"):
-      losses, accuracies = mtp_losses(mtp_logits, tokens)
+      losses, accuracies = mtp_losses(model.token_losses, mtp_features, tokens)
     for depth, (loss, accuracy) in enumerate(zip(losses, accuracies), start=1):
       mtp[f"mtp_loss/depth{depth}"], mtp[f"mtp_accuracy/depth{depth}"] = loss, accuracy
   else:
     features, stats = model.features(inputs)
   with jax.named_scope("cross_entropy"):
-    cross_entropy = model.token_losses(features, targets).mean()
+    cross_entropy = model.token_losses(features, targets)[0].mean()
   aux = jnp.zeros(())
   if stats is not None:
     aux = jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss)

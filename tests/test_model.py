@@ -105,12 +105,15 @@ def test_output_cross_entropy_equals_the_projection_then_optax_cross_entropy():
   weights = jax.random.uniform(keys[3], (2, 5))   # a cotangent that differs per position
   apart = lambda x, w: jnp.sum(weights * optax.softmax_cross_entropy_with_integer_labels(
       output_logits(x, w), targets))
-  fused = lambda x, w: jnp.sum(weights * output_cross_entropy(x, w, targets))
+  fused = lambda x, w: jnp.sum(weights * output_cross_entropy(x, w, targets)[0])
   for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 0.0)):
     args = x.astype(dtype), w.astype(dtype)
     (want, want_grads), (got, got_grads) = (jax.value_and_grad(f, (0, 1))(*args)
                                             for f in (apart, fused))
     np.testing.assert_allclose(got, want, rtol=1e-6)
+    hits = output_cross_entropy(*args, targets)[1]   # the top logit is the target: 1.0
+    top = jnp.argmax(output_logits(*args), axis=-1)
+    assert 0 < hits.sum() < hits.size and (hits == (top == targets)).all()
     for g, ref in zip(got_grads, want_grads):   # bf16: both round the same cotangent once
       assert g.dtype == dtype
       np.testing.assert_allclose(g.astype(jnp.float32), ref.astype(jnp.float32),

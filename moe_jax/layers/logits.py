@@ -44,12 +44,15 @@ output_logits.defvjp(_forward, _backward)
 
 @jax.custom_vjp
 def output_cross_entropy(x: Float[Array, "... D"], w: Float[Array, "D V"],
-                         targets: Int[Array, "..."]) -> Float[Array, "..."]:
-  """-log softmax(x @ w)[target] at each position, in float32: `output_logits` followed by the
-  cross-entropy, with one backward pass over the logits. Apart, the loss's gradient is
-  written as float32 logits-sized array and then converted for the 16-bit products (two
-  passes over [tokens, V] float32, 2 and 1.6 ms per step at 32K x 32K on an H200); here
-  softmax - one-hot, times the cotangent, is written once, in x's dtype."""
+                         targets: Int[Array, "..."]) -> tuple[Float[Array, "..."],
+                                                             Float[Array, "..."]]:
+  """(-log softmax(x @ w)[target], 1.0 where the target is the top logit, else 0.0) at each
+  position, in float32: `output_logits` followed by the cross-entropy, with one backward pass
+  over the logits (the second output, for accuracies, has no gradient; unused, it is not
+  computed). Apart, the loss's gradient is written as a float32 logits-sized array and then
+  converted for the 16-bit products (two passes over [tokens, V] float32, 2 and 1.6 ms per
+  step at 32K x 32K on an H200); here softmax - one-hot, times the cotangent, is written
+  once, in x's dtype."""
   return _cross_entropy_forward(x, w, targets)[0]
 
 
@@ -57,11 +60,13 @@ def _cross_entropy_forward(x, w, targets):
   logits = _product(x, w)
   log_normalizer = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return log_normalizer - picked, (x, w, targets, logits, log_normalizer)
+  hits = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return (log_normalizer - picked, hits), (x, w, targets, logits, log_normalizer)
 
 
-def _cross_entropy_backward(residuals, d_nats):
+def _cross_entropy_backward(residuals, cotangents):
   x, w, targets, logits, log_normalizer = residuals
+  d_nats = cotangents[0]
   is_target = targets[..., None] == jnp.arange(logits.shape[-1])
   g = (jnp.exp(logits - log_normalizer[..., None]) - is_target) * d_nats[..., None]
   return (*_input_gradients(x, w, g.astype(x.dtype)), None)

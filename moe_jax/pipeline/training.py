@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.layers.logits import output_cross_entropy, output_logits
+from moe_jax.layers.logits import output_cross_entropy
 from moe_jax.model import REMAT_POLICIES, mtp_losses
 from moe_jax.pipeline import schedules
 from moe_jax.pipeline.model_stages import as_stages, layout, moe_stack, stage_function
@@ -128,21 +128,21 @@ def _head_loss(model, microbatches: int, mtp_weight):
   def head_loss(head, h, window):
     norm_state, unembed, mtp_state, embed = head
     inputs, targets = window[:, :-1], window[:, 1:]
-    logits_of = lambda normed: output_logits(normed, unembed.astype(dtype))
+    token_losses = lambda features, targets: output_cross_entropy(
+        features, unembed.astype(dtype), targets)
     with jax.named_scope("output"):
-      features = nnx.merge(norm_graphdef, norm_state)(h)
-      cross_entropy = output_cross_entropy(features, unembed.astype(dtype), targets).mean()
+      cross_entropy = token_losses(nnx.merge(norm_graphdef, norm_state)(h), targets)[0].mean()
     if not depths:
       return cross_entropy / microbatches, (cross_entropy, jnp.zeros(0), jnp.zeros(0), ())
-    hidden, mtp_logits, stats = h, [], []
+    hidden, mtp_features, stats = h, [], []
     with jax.named_scope("mtp"):
       for depth, module in enumerate(nnx.merge(mtp_graphdef, mtp_state), start=1):
         length = inputs.shape[1] - depth
         joined = module.join(hidden[:, :length], embed[inputs[:, depth:]].astype(dtype))
         hidden, block_stats = model.run_block(module.block, joined, jnp.arange(length))
         stats.append(block_stats)
-        mtp_logits.append(logits_of(module.final_norm(hidden)))
-      losses, accuracies = mtp_losses(mtp_logits, window)
+        mtp_features.append(module.final_norm(hidden))
+      losses, accuracies = mtp_losses(token_losses, mtp_features, window)
     stats = jax.tree.map(lambda *leaves: jnp.stack(leaves), *stats)
     total = (cross_entropy + mtp_weight * jnp.mean(jnp.stack(losses))
              + jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss))
