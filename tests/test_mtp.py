@@ -42,9 +42,11 @@ def test_loss_adds_lambda_times_the_mean_depth_loss_and_its_schedule(tiny_config
   model = _model(tiny_config, 2)
   graphdef, params, biases = nnx.split(model, nnx.Param, ...)
   tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
-  mtp_logits = jax.jit(lambda p: [nnx.merge(graphdef, p, biases).logits(features) for features
-                                  in nnx.merge(graphdef, p, biases).with_mtp(tokens[:, :-1])[2]])(
-      params)   # jitted: op by op, this forward alone took 20 s on the 2-core CPU
+  def depth_logits(params):
+    model = nnx.merge(graphdef, params, biases)
+    return [model.logits(features) for features in model.with_mtp(tokens[:, :-1])[2]]
+
+  mtp_logits = jax.jit(depth_logits)(params)   # op by op this forward took 20 s on 2 CPU cores
   depth_losses = [optax.softmax_cross_entropy_with_integer_labels(l, tokens[:, k + 1:]).mean()
                   for k, l in enumerate(mtp_logits, start=1)]
   loss_fn = jax.jit(lambda p, w: steps.loss_fn(p, biases, graphdef, tokens, w))
