@@ -439,7 +439,7 @@ class Transformer(nnx.Module):
   def token_losses(self, features_BxSxD, targets_BxS):
     """(cross-entropy, 1.0 where the target is the top prediction) of each position [B, S]
     from a final norm's output, through the output projection fused with the loss
-    (`output_cross_entropy`: training never writes the loss's gradient as float32 logits)."""
+    (`output_cross_entropy`: the loss's gradient reaches the backward products in bf16)."""
     with jax.named_scope("output"):
       return output_cross_entropy(features_BxSxD, self.unembed[...].astype(self.dtype),
                                   targets_BxS)
