@@ -138,6 +138,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dispatch.grouped_matmul = "auto"  # dropless expert matmuls: "mosaic" (Hopper) | "pallas"
                                       # (CUDA GPUs) | "interpret" | "tiles" (XLA, CPU's) |
                                       # "xla" (ragged_dot) | "auto"
+  c.dispatch.gates_before_down = False  # dropless: gates scale the experts' activations
+                                       # before the down projection (less memory, a little
+                                       # slower: moe_jax/dispatch/dropless.py)
   c.dispatch.fp8_experts = False  # routed experts' matmuls in e4m3, DeepSeek-V3's 1x128 /
                                   # 128x128 scaling (kernels/fp8.py; on Hopper slower than bf16 now)
 

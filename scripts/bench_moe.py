@@ -362,8 +362,8 @@ def breakdown(shapes, tokens, warmup, repeats) -> None:
     class Identity(NamedTuple):
       num_experts: int
 
-      def ragged(self, rows, group_sizes):
-        return rows
+      def ragged(self, rows, group_sizes, row_weights=None):
+        return rows if row_weights is None else rows * row_weights[:, None]
 
     parts = {
         "routing (router matmul, scores, top-k)": (

@@ -1,5 +1,7 @@
 """Dispatchers against the loop-over-experts reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +30,10 @@ def _run(dispatch, x, weights, decision, capacity_factor):
 
 
 # Every dispatcher but the reference itself (comparing it with itself could not fail).
-FAST_PATHS = sorted(set(DISPATCHERS) - {"reference"})
+FAST = {name: DISPATCHERS[name] for name in sorted(set(DISPATCHERS) - {"reference"})}
+FAST["dropless, gates before down"] = functools.partial(DISPATCHERS["dropless"],
+                                                        gates_before_down=True)
+FAST_PATHS = list(FAST)
 
 
 @pytest.mark.parametrize("name", FAST_PATHS)
@@ -36,18 +41,21 @@ def test_matches_reference_when_nothing_is_dropped(name):
   x, weights, decision = _problem()
   no_drop = E / K                                     # capacity = T: every token fits
   expected = _run(reference_dispatch, x, weights, decision, None)
-  got = jax.jit(lambda x, w: _run(DISPATCHERS[name], x, w, decision, no_drop))(x, weights)
+  got = jax.jit(lambda x, w: _run(FAST[name], x, w, decision, no_drop))(x, weights)
   np.testing.assert_allclose(got.output, expected.output, rtol=1e-5, atol=1e-5)
   assert float(got.dropped) == 0.0
 
 
 @pytest.mark.parametrize("name", FAST_PATHS)
 def test_gradients_match_reference(name):
+  """Of the tokens, the expert weights and the gates (dropless with gates_before_down scales the
+  experts' activations by the gates, the others their outputs)."""
   x, weights, decision = _problem(1)
-  loss = lambda dispatch, factor: lambda x, w: jnp.sum(
-      _run(dispatch, x, w, decision, factor).output ** 2)
-  expected = jax.grad(loss(reference_dispatch, None), argnums=(0, 1))(x, weights)
-  got = jax.grad(loss(DISPATCHERS[name], E / K), argnums=(0, 1))(x, weights)
+  loss = lambda dispatch, factor: lambda x, w, gates: jnp.sum(_run(
+      dispatch, x, w, decision._replace(gates=gates), factor).output ** 2)
+  inputs = (x, weights, decision.gates)
+  expected = jax.grad(loss(reference_dispatch, None), argnums=(0, 1, 2))(*inputs)
+  got = jax.grad(loss(FAST[name], E / K), argnums=(0, 1, 2))(*inputs)
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 

@@ -24,7 +24,8 @@ class Experts(Protocol):
 
   def __call__(self, buffer: Float[Array, "E C D"]) -> Float[Array, "E C D"]: ...
 
-  def ragged(self, rows: Float[Array, "N D"], group_sizes: Int[Array, "E"]) -> Float[Array, "N D"]: ...
+  def ragged(self, rows: Float[Array, "N D"], group_sizes: Int[Array, "E"],
+             row_weights: Float[Array, "N"] | None = None) -> Float[Array, "N D"]: ...
 
 
 class Dispatched(NamedTuple):
@@ -85,6 +86,14 @@ def gather_assignments(x: Float[Array, "T D"], order: Int[Array, "N"], inverse: 
   """x[order // K]: the token of each assignment, in `order` (a permutation of the T * K flat
   assignments t * K + k). The gradient gathers by `inverse` and sums each token's K rows."""
   return masked_gather(x, order // top_k, None, inverse, None, top_k)
+
+
+def sum_sorted(sorted_rows: Float[Array, "N D"], order: Int[Array, "N"],
+               inverse: Int[Array, "N"], top_k: int) -> Float[Array, "T D"]:
+  """Rows in expert-sorted order (row i belongs to flat assignment order[i] = t * K + k),
+  already weighted by their gates -> y[t] = sum_k row of (t, k), in float32."""
+  rows_TxKxD = permute_rows(sorted_rows, inverse, order).reshape(-1, top_k, sorted_rows.shape[-1])
+  return jnp.sum(rows_TxKxD.astype(jnp.float32), axis=1)
 
 
 def combine_sorted(sorted_rows: Float[Array, "N D"], order: Int[Array, "N"],

@@ -35,13 +35,14 @@ class SwiGLUExperts:
   def num_experts(self) -> int:
     return self.w_gate.shape[0]
 
-  def swiglu(self, x, dot, casts: bool = False, gate_and_up: bool = False):
+  def swiglu(self, x, dot, casts: bool = False, gate_and_up: bool = False, row_weights=None):
     """The products of every expert's SwiGLU through `dot(x, w)` (w one of the [E, ., .]
     weights): batched, ragged or padded-grouped, the same function. `casts`: `dot` takes the
     weights as they are and casts them itself; otherwise they are cast to x's dtype here.
     `gate_and_up`: gate and up as one product of twice the width, `dot(x, (w_gate, w_up))` with
     the pair side by side (x read once, one data gradient instead of two summed, and wider
-    tiles for narrow experts)."""
+    tiles for narrow experts). `row_weights` (one per row of x): each row's activations are
+    scaled before the down projection, which is linear, so the output is the weighted one."""
     w_gate, w_up, w_down = (self if casts else self.in_dtype(x.dtype)).weights
     with jax.named_scope("experts"):
       x = checkpoint_name(x, "expert_inputs")   # names a remat policy can keep
@@ -49,7 +50,10 @@ class SwiGLUExperts:
         gate, up = jnp.split(dot(x, (w_gate, w_up)), 2, axis=-1)
       else:
         gate, up = dot(x, w_gate), dot(x, w_up)
-      return checkpoint_name(dot(jax.nn.silu(gate) * up, w_down), "expert_outputs")
+      hidden = jax.nn.silu(gate) * up
+      if row_weights is not None:
+        hidden = hidden * row_weights[..., None].astype(hidden.dtype)
+      return checkpoint_name(dot(hidden, w_down), "expert_outputs")
 
   @property
   def weights(self):
@@ -67,8 +71,11 @@ class SwiGLUExperts:
       return self.swiglu(buffer, fp8.fp8_matmul, casts=True)
     return self.swiglu(buffer, lambda x, w: jnp.einsum("eci,eio->eco", x, w))
 
-  def ragged(self, rows: Float[Array, "N D"], group_sizes: Int[Array, "E"]) -> Float[Array, "N D"]:
+  def ragged(self, rows: Float[Array, "N D"], group_sizes: Int[Array, "E"],
+             row_weights: Float[Array, "N"] | None = None) -> Float[Array, "N D"]:
     """Rows sorted by expert, group_sizes[e] of them for expert e; rows past the groups give 0.
+    With `row_weights`, row n's output is scaled by row_weights[n] (inside the SwiGLU, before
+    the down projection: dispatch/dropless.py says why).
 
     On GPU the grouped matmuls are kernels (moe_jax/kernels): Mosaic GPU ones on ragged
     groups (Hopper: ragged_mosaic.py), or Pallas ones with rows padded once per group to the
@@ -89,16 +96,18 @@ class SwiGLUExperts:
         dot = fp8_mosaic.padded_dot(layout)
       else:                            # the Triton kernels (or them in interpret mode)
         dot = fp8_grouped_matmul.padded_fp8_dot(layout, interpret=choice == "interpret")
-      return self._on_row_tiles(rows, layout, dot, casts=True)
+      return self._on_row_tiles(rows, layout, dot, casts=True, row_weights=row_weights)
     choice = grouped_matmul.chosen_implementation(self.w_gate.shape[1], self.w_gate.shape[2],
                                                   self.implementation, rows.dtype)
     if choice == "xla":
       return self.swiglu(rows, _side_by_side(lambda x, w: jax.lax.ragged_dot(x, w, group_sizes)),
-                         gate_and_up=True)
+                         gate_and_up=True, row_weights=row_weights)
     if choice == "mosaic":   # zero rows appended past the groups, dropped after
-      out = self.swiglu(grouped_matmul.to_mosaic_rows(rows),
+      to_mosaic = grouped_matmul.to_mosaic_rows
+      out = self.swiglu(to_mosaic(rows),
                         lambda x, w: ragged_mosaic.grouped_matmul(x, w, group_sizes), casts=True,
-                        gate_and_up=True)
+                        gate_and_up=True,
+                        row_weights=None if row_weights is None else to_mosaic(row_weights))
       return out[:rows.shape[0]]
     # The rest pad each group to a row tile once, run the three products, and un-pad.
     if choice == "tiles":
@@ -111,13 +120,17 @@ class SwiGLUExperts:
       block_m = blocks.m
       make_dot = lambda layout: grouped_matmul.padded_dot(layout, blocks, interpret)
     layout = grouped_matmul.group_layout(group_sizes, rows.shape[0], block_m)
-    return self._on_row_tiles(rows, layout, _side_by_side(make_dot(layout)), gate_and_up=True)
+    return self._on_row_tiles(rows, layout, _side_by_side(make_dot(layout)), gate_and_up=True,
+                              row_weights=row_weights)
 
   def _on_row_tiles(self, rows, layout: grouped_matmul.GroupLayout, dot, casts: bool = False,
-                    gate_and_up: bool = False):
+                    gate_and_up: bool = False, row_weights=None):
     """Pad each group to the layout's row tiles, run the SwiGLU's products, un-pad."""
+    if row_weights is not None:
+      row_weights = grouped_matmul.pad(row_weights, layout)
     return grouped_matmul.unpad(
-        self.swiglu(grouped_matmul.pad(rows, layout), dot, casts, gate_and_up), layout)
+        self.swiglu(grouped_matmul.pad(rows, layout), dot, casts, gate_and_up, row_weights),
+        layout)
 
 
 def _side_by_side(dot):

@@ -63,9 +63,11 @@ def _per_sequence(settings: DispatchSettings, x, decision, experts):
 def _flat(settings: DispatchSettings, x, decision, experts):
   batch, seq, width = x.shape
   flat = lambda a: a.reshape(batch * seq, a.shape[-1])
-  y, dropped = DISPATCHERS[settings.strategy](flat(x), flat(decision.expert_ids),
-                                              flat(decision.gates).astype(x.dtype), experts,
-                                              settings.capacity_factor)
+  dispatch = DISPATCHERS[settings.strategy]
+  if settings.gates_before_down:
+    dispatch = functools.partial(dispatch, gates_before_down=True)
+  y, dropped = dispatch(flat(x), flat(decision.expert_ids), flat(decision.gates).astype(x.dtype),
+                        experts, settings.capacity_factor)
   return y.reshape(batch, seq, width), _dropped_fraction(dropped, decision.expert_ids)
 
 

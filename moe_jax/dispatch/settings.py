@@ -31,6 +31,9 @@ class DispatchSettings(Settings):
                                    # summed since the last one (made inside the training step)
   grouped_matmul: str = "auto"     # ragged expert matmuls (dropless): a name of
                                    # kernels/grouped_matmul.IMPLEMENTATIONS
+  gates_before_down: bool = False  # dropless: gates scale the experts' activations before the
+                                   # down projection, not their outputs (less memory, a
+                                   # little slower: dispatch/dropless.py)
   fp8_experts: bool = False        # the routed experts' matmuls in e4m3 with DeepSeek-V3's
                                    # 1x128 / 128x128 scaling (kernels/fp8.py; on Hopper
                                    # Mosaic kernels, slower than bf16 for now)
@@ -64,6 +67,11 @@ class DispatchSettings(Settings):
     if self.grouped_matmul not in GROUPED_MATMULS:
       problems.append(f"dispatch.grouped_matmul={self.grouped_matmul!r} is unknown; choose from "
                       f"{list(GROUPED_MATMULS)}")
+    if self.gates_before_down and (self.strategy != "dropless" or self.expert_parallel != "none"):
+      problems.append(f"dispatch.gates_before_down=True is for dispatch.strategy='dropless' on "
+                      f"one device group, but dispatch.strategy={self.strategy!r} and "
+                      f"dispatch.expert_parallel={self.expert_parallel!r}: set "
+                      f"dispatch.gates_before_down=False")
     implied = DISPATCHER_OF_VARIANT.get(self.expert_parallel)
     if implied and self.strategy != implied:
       problems.append(f"dispatch.expert_parallel={self.expert_parallel!r} dispatches as "

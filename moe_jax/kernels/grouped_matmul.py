@@ -254,11 +254,12 @@ def grouped_matmul(rows: Float[Array, "N K"], w: Float[Array, "E K F"], group_si
 # ---- Hopper: this repository's Mosaic GPU kernels on ragged groups (ragged_mosaic.py) ------
 
 
-def to_mosaic_rows(rows: Float[Array, "N K"]) -> Float[Array, "M K"]:
-  """The rows with zero rows appended up to a whole 128-row block, the row count the Mosaic
-  kernels take (any row count: e.g. decoding)."""
+def to_mosaic_rows(rows: Float[Array, "N ..."]) -> Float[Array, "M ..."]:
+  """The rows (or one value per row) with zeros appended up to a whole 128-row block, the row
+  count the Mosaic kernels take (any row count: e.g. decoding)."""
   count = rows.shape[0]
-  return jnp.pad(rows, ((0, -(-count // ragged_mosaic.ROWS) * ragged_mosaic.ROWS - count), (0, 0)))
+  extra = -(-count // ragged_mosaic.ROWS) * ragged_mosaic.ROWS - count
+  return jnp.pad(rows, ((0, extra),) + ((0, 0),) * (rows.ndim - 1))
 
 
 def hopper() -> bool:
