@@ -202,7 +202,7 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
             plgpu.BlockSpec((STEP, 2 * n), lambda s: (s, 0), transforms=operand))
   specs = [plgpu.BlockSpec((ROWS, STEP), lambda s: (0, s), transforms=operand), b_spec]
 
-  def body(tiles_gmem, rows_gmem, w_gmem, out_gmem):
+  def body(tiles_gmem, computed_gmem, rows_gmem, w_gmem, out_gmem):
     wg = lax.axis_index("wg")
     mine = pl.ds(wg * n, n)
     ignore = lambda *_, **__: None
@@ -212,7 +212,7 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
         rows_gmem.at[pl.ds(0, ROWS)], w_block)
     # Row tiles holding a group's rows: a prefix of the table, then tiles of rows past the
     # groups (written as zeros) and tiles with no rows.
-    computed = tiles_gmem[4 * num_row_tiles]
+    computed = computed_gmem[0]
 
     def read_tile(ti):
       return [tiles_gmem[i * num_row_tiles + ti] for i in range(4)]
@@ -278,12 +278,13 @@ def row_product(rows: Float[Array, "M K"], w: Float[Array, "E K N"], tiles: Int[
     pl.run_scoped(scope, allocations, plgpu.SMEM((2, ROWS, n), out_gmem.dtype),
                   collective_axes="wg")
 
-  # The table goes in flat, with the count of its tiles that compute (a group's rows): the
-  # kernel reads it as scalars from one one-dimensional array.
+  # The table goes in flat (the kernel reads it as scalars), and apart from it the count of
+  # its tiles that compute (a group's rows): appended to the table, the count's sum was fused
+  # into the table's concatenation as one thread's serial loop over the tiles (0.17 ms per
+  # call on an H200, 5 ms of a training step).
   computed = jnp.sum((tiles[0] < num_groups) & (tiles[3] > tiles[2]), dtype=jnp.int32)
-  table = jnp.concatenate([tiles.reshape(-1), computed[None]])
   out = _warp_specialized(body, jax.ShapeDtypeStruct((num_rows, width), rows.dtype),
-                          table, rows, w)
+                          tiles.reshape(-1), computed[None], rows, w)
   return typed_like(out, rows, w, tiles)
 
 
