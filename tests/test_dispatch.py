@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moe_jax import routing
-from moe_jax.dispatch.base import masked_gather
+from moe_jax.dispatch.base import masked_gather, take_rows
 from moe_jax.dispatch import (DISPATCHERS, SwiGLUExperts, capacity_dispatch, dense_dispatch,
                               expert_capacity, expert_choice_dispatch, reference_dispatch)
 
@@ -126,6 +126,19 @@ def test_capacity_with_drops_equals_reference_without_the_dropped_and_so_do_grad
   expected = jax.grad(loss(reference_dispatch, only_kept, None), argnums=(0, 1))(x, weights)
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, width", [(jnp.bfloat16, 6), (jnp.float16, 8), (jnp.bfloat16, 5),
+                                          (jnp.float32, 4)])
+def test_take_rows_equals_plain_indexing_bit_for_bit(dtype, width):
+  """16-bit rows of even width travel as 32-bit words; the others by plain indexing."""
+  bits = jax.random.bits(jax.random.key(0), (7, width), jnp.uint32 if dtype == jnp.float32
+                         else jnp.uint16)
+  rows = jax.lax.bitcast_convert_type(bits, dtype)   # every bit pattern, NaNs included
+  index = jnp.array([6, 0, 3, 3, 1, 6, 2, 5, 4, 0])
+  got = jax.jit(take_rows)(rows, index)
+  assert got.dtype == rows.dtype and got.shape == (10, width)
+  np.testing.assert_array_equal(jax.lax.bitcast_convert_type(got, bits.dtype), bits[index])
 
 
 def test_masked_gather_gradient_equals_the_scatter_add_of_plain_indexing():

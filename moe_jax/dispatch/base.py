@@ -42,28 +42,40 @@ def inverse_permutation(order: Int[Array, "N"]) -> Int[Array, "N"]:
   return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def take_rows(rows: Float[Array, "R D"], index: Int[Array, "N"]) -> Float[Array, "N D"]:
+  """rows[index], for rows of 16-bit values and even width as 32-bit words (value pairs):
+  XLA's gather moves one element per lane step, so words move the rows faster (196,608 of
+  1,024 bf16 values: 0.26 -> 0.20 ms on an H200). Only where the gathered rows are written
+  out: inside a fused reduction the word view measured 3x slower."""
+  if jnp.dtype(rows.dtype).itemsize != 2 or rows.shape[-1] % 2:
+    return rows[index]
+  words = jax.lax.bitcast_convert_type(rows.reshape(rows.shape[0], -1, 2), jnp.uint32)
+  return jax.lax.bitcast_convert_type(words[index], rows.dtype).reshape(index.shape[0], -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def masked_gather(rows: Float[Array, "R D"], index: Int[Array, "N"], valid: Bool[Array, "N"] | None,
                   back_index: Int[Array, "R*M"], back_valid: Bool[Array, "R*M"] | None,
-                  multiplicity: int = 1) -> Float[Array, "N D"]:
+                  multiplicity: int = 1, as_words: bool = False) -> Float[Array, "N D"]:
   """out[n] = rows[index[n]] where valid[n] (else 0), with a gather for a gradient.
 
   XLA differentiates a gather into a scatter-add, slow on GPU. Dispatch gathers are
   one-to-one maps (or each row read `multiplicity` times), so the transpose is a gather too:
   row r's gradient is the sum over j < M of d[back_index[r * M + j]] where back_valid.
   The caller guarantees that {n : valid[n], index[n] = r} = {back_index[r * M + j] : valid}.
-  None for a mask means all valid.
+  None for a mask means all valid. `as_words`: the forward gathers through `take_rows`.
   """
-  out = rows[index]
+  out = take_rows(rows, index) if as_words else rows[index]
   return out if valid is None else jnp.where(valid[:, None], out, 0)
 
 
-def _masked_gather_forward(rows, index, valid, back_index, back_valid, multiplicity):
-  return masked_gather(rows, index, valid, back_index, back_valid, multiplicity), (
+def _masked_gather_forward(rows, index, valid, back_index, back_valid, multiplicity, as_words):
+  return masked_gather(rows, index, valid, back_index, back_valid, multiplicity, as_words), (
       back_index, back_valid)
 
 
-def _masked_gather_backward(multiplicity, residuals, d):
+def _masked_gather_backward(multiplicity, as_words, residuals, d):
+  del as_words
   back_index, back_valid = residuals
   d_rows = d[back_index]
   if back_valid is not None:
@@ -85,7 +97,7 @@ def gather_assignments(x: Float[Array, "T D"], order: Int[Array, "N"], inverse: 
                        top_k: int) -> Float[Array, "N D"]:
   """x[order // K]: the token of each assignment, in `order` (a permutation of the T * K flat
   assignments t * K + k). The gradient gathers by `inverse` and sums each token's K rows."""
-  return masked_gather(x, order // top_k, None, inverse, None, top_k)
+  return masked_gather(x, order // top_k, None, inverse, None, top_k, as_words=True)
 
 
 def sum_sorted(sorted_rows: Float[Array, "N D"], order: Int[Array, "N"],
