@@ -90,10 +90,23 @@ def hlo_scopes(hlo_text: str) -> dict[str, str]:
   return scopes
 
 
+def hlo_shapes(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> its result's type without layouts (e.g. "bf16[64,1024,768]")."""
+  return {name: re.sub(r"\{[^}]*\}", "", shape)
+          for name, shape in re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = (\([^)]*\)|\S+) ",
+                                        hlo_text, re.MULTILINE)}
+
+
+def _hlo_key(name: str) -> str:
+  return name.replace(".", "_").replace("-", "_")
+
+
 def top_device_ops(trace_dir: Path, steps_traced: int, scopes: dict[str, str],
-                   count: int = 40) -> None:
-  """Prints the busiest device thread of a jax.profiler trace: its ops by time per step, and
-  the same time summed by model part (the named scope of each op's HLO)."""
+                   shapes: dict[str, str] | None = None, count: int = 40) -> None:
+  """Prints the busiest device thread of a jax.profiler trace: its ops by time per step, the
+  same time by kind of kernel over all layers (with the result's type and launches per step,
+  so that one slow kind is not hidden among fast ones of the same name), and by model part
+  (the named scope of each op's HLO)."""
   [path] = sorted(trace_dir.rglob("perfetto_trace.json.gz"))[-1:]
   events = json.loads(gzip.open(path).read())["traceEvents"]
   names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
@@ -102,30 +115,36 @@ def top_device_ops(trace_dir: Path, steps_traced: int, scopes: dict[str, str],
                  if tid is None and ("GPU" in name or "TPU" in name)}
   device_pids = device_pids or {pid for pid, tid in names if tid is None}   # CPU: every thread
   by_thread = collections.defaultdict(collections.Counter)
-  scopes = {name.replace(".", "_").replace("-", "_"): scope for name, scope in scopes.items()}
+  launches = collections.defaultdict(collections.Counter)
+  scopes = {_hlo_key(name): scope for name, scope in scopes.items()}
+  shapes = {_hlo_key(name): shape for name, shape in (shapes or {}).items()}
   for e in events:
     if e.get("ph") == "X" and e["pid"] in device_pids:
       # GPU kernels name their HLO op in args (library kernels) or in their own name (fusions).
-      op = str(e.get("args", {}).get("hlo_op", e["name"]))
-      by_thread[(e["pid"], e.get("tid"))][(e["name"], op.replace(".", "_").replace("-", "_"))] += (
-          e.get("dur", 0))
+      op = _hlo_key(str(e.get("args", {}).get("hlo_op", e["name"])))
+      by_thread[(e["pid"], e.get("tid"))][(e["name"], op)] += e.get("dur", 0)
+      launches[(e["pid"], e.get("tid"))][(e["name"], op)] += 1
   for key, ops in sorted(by_thread.items(), key=lambda kv: -sum(kv[1].values()))[:2]:
     total = sum(ops.values())
     by_scope, by_kernel, by_kind = (collections.Counter() for _ in range(3))
+    kind_launches = collections.Counter()
     for (kernel, op), micros in ops.items():
       scope = scopes.get(op, "(not an HLO op)")
       by_scope[scope] += micros
       by_kernel[f"{kernel[:70]} [{op[:30]}: {scope}]"] += micros
       # The same kernel in every layer: numbered fusions and ops lose their numbers.
-      by_kind[f"{re.sub(r'[._]?[0-9]+$', '', kernel)[:70]} [{scope}]"] += micros
+      kind = f"{re.sub(r'[._]?[0-9]+$', '', kernel)[:70]} {shapes.get(op, '')[:48]} [{scope}]"
+      by_kind[kind] += micros
+      kind_launches[kind] += launches[key][(kernel, op)]
     print(f"  device thread {names.get(key, key)}: {total / steps_traced / 1e3:.1f} ms per step")
     for title, table in (("kernel [op: model part]", by_kernel),
-                         ("kernel kind, all layers [model part]", by_kind),
+                         ("kernel kind and result, all layers [model part] (launches)", by_kind),
                          ("model part", by_scope)):
       print(f"    by {title}:")
       for name, micros in table.most_common(count):
+        per_step = f" ({kind_launches[name] / steps_traced:.3g})" if table is by_kind else ""
         print(f"    {micros / steps_traced / 1e3:8.2f} ms {100 * micros / total:5.1f}%  "
-              f"{name}")
+              f"{name}{per_step}")
 
 
 def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
@@ -156,7 +175,8 @@ def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
     with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
       for _ in range(3):
         one_step()
-    top_device_ops(profile_dir, 3, hlo_scopes(step.as_text()))
+    hlo = step.as_text()
+    top_device_ops(profile_dir, 3, hlo_scopes(hlo), hlo_shapes(hlo))
   tokens_per_second = batch * seq_len / seconds
   return {"seconds": seconds, "tokens_per_second": tokens_per_second,
           "model_tflops": model_flops_per_token(spec, seq_len) * tokens_per_second / 1e12,

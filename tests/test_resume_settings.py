@@ -35,7 +35,8 @@ OTHER_SETTINGS = {
                  {"expert_parallel": "all_to_all", "expert_parallel_chunks": 2},
                  {"strategy": "dropless", "expert_parallel": "all_gather", "expert_replicas": 1,
                   "replica_replan_every": 5},
-                 {"grouped_matmul": "interpret"}, {"fp8_experts": True}],
+                 {"grouped_matmul": "interpret"}, {"fp8_experts": True},
+                 {"strategy": "dropless", "gates_before_down": True}],
 }
 
 
