@@ -49,6 +49,9 @@ BAD = [
     ("dispatch.expert_parallel_chunks", 0, "dispatch.expert_parallel_chunks=0 must be >= 1"),
     ("dispatch.expert_replicas", -1, "dispatch.expert_replicas=-1 must be >= 0"),
     ("dispatch.replica_replan_every", 0, "dispatch.replica_replan_every=0 must be >= 1"),
+    ("dispatch.gates_before_down", True,
+     "dispatch.gates_before_down=True is for dispatch.strategy='dropless' on one device group, "
+     "but dispatch.strategy='capacity'"),
     ("sharding.embed", "pipe", "sharding.embed=pipe: unknown mesh axis"),
     ("sharding.embed", "stage", "sharding.embed=stage: the stage axis holds pipeline stages"),
     ("pipeline.schedule", "zb", "pipeline.schedule='zb' is unknown"),

@@ -10,7 +10,7 @@ projection (which is linear, so the output is the same), as Megatron-Core's weig
 does, instead of the expert's output after it: the backward then keeps no [T x K, D] expert
 outputs for the gates' gradient (a sum over the expert width F from the activations it keeps
 anyway) and the combine is a plain sum over the top k. On one H200 at the 1.29B benchmark
-model: 5.3 GiB less memory, 1.2 ms more per 150 ms step (docs/performance.md).
+model: 5.3 GiB less memory, 1.2 ms more per 150 ms step (docs/dispatch.md).
 """
 
 import jax.numpy as jnp
