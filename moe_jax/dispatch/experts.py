@@ -51,8 +51,8 @@ class SwiGLUExperts:
       else:
         gate, up = dot(x, w_gate), dot(x, w_up)
       hidden = jax.nn.silu(gate) * up
-      if row_weights is not None:
-        hidden = hidden * row_weights[..., None].astype(hidden.dtype)
+      if row_weights is not None:   # in float32, so that the weights' gradient sums in float32
+        hidden = (hidden.astype(jnp.float32) * row_weights[..., None]).astype(hidden.dtype)
       return checkpoint_name(dot(hidden, w_down), "expert_outputs")
 
   @property
