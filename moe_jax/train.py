@@ -194,11 +194,12 @@ def restore_newest_verified(checkpointer: Checkpointer, step: int, abstract_stat
   None: the initial state). A corrupt one raises CheckpointCorrupt, or with `skip_corrupt` is
   moved to corrupt_checkpoints/ and the next older one is tried; the state-shaping
   `settings` (`checked_settings`, when given) must match each checkpoint's."""
+  # A field a checkpoint's config lacks takes its default.
+  defaults = checked_settings(ModelSpec(), steps.OptimizerSettings().moment_dtype)
   while step:
     try:
-      if settings is not None:   # a field a checkpoint's config lacks takes its default
-        checkpointer.check_model(step, settings, checked_settings(
-            ModelSpec(), steps.OptimizerSettings().moment_dtype))
+      if settings is not None:
+        checkpointer.check_model(step, settings, defaults)
       return step, restore_in_layout(checkpointer, step, abstract_state)
     except CheckpointCorrupt as error:
       if not skip_corrupt:
