@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moe_jax import routing
-from moe_jax.dispatch.base import masked_gather, take_rows
+from moe_jax.dispatch.base import group_sizes, masked_gather, take_rows
 from moe_jax.dispatch import (DISPATCHERS, SwiGLUExperts, capacity_dispatch, dense_dispatch,
                               expert_capacity, expert_choice_dispatch, reference_dispatch)
 
@@ -139,6 +139,12 @@ def test_take_rows_equals_plain_indexing_bit_for_bit(dtype, width):
   got = jax.jit(take_rows)(rows, index)
   assert got.dtype == rows.dtype and got.shape == (10, width)
   np.testing.assert_array_equal(jax.lax.bitcast_convert_type(got, bits.dtype), bits[index])
+
+
+def test_group_sizes_count_each_group_and_ignore_ids_past_the_last():
+  ids = jnp.array([2, 0, 2, 5, 1, 2, 4], jnp.int32)
+  np.testing.assert_array_equal(group_sizes(ids, 4), [1, 1, 3, 0])
+  assert group_sizes(ids, 4).dtype == jnp.int32
 
 
 def test_masked_gather_gradient_equals_the_scatter_add_of_plain_indexing():

@@ -56,6 +56,23 @@ def test_a_256_expert_model_logs_a_fixed_number_of_tags_per_layer(tiny_config, t
   assert last["routing/layer0/load_max"] == pytest.approx(loads.max() / loads.mean(), rel=1e-4)
 
 
+def test_the_metric_writer_starts_without_pytorch(tmp_path):
+  """tensorboardX imports PyTorch where it is installed (as in the test extras); the writer
+  keeps it out of a run (1.5 s at every start) and its events still read back."""
+  import subprocess
+  import sys
+  from tests.conftest import ROOT
+  script = ("import sys; from moe_jax.metrics import MetricWriter; "
+            f"w = MetricWriter({str(tmp_path)!r}); w.write(3, {{'loss': 2.5}}); w.close(); "
+            "print('torch' in sys.modules)")
+  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]
+  (value,) = [(e.step, v.tag, v.simple_value) for e in _events(tmp_path / "tensorboard")
+              for v in e.summary.value]
+  assert value == (3, "loss", 2.5)
+
+
 def test_training_flops_per_token_of_the_tiny_model_by_hand(tiny_config):
   # tiny: D=64, 2 blocks (dense, MoE), 2 query heads and 1 kv head of 32, dense MLP 128,
   # 8 routed experts of 32 (top-2) + 1 shared, vocabulary 260, context 64.

@@ -22,6 +22,22 @@ def test_sigmoid_router_picks_top_scores_and_normalises_gates():
   np.testing.assert_allclose(r.probs, [[0.5, 0.75, 0.25, 0.9]], rtol=1e-6)
 
 
+def test_top_k_indices_break_ties_to_the_lower_column_and_skip_masked_ones():
+  scores = jnp.array([[0.5, 0.9, 0.5, 0.9, -jnp.inf, 0.1],
+                      [-jnp.inf, 0.2, 0.2, 0.2, 0.3, -jnp.inf]])
+  np.testing.assert_array_equal(routing.top_k_indices(scores, 4), [[1, 3, 0, 2], [4, 1, 2, 3]])
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_top_k_indices_equal_lax_top_k(k):
+  """Few distinct values (many ties), masked columns, two leading dimensions."""
+  key_values, key_mask = jax.random.split(jax.random.key(k))
+  scores = jax.random.randint(key_values, (3, 40, 16), 0, 4).astype(jnp.float32) / 4
+  scores = jnp.where(jax.random.bernoulli(key_mask, 0.3, scores.shape), -jnp.inf, scores)
+  scores = scores.at[..., :k].set(jnp.maximum(scores[..., :k], 0))   # k finite per row
+  np.testing.assert_array_equal(routing.top_k_indices(scores, k), jax.lax.top_k(scores, k)[1])
+
+
 def test_bias_changes_the_choice_but_gates_come_from_unbiased_scores():
   bias = jnp.array([0.0, 0.0, 1.0, 0.0])   # biased scores: 0.5, 0.75, 1.25, 0.9
   r = routing.topk_route(LOGITS, bias, top_k=2, route_scale=2.5)

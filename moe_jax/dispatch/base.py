@@ -42,6 +42,14 @@ def inverse_permutation(order: Int[Array, "N"]) -> Int[Array, "N"]:
   return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
+def group_sizes(ids: Int[Array, "N"], num_groups: int) -> Int[Array, "G"]:
+  """How many of `ids` equal each of 0 .. G-1 (others are not counted), as int32: a compare
+  and a sum. jnp.bincount's scatter-add makes every id contend for G counters (196,608 ids
+  into 64 on an H200: 0.057 against 0.009 ms)."""
+  groups = jnp.arange(num_groups, dtype=ids.dtype)
+  return jnp.sum(ids[None, :] == groups[:, None], axis=1, dtype=jnp.int32)
+
+
 def take_rows(rows: Float[Array, "R D"], index: Int[Array, "N"]) -> Float[Array, "N D"]:
   """rows[index], for rows of 16-bit values and even width as 32-bit words (value pairs):
   XLA's gather moves one element per lane step, so words move the rows faster (196,608 of

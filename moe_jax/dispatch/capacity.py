@@ -14,7 +14,7 @@ import math
 
 import jax.numpy as jnp
 
-from moe_jax.dispatch.base import Dispatched, inverse_permutation, masked_gather
+from moe_jax.dispatch.base import Dispatched, group_sizes, inverse_permutation, masked_gather
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -34,7 +34,7 @@ def capacity_dispatch(x, expert_ids, gates, experts, capacity_factor):
   sorted_experts = flat_experts[order]
   sorted_tokens = order // top_k
 
-  counts_E = jnp.bincount(flat_experts, length=num_experts)
+  counts_E = group_sizes(flat_experts, num_experts)
   starts_E = jnp.cumsum(counts_E) - counts_E
   rank = jnp.arange(order.shape[0]) - starts_E[sorted_experts]            # position in its expert
   kept = rank < capacity

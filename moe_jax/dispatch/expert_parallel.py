@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.dispatch.base import (Dispatched, combine_sorted, gather_assignments,
+from moe_jax.dispatch.base import (Dispatched, combine_sorted, gather_assignments, group_sizes,
                                    inverse_permutation)
 from moe_jax.dispatch.capacity import capacity_dispatch
 from moe_jax.dispatch.experts import SwiGLUExperts
@@ -76,8 +76,8 @@ def _run_mine(x_all, gates_all, slot_N, experts: SwiGLUExperts, out_dtype) -> Di
   slots, top_k = experts.num_experts, slot_N.shape[0] // x_all.shape[0]
   order = jnp.argsort(slot_N, stable=True)                     # others sort last, in no group
   inverse = inverse_permutation(order)
-  group_sizes = jnp.bincount(slot_N, length=slots + 1)[:slots].astype(jnp.int32)
-  sorted_out = experts.ragged(gather_assignments(x_all, order, inverse, top_k), group_sizes)
+  sizes = group_sizes(slot_N, slots)
+  sorted_out = experts.ragged(gather_assignments(x_all, order, inverse, top_k), sizes)
   mine = (slot_N < slots)[order]
   partial = combine_sorted(jnp.where(mine[:, None], sorted_out, 0), order, gates_all, inverse)
   y = jax.lax.psum_scatter(partial, EXPERT_AXIS, scatter_dimension=0, tiled=True)
@@ -99,7 +99,7 @@ def serving_ranks(expert_ids_N, replicas) -> jnp.ndarray:
   is the NumPy reference)."""
   num_experts = replicas.copies.shape[0]
   by_expert = jnp.argsort(expert_ids_N, stable=True)
-  counts = jnp.bincount(expert_ids_N, length=num_experts).astype(jnp.int32)
+  counts = group_sizes(expert_ids_N, num_experts)
   position = inverse_permutation(by_expert) - (jnp.cumsum(counts) - counts)[expert_ids_N]
   copy = position * replicas.copies[expert_ids_N] // jnp.maximum(counts[expert_ids_N], 1)
   return replicas.copy_rank[expert_ids_N, copy]
@@ -156,7 +156,7 @@ def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
   order = jnp.argsort(flat, stable=True)                        # grouped by owner, then expert
   inverse = inverse_permutation(order)
   send = gather_assignments(x, order, inverse, top_k)
-  per_expert = jnp.bincount(flat, length=peers * local).astype(jnp.int32)
+  per_expert = group_sizes(flat, peers * local)
   send_sizes = per_expert.reshape(peers, local).sum(axis=1)
   input_offsets = jnp.cumsum(send_sizes) - send_sizes
   exchange = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)
@@ -178,8 +178,8 @@ def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
   valid = jnp.arange(capacity) < recv_sizes.sum()
   key = jnp.where(valid, source_expert, local)
   by_expert = jnp.argsort(key, stable=True)
-  group_sizes = recv_per_expert_PxL.sum(axis=0)
-  out = local_experts.ragged(received[by_expert], group_sizes)
+  sizes = recv_per_expert_PxL.sum(axis=0)
+  out = local_experts.ragged(received[by_expert], sizes)
   out = jnp.zeros_like(out).at[by_expert].set(out)
   back_offsets = exchange(jnp.broadcast_to(input_offsets[:, None], (peers, 1))).reshape(peers)
   returned = jax.lax.ragged_all_to_all(out, buffer((rows, x.shape[1])),

@@ -88,7 +88,10 @@ def row_tiles(group_sizes: Int[Array, "E"], num_rows: int) -> Int[Array, "4 V"]:
   count = jnp.where(sizes > 0, last_block - first_block + 1, 0)
   count_end = jnp.cumsum(count)
   tile = jnp.arange(num_rows // ROWS + num_groups, dtype=jnp.int32)
-  group = jnp.minimum(jnp.searchsorted(count_end, tile, side="right"), num_groups)
+  # compare_all: the default binary search is a while loop, one host round trip per halving
+  # on GPU (0.14 against 0.01 ms per layer on an H200).
+  group = jnp.minimum(jnp.searchsorted(count_end, tile, side="right", method="compare_all"),
+                      num_groups)
   block = first_block[group] + tile - (count_end[group] - count[group])
   used = tile < count_end[-1]
   block = jnp.where(used, block, 0)

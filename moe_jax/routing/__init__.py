@@ -5,7 +5,7 @@ from moe_jax.routing.balancing import (BIAS_RULES, relative_load, sequence_balan
                                        switch_loss, update_balancing_bias, z_loss)
 from moe_jax.routing.choice import (GROUP_SCORES, SCORE_FUNCTIONS, ExpertChoice, Routing,
                                     expert_choice_route, expert_counts, group_limited_mask,
-                                    scores, topk_route)
+                                    scores, top_k_indices, topk_route)
 from moe_jax.routing.settings import ROUTERS, BalancingSettings, RouterSettings
 from moe_jax.routing.stats import (chosen_mask, coactivation, dead_experts, expert_choice_mask,
                                    max_violation, router_entropy, routing_confidence)

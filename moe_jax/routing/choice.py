@@ -78,6 +78,21 @@ def group_limited_mask(choice_scores: Float[Array, "T E"], unbiased: Float[Array
   return jnp.where(keep_TxE, choice_scores, -jnp.inf)
 
 
+def top_k_indices(scores: Float[Array, "T E"], k: int) -> Int[Array, "T K"]:
+  """The columns of each row's k highest scores, best first, ties to the lower column: what
+  `jax.lax.top_k` returns, as k passes of argmax, each taking out the column it found. XLA
+  sorts whole rows for top_k on GPU (64 experts, 32,768 tokens, k = 6 on an H200: 0.099 ms
+  against 0.042). Needs k finite or NaN scores per row (every router's scores are; group
+  masks leave at least k)."""
+  columns = jnp.arange(scores.shape[-1])
+  picked = []
+  for _ in range(k):
+    best = jnp.argmax(scores, axis=-1)
+    picked.append(best)
+    scores = jnp.where(columns == best[..., None], -jnp.inf, scores)
+  return jnp.stack(picked, axis=-1).astype(jnp.int32)
+
+
 def topk_route(logits: Float[Array, "T E"], bias: Float[Array, "E"] | None, *, top_k: int,
                score_function: str = "sigmoid", norm_topk_prob: bool = True,
                route_scale: float = 1.0,
@@ -87,7 +102,7 @@ def topk_route(logits: Float[Array, "T E"], bias: Float[Array, "E"] | None, *, t
   choice_scores = probs if bias is None else probs + bias.astype(probs.dtype)
   if num_groups > 1:
     choice_scores = group_limited_mask(choice_scores, probs, num_groups, topk_groups, group_score)
-  _, expert_ids = jax.lax.top_k(choice_scores, top_k)
+  expert_ids = top_k_indices(choice_scores, top_k)
   gates = jnp.take_along_axis(probs, expert_ids, axis=-1)
   if norm_topk_prob:
     gates = gates / (jnp.sum(gates, axis=-1, keepdims=True) + 1e-20)
