@@ -160,8 +160,7 @@ def loss_fn(params, biases, graphdef, tokens, mtp_weight=0.0):
       mtp[f"mtp_loss/depth{depth}"], mtp[f"mtp_accuracy/depth{depth}"] = loss, accuracy
   else:
     features, stats = model.features(inputs)
-  with jax.named_scope("cross_entropy"):
-    cross_entropy = model.token_losses(features, targets)[0].mean()
+  cross_entropy = model.token_losses(features, targets)[0].mean()   # under the "output" scope
   aux = jnp.zeros(())
   if stats is not None:
     aux = jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss)

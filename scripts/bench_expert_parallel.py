@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import arguments   # noqa: E402
 from bench_moe import SHAPES, layer_step, median_ms, moe_layer   # noqa: E402
 from moe_jax import parallel   # noqa: E402
 from moe_jax.dispatch.expert_parallel import DISPATCHER_OF_VARIANT, TOKEN_AXES   # noqa: E402
@@ -89,15 +90,19 @@ def all_to_all_gib_s(mib_per_device: int, mesh, warmup, repeats) -> tuple[float,
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--shapes", default="b")
-  parser.add_argument("--tokens", type=int, default=16384, help="tokens per device")
-  parser.add_argument("--variants", default="all_to_all,all_gather,ragged_all_to_all")
-  parser.add_argument("--chunks", default="1,2")
-  parser.add_argument("--replicas", default="0,1", help="spare slots per rank (all_gather, skewed)")
-  parser.add_argument("--routing", default="balanced,skewed")
-  parser.add_argument("--bandwidth_mib", type=int, default=256)
-  parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--shapes", type=arguments.names(*SHAPES), default="b")
+  parser.add_argument("--tokens", type=arguments.whole_number(), default=16384,
+                      help="tokens per device")
+  parser.add_argument("--variants", type=arguments.names(*DISPATCHER_OF_VARIANT),
+                      default="all_to_all,all_gather,ragged_all_to_all")
+  parser.add_argument("--chunks", type=arguments.whole_numbers(), default="1,2")
+  parser.add_argument("--replicas", type=arguments.whole_numbers(0), default="0,1",
+                      help="spare slots per rank (all_gather, skewed)")
+  parser.add_argument("--routing", type=arguments.names("balanced", "skewed"),
+                      default="balanced,skewed")
+  parser.add_argument("--bandwidth_mib", type=arguments.whole_number(), default=256)
+  parser.add_argument("--warmup", type=arguments.whole_number(0), default=3)
+  parser.add_argument("--repeats", type=arguments.whole_number(), default=10)
   args = parser.parse_args()
   devices = jax.device_count()
   mesh = parallel.make_mesh(1, devices)
@@ -106,11 +111,10 @@ def main():
   ms, gib_s = all_to_all_gib_s(args.bandwidth_mib, mesh, args.warmup, args.repeats)
   print(f"plain all_to_all of {args.bandwidth_mib} MiB per device: {ms:.2f} ms, "
         f"{gib_s:.1f} GiB/s leaving each device", flush=True)
-  variants = args.variants.split(",")
-  chunk_counts = [int(c) for c in args.chunks.split(",")]
+  variants, chunk_counts = args.variants, args.chunks
   rows = []
-  for shape in args.shapes.split(","):
-    for routing in args.routing.split(","):
+  for shape in args.shapes:
+    for routing in args.routing:
       skew = routing == "skewed"
       single = {}
       for variant in variants:
@@ -120,7 +124,7 @@ def main():
                                              args.repeats)
           print(f"{shape} {routing}: one device, {dispatcher}: {single[dispatcher]:.2f} ms",
                 flush=True)
-        slot_counts = [int(r) for r in args.replicas.split(",")] if (
+        slot_counts = args.replicas if (
             skew and variant == "all_gather") else [0]
         for chunks in chunk_counts:
           for slots in slot_counts if chunks == 1 else [0]:

@@ -40,7 +40,9 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arguments   # noqa: E402
 from moe_jax.dispatch import DispatchSettings   # noqa: E402
 from moe_jax.kernels import fp8_grouped_matmul as fgm   # noqa: E402
 from moe_jax.kernels import fp8_mosaic, fp8_quantize   # noqa: E402
@@ -381,6 +383,8 @@ def breakdown(shapes, tokens, warmup, repeats) -> None:
             lambda x, experts: jnp.sum(dropless_dispatch(
                 x, *route(x, router)[:2], experts).output.astype(jnp.float32) ** 2), (x, experts)),
     }
+    if d % ragged_mosaic.ROWS or f % ragged_mosaic.ROWS:   # the Mosaic kernels' tile widths
+      del parts["experts, gate and up apart (three grouped matmuls, mosaic)"]
     print(f"breakdown {shape} T={tokens} (fwd+bwd, dropless):", flush=True)
     for name, (fn, args) in parts.items():
       step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
@@ -555,12 +559,14 @@ def table(rows) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--shapes", default="a,b,c")
-  parser.add_argument("--tokens", default="16384")
-  parser.add_argument("--routing", default="balanced,skewed")
-  parser.add_argument("--dispatchers", default="capacity,dropless,dropless_pallas,dropless_xla")
-  parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--shapes", type=arguments.names(*SHAPES), default="a,b,c")
+  parser.add_argument("--tokens", type=arguments.whole_numbers(), default="16384")
+  parser.add_argument("--routing", type=arguments.names("balanced", "skewed"),
+                      default="balanced,skewed")
+  parser.add_argument("--dispatchers", type=arguments.names(*DISPATCHERS),
+                      default="capacity,dropless,dropless_pallas,dropless_xla")
+  parser.add_argument("--warmup", type=arguments.whole_number(0), default=3)
+  parser.add_argument("--repeats", type=arguments.whole_number(), default=10)
   parser.add_argument("--check", action="store_true", help="check the kernels first")
   parser.add_argument("--torch", action="store_true",
                       help="add the PyTorch reference layer (sort + torch._grouped_mm)")
@@ -576,13 +582,12 @@ def main():
     check_kernels(interpret=jax.default_backend() != "gpu")
     check_fp8_kernels(interpret=jax.default_backend() != "gpu")
   if args.tune:
-    tune(args.shapes.split(","), int(args.tokens.split(",")[0]), args.warmup, args.repeats)
+    tune(args.shapes, args.tokens[0], args.warmup, args.repeats)
     return
   if args.breakdown:
-    breakdown(args.shapes.split(","), int(args.tokens.split(",")[0]), args.warmup, args.repeats)
+    breakdown(args.shapes, args.tokens[0], args.warmup, args.repeats)
     return
-  shapes, token_counts = args.shapes.split(","), [int(t) for t in args.tokens.split(",")]
-  routings = args.routing.split(",")
+  shapes, token_counts, routings = args.shapes, args.tokens, args.routing
   torch_ms_of = None
   if args.torch:   # every PyTorch time first, in a process of its own
     cases = [(*SHAPES[shape][:4], tokens, routing == "skewed") for shape in shapes
@@ -590,7 +595,7 @@ def main():
     with concurrent.futures.ProcessPoolExecutor(
         1, mp_context=multiprocessing.get_context("spawn")) as pool:
       torch_ms_of = pool.submit(torch_times, cases, args.warmup, args.repeats).result()
-  rows = run(shapes, token_counts, routings, args.dispatchers.split(","), args.warmup,
+  rows = run(shapes, token_counts, routings, args.dispatchers, args.warmup,
              args.repeats, torch_ms_of)
   print()
   print("command: python scripts/bench_moe.py " + " ".join(sys.argv[1:]))

@@ -27,9 +27,13 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arguments   # noqa: E402
 from moe_jax import parallel, steps   # noqa: E402
 from moe_jax.config_validation import validate_config   # noqa: E402
+from moe_jax.main import config_file_problem   # noqa: E402
+from moe_jax.settings import ConfigError   # noqa: E402
 from moe_jax.paths import load_config   # noqa: E402
 from moe_jax.pipeline import schedules   # noqa: E402
 from moe_jax.pipeline.scheduled import lockstep_bubble, tick_table   # noqa: E402
@@ -61,17 +65,20 @@ def step_ms(config, devices, warmup: int, repeats: int) -> float:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/deepseek.py:bench_1b")
-  parser.add_argument("--layers", type=int, default=17,
+  parser.add_argument("--layers", type=arguments.whole_number(2), default=17,
                       help="blocks (the preset's dense ones first); 17 leaves 16 MoE blocks")
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--seq", type=int, default=2048)
-  parser.add_argument("--microbatches", type=int, default=8)
+  parser.add_argument("--batch", type=arguments.whole_number(), default=16)
+  parser.add_argument("--seq", type=arguments.whole_number(2), default=2048)
+  parser.add_argument("--microbatches", type=arguments.whole_number(), default=8)
   parser.add_argument("--schedules", default="gpipe,1f1b,dualpipev",
                       help="schedules, each optionally with its MoE blocks per stage "
                            "(pipeline.stage_blocks): 1f1b,1f1b:9/7,dualpipev:4/5/4/3")
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--warmup", type=arguments.whole_number(0), default=2)
+  parser.add_argument("--repeats", type=arguments.whole_number(), default=5)
   args = parser.parse_args()
+  problem = config_file_problem(args.config)
+  if problem:
+    parser.error(problem)
   config = load_config(args.config)
   # cuDNN attention's custom partitioner does not run inside the pipeline's shard_map
   config.model.update(num_layers=args.layers, scan_layers=True, mtp_depth=0,
@@ -80,20 +87,31 @@ def main():
   config.train.microbatches = args.microbatches
   config.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
   devices = jax.devices()
+  # Every schedule's config checked before anything is compiled: one line for a bad one.
+  stage_configs = []
+  for item in args.schedules.split(","):
+    name, _, blocks = item.partition(":")
+    stage_config = config.copy_and_resolve_references()
+    stage_config.mesh.stage, stage_config.pipeline.schedule = len(devices), name
+    stage_config.pipeline.stage_blocks = blocks.replace("/", ",")
+    try:
+      validate_config(stage_config, len(devices))
+    except ConfigError as error:
+      parser.error(f"--schedules item {item!r}: {error}")
+    stage_configs.append((item, name, stage_config))
+  config.mesh.stage = 1
+  try:
+    validate_config(config, 1)
+  except ConfigError as error:
+    parser.error(str(error))
   print(f"{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}, "
         f"{datetime.date.today()}: {args.config}, {args.layers} blocks, batch {args.batch} x "
         f"{args.seq}, {args.microbatches} micro-batches", flush=True)
-  config.mesh.stage = 1
-  validate_config(config, 1)
   one = step_ms(config, devices[:1], args.warmup, args.repeats)
   print(f"unpipelined, 1 device: {one:.1f} ms", flush=True)
   rows = [("unpipelined (gradient accumulation)", 1, one, None, None, None)]
-  for item in args.schedules.split(","):
-    name, _, blocks = item.partition(":")
-    config.mesh.stage, config.pipeline.schedule = len(devices), name
-    config.pipeline.stage_blocks = blocks.replace("/", ",")
-    validate_config(config, len(devices))
-    ms = step_ms(config, devices, args.warmup, args.repeats)
+  for item, name, stage_config in stage_configs:
+    ms = step_ms(stage_config, devices, args.warmup, args.repeats)
     plan = schedules.make(name, len(devices), args.microbatches)
     computed = schedules.simulate(plan).bubble_fraction
     lockstep = lockstep_bubble(tick_table(plan))

@@ -36,11 +36,15 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arguments   # noqa: E402
 from configs.deepseek import get_config   # noqa: E402
 from moe_jax import steps   # noqa: E402
+from moe_jax.dispatch.settings import GROUPED_MATMULS   # noqa: E402
+from moe_jax.dispatch.strategies import DISPATCHERS   # noqa: E402
 from moe_jax.layers import attention   # noqa: E402
-from moe_jax.model import ModelSpec, parameter_counts   # noqa: E402
+from moe_jax.model import REMAT_POLICIES, ModelSpec, parameter_counts   # noqa: E402
 
 # By default about 1.3B parameters, about 0.26B used per token: 16 blocks of width 1024 (the
 # first dense), 64 routed experts of width 384 top-6 plus 2 shared, a 32K vocabulary
@@ -75,7 +79,7 @@ def matmul_ceiling() -> float:
 
 # The model's jax.named_scope names, most specific first: an op counts toward the first found.
 SCOPES = ("experts", "expert_weights", "router", "shared_experts", "moe", "attention", "mlp",
-          "output", "cross_entropy", "embed", "optimizer")
+          "output", "embed", "optimizer")
 
 
 def hlo_scopes(hlo_text: str) -> dict[str, str]:
@@ -183,34 +187,49 @@ def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
           "compile_seconds": compile_seconds, "planned_gib": planned}
 
 
+def _preset(text: str):
+  """argparse type: a size of configs/deepseek.py (with its overrides) -> its config."""
+  try:
+    return get_config(text)
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", default="bench_1b", help="a size of configs/deepseek.py")
-  parser.add_argument("--layers", type=int, default=0,
+  parser.add_argument("--preset", type=_preset, default="bench_1b",
+                      help="a size of configs/deepseek.py")
+  parser.add_argument("--layers", type=arguments.whole_number(0), default=0,
                       help="blocks (0: the preset's), keeping its dense ones")
-  parser.add_argument("--microbatches", type=int, default=1)
-  parser.add_argument("--scan", default="preset",
+  parser.add_argument("--microbatches", type=arguments.whole_number(), default=1)
+  parser.add_argument("--scan", type=arguments.names("on", "off", "preset"), default="preset",
                       help="comma-separated model.scan_layers values to time: on, off, preset")
-  parser.add_argument("--dispatchers", default="capacity,dropless")
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--seq", type=int, default=2048)
-  parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--dispatchers", type=arguments.names(*DISPATCHERS),
+                      default="capacity,dropless")
+  parser.add_argument("--batch", type=arguments.whole_number(), default=8)
+  parser.add_argument("--seq", type=arguments.whole_number(2), default=2048)
+  parser.add_argument("--warmup", type=arguments.whole_number(0), default=3)
+  parser.add_argument("--repeats", type=arguments.whole_number(), default=10)
   parser.add_argument("--peak_tflops", type=float, default=989.0)
-  parser.add_argument("--attention", default="auto",
+  parser.add_argument("--attention", type=arguments.names(*attention.IMPLEMENTATIONS),
+                      default="auto",
                       help="comma-separated attention paths to time: auto, cudnn, xla")
   parser.add_argument("--profile", type=Path, default=None,
                       help="trace 3 steps of each variant under this folder and print the top ops")
-  parser.add_argument("--grouped_matmul", default="auto",
+  parser.add_argument("--grouped_matmul", type=arguments.names(*GROUPED_MATMULS),
+                      default="auto",
                       help="comma-separated dispatch.grouped_matmul implementations to time")
-  parser.add_argument("--remat", default="none",
+  parser.add_argument("--remat", type=arguments.names(*REMAT_POLICIES), default="none",
                       help="comma-separated activation-checkpointing policies (model.remat)")
   parser.add_argument("--dense_reference", action="store_true",
                       help="also time a dense model of the same FLOPs per token")
-  parser.add_argument("--moment_dtype", default="float32",
+  parser.add_argument("--moment_dtype", type=arguments.names(*steps.MOMENT_DTYPES),
+                      default="float32",
                       help="comma-separated Adam moment dtypes (optimizer.moment_dtype) to time")
   args = parser.parse_args()
-  spec0 = ModelSpec.from_config(get_config(args.preset))
+  if args.batch % args.microbatches:
+    parser.error(f"--batch={args.batch} does not split into --microbatches={args.microbatches}")
+  spec0 = ModelSpec.from_config(args.preset)
   if args.layers:
     spec0 = spec0.replace(num_layers=args.layers)
   counts = parameter_counts(spec0)
@@ -221,15 +240,14 @@ def main():
   ceiling = matmul_ceiling()
   print(f"bf16 8192^3 matmul: {ceiling:.0f} TFLOP/s", flush=True)
   variants = [(d, spec0.replace(dispatch=spec0.dispatch.replace(strategy=d)))
-              for d in args.dispatchers.split(",") if d]
+              for d in args.dispatchers]
   if args.dense_reference:   # every block dense, as wide as the experts a token uses
     width = (spec0.router.top_k + spec0.num_shared_experts) * spec0.expert_dim
     variants.append((f"dense model, MLP width {width} (same FLOPs per token)",
                      spec0.replace(num_dense_layers=spec0.num_layers, dense_mlp_dim=width)))
   rows = []
   for (dispatcher, spec), path, kernels, remat, scan, moments in itertools.product(
-      variants, args.attention.split(","), args.grouped_matmul.split(","),
-      args.remat.split(","), args.scan.split(","), args.moment_dtype.split(",")):
+      variants, args.attention, args.grouped_matmul, args.remat, args.scan, args.moment_dtype):
     name = dispatcher if path == "auto" else f"{dispatcher}, attention {path}"
     name = name if kernels == "auto" else f"{name}, grouped matmul {kernels}"
     name = name if remat == "none" else f"{name}, remat {remat}"

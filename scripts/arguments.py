@@ -1,0 +1,44 @@
+"""Checked command-line values for the benchmark scripts: comma-separated lists of known
+names or of whole numbers. A mistyped value stops a script with argparse's one-line `error:`
+before anything is built or compiled, instead of a traceback minutes later or a table that
+silently leaves the unknown name out."""
+
+import argparse
+
+
+def names(*known: str):
+  """argparse type: comma-separated names, each one of `known` -> list of them."""
+  def parse(text: str) -> list[str]:
+    values = [v for v in text.split(",") if v]
+    unknown = [v for v in values if v not in known]
+    if unknown or not values:
+      what = ", ".join(map(repr, unknown)) + " unknown" if unknown else "nothing given"
+      raise argparse.ArgumentTypeError(
+          f"{what}; expected comma-separated names from: {', '.join(known)}")
+    return values
+  return parse
+
+
+def whole_numbers(minimum: int = 1):
+  """argparse type: comma-separated integers of at least `minimum` -> list of them."""
+  def parse(text: str) -> list[int]:
+    values = [_whole(v, minimum) for v in text.split(",") if v]
+    if not values:
+      raise argparse.ArgumentTypeError("nothing given; expected comma-separated integers")
+    return values
+  return parse
+
+
+def whole_number(minimum: int = 1):
+  """argparse type: one integer of at least `minimum`."""
+  return lambda text: _whole(text, minimum)
+
+
+def _whole(text: str, minimum: int) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < minimum:
+    raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+  return value

@@ -1,0 +1,27 @@
+"""The benchmark scripts refuse a mistyped argument in one `error:` line, through their real
+command line, before anything is built or compiled."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+CASES = [
+    ("bench_moe.py", "--shapes=a,z", "argument --shapes: 'z' unknown"),
+    ("bench_train.py", "--moment_dtype=float8", "argument --moment_dtype: 'float8' unknown"),
+    ("bench_expert_parallel.py", "--chunks=1,0", "argument --chunks: 0 is below 1"),
+    ("bench_pipeline.py", "--schedules=1f1b,zigzag",
+     "--schedules item 'zigzag': invalid config:\n  - pipeline.schedule='zigzag' is unknown"),
+]
+
+
+@pytest.mark.parametrize("script, argument, message", CASES, ids=[c[0] for c in CASES])
+def test_a_mistyped_argument_stops_the_script_in_one_error(script, argument, message):
+  result = subprocess.run([sys.executable, f"scripts/{script}", argument], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f"{script}: error: {message}" in result.stderr and "Traceback" not in result.stderr, \
+      result.stderr[-2000:]
+  assert result.stdout == ""   # refused before the device line or any table
