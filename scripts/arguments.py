@@ -42,3 +42,14 @@ def _whole(text: str, minimum: int) -> int:
   if value < minimum:
     raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
   return value
+
+
+def positive_number(text: str) -> float:
+  """argparse type: a number above zero."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f"{text} is not above 0")
+  return value

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import arguments
 from moe_jax import parallel, routing
 from moe_jax.dispatch import SwiGLUExperts, reference_dispatch
 from moe_jax.dispatch.expert_parallel import VARIANTS, expert_parallel_dispatch
@@ -74,8 +75,9 @@ def main(batch=16, seq=32, d_model=64, expert_dim=32, experts=16, top_k=4, dtype
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--d_model", type=int, default=64)
-  parser.add_argument("--expert_dim", type=int, default=32)
-  parser.add_argument("--dtype", default="float32", help="the activations' dtype")
+  parser.add_argument("--d_model", type=arguments.whole_number(), default=64)
+  parser.add_argument("--expert_dim", type=arguments.whole_number(), default=32)
+  parser.add_argument("--dtype", type=arguments.names("float32", "bfloat16"), default="float32",
+                      help="the activations' dtype")
   args = parser.parse_args()
-  main(d_model=args.d_model, expert_dim=args.expert_dim, dtype=args.dtype)
+  main(d_model=args.d_model, expert_dim=args.expert_dim, dtype=args.dtype[0])

@@ -21,7 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt   # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arguments   # noqa: E402
 from moe_jax.pipeline import schedules   # noqa: E402
 
 COLOURS = {"F": "#4C72B0", "BW": "#DD8452", "B": "#C44E52", "W": "#55A868"}
@@ -50,20 +52,26 @@ def draw(axis, schedule: schedules.Schedule, timeline: schedules.Timeline) -> No
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--schedules", default=",".join(schedules.SCHEDULES))
-  parser.add_argument("--devices", type=int, default=4)
-  parser.add_argument("--microbatches", type=int, default=10)
-  parser.add_argument("--forward", type=float, default=1.0, help="time of one forward")
-  parser.add_argument("--backward", type=float, default=1.0, help="time of one input gradient")
-  parser.add_argument("--weight", type=float, default=1.0, help="time of one weight gradient")
-  parser.add_argument("--overlapped", type=float, default=None,
+  parser.add_argument("--schedules", type=arguments.names(*schedules.SCHEDULES),
+                      default=",".join(schedules.SCHEDULES))
+  parser.add_argument("--devices", type=arguments.whole_number(), default=4)
+  parser.add_argument("--microbatches", type=arguments.whole_number(), default=10)
+  parser.add_argument("--forward", type=arguments.positive_number, default=1.0,
+                      help="time of one forward")
+  parser.add_argument("--backward", type=arguments.positive_number, default=1.0,
+                      help="time of one input gradient")
+  parser.add_argument("--weight", type=arguments.positive_number, default=1.0,
+                      help="time of one weight gradient")
+  parser.add_argument("--overlapped", type=arguments.positive_number, default=None,
                       help="time of a forward and a backward run together (default: their sum)")
   parser.add_argument("--out", default="pipeline_schedules.png")
   args = parser.parse_args(argv)
+  if not Path(args.out).resolve().parent.is_dir():
+    parser.error(f"--out={args.out}: its folder does not exist")
   costs = schedules.Costs(args.forward, args.backward, args.weight, args.overlapped)
   try:
     chosen = [schedules.make(name, args.devices, args.microbatches)
-              for name in args.schedules.split(",")]
+              for name in args.schedules]
     timelines = [schedules.simulate(schedule, costs) for schedule in chosen]
   except schedules.ScheduleError as error:
     print(f"error: {error}", file=sys.stderr)
