@@ -210,7 +210,7 @@ def main():
   parser.add_argument("--seq", type=arguments.whole_number(2), default=2048)
   parser.add_argument("--warmup", type=arguments.whole_number(0), default=3)
   parser.add_argument("--repeats", type=arguments.whole_number(), default=10)
-  parser.add_argument("--peak_tflops", type=float, default=989.0)
+  parser.add_argument("--peak_tflops", type=arguments.positive_number, default=989.0)
   parser.add_argument("--attention", type=arguments.names(*attention.IMPLEMENTATIONS),
                       default="auto",
                       help="comma-separated attention paths to time: auto, cudnn, xla")
