@@ -111,10 +111,23 @@ def stdlib_root() -> Path:
   return Path(sysconfig.get_paths()["stdlib"])
 
 
+PACKAGE_DIRECTORIES = ("site-packages", "dist-packages")   # third-party code, not the stdlib's
+
+
+def python_files(root: Path, skip: tuple[str, ...] = ()) -> list[Path]:
+  """Every .py file under `root`, sorted, not entering directories named in `skip` nor links
+  to directories (as `root.rglob("*.py")` filtered afterwards gives them, but without walking
+  the skipped trees: a standard library's site-packages can hold most of its files)."""
+  found = []
+  for directory, subdirs, names in os.walk(root):
+    subdirs[:] = [name for name in subdirs if name not in skip]
+    found += [Path(directory) / name for name in names if name.endswith(".py")]
+  return sorted(found)
+
+
 def stdlib_files(root: Path) -> list[Path]:
   """Every .py file of the standard library, without installed third-party packages."""
-  return sorted(p for p in root.rglob("*.py")
-                if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+  return python_files(root, skip=PACKAGE_DIRECTORIES)
 
 
 def package_roots() -> list[Path]:
@@ -130,7 +143,7 @@ def package_files(roots: list[Path]) -> list[tuple[str, Path]]:
   "packages/<path under its directory>"; a name found under two directories counts once."""
   named = {}
   for root in roots:
-    for path in sorted(root.rglob("*.py")):
+    for path in python_files(root):
       if path.is_file():
         named.setdefault("packages/" + path.relative_to(root).as_posix(), path)
   return sorted(named.items())

@@ -61,6 +61,23 @@ def test_a_package_copy_of_a_validation_file_stays_out_of_training(tmp_path, std
   np.testing.assert_array_equal(corpus.validation, stdlib_corpus.validation)
 
 
+def test_python_files_are_rglobs_without_the_package_trees(tmp_path):
+  """The walk that skips site-packages gives the files `rglob("*.py")` filtered afterwards
+  gives: on a tree by hand (a link to a directory is not entered, as rglob does not) and on
+  the running interpreter's standard library."""
+  for name in ("a/b.py", "a/site-packages/x.py", "dist-packages/y.py", "c.txt", "d/e/f.py",
+               "d/e/notes.pyc", "g.py"):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text("x = 1\n")
+  (tmp_path / "link").symlink_to(tmp_path / "d")
+  assert data.stdlib_files(tmp_path) == [tmp_path / n for n in ("a/b.py", "d/e/f.py", "g.py")]
+  assert data.python_files(tmp_path / "a") == [tmp_path / "a/b.py", tmp_path / "a/site-packages/x.py"]
+  root = data.stdlib_root()
+  by_rglob = sorted(p for p in root.rglob("*.py")
+                    if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+  assert data.stdlib_files(root) == by_rglob
+
+
 def test_split_is_deterministic_and_disjoint(tmp_path):
   for i in range(40):
     (tmp_path / f"f{i}.txt").write_text(f"file {i}\n" * 10)
