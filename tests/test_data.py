@@ -71,7 +71,8 @@ def test_python_files_are_rglobs_without_the_package_trees(tmp_path):
     (tmp_path / name).write_text("x = 1\n")
   (tmp_path / "link").symlink_to(tmp_path / "d")
   assert data.stdlib_files(tmp_path) == [tmp_path / n for n in ("a/b.py", "d/e/f.py", "g.py")]
-  assert data.python_files(tmp_path / "a") == [tmp_path / "a/b.py", tmp_path / "a/site-packages/x.py"]
+  assert data.python_files(tmp_path / "a") == [tmp_path / "a/b.py",
+                                                tmp_path / "a/site-packages/x.py"]
   root = data.stdlib_root()
   by_rglob = sorted(p for p in root.rglob("*.py")
                     if "site-packages" not in p.parts and "dist-packages" not in p.parts)
