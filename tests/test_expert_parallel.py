@@ -94,6 +94,39 @@ def test_chunked_dispatch_matches_the_reference(variant, chunks):
   _check_against_reference((2, 4), *_problem(2), variant=variant, chunks=chunks)
 
 
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_dispatch_inside_a_shard_map_manual_over_the_token_axes(variant):
+  """Called inside a caller's shard_map that already split the tokens over the token axes and
+  the experts over `expert` (as a pipeline stage would), the dispatch runs its per-device body
+  on those arrays: output, drop count and the gradients of tokens and weights equal the
+  single-device reference. Tokens left whole along one of the manual axes are refused."""
+  x, weights, ids, gates = _problem(3)
+  mesh = parallel.make_mesh(2, 4)
+  experts = P("expert")
+
+  def inside(x, w, ids, gates):
+    return expert_parallel_dispatch(variant, x, ids, gates, SwiGLUExperts(*w), E / K)
+
+  def manual(tokens):
+    return jax.shard_map(inside, mesh=mesh, in_specs=(tokens, experts, tokens, tokens),
+                         out_specs=(tokens, P()))   # manual over every mesh axis
+
+  fn = manual(P(("data", "fsdp", "expert")))
+  with jax.set_mesh(mesh):
+    with pytest.raises(ValueError, match=r"tokens over every one of those axes \(not split "
+                                         r"over: \['fsdp'\]\)"):
+      jax.jit(manual(P(("data", "expert"))))(x, weights, ids, gates)
+    y, dropped = jax.jit(fn)(x, weights, ids, gates)
+    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w, ids, gates)[0] ** 2),
+                             argnums=(0, 1)))(x, weights)
+  np.testing.assert_allclose(y, _reference(x, weights, ids, gates), rtol=1e-5, atol=1e-5)
+  assert float(dropped) == 0.0
+  expected = jax.grad(lambda x, w: jnp.sum(_reference(x, w, ids, gates) ** 2),
+                      argnums=(0, 1))(x, weights)
+  for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
 def _check_against_reference(mesh_shape, x, weights, ids, gates, **dispatch_args):
   """`expert_parallel_dispatch(**dispatch_args)` on a (data, expert) mesh: output and the
   gradients of tokens and weights equal the single-device reference (nothing drops)."""

@@ -29,6 +29,7 @@ from moe_jax.dispatch.base import (Dispatched, combine_sorted, gather_assignment
 from moe_jax.dispatch.capacity import capacity_dispatch
 from moe_jax.dispatch.experts import SwiGLUExperts
 from moe_jax.dispatch.replicas import tables
+from moe_jax.manual_axes import varying_axes
 
 EXPERT_AXIS = "expert"
 TOKEN_AXES = ("data", "fsdp", "expert")   # parallel.BATCH_AXES
@@ -214,19 +215,25 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
   """Runs one expert-parallel variant over the context mesh (`jax.set_mesh`).
 
   Takes global arrays: tokens split over ("data", "expert"), expert weights over "expert".
-  Each device dispatches its tokens as one group, or as `chunks` groups of equal size
-  (see `_in_chunks`). `replica_slots` (`all_gather` only; int32 [P or more, R], row p the
-  experts in rank p's spare slots, -1 empty): copies of hot experts that share their experts'
-  tokens (`_all_gather_replicated`). Returns the output [B, S, D] and the number of dropped
-  assignments.
+  Inside a caller's `jax.shard_map` already manual over `expert` and the other token axes, the
+  tokens split over all of them (a pipeline stage's, one day), it takes that device's arrays
+  (its tokens and its E / P experts) and runs the per-device dispatch there (tested with every
+  mesh axis manual: under a partly manual shard_map jax 0.10.2's `jnp.searchsorted`, which
+  the CPU row layout calls, fails an internal check). Each device dispatches its tokens
+  as one group, or as `chunks` groups of equal size (see `_in_chunks`). `replica_slots`
+  (`all_gather` only; int32 [P or more, R], row p the experts in rank p's spare slots, -1
+  empty): copies of hot experts that share their experts' tokens (`_all_gather_replicated`).
+  Returns the output [B, S, D] and the number of dropped assignments.
   """
   if replica_slots is not None and variant != "all_gather":
     raise ValueError(f"replicas of hot experts run with the 'all_gather' variant, not {variant!r}")
   extra = () if replica_slots is None else (replica_slots,)
   if not experts.fp8:   # the weights travel between devices (replicas, gathers) in bf16
     experts = experts.in_dtype(x_BxSxD.dtype)
+  manual = tuple(axis for axis in TOKEN_AXES
+                 if axis in jax.sharding.get_abstract_mesh().manual_axes)
 
-  def per_device(x, ids, gates, w_gate, w_up, w_down, *spare_slots):
+  def per_device(x, ids, gates, w_gate, w_up, w_down, *spare_slots, token_axes=TOKEN_AXES):
     batch, seq, width = x.shape
     local = dataclasses.replace(experts, w_gate=w_gate, w_up=w_up, w_down=w_down)
     variant_function = (functools.partial(_all_gather_replicated, *spare_slots) if spare_slots
@@ -234,8 +241,16 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
     out = _in_chunks(variant_function, chunks)(
         x.reshape(batch * seq, width), ids.reshape(batch * seq, -1),
         gates.reshape(batch * seq, -1), local, capacity_factor)
-    return out.output.reshape(batch, seq, width), jax.lax.psum(out.dropped, TOKEN_AXES)
+    return out.output.reshape(batch, seq, width), jax.lax.psum(out.dropped, token_axes)
 
+  if manual:   # inside a caller's shard_map: these are this device's tokens and experts
+    whole = set(manual) - varying_axes(x_BxSxD)
+    if EXPERT_AXIS not in manual or whole:
+      raise ValueError(f"expert parallelism inside a shard_map manual over {manual} needs the "
+                       f"experts split over {EXPERT_AXIS!r} and the tokens over every one of "
+                       f"those axes (not split over: {sorted(whole) or [EXPERT_AXIS]})")
+    return per_device(x_BxSxD, expert_ids_BxSxK, gates_BxSxK, experts.w_gate, experts.w_up,
+                      experts.w_down, *extra, token_axes=manual)
   tokens, weights = P(TOKEN_AXES), P(EXPERT_AXIS)
   return jax.shard_map(per_device, in_specs=(tokens, tokens, tokens, weights, weights, weights,
                                              *[P()] * len(extra)),
