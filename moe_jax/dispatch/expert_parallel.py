@@ -217,9 +217,10 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
   Takes global arrays: tokens split over ("data", "expert"), expert weights over "expert".
   Inside a caller's `jax.shard_map` already manual over `expert` and the other token axes, the
   tokens split over all of them (a pipeline stage's, one day), it takes that device's arrays
-  (its tokens and its E / P experts) and runs the per-device dispatch there (tested with every
-  mesh axis manual: under a partly manual shard_map jax 0.10.2's `jnp.searchsorted`, which
-  the CPU row layout calls, fails an internal check). Each device dispatches its tokens
+  (its tokens and its E / P experts) and runs the per-device dispatch there (with every mesh
+  axis manual: under a partly manual shard_map `jnp.searchsorted`, which the ragged groups'
+  row layouts call, fails an internal check of jax 0.10.2 and 0.11.2, so `all_gather` and
+  `ragged_all_to_all` fail there). Each device dispatches its tokens
   as one group, or as `chunks` groups of equal size (see `_in_chunks`). `replica_slots`
   (`all_gather` only; int32 [P or more, R], row p the experts in rank p's spare slots, -1
   empty): copies of hot experts that share their experts' tokens (`_all_gather_replicated`).
