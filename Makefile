@@ -2,8 +2,7 @@
 #             on the embedded corpus.
 # make test:  add the test extras to .venv (if needed) and run the whole test suite on CPU
 #             (8 simulated devices), in TEST_WORKERS processes, one test file per worker at a
-#             time (files share their trained runs), the longest files first (tests/conftest.py);
-#             TEST_WORKERS=0 runs it in this process.
+#             time (files share their trained runs); TEST_WORKERS=0 runs it in this process.
 PYTHON ?= python3
 VENV := .venv
 TRAIN_STAMP := $(VENV)/.installed-train
@@ -35,7 +34,7 @@ train: $(TRAIN_STAMP)
 
 test: $(TEST_STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q \
-	  -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) tests
+	  -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -34,20 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-# The files that take longest, longest first (about 180 to 45 s each on two cores): `make test`
-# hands whole files to its two workers in the order collected (Makefile: no reordering by test
-# count), so a long file collected last would run alone at the end. The rest keep their order.
-LONGEST_FILES = ("test_pipeline_training.py", "test_train.py", "test_faults.py",
-                 "test_expert_parallel.py", "test_multiprocess.py", "test_fp8.py",
-                 "test_resume_settings.py", "test_hf.py", "test_fsdp.py", "test_tokenizer.py",
-                 "test_reliability.py", "test_model.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: position for position, name in enumerate(LONGEST_FILES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: files stay whole
-
-
 @pytest.fixture
 def tiny_config():
   from configs.default import get_config
