@@ -77,7 +77,7 @@ if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--d_model", type=arguments.whole_number(), default=64)
   parser.add_argument("--expert_dim", type=arguments.whole_number(), default=32)
-  parser.add_argument("--dtype", type=arguments.names("float32", "bfloat16"), default="float32",
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="the activations' dtype")
   args = parser.parse_args()
-  main(d_model=args.d_model, expert_dim=args.expert_dim, dtype=args.dtype[0])
+  main(d_model=args.d_model, expert_dim=args.expert_dim, dtype=args.dtype)
