@@ -215,16 +215,16 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
   """Runs one expert-parallel variant over the context mesh (`jax.set_mesh`).
 
   Takes global arrays: tokens split over ("data", "expert"), expert weights over "expert".
-  Inside a caller's `jax.shard_map` already manual over `expert` and the other token axes, the
-  tokens split over all of them (a pipeline stage's, one day), it takes that device's arrays
-  (its tokens and its E / P experts) and runs the per-device dispatch there (with every mesh
-  axis manual: under a partly manual shard_map `jnp.searchsorted`, which the ragged groups'
-  row layouts call, fails an internal check of jax 0.10.2 and 0.11.2, so `all_gather` and
-  `ragged_all_to_all` fail there). Each device dispatches its tokens
-  as one group, or as `chunks` groups of equal size (see `_in_chunks`). `replica_slots`
-  (`all_gather` only; int32 [P or more, R], row p the experts in rank p's spare slots, -1
-  empty): copies of hot experts that share their experts' tokens (`_all_gather_replicated`).
-  Returns the output [B, S, D] and the number of dropped assignments.
+  Inside a caller's `jax.shard_map` already manual over `expert` and the other token axes,
+  the tokens split over all of them (as a pipeline stage's would be), it takes that device's
+  arrays (its tokens and its E / P experts) and runs the per-device dispatch there (with
+  every mesh axis manual: under a partly manual shard_map `jnp.searchsorted`, which the
+  ragged groups' row layouts call, fails an internal check of jax 0.10.2 and 0.11.2, so
+  `all_gather` and `ragged_all_to_all` fail there). Each device dispatches its tokens as one
+  group, or as `chunks` groups of equal size (see `_in_chunks`). `replica_slots` (`all_gather`
+  only; int32 [P or more, R], row p the experts in rank p's spare slots, -1 empty): copies of
+  hot experts that share their experts' tokens (`_all_gather_replicated`). Returns the output
+  [B, S, D] and the number of dropped assignments.
   """
   if replica_slots is not None and variant != "all_gather":
     raise ValueError(f"replicas of hot experts run with the 'all_gather' variant, not {variant!r}")
