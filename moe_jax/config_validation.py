@@ -192,10 +192,14 @@ def _pipeline_problems(config, spec: ModelSpec, stage_devices: int, backend: str
   need(not (spec.dispatch.strategy == "dropless" and spec.dispatch.grouped_matmul == "interpret"),
        f"dispatch.grouped_matmul='interpret' (the GPU kernels in Pallas interpret mode) does not "
        f"run inside a pipeline (mesh.stage={stage_devices}): use 'auto'")
-  need(spec.dispatch.expert_parallel == "none",
-       f"dispatch.expert_parallel={spec.dispatch.expert_parallel!r} does not run inside a "
-       f"pipeline yet (mesh.stage={stage_devices}): leave it 'none' (experts split over "
-       f"mesh.expert by sharding.experts still work)")
+  if spec.dispatch.expert_parallel != "none":   # every mesh axis manual inside the pipeline
+    tensor = config.mesh.get("tensor", 1)
+    need(tensor == 1, f"dispatch.expert_parallel={spec.dispatch.expert_parallel!r} inside a "
+         f"pipeline (mesh.stage={stage_devices}) runs each device on its own shard of the batch, "
+         f"which mesh.tensor={tensor} does not split: set mesh.tensor=1")
+    need(not spec.dispatch.expert_replicas, f"dispatch.expert_replicas="
+         f"{spec.dispatch.expert_replicas} does not run inside a pipeline yet "
+         f"(mesh.stage={stage_devices}): set it to 0")
   return problems
 
 

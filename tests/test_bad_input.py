@@ -133,6 +133,12 @@ BAD_CONFIGS = {
          "dispatch__strategy": "dropless", "dispatch__grouped_matmul": "interpret"},
         ["dispatch.grouped_matmul='interpret' (the GPU kernels in Pallas interpret mode) does not "
          "run inside a pipeline (mesh.stage=2)"]),
+    "expert parallelism in a pipeline with tensor parallelism": (
+        {"mesh__stage": 2, "mesh__data": 1, "mesh__tensor": 2, "mesh__expert": 2,
+         "model__scan_layers": True, "model__num_layers": 5,
+         "dispatch__expert_parallel": "all_to_all"},
+        ["dispatch.expert_parallel='all_to_all' inside a pipeline (mesh.stage=2) runs each device "
+         "on its own shard of the batch, which mesh.tensor=2 does not split: set mesh.tensor=1"]),
     "too few micro-batches": ({"mesh__stage": 2, "mesh__data": 4, "model__scan_layers": True,
                                "model__num_layers": 5, "pipeline__schedule": "dualpipev",
                                "train__microbatches": 2},

@@ -104,8 +104,9 @@ def test_dispatch_inside_a_shard_map_manual_over_the_token_axes(variant):
   mesh = parallel.make_mesh(2, 4)
   experts = P("expert")
 
-  def inside(x, w, ids, gates):
-    return expert_parallel_dispatch(variant, x, ids, gates, SwiGLUExperts(*w), E / K)
+  def inside(x, w, ids, gates):   # the drop count is this device's: the caller sums it
+    y, dropped = expert_parallel_dispatch(variant, x, ids, gates, SwiGLUExperts(*w), E / K)
+    return y, jax.lax.psum(dropped, ("data", "fsdp", "expert"))
 
   def manual(tokens):
     return jax.shard_map(inside, mesh=mesh, in_specs=(tokens, experts, tokens, tokens),

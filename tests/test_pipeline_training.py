@@ -12,6 +12,7 @@ import pytest
 
 from moe_jax import parallel
 from moe_jax.checkpoint import Checkpointer
+from moe_jax.dispatch.expert_parallel import DISPATCHER_OF_VARIANT
 from moe_jax.pipeline.training import Pipeline
 from moe_jax.train import train_and_evaluate
 from tests.mesh_steps import train_on_mesh
@@ -92,6 +93,56 @@ def test_a_pipelined_step_equals_the_unpipelined_one(tiny_config, batches, unpip
   assert any("stage" in str(leaf.sharding.spec) for leaf in momenta)   # they follow the blocks
   if zero1:
     assert all("data" in str(leaf.sharding.spec) for leaf in momenta)
+
+
+EXPERT_PARALLEL_CASES = {   # variant, schedule, mesh, MTP depth, capacity factor, reference
+    # Drops at capacity 1: the reference is the same variant unpipelined on the same devices.
+    "all_to_all, 1f1b, stage 2 x expert 4, capacity 1": (
+        "all_to_all", "1f1b", (1, 1, 1, 4), 0, 1.0, "same devices"),
+    "all_gather, dualpipev, stage 2 x data 2 x expert 2, MTP depth 1": (
+        "all_gather", "dualpipev", (2, 1, 1, 2), 1, 8.0, "one device"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPERT_PARALLEL_CASES))
+def test_expert_parallelism_inside_the_pipeline_equals_the_unpipelined_step(tiny_config, batches,
+                                                                              case):
+  """dispatch.expert_parallel inside the stages (every mesh axis manual, each device on its
+  shard of every micro-batch and its share of the routed experts, the MTP module's too) gives
+  the losses, cross-entropy, expert counts, Switch loss, dropped fraction, parameters and
+  biases of the unpipelined step (tolerances as above): the Switch loss from the whole
+  micro-batch's statistics, the means over shards, the experts' gradients summed over `data`
+  only, the drops counted once."""
+  variant, schedule, sizes, depth, capacity, reference = EXPERT_PARALLEL_CASES[case]
+  strategy = DISPATCHER_OF_VARIANT[variant]
+  blocks = (1, 1, 1, 1) if schedule == "dualpipev" else (2, 2)
+  runs = []
+  for stage, mesh_sizes, expert_parallel, pipeline in (
+      (2, sizes, variant, Pipeline(schedule, blocks)),
+      (1, sizes, variant, None) if reference == "same devices" else
+      (1, (1, 1, 1, 1), "none", None)):
+    config = _config(tiny_config)
+    config.model.mtp_depth, config.dispatch.capacity_factor = depth, capacity
+    config.dispatch.strategy, config.dispatch.expert_parallel = strategy, expert_parallel
+    metrics = []
+    state, losses = train_on_mesh(config, _mesh(stage, mesh_sizes), batches,
+                                  parallel.parse_rules(config.sharding), TX,
+                                  microbatches=MICROBATCHES, pipeline=pipeline,
+                                  metrics_out=metrics)
+    runs.append((state, losses, metrics))
+  if capacity == 1.0:
+    assert runs[1][2][0]["routing"]["dropped_fraction"].max() > 0.01   # the case drops
+  (piped, piped_losses, piped_metrics), (plain, losses, metrics) = runs
+  np.testing.assert_allclose(piped_losses, losses, rtol=1e-5)
+  for got, want in zip(piped_metrics, metrics):
+    for name in ("cross_entropy", *(["mtp_loss/depth1"] if depth else [])):
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
+    for name in ("counts", "switch_loss", "dropped_fraction"):
+      np.testing.assert_allclose(got["routing"][name], want["routing"][name], rtol=1e-5,
+                                 atol=1e-7, err_msg=name)
+  for a, b in zip(jax.tree.leaves((piped.params, piped.biases)),
+                  jax.tree.leaves((plain.params, plain.biases))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_mtp_modules_on_the_last_stage_equal_the_unpipelined_step(tiny_config, batches):

@@ -224,7 +224,8 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
   group, or as `chunks` groups of equal size (see `_in_chunks`). `replica_slots` (`all_gather`
   only; int32 [P or more, R], row p the experts in rank p's spare slots, -1 empty): copies of
   hot experts that share their experts' tokens (`_all_gather_replicated`). Returns the output
-  [B, S, D] and the number of dropped assignments.
+  [B, S, D] and the number of dropped assignments: all devices' (inside a caller's shard_map,
+  this device's, which the caller sums with its other per-device statistics).
   """
   if replica_slots is not None and variant != "all_gather":
     raise ValueError(f"replicas of hot experts run with the 'all_gather' variant, not {variant!r}")
@@ -234,7 +235,7 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
   manual = tuple(axis for axis in TOKEN_AXES
                  if axis in jax.sharding.get_abstract_mesh().manual_axes)
 
-  def per_device(x, ids, gates, w_gate, w_up, w_down, *spare_slots, token_axes=TOKEN_AXES):
+  def per_device(x, ids, gates, w_gate, w_up, w_down, *spare_slots, whole_count=True):
     batch, seq, width = x.shape
     local = dataclasses.replace(experts, w_gate=w_gate, w_up=w_up, w_down=w_down)
     variant_function = (functools.partial(_all_gather_replicated, *spare_slots) if spare_slots
@@ -242,7 +243,8 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
     out = _in_chunks(variant_function, chunks)(
         x.reshape(batch * seq, width), ids.reshape(batch * seq, -1),
         gates.reshape(batch * seq, -1), local, capacity_factor)
-    return out.output.reshape(batch, seq, width), jax.lax.psum(out.dropped, token_axes)
+    dropped = jax.lax.psum(out.dropped, TOKEN_AXES) if whole_count else out.dropped
+    return out.output.reshape(batch, seq, width), dropped
 
   if manual:   # inside a caller's shard_map: these are this device's tokens and experts
     whole = set(manual) - varying_axes(x_BxSxD)
@@ -251,7 +253,7 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
                        f"experts split over {EXPERT_AXIS!r} and the tokens over every one of "
                        f"those axes (not split over: {sorted(whole) or [EXPERT_AXIS]})")
     return per_device(x_BxSxD, expert_ids_BxSxK, gates_BxSxK, experts.w_gate, experts.w_up,
-                      experts.w_down, *extra, token_axes=manual)
+                      experts.w_down, *extra, whole_count=False)
   tokens, weights = P(TOKEN_AXES), P(EXPERT_AXIS)
   return jax.shard_map(per_device, in_specs=(tokens, tokens, tokens, weights, weights, weights,
                                              *[P()] * len(extra)),

@@ -4,11 +4,14 @@ The layer reads three settings objects: the router's (which experts each token u
 balancing losses' weights, and the dispatch's, from which `make_dispatch` gives the one
 function that moves tokens (per sequence, all at once, or expert parallel over the mesh axis
 `expert`; moe_jax/dispatch/grouping.py). The statistics it returns are summed or averaged over
-the whole (global) batch, which is what the balancing bias needs.
+the whole (global) batch, which is what the balancing bias needs; inside a shard_map whose
+devices each hold a shard of the batch, over that shard (the caller sums them), except the
+Switch loss, a product of two batch means, which sums its means over the shards first.
 
 Shape letters: B batch, S sequence, D model width, E routed experts, F expert width, K top-k.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -18,9 +21,19 @@ from jaxtyping import Array, Float
 
 from moe_jax import routing
 from moe_jax.dispatch import DispatchSettings, SwiGLUExperts, expert_capacity, make_dispatch
+from moe_jax.dispatch.expert_parallel import TOKEN_AXES
 from moe_jax.layers.mlp import SwiGLU, scaled_normal
 from moe_jax.layers.params import named, param
+from moe_jax.manual_axes import varying_axes
 from moe_jax.routing import BalancingSettings, RouterSettings
+
+
+def _sum_over_token_shards(x_BxSxD):
+  """Inside a `jax.shard_map` whose devices each hold a shard of the batch (a pipeline stage
+  with expert parallelism): a psum over the manual token axes `x` is split over, else None
+  (the batch is whole here: the compiler splits it)."""
+  axes = tuple(a for a in TOKEN_AXES if a in varying_axes(x_BxSxD))
+  return functools.partial(jax.lax.psum, axis_name=axes) if axes else None
 
 
 class RoutingState(nnx.Variable):
@@ -130,7 +143,8 @@ class MoE(nnx.Module):
     probs_TxE = probs.reshape(-1, self.num_experts)
     stats = MoEStats(
         counts=counts, dropped_fraction=dropped_fraction,
-        switch_loss=routing.switch_loss(probs_TxE, counts, w.switch_loss_alpha),
+        switch_loss=routing.switch_loss(probs_TxE, counts, w.switch_loss_alpha,
+                                        _sum_over_token_shards(x_BxSxD)),
         sequence_loss=routing.sequence_balance_loss(probs, counts_BxE, r.top_k,
                                                     w.sequence_loss_alpha),
         z_loss=routing.z_loss(logits, w.z_loss_coef),

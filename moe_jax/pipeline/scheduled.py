@@ -164,8 +164,15 @@ def lockstep_bubble(table: TickTable, costs: schedules.Costs = schedules.Costs()
 
 
 def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None,
-              has_aux: bool = False, loss_has_aux: bool = False):
-  """The loss and gradients of the stages in sequence, run by schedule `name`."""
+              has_aux: bool = False, loss_has_aux: bool = False, param_specs=None,
+              loss_param_specs=None):
+  """The loss and gradients of the stages in sequence, run by schedule `name`.
+
+  `param_specs` (a PartitionSpec per leaf of the stage parameters, each starting with `axis`;
+  None: `P(axis)` for every leaf) and `loss_param_specs` (likewise for the loss's parameters;
+  None: replicated) split leaves over manual batch axes too, as expert parallelism splits
+  the routed experts over `expert`: such a leaf's gradient is summed over the other batch
+  axes only."""
   data_axes = (() if batch_axes is None else
                (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
   batch = P(None, data_axes or None)
@@ -183,13 +190,16 @@ def scheduled(name: str, stage_fn, loss_fn, axis: str = "stage", batch_axes=None
     # Each device's stages next to each other (DualPipeV's V: d and 2D - 1 - d), and back.
     order = np.array([s for stages in schedule.stages_of_device for s in stages])
     loss_with_aux = loss_fn if loss_has_aux else lambda *a: (loss_fn(*a), ())
+    specs = jax.tree.map(lambda _: P(axis), stage_params) if param_specs is None else param_specs
+    loss_specs = (jax.tree.map(lambda _: P(), loss_params) if loss_param_specs is None
+                  else loss_param_specs)
     per_device = functools.partial(_play, _with_aux(stage_fn, has_aux), loss_with_aux, axis,
                                    data_axes, tick_table(schedule),
-                                   len(schedule.stages_of_device[0]))
+                                   len(schedule.stages_of_device[0]), (specs, loss_specs))
     manual = {axis, *data_axes}
     loss, grads, input_grads, stats, loss_grads, loss_stats = jax.shard_map(
-        per_device, in_specs=(P(axis), batch, batch, P()),
-        out_specs=(P(), P(axis), batch, P(axis), P(), P()), axis_names=manual)(
+        per_device, in_specs=(specs, batch, batch, loss_specs),
+        out_specs=(P(), specs, batch, P(axis), loss_specs, P()), axis_names=manual)(
         jax.tree.map(lambda p: p[order], stage_params), microbatches, targets, loss_params)
     in_stage_order = lambda tree: jax.tree.map(lambda g: g[np.argsort(order)], tree)
     return Result(loss, in_stage_order(grads), input_grads, in_stage_order(stats), loss_grads,
@@ -209,8 +219,13 @@ def _with_aux(stage_fn, has_aux: bool):
   return split
 
 
+def _spec_axes(spec: P) -> set[str]:
+  return {a for entry in spec if entry is not None
+          for a in ((entry,) if isinstance(entry, str) else entry)}
+
+
 def _play(stage_fn, loss_fn, axis, data_axes: tuple[str, ...], table: TickTable, num_chunks: int,
-          stage_params, microbatches, targets, loss_params):
+          specs, stage_params, microbatches, targets, loss_params):
   num_devices = jax.lax.axis_size(axis)
   device = jax.lax.axis_index(axis)
   varying = varying_along((axis, *data_axes))   # loop carries differ along every manual axis
@@ -348,6 +363,11 @@ def _play(stage_fn, loss_fn, axis, data_axes: tuple[str, ...], table: TickTable,
       (state["loss"], state["input_grads"], state["loss_grads"], state["loss_stats"]), axis)
   grads, stats = state["grads"], state["stats"]
   if data_axes:
-    loss, grads, stats, loss_grads, loss_stats = jax.lax.psum(
-        (loss, grads, stats, loss_grads, loss_stats), data_axes)
+    loss, stats, loss_stats = jax.lax.psum((loss, stats, loss_stats), data_axes)
+
+    def summed(gradient, spec):   # over the batch axes the leaf is not split over
+      others = tuple(a for a in data_axes if a not in _spec_axes(spec))
+      return jax.lax.psum(gradient, others) if others else gradient
+    grads, loss_grads = (jax.tree.map(summed, tree, tree_specs)
+                         for tree, tree_specs in zip((grads, loss_grads), specs))
   return loss, grads, input_grads, stats, loss_grads, loss_stats

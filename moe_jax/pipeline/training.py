@@ -16,19 +16,26 @@ stages', the head's, the micro-batches' for the embedding and dense blocks) and 
 in the parameters' tree by the pullbacks of the functions that took those parts out.
 """
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from moe_jax.dispatch.expert_parallel import EXPERT_AXIS
 from moe_jax.layers.logits import output_cross_entropy
+from moe_jax.layers.params import logical_axes
 from moe_jax.model import REMAT_POLICIES, mtp_losses
 from moe_jax.pipeline import schedules
 from moe_jax.pipeline.model_stages import as_stages, layout, moe_stack, stage_function
 from moe_jax.pipeline.scheduled import lockstep_bubble, scheduled, tick_table
 
 AXIS = "stage"   # the mesh axis the stages are split over
+# With expert parallelism the pipeline is manual over every other mesh axis too, the batch split
+# over them all (`tensor` must be 1 there: config validation).
+EXPERT_PARALLEL_BATCH_AXES = ("data", "fsdp", "tensor", "expert")
 
 
 def batch_slices(a, microbatches: int):
@@ -89,31 +96,59 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
             (nnx.state(m.final_norm), m.unembed[...], nnx.state(m.mtp), m.embed[...]))
 
   stage_fn = stage_function(nnx.graphdef(stack.layers), seq_len, stages.padded)
+  # With expert parallelism every mesh axis is manual inside the pipeline: each device runs
+  # its shard of every micro-batch, its experts' share of the routed experts; the losses are
+  # then means over its shard, summed over the shards.
+  expert_parallel = model.spec.dispatch.expert_parallel != "none"
+  batch_axes = EXPERT_PARALLEL_BATCH_AXES if expert_parallel else None
+  mesh = jax.sharding.get_abstract_mesh()
+  parts_of_mean = microbatches * (math.prod(mesh.shape[a] for a in batch_axes)
+                                  if expert_parallel else 1)
 
   def stage(state, x):
     y, (aux_loss, stats) = stage_fn(state, x)
-    return y, (aux_loss / microbatches, stats)   # the loss is the mean over slices
+    return y, (aux_loss / parts_of_mean, stats)   # the loss is the mean over slices
 
-  head_loss = _head_loss(model, microbatches, mtp_weight)
+  head_loss = _head_loss(model, parts_of_mean, mtp_weight)
   slices = lambda a: batch_slices(a, microbatches)
   whole = lambda a: a.swapaxes(0, 1).reshape(batch, *a.shape[2:])   # batch_slices undone
   x, before_pullback = jax.vjp(before, params)
   (stage_state, head), parts_pullback = jax.vjp(parts, params)
-  result = scheduled(pipeline.schedule, stage, head_loss, AXIS, None, has_aux=True,
-                     loss_has_aux=True)(stage_state, slices(x), slices(tokens), head)
+  specs = {}
+  if expert_parallel:   # the routed experts split over `expert`, the rest whole
+    specs = dict(param_specs=_experts_split(stage_state, (AXIS, None), AXIS),
+                 loss_param_specs=_experts_split(head, (), None))
+  result = scheduled(pipeline.schedule, stage, head_loss, AXIS, batch_axes, has_aux=True,
+                     loss_has_aux=True, **specs)(stage_state, slices(x), slices(tokens), head)
   (grads_before,) = before_pullback(whole(result.input_grads).astype(x.dtype))
   (grads_parts,) = parts_pullback((result.grads, result.loss_grads))
   grads = jax.tree.map(jnp.add, grads_before, grads_parts)
-  # Sums over the micro-batches: means over slices once divided by M (counts stay sums).
+  # Sums over the micro-batches (and shards): means once divided by their number (counts stay
+  # sums).
   cross_entropy, mtp_loss_sums, mtp_accuracy_sums, mtp_stats = result.loss_stats
   stats = jax.tree.map(stages.blocks, result.stats)   # [L, ...]
   if mtp_stats:   # the MTP blocks' statistics follow the main blocks' (model.moe_layers)
     stats = jax.tree.map(lambda main, extra: jnp.concatenate([main, extra]), stats, mtp_stats)
   mtp = {}
   for depth in range(1, len(model.mtp) + 1):
-    mtp[f"mtp_loss/depth{depth}"] = mtp_loss_sums[depth - 1] / microbatches
-    mtp[f"mtp_accuracy/depth{depth}"] = mtp_accuracy_sums[depth - 1] / microbatches
-  return (result.loss, (cross_entropy / microbatches, stats.over_slices(microbatches), mtp)), grads
+    mtp[f"mtp_loss/depth{depth}"] = mtp_loss_sums[depth - 1] / parts_of_mean
+    mtp[f"mtp_accuracy/depth{depth}"] = mtp_accuracy_sums[depth - 1] / parts_of_mean
+  return (result.loss, (cross_entropy / parts_of_mean, stats.over_slices(parts_of_mean), mtp)
+          ), grads
+
+
+def _experts_split(tree, leading: tuple, whole):
+  """PartitionSpecs for the leaves of `tree` (a stage's state, whose variables' first
+  dimension, "layers", is [S, K] here, given by `leading`; or the head's, `leading` ()): `expert`
+  on a variable's dimension named "experts" (expert parallelism's split); `P(whole)` for the
+  arrays that are not variables (a padded layout's `real`, the embeddings)."""
+  def spec(leaf):
+    if not isinstance(leaf, nnx.Variable):
+      return P(whole)
+    names = logical_axes(leaf) or ()
+    own = names[1:] if leading else names
+    return leaf.replace(P(*leading, *[EXPERT_AXIS if n == "experts" else None for n in own]))
+  return jax.tree.map(spec, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _head_loss(model, microbatches: int, mtp_weight):

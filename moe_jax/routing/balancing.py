@@ -40,14 +40,19 @@ def _normalized(probs: Float[Array, "... E"]) -> Float[Array, "... E"]:
   return probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-20)
 
 
-def switch_loss(probs: Float[Array, "T E"], counts: Float[Array, "E"], alpha: float) -> Float[Array, ""]:
+def switch_loss(probs: Float[Array, "T E"], counts: Float[Array, "E"], alpha: float,
+                sum_over_shards=None) -> Float[Array, ""]:
   """Switch Transformer balance loss alpha * E * sum_i f_i P_i over a batch.
 
   f_i: share of the (token, slot) assignments that went to expert i (no gradient);
-  P_i: mean over tokens of expert i's normalised score.
+  P_i: mean over tokens of expert i's normalised score. Where each device holds a shard of
+  the batch (inside a `jax.shard_map`), `sum_over_shards` (a psum over those mesh axes) makes
+  f and P the whole batch's before their product: the loss is not a mean over tokens.
   """
+  total = sum_over_shards or (lambda a: a)
+  counts = total(counts)
   fraction = jax.lax.stop_gradient(counts / jnp.maximum(jnp.sum(counts), 1.0))
-  mean_prob = jnp.mean(_normalized(probs), axis=0)
+  mean_prob = total(jnp.sum(_normalized(probs), axis=0)) / total(probs.shape[0])
   return alpha * probs.shape[-1] * jnp.sum(fraction * mean_prob)
 
 
