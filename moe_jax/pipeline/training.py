@@ -11,7 +11,10 @@ is cut into `microbatches` slices exactly as gradient accumulation cuts it (`bat
 slice m holds rows m, m + M, ...), so the step computes the
 loss, gradients and routing statistics of the unpipelined step with as many slices: each
 stage sees whole micro-batches (the data axes stay automatic inside the pipeline), so its
-balancing losses are the whole micro-batch's. The gradients come back in three parts (the
+balancing losses are the whole micro-batch's. With the expert-parallel dispatch every mesh axis
+is manual inside: each device runs its shard of the micro-batches and its share of the
+experts, its losses and statistics are divided by the shards too, and the MoE layers take the
+Switch loss's means over all shards (moe_jax/layers/moe.py). The gradients come back in three parts (the
 stages', the head's, the micro-batches' for the embedding and dense blocks) and are put back
 in the parameters' tree by the pullbacks of the functions that took those parts out.
 """
