@@ -4,6 +4,8 @@
   python scripts/bench_pipeline.py --schedules=1f1b,1f1b:9/7,dualpipev:4/5/4/3 --microbatches=8
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python scripts/bench_pipeline.py \
       --config=configs/default.py:tiny --layers=5 --batch=8 --seq=64   # a CPU smoke test
+  python scripts/bench_pipeline.py --expert=2 --expert_parallel=all_to_all --chunks=1,2
+      # on 4 devices: stage 2 x expert 2, the expert exchange without and with overlap
 
 One full training step (`steps.train_step`: forward, backward, AdamW, bias update) of the
 config's model with scanned layers, the batch in --microbatches slices: first unpipelined on
@@ -14,7 +16,10 @@ as stages over every local device (`mesh.stage` = device count). Times are media
 (`scheduled.lockstep_bubble`), and the effective one, 1 - T1 / (D x T_D): the share of the D
 devices' time that the pipelined step spends beyond a perfect split of the one-device step's
 work (bubbles, the transfers between stages, and the runner's recomputation of each stage's
-forward in its backward all land there).
+forward in its backward all land there). With --expert=E the devices form stage x expert
+(D / E stages), the unpipelined step runs on E devices, and --expert_parallel names the
+dispatch inside the stages; --chunks runs it with each `dispatch.expert_parallel_chunks` (1:
+the exchange waits for the experts; more: one slice's exchange may overlap another's experts).
 """
 
 import argparse
@@ -32,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import arguments   # noqa: E402
 from moe_jax import parallel, steps   # noqa: E402
 from moe_jax.config_validation import validate_config   # noqa: E402
+from moe_jax.dispatch.expert_parallel import DISPATCHER_OF_VARIANT, VARIANTS   # noqa: E402
 from moe_jax.main import config_file_problem   # noqa: E402
 from moe_jax.settings import ConfigError   # noqa: E402
 from moe_jax.paths import load_config   # noqa: E402
@@ -41,8 +47,10 @@ from moe_jax.train import jit_train_step, laid_out_state, pipeline_of   # noqa: 
 
 
 def step_ms(config, devices, warmup: int, repeats: int) -> float:
-  """Median ms of the config's training step on `devices` (stage axis over all of them)."""
-  mesh = parallel.make_mesh(1, 1, devices, stage=len(devices))
+  """Median ms of the config's training step on `devices` (mesh.expert of them along `expert`,
+  the rest along `stage`)."""
+  expert = config.mesh.expert
+  mesh = parallel.make_mesh(1, expert, devices, stage=len(devices) // expert)
   with jax.set_mesh(mesh):
     spec, _, tx, graphdef, abstract_state, shardings, rules = laid_out_state(config, mesh)
     state = jax.jit(lambda: steps.init_state(spec, tx, 0)[1], out_shardings=shardings)()
@@ -73,6 +81,12 @@ def main():
   parser.add_argument("--schedules", default="gpipe,1f1b,dualpipev",
                       help="schedules, each optionally with its MoE blocks per stage "
                            "(pipeline.stage_blocks): 1f1b,1f1b:9/7,dualpipev:4/5/4/3")
+  parser.add_argument("--expert", type=arguments.whole_number(), default=1,
+                      help="devices along the expert axis (the rest are stages)")
+  parser.add_argument("--expert_parallel", choices=VARIANTS, default=None,
+                      help="dispatch.expert_parallel with --expert > 1")
+  parser.add_argument("--chunks", type=arguments.whole_numbers(), default="1",
+                      help="dispatch.expert_parallel_chunks to run each schedule with")
   parser.add_argument("--warmup", type=arguments.whole_number(0), default=2)
   parser.add_argument("--repeats", type=arguments.whole_number(), default=5)
   args = parser.parse_args()
@@ -85,49 +99,62 @@ def main():
                       attention_implementation="xla")
   config.data.update(batch_size=args.batch, seq_len=args.seq)
   config.train.microbatches = args.microbatches
-  config.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+  if (args.expert > 1) != (args.expert_parallel is not None):
+    parser.error("--expert above 1 and --expert_parallel go together")
+  config.mesh.update(data=1, fsdp=1, tensor=1, expert=args.expert)
+  if args.expert_parallel:
+    config.dispatch.update(expert_parallel=args.expert_parallel,
+                           strategy=DISPATCHER_OF_VARIANT[args.expert_parallel])
   devices = jax.devices()
+  stage_count = len(devices) // args.expert
+  if stage_count < 2:
+    parser.error(f"--expert={args.expert} leaves {stage_count} stage(s) on {len(devices)} "
+                 f"devices: a pipeline needs 2 or more")
   # Every schedule's config checked before anything is compiled: one line for a bad one.
   stage_configs = []
   for item in args.schedules.split(","):
     name, _, blocks = item.partition(":")
-    stage_config = config.copy_and_resolve_references()
-    stage_config.mesh.stage, stage_config.pipeline.schedule = len(devices), name
-    stage_config.pipeline.stage_blocks = blocks.replace("/", ",")
-    try:
-      validate_config(stage_config, len(devices))
-    except ConfigError as error:
-      parser.error(f"--schedules item {item!r}: {error}")
-    stage_configs.append((item, name, stage_config))
+    for chunks in args.chunks:
+      stage_config = config.copy_and_resolve_references()
+      stage_config.mesh.stage, stage_config.pipeline.schedule = stage_count, name
+      stage_config.pipeline.stage_blocks = blocks.replace("/", ",")
+      stage_config.dispatch.expert_parallel_chunks = chunks
+      try:
+        validate_config(stage_config, stage_count * args.expert)
+      except ConfigError as error:
+        parser.error(f"--schedules item {item!r}: {error}")
+      stage_configs.append((item, name, chunks, stage_config))
   config.mesh.stage = 1
   try:
-    validate_config(config, 1)
+    validate_config(config, args.expert)
   except ConfigError as error:
     parser.error(str(error))
-  print(f"{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}, "
+  used = devices[:stage_count * args.expert]
+  print(f"{len(used)} x {devices[0].device_kind}, jax {jax.__version__}, "
         f"{datetime.date.today()}: {args.config}, {args.layers} blocks, batch {args.batch} x "
-        f"{args.seq}, {args.microbatches} micro-batches", flush=True)
-  one = step_ms(config, devices[:1], args.warmup, args.repeats)
-  print(f"unpipelined, 1 device: {one:.1f} ms", flush=True)
-  rows = [("unpipelined (gradient accumulation)", 1, one, None, None, None)]
-  for item, name, stage_config in stage_configs:
-    ms = step_ms(stage_config, devices, args.warmup, args.repeats)
-    plan = schedules.make(name, len(devices), args.microbatches)
+        f"{args.seq}, {args.microbatches} micro-batches, expert axis {args.expert} "
+        f"({args.expert_parallel or 'no expert-parallel dispatch'})", flush=True)
+  one = step_ms(config, used[:args.expert], args.warmup, args.repeats)
+  print(f"unpipelined, {args.expert} device(s): {one:.1f} ms", flush=True)
+  rows = [("unpipelined (gradient accumulation)", args.expert, "-", one, None, None, None)]
+  for item, name, chunks, stage_config in stage_configs:
+    ms = step_ms(stage_config, used, args.warmup, args.repeats)
+    plan = schedules.make(name, stage_count, args.microbatches)
     computed = schedules.simulate(plan).bubble_fraction
     lockstep = lockstep_bubble(tick_table(plan))
-    effective = 1 - one / (len(devices) * ms)
-    rows.append((item, len(devices), ms, computed, lockstep, effective))
-    print(f"{item}, {len(devices)} devices: {ms:.1f} ms, bubble computed {100 * computed:.1f}% "
-          f"(lockstep ticks {100 * lockstep:.1f}%), effective {100 * effective:.1f}%",
-          flush=True)
+    effective = 1 - one / (stage_count * ms)
+    rows.append((item, len(used), chunks, ms, computed, lockstep, effective))
+    print(f"{item}, {len(used)} devices, {chunks} chunk(s): {ms:.1f} ms, bubble computed "
+          f"{100 * computed:.1f}% (lockstep ticks {100 * lockstep:.1f}%), effective "
+          f"{100 * effective:.1f}%", flush=True)
   print("\ncommand: python scripts/bench_pipeline.py " + " ".join(sys.argv[1:]))
-  print("| schedule | devices | ms / step | bubble, computed | in lockstep ticks "
-        "| effective (1 - T1 / (D T)) |")
-  print("|---|---|---|---|---|---|")
+  print("| schedule | devices | expert-parallel chunks | ms / step | bubble, computed "
+        "| in lockstep ticks | effective (1 - T1 / (S T)) |")
+  print("|---|---|---|---|---|---|---|")
   percent = lambda v: "-" if v is None else f"{100 * v:.1f}%"
-  for name, count, ms, computed, lockstep, effective in rows:
-    print(f"| {name} | {count} | {ms:.1f} | {percent(computed)} | {percent(lockstep)} "
-          f"| {percent(effective)} |")
+  for name, count, chunks, ms, computed, lockstep, effective in rows:
+    print(f"| {name} | {count} | {chunks} | {ms:.1f} | {percent(computed)} | "
+          f"{percent(lockstep)} | {percent(effective)} |")
 
 
 if __name__ == "__main__":
