@@ -149,10 +149,23 @@ def run_member(argv: list[str], log_path: Path) -> tuple[int, int | None]:
                                  env={**os.environ, PARENT_PID_VARIABLE: str(os.getpid())})
       if received:   # a signal came while the member was being started
         process.send_signal(received[0])
-      return process.wait(), (received[0] if received else None)
+      return _wait_responsively(process), (received[0] if received else None)
     finally:
       for s, handler in previous.items():
         signal.signal(s, handler)
+
+
+def _wait_responsively(process: subprocess.Popen) -> int:
+  """The process's exit status, waited for in short slices. The kernel may deliver a signal
+  to any thread of this process (jax's thread pools among them); Python then runs the handler
+  only when the main thread next runs Python code, which a plain `wait()` (one blocking
+  `waitpid`, not interrupted when another thread took the signal) would put off until the
+  member exits: the SIGTERM would never be passed on."""
+  while True:
+    try:
+      return process.wait(timeout=0.25)
+    except subprocess.TimeoutExpired:
+      continue
 
 
 def _status(code: int) -> str:

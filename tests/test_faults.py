@@ -428,6 +428,31 @@ def test_sigterm_stops_the_sweep_with_its_status(tmp_path):
   assert not (tmp_path / "runs" / "pair_tiny" / "b").exists()
 
 
+TGKILL = {"x86_64": 234, "aarch64": 131}   # Linux's syscall number: a signal to one thread
+
+
+def test_a_sigterm_taken_by_another_thread_of_the_runner_still_stops_the_sweep(tmp_path):
+  """The kernel may hand a process's SIGTERM to any of its threads (the runner has jax's thread
+  pools): delivered to one that is not the main thread, the runner still passes it on while
+  its member trains, and the sweep stops with 143. (Waiting on the member in one blocking
+  call, the runner never ran its handler: the member trained on.)"""
+  import ctypes
+  import platform
+  runner = _start_sweep(tmp_path, steps=5000)
+  try:
+    member = _member_started(runner, tmp_path)
+    _wait_for_step(tmp_path / "runs" / "pair_tiny" / "a", runner, 1)
+    threads = [int(t) for t in os.listdir(f"/proc/{runner.pid}/task") if int(t) != runner.pid]
+    assert threads, "the runner has threads besides the main one"
+    assert ctypes.CDLL(None, use_errno=True).syscall(
+        TGKILL[platform.machine()], runner.pid, threads[-1], signal.SIGTERM) == 0
+    out, err = runner.communicate(timeout=120)
+  finally:
+    runner.kill()
+  assert runner.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert "sweep stopped by SIGTERM" in err and not _alive(member)
+
+
 def test_killing_the_runner_stops_its_member_with_a_checkpoint(tmp_path):
   runner = _start_sweep(tmp_path, steps=5000)
   workdir = tmp_path / "runs" / "pair_tiny" / "a"
