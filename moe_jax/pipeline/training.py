@@ -37,7 +37,8 @@ from moe_jax.pipeline.scheduled import lockstep_bubble, scheduled, tick_table
 
 AXIS = "stage"   # the mesh axis the stages are split over
 # With expert parallelism the pipeline is manual over every other mesh axis too, the batch split
-# over them all (`tensor` must be 1 there: config validation).
+# over them all (`tensor` must be 1 there: config validation). Stage x data pipelines could run
+# so too (docs/pipeline.md: whether cuDNN's attention then runs in them is not yet known).
 EXPERT_PARALLEL_BATCH_AXES = ("data", "fsdp", "tensor", "expert")
 
 
