@@ -131,6 +131,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                        # "none" replicates them
   c.dispatch.expert_parallel_chunks = 1  # >1: each device's tokens in this many slices, so one
                                          # slice's exchange can overlap another's expert compute
+  c.dispatch.ragged_capacity_factor = 0.0  # ragged_all_to_all: 0 sends every routed row; f > 0
+                                           # caps each expert at ceil(f*T*K/E) of a device's
+                                           # rows, bounding the receive buffers (overflow drops)
   c.dispatch.expert_replicas = 0  # spare slots per expert-parallel rank for copies of hot
                                   # experts (all_gather only); 0: none
   c.dispatch.replica_replan_every = 100  # steps between replica plans (each from the expert

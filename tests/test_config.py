@@ -47,6 +47,9 @@ BAD = [
     ("train.metrics_port", 70000, "train.metrics_port=70000 must be 0 (off) or a port"),
     ("dispatch.expert_parallel", "magic", "dispatch.expert_parallel='magic' is unknown"),
     ("dispatch.expert_parallel_chunks", 0, "dispatch.expert_parallel_chunks=0 must be >= 1"),
+    ("dispatch.ragged_capacity_factor", -1.0, "dispatch.ragged_capacity_factor=-1.0 must be >= 0"),
+    ("dispatch.ragged_capacity_factor", 1.5, "dispatch.ragged_capacity_factor=1.5 caps the "
+     "'ragged_all_to_all' variant's exchange, but dispatch.expert_parallel='none'"),
     ("dispatch.expert_replicas", -1, "dispatch.expert_replicas=-1 must be >= 0"),
     ("dispatch.replica_replan_every", 0, "dispatch.replica_replan_every=0 must be >= 1"),
     ("dispatch.gates_before_down", True,

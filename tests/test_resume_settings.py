@@ -33,6 +33,8 @@ OTHER_SETTINGS = {
     "dispatch": [{"strategy": "dropless"}, {"strategy": "dense"}, {"capacity_factor": 2.0},
                  {"strategy": "dropless", "expert_parallel": "all_gather"},
                  {"expert_parallel": "all_to_all", "expert_parallel_chunks": 2},
+                 {"strategy": "dropless", "expert_parallel": "ragged_all_to_all",
+                  "ragged_capacity_factor": 1.0},
                  {"strategy": "dropless", "expert_parallel": "all_gather", "expert_replicas": 1,
                   "replica_replan_every": 5},
                  {"grouped_matmul": "interpret"}, {"fp8_experts": True},

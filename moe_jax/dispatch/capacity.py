@@ -13,6 +13,7 @@ gathers the other way (`masked_gather`), not scatter-adds.
 import math
 
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 
 from moe_jax.dispatch.base import Dispatched, group_sizes, inverse_permutation, masked_gather
 
@@ -22,21 +23,28 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
   return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
+def capacity_order(flat_experts: Int[Array, "N"], flat_gates: Float[Array, "N"], num_experts: int):
+  """(order, rank, counts): the assignments sorted by expert and, within an expert, by falling
+  gate; each sorted assignment's position in its expert (a capacity C keeps rank < C, so the
+  lowest gates drop first); assignments per expert."""
+  by_gate = jnp.argsort(-flat_gates)                                       # highest gate first
+  order = by_gate[jnp.argsort(flat_experts[by_gate], stable=True)]          # then by expert
+  counts_E = group_sizes(flat_experts, num_experts)
+  starts_E = jnp.cumsum(counts_E) - counts_E
+  rank = jnp.arange(order.shape[0]) - starts_E[flat_experts[order]]       # position in its expert
+  return order, rank, counts_E
+
+
 def capacity_dispatch(x, expert_ids, gates, experts, capacity_factor):
   num_tokens, top_k = expert_ids.shape
   num_experts = experts.num_experts
   capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
 
   flat_experts = expert_ids.reshape(-1).astype(jnp.int32)
-  flat_gates = gates.reshape(-1)
-  by_gate = jnp.argsort(-flat_gates)                                       # highest gate first
-  order = by_gate[jnp.argsort(flat_experts[by_gate], stable=True)]          # then by expert
+  order, rank, counts_E = capacity_order(flat_experts, gates.reshape(-1), num_experts)
   sorted_experts = flat_experts[order]
   sorted_tokens = order // top_k
-
-  counts_E = group_sizes(flat_experts, num_experts)
   starts_E = jnp.cumsum(counts_E) - counts_E
-  rank = jnp.arange(order.shape[0]) - starts_E[sorted_experts]            # position in its expert
   kept = rank < capacity
 
   slot_c = jnp.arange(capacity)

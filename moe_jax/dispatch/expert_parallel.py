@@ -12,6 +12,8 @@ the tokens (the batch is split over every token axis, `data` and `expert`). Vari
   reduce-scatter the partial outputs back to the tokens' owners. Nothing is dropped.
 * `ragged_all_to_all`: sends exactly the routed rows (no padding) with
   `jax.lax.ragged_all_to_all`; backends without it (CPU) are refused at config validation.
+  Dropless, its receive buffers sized for the worst case, unless a capacity bounds them
+  (`dispatch.ragged_capacity_factor`: then `all_to_all`'s drops, without its padding).
 
 Shape letters: T tokens of this device, D model width, K top-k, E experts, P expert-axis size.
 """
@@ -26,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax.dispatch.base import (Dispatched, combine_sorted, gather_assignments, group_sizes,
                                    inverse_permutation)
-from moe_jax.dispatch.capacity import capacity_dispatch
+from moe_jax.dispatch.capacity import capacity_dispatch, capacity_order, expert_capacity
 from moe_jax.dispatch.experts import SwiGLUExperts
 from moe_jax.dispatch.replicas import tables
 from moe_jax.manual_axes import varying_axes
@@ -148,16 +150,26 @@ def _fetch_copies(spare_PxR, local_weights):
 
 
 def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
-  """Exactly the routed rows travel: sizes are exchanged first, then one ragged exchange each way."""
-  del capacity_factor
+  """Exactly the routed rows travel: sizes are exchanged first, then one ragged exchange each
+  way. `capacity_factor` 0: every routed row, into receive buffers sized for the worst case
+  (P x T x K rows: everything comes here); > 0 (`dispatch.ragged_capacity_factor`): each
+  expert takes at most C = ceil(factor x T x K / E) of this device's rows, those of the highest
+  gates (`all_to_all`'s capacity rule, without its padding on the wire), which bounds each
+  receive buffer at E x C rows; the rest drop and are counted."""
   peers, local = jax.lax.axis_size(EXPERT_AXIS), local_experts.num_experts
   num_tokens, top_k = expert_ids.shape
-  rows = num_tokens * top_k
+  rows, num_experts = num_tokens * top_k, peers * local
   flat = expert_ids.reshape(-1).astype(jnp.int32)
-  order = jnp.argsort(flat, stable=True)                        # grouped by owner, then expert
+  if capacity_factor:
+    cap = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+    order, rank, counts = capacity_order(flat, gates.reshape(-1), num_experts)
+    order = order[jnp.argsort(rank >= cap, stable=True)]       # kept rows first, by expert
+    per_expert, capacity = jnp.minimum(counts, cap), num_experts * cap
+  else:
+    order = jnp.argsort(flat, stable=True)                      # grouped by owner, then expert
+    per_expert, capacity = group_sizes(flat, num_experts), peers * rows
   inverse = inverse_permutation(order)
   send = gather_assignments(x, order, inverse, top_k)
-  per_expert = group_sizes(flat, peers * local)
   send_sizes = per_expert.reshape(peers, local).sum(axis=1)
   input_offsets = jnp.cumsum(send_sizes) - send_sizes
   exchange = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)
@@ -166,7 +178,6 @@ def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
   # Where my rows land in each peer's receive buffer: after the rows of lower-ranked sources.
   offsets_at_peer = exchange(jnp.broadcast_to(
       (jnp.cumsum(recv_sizes) - recv_sizes)[:, None], (peers, 1))).reshape(peers)
-  capacity = peers * rows                                        # worst case: everything comes here
   # The receive buffers differ per device: typed so (a zeros constant is typed as the same
   # everywhere, which would make the gradients of what arrives in them sum over devices).
   buffer = lambda shape: jax.lax.pcast(jnp.zeros(shape, x.dtype), EXPERT_AXIS, to="varying")
@@ -186,8 +197,8 @@ def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
   returned = jax.lax.ragged_all_to_all(out, buffer((rows, x.shape[1])),
                                        jnp.cumsum(recv_sizes) - recv_sizes, recv_sizes,
                                        back_offsets, send_sizes, axis_name=EXPERT_AXIS)
-  y = combine_sorted(returned, order, gates, inverse)
-  return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
+  y = combine_sorted(returned, order, gates, inverse)   # dropped rows' places stay zero
+  return Dispatched(y.astype(x.dtype), (rows - jnp.sum(per_expert)).astype(jnp.float32))
 
 
 _VARIANT_FUNCTIONS = {"all_to_all": _all_to_all, "all_gather": _all_gather,
@@ -213,6 +224,9 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
                              experts: SwiGLUExperts, capacity_factor: float, chunks: int = 1,
                              replica_slots=None):
   """Runs one expert-parallel variant over the context mesh (`jax.set_mesh`).
+
+  `capacity_factor`: `all_to_all`'s per-expert capacity; `ragged_all_to_all`'s cap on what each
+  expert takes from a device (0: none, every routed row travels); `all_gather` drops nothing.
 
   Takes global arrays: tokens split over ("data", "expert"), expert weights over "expert".
   Inside a caller's `jax.shard_map` already manual over `expert` and the other token axes,

@@ -72,9 +72,12 @@ def _flat(settings: DispatchSettings, x, decision, experts):
 
 
 def _expert_parallel(settings: DispatchSettings, x, decision, experts, replica_slots=None):
+  ragged = settings.expert_parallel == "ragged_all_to_all"
   y, dropped = expert_parallel_dispatch(settings.expert_parallel, x, decision.expert_ids,
                                         decision.gates.astype(x.dtype), experts,
-                                        settings.capacity_factor, settings.expert_parallel_chunks,
+                                        settings.ragged_capacity_factor if ragged
+                                        else settings.capacity_factor,
+                                        settings.expert_parallel_chunks,
                                         replica_slots)
   return y, _dropped_fraction(dropped, decision.expert_ids)
 

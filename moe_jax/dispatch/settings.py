@@ -25,6 +25,10 @@ class DispatchSettings(Settings):
                                    # "ragged_all_to_all" (GPU/TPU, "dropless"); "none" replicates
   expert_parallel_chunks: int = 1  # >1: each device's tokens in this many slices, so one
                                    # slice's exchange can overlap another's expert compute
+  ragged_capacity_factor: float = 0.0  # ragged_all_to_all: 0 sends every routed row (receive
+                                       # buffers for the worst case, P x T x K rows); f > 0 caps
+                                       # each expert at ceil(f x T x K / E) of a device's rows
+                                       # (lowest gates drop), buffers E x that many
   expert_replicas: int = 0         # spare slots per expert-parallel rank for copies of hot
                                    # experts (all_gather; dispatch/replicas.py); 0: none
   replica_replan_every: int = 100  # steps between replica plans, each from the expert counts
@@ -52,6 +56,14 @@ class DispatchSettings(Settings):
       problems.append(f"dispatch.capacity_factor={self.capacity_factor} must be > 0")
     if self.expert_parallel_chunks < 1:
       problems.append(f"dispatch.expert_parallel_chunks={self.expert_parallel_chunks} must be >= 1")
+    if self.ragged_capacity_factor < 0:
+      problems.append(f"dispatch.ragged_capacity_factor={self.ragged_capacity_factor} must be "
+                      f">= 0 (0: no cap)")
+    elif self.ragged_capacity_factor and self.expert_parallel != "ragged_all_to_all":
+      problems.append(f"dispatch.ragged_capacity_factor={self.ragged_capacity_factor} caps the "
+                      f"'ragged_all_to_all' variant's exchange, but dispatch.expert_parallel="
+                      f"{self.expert_parallel!r}: set it to 0 (dispatch.capacity_factor caps "
+                      f"the others)")
     if self.expert_replicas < 0:
       problems.append(f"dispatch.expert_replicas={self.expert_replicas} must be >= 0")
     if self.replica_replan_every < 1:
