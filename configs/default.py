@@ -127,8 +127,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dispatch.capacity_factor = 1.25  # per-expert buffer = factor * tokens * K / E; overflow drops
   c.dispatch.expert_parallel = "none"  # experts sharded over mesh.expert: "all_to_all" (padded,
                                        # strategy "capacity") | "all_gather" (strategy
-                                       # "dropless") | "ragged_all_to_all" (GPU/TPU, "dropless");
-                                       # "none" replicates them
+                                       # "dropless") | "ragged_all_to_all" (GPU/TPU, "dropless")
+                                       # | "token_all_to_all" (each token once per rank,
+                                       # "dropless"); "none" replicates them
   c.dispatch.expert_parallel_chunks = 1  # >1: each device's tokens in this many slices, so one
                                          # slice's exchange can overlap another's expert compute
   c.dispatch.ragged_capacity_factor = 0.0  # ragged_all_to_all: 0 sends every routed row; f > 0

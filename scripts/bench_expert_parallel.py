@@ -94,7 +94,7 @@ def main():
   parser.add_argument("--tokens", type=arguments.whole_number(), default=16384,
                       help="tokens per device")
   parser.add_argument("--variants", type=arguments.names(*DISPATCHER_OF_VARIANT),
-                      default="all_to_all,all_gather,ragged_all_to_all")
+                      default="all_to_all,token_all_to_all,all_gather,ragged_all_to_all")
   parser.add_argument("--chunks", type=arguments.whole_numbers(), default="1,2")
   parser.add_argument("--replicas", type=arguments.whole_numbers(0), default="0,1",
                       help="spare slots per rank (all_gather, skewed)")

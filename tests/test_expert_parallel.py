@@ -21,7 +21,7 @@ from tests.mesh_steps import train_on_mesh
 
 B, S, D, F, E, K = 16, 8, 16, 8, 8, 2
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
-CPU_VARIANTS = ["all_to_all", "all_gather"]
+CPU_VARIANTS = ["all_to_all", "all_gather", "token_all_to_all"]
 
 
 def _problem(seed=0):

@@ -14,6 +14,9 @@ the tokens (the batch is split over every token axis, `data` and `expert`). Vari
   `jax.lax.ragged_all_to_all`; backends without it (CPU) are refused at config validation.
   Dropless, its receive buffers sized for the worst case, unless a capacity bounds them
   (`dispatch.ragged_capacity_factor`: then `all_to_all`'s drops, without its padding).
+* `token_all_to_all`: each token sent once to each rank that holds one of its experts (not
+  once per expert), in a [P, T, D] buffer, with its local expert ids and gates; each rank runs
+  its experts on what arrived (dropless) and returns one summed row per token.
 
 Shape letters: T tokens of this device, D model width, K top-k, E experts, P expert-axis size.
 """
@@ -35,10 +38,10 @@ from moe_jax.manual_axes import varying_axes
 
 EXPERT_AXIS = "expert"
 TOKEN_AXES = ("data", "fsdp", "expert")   # parallel.BATCH_AXES
-VARIANTS = ("all_to_all", "all_gather", "ragged_all_to_all")
+VARIANTS = ("all_to_all", "all_gather", "ragged_all_to_all", "token_all_to_all")
 # The single-device dispatch each variant performs across devices (what dispatch.strategy must say).
 DISPATCHER_OF_VARIANT = {"all_to_all": "capacity", "all_gather": "dropless",
-                         "ragged_all_to_all": "dropless"}
+                         "ragged_all_to_all": "dropless", "token_all_to_all": "dropless"}
 
 
 class AllToAllExperts(NamedTuple):
@@ -72,17 +75,23 @@ def _gathered(x, expert_ids, gates):
   return gather(x), gather(expert_ids), gather(gates)
 
 
-def _run_mine(x_all, gates_all, slot_N, experts: SwiGLUExperts, out_dtype) -> Dispatched:
-  """The gathered assignments whose `slot_N` names one of this rank's expert slots (the rest
-  carry `experts.num_experts`) through those experts (sorted, ragged groups); the outputs
-  combined per token and reduce-scattered back to the tokens' ranks."""
-  slots, top_k = experts.num_experts, slot_N.shape[0] // x_all.shape[0]
-  order = jnp.argsort(slot_N, stable=True)                     # others sort last, in no group
+def _local_outputs(x_N, gates_NxK, slot_NK, experts: SwiGLUExperts):
+  """[N, D] float32: for each of N tokens, the gate-weighted sum of this rank's experts on it:
+  its assignments whose `slot_NK` names one of this rank's expert slots (the rest carry
+  `experts.num_experts`), run sorted, in ragged groups."""
+  slots, top_k = experts.num_experts, gates_NxK.shape[1]
+  order = jnp.argsort(slot_NK, stable=True)                    # others sort last, in no group
   inverse = inverse_permutation(order)
-  sizes = group_sizes(slot_N, slots)
-  sorted_out = experts.ragged(gather_assignments(x_all, order, inverse, top_k), sizes)
-  mine = (slot_N < slots)[order]
-  partial = combine_sorted(jnp.where(mine[:, None], sorted_out, 0), order, gates_all, inverse)
+  sizes = group_sizes(slot_NK, slots)
+  sorted_out = experts.ragged(gather_assignments(x_N, order, inverse, top_k), sizes)
+  mine = (slot_NK < slots)[order]
+  return combine_sorted(jnp.where(mine[:, None], sorted_out, 0), order, gates_NxK, inverse)
+
+
+def _run_mine(x_all, gates_all, slot_N, experts: SwiGLUExperts, out_dtype) -> Dispatched:
+  """The gathered tokens through this rank's experts (`_local_outputs`), the partial outputs
+  reduce-scattered back to the tokens' ranks."""
+  partial = _local_outputs(x_all, gates_all, slot_N, experts)
   y = jax.lax.psum_scatter(partial, EXPERT_AXIS, scatter_dimension=0, tiled=True)
   return Dispatched(y.astype(out_dtype), jnp.zeros((), jnp.float32))
 
@@ -201,8 +210,36 @@ def _ragged_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
   return Dispatched(y.astype(x.dtype), (rows - jnp.sum(per_expert)).astype(jnp.float32))
 
 
+def _token_all_to_all(x, expert_ids, gates, local_experts, capacity_factor):
+  """Each token travels once to each rank that holds one of its experts (as DeepEP's
+  dispatch does), not once per expert: a [P, T, D] buffer whose slot (r, t) holds token t when
+  it uses one of rank r's experts (zeros otherwise), with the token's local expert ids and
+  gates for that rank; each rank runs its experts on what arrived (sorted, ragged: nothing
+  drops) and returns one row per token, the gate-weighted sum of its experts' outputs, which
+  the token's own rank adds up over the ranks. Moves P x T rows each way where `all_to_all`
+  moves capacity_factor x T x K."""
+  del capacity_factor
+  peers, local = jax.lax.axis_size(EXPERT_AXIS), local_experts.num_experts
+  num_tokens, top_k = expert_ids.shape
+  ids = expert_ids.astype(jnp.int32)
+  rank_P = jnp.arange(peers, dtype=jnp.int32)[:, None, None]
+  on_rank_PxTxK = (ids // local)[None] == rank_P
+  slot_PxTxK = jnp.where(on_rank_PxTxK, ids[None] - rank_P * local, local)   # local: none there
+  gates_PxTxK = jnp.where(on_rank_PxTxK, gates[None], 0)
+  send_PxTxD = jnp.where(on_rank_PxTxK.any(axis=2)[..., None], x[None], 0)
+  exchange = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)
+  received, slots, received_gates = (exchange(a) for a in (send_PxTxD, slot_PxTxK, gates_PxTxK))
+  out = _local_outputs(received.reshape(peers * num_tokens, -1),
+                       received_gates.reshape(peers * num_tokens, top_k),
+                       slots.reshape(-1), local_experts)
+  back_PxTxD = exchange(out.astype(x.dtype).reshape(peers, num_tokens, -1))
+  y = jnp.sum(back_PxTxD.astype(jnp.float32), axis=0)
+  return Dispatched(y.astype(x.dtype), jnp.zeros((), jnp.float32))
+
+
 _VARIANT_FUNCTIONS = {"all_to_all": _all_to_all, "all_gather": _all_gather,
-                      "ragged_all_to_all": _ragged_all_to_all}
+                      "ragged_all_to_all": _ragged_all_to_all,
+                      "token_all_to_all": _token_all_to_all}
 
 
 def _in_chunks(function, chunks: int):

@@ -13,7 +13,7 @@ class DispatchSettings(Settings):
   """The dispatch strategy, its capacity, and whether the experts are sharded over devices.
 
   An expert-parallel variant performs one strategy across devices (`all_to_all` is capacity
-  dispatch, `all_gather` and `ragged_all_to_all` are dropless), so the two fields must agree.
+  dispatch, the others are dropless), so the two fields must agree.
   """
 
   SECTION = "dispatch"
@@ -22,7 +22,8 @@ class DispatchSettings(Settings):
   capacity_factor: float = 1.25    # per-expert buffer = factor * tokens * K / E; overflow drops
   expert_parallel: str = "none"    # experts sharded over mesh.expert: "all_to_all" (strategy
                                    # "capacity") | "all_gather" ("dropless") |
-                                   # "ragged_all_to_all" (GPU/TPU, "dropless"); "none" replicates
+                                   # "ragged_all_to_all" (GPU/TPU, "dropless") |
+                                   # "token_all_to_all" ("dropless"); "none" replicates
   expert_parallel_chunks: int = 1  # >1: each device's tokens in this many slices, so one
                                    # slice's exchange can overlap another's expert compute
   ragged_capacity_factor: float = 0.0  # ragged_all_to_all: 0 sends every routed row (receive
@@ -89,5 +90,5 @@ class DispatchSettings(Settings):
       problems.append(f"dispatch.expert_parallel={self.expert_parallel!r} dispatches as "
                       f"{implied!r} does, but dispatch.strategy={self.strategy!r}: set "
                       f"dispatch.strategy={implied!r} (all_to_all is capacity dispatch; "
-                      f"all_gather and ragged_all_to_all are dropless)")
+                      f"the other variants are dropless)")
     return problems
