@@ -263,7 +263,8 @@ def expert_parallel_dispatch(variant: str, x_BxSxD, expert_ids_BxSxK, gates_BxSx
   """Runs one expert-parallel variant over the context mesh (`jax.set_mesh`).
 
   `capacity_factor`: `all_to_all`'s per-expert capacity; `ragged_all_to_all`'s cap on what each
-  expert takes from a device (0: none, every routed row travels); `all_gather` drops nothing.
+  expert takes from a device (0: none, every routed row travels); `all_gather` and
+  `token_all_to_all` drop nothing.
 
   Takes global arrays: tokens split over ("data", "expert"), expert weights over "expert".
   Inside a caller's `jax.shard_map` already manual over `expert` and the other token axes,
