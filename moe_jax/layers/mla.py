@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.layers import rope as rope_lib
-from moe_jax.layers.attention import attend, cached_attention_weights, write_cache
+from moe_jax.layers.attention import (attend, cached_attention_weights, project_heads,
+                                      write_cache)
 from moe_jax.layers.mlp import scaled_normal
 from moe_jax.layers.norms import rms_norm
 from moe_jax.layers.params import param
@@ -92,7 +93,7 @@ class LatentAttention(nnx.Module):
     q = self.queries(x, positions_S)
     k, v = self.keys_and_values(*self.latent(x, positions_S))
     out_BxSxNxV = attend(q, k, v, self.softmax_scale, self.implementation)
-    return jnp.einsum("bsnv,nvd->bsd", out_BxSxNxV, self._cast(self.w_o))
+    return project_heads(out_BxSxNxV, self._cast(self.w_o))
 
   def init_cache(self, batch: int, max_len: int):
     """The normalised latent [B, max_len, R] and the rotated RoPE key [B, max_len, P]."""
