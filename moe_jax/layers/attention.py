@@ -112,7 +112,8 @@ def project_heads(out_BxSxNxH, w_NxHxD):
   """The output projection, sum over heads n and width h of out[b, s, n, h] w[n, h, d], as one
   product with w as an [N x H, D] matrix. Contracted over n and h as two axes, the weight
   gradient's split-K partial sums came out transposed on GPU, and their sum, fused with the
-  gradient norm, took 80 us per layer (1.3 ms of the 1.29B benchmark's step: docs/performance.md)."""
+  gradient norm, took 80 us per layer (1.3 ms of the 1.29B benchmark's step:
+  docs/performance.md)."""
   batch, length, heads, width = out_BxSxNxH.shape
   return jnp.einsum("bsk,kd->bsd", out_BxSxNxH.reshape(batch, length, heads * width),
                     w_NxHxD.reshape(heads * width, -1))

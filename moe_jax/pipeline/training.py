@@ -14,9 +14,9 @@ stage sees whole micro-batches (the data axes stay automatic inside the pipeline
 balancing losses are the whole micro-batch's. With the expert-parallel dispatch every mesh axis
 is manual inside: each device runs its shard of the micro-batches and its share of the
 experts, its losses and statistics are divided by the shards too, and the MoE layers take the
-Switch loss's means over all shards (moe_jax/layers/moe.py). The gradients come back in three parts (the
-stages', the head's, the micro-batches' for the embedding and dense blocks) and are put back
-in the parameters' tree by the pullbacks of the functions that took those parts out.
+Switch loss's means over all shards (moe_jax/layers/moe.py). The gradients come back in three
+parts (the stages', the head's, the micro-batches' for the embedding and dense blocks) and are
+put back in the parameters' tree by the pullbacks of the functions that took those parts out.
 """
 
 import math
@@ -155,10 +155,11 @@ def _experts_split(tree, leading: tuple, whole):
   return jax.tree.map(spec, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _head_loss(model, microbatches: int, mtp_weight):
-  """The last stage's loss of one micro-batch, `(head, h [b, S, D], window [b, S + 1]) ->
-  (loss / M, (cross-entropy, MTP losses [K], MTP accuracies [K], MTP blocks' MoEStats [K, ...]
-  or ()))`: the next token's cross-entropy, and with K MTP modules (DeepSeek-V3's) their
+def _head_loss(model, parts: int, mtp_weight):
+  """The last stage's loss of one micro-batch (or of one device's shard of it),
+  `(head, h [b, S, D], window [b, S + 1]) -> (loss / parts, (cross-entropy, MTP losses [K],
+  MTP accuracies [K], MTP blocks' MoEStats [K, ...] or ()))`, `parts` the micro-batches (times
+  the shards): the next token's cross-entropy, and with K MTP modules (DeepSeek-V3's) their
   losses weighted by mtp_weight / K and their blocks' balancing losses, as `steps.loss_fn`
   adds them."""
   norm_graphdef, mtp_graphdef = nnx.graphdef(model.final_norm), nnx.graphdef(model.mtp)
@@ -172,7 +173,7 @@ def _head_loss(model, microbatches: int, mtp_weight):
     with jax.named_scope("output"):
       cross_entropy = token_losses(nnx.merge(norm_graphdef, norm_state)(h), targets)[0].mean()
     if not depths:
-      return cross_entropy / microbatches, (cross_entropy, jnp.zeros(0), jnp.zeros(0), ())
+      return cross_entropy / parts, (cross_entropy, jnp.zeros(0), jnp.zeros(0), ())
     hidden, mtp_features, stats = h, [], []
     with jax.named_scope("mtp"):
       for depth, module in enumerate(nnx.merge(mtp_graphdef, mtp_state), start=1):
@@ -185,7 +186,7 @@ def _head_loss(model, microbatches: int, mtp_weight):
     stats = jax.tree.map(lambda *leaves: jnp.stack(leaves), *stats)
     total = (cross_entropy + mtp_weight * jnp.mean(jnp.stack(losses))
              + jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss))
-    return total / microbatches, (cross_entropy, jnp.stack(losses),
+    return total / parts, (cross_entropy, jnp.stack(losses),
                                   jnp.stack(accuracies).astype(jnp.float32), stats)
 
   return head_loss
