@@ -157,8 +157,11 @@ def pipeline_settings(config) -> PipelineSettings:
   return PipelineSettings.from_section(config.get("pipeline", {}))
 
 
-def _pipeline_problems(config, spec: ModelSpec, stage_devices: int, backend: str) -> list[str]:
-  """What a pipeline over `stage_devices` devices cannot run (moe_jax/pipeline/training.py)."""
+def _pipeline_problems(config, spec: ModelSpec, mesh_sizes: dict[str, int],
+                       backend: str) -> list[str]:
+  """What a pipeline over the mesh's `stage` devices cannot run (moe_jax/pipeline/training.py);
+  `mesh_sizes` resolved (no -1)."""
+  stage_devices = mesh_sizes["stage"]
   if stage_devices == 1 or _section_problems(config, "pipeline"):
     return []
   settings = pipeline_settings(config)
@@ -193,7 +196,7 @@ def _pipeline_problems(config, spec: ModelSpec, stage_devices: int, backend: str
        f"dispatch.grouped_matmul='interpret' (the GPU kernels in Pallas interpret mode) does not "
        f"run inside a pipeline (mesh.stage={stage_devices}): use 'auto'")
   if spec.dispatch.expert_parallel != "none":   # every mesh axis manual inside the pipeline
-    tensor = config.mesh.get("tensor", 1)
+    tensor = mesh_sizes["tensor"]
     need(tensor == 1, f"dispatch.expert_parallel={spec.dispatch.expert_parallel!r} inside a "
          f"pipeline (mesh.stage={stage_devices}) runs each device on its own shard of the batch, "
          f"which mesh.tensor={tensor} does not split: set mesh.tensor=1")
@@ -324,7 +327,7 @@ def _problems(config, num_devices: int, backend: str, granules: int) -> list[str
   else:
     if spec is not None:
       problems.extend(_sharding_problems(config, spec, mesh_sizes))
-      problems.extend(_pipeline_problems(config, spec, mesh_sizes["stage"], backend))
+      problems.extend(_pipeline_problems(config, spec, mesh_sizes, backend))
     problems.extend(_dcn_problems(dcn_sizes(config), mesh_sizes, granules))
   return problems
 

@@ -241,3 +241,15 @@ def test_a_pipeline_on_a_gpu_refuses_cudnn_attention_and_takes_xla():
   validate_config(config, num_devices=8, backend="gpu")
   config.model.attention_implementation = "auto"
   validate_config(config, num_devices=8, backend="cpu")
+
+
+def test_expert_parallelism_in_a_pipeline_reads_the_resolved_tensor_axis():
+  """mesh.tensor=-1 takes the devices left over: refused where that is 2, accepted where it is
+  1, and the refusal names the resolved size."""
+  config = get_config("tiny,batch=16")
+  config.mesh.update(stage=2, data=1, expert=2, tensor=-1)
+  config.model.update(scan_layers=True, num_layers=5)
+  config.dispatch.expert_parallel, config.train.microbatches = "all_to_all", 4
+  validate_config(config, num_devices=4)
+  with pytest.raises(ConfigError, match=re.escape("which mesh.tensor=2 does not split")):
+    validate_config(config, num_devices=8)
