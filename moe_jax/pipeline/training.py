@@ -106,8 +106,7 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
   expert_parallel = model.spec.dispatch.expert_parallel != "none"
   batch_axes = EXPERT_PARALLEL_BATCH_AXES if expert_parallel else None
   mesh = jax.sharding.get_abstract_mesh()
-  parts_of_mean = microbatches * (math.prod(mesh.shape[a] for a in batch_axes)
-                                  if expert_parallel else 1)
+  parts_of_mean = microbatches * math.prod(mesh.shape[a] for a in batch_axes or ())
 
   def stage(state, x):
     y, (aux_loss, stats) = stage_fn(state, x)
@@ -120,8 +119,8 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
   (stage_state, head), parts_pullback = jax.vjp(parts, params)
   specs = {}
   if expert_parallel:   # the routed experts split over `expert`, the rest whole
-    specs = dict(param_specs=_experts_split(stage_state, (AXIS, None), AXIS),
-                 loss_param_specs=_experts_split(head, (), None))
+    specs = dict(param_specs=_experts_split(stage_state, (AXIS, None)),
+                 loss_param_specs=_experts_split(head, ()))
   result = scheduled(pipeline.schedule, stage, head_loss, AXIS, batch_axes, has_aux=True,
                      loss_has_aux=True, **specs)(stage_state, slices(x), slices(tokens), head)
   (grads_before,) = before_pullback(whole(result.input_grads).astype(x.dtype))
@@ -141,14 +140,15 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
           ), grads
 
 
-def _experts_split(tree, leading: tuple, whole):
+def _experts_split(tree, leading: tuple):
   """PartitionSpecs for the leaves of `tree` (a stage's state, whose variables' first
   dimension, "layers", is [S, K] here, given by `leading`; or the head's, `leading` ()): `expert`
-  on a variable's dimension named "experts" (expert parallelism's split); `P(whole)` for the
-  arrays that are not variables (a padded layout's `real`, the embeddings)."""
+  on a variable's dimension named "experts" (expert parallelism's split); for the arrays that
+  are not variables (a padded layout's `real` [S, K], the embeddings), `leading`'s first axis
+  only."""
   def spec(leaf):
     if not isinstance(leaf, nnx.Variable):
-      return P(whole)
+      return P(*leading[:1])
     names = logical_axes(leaf) or ()
     own = names[1:] if leading else names
     return leaf.replace(P(*leading, *[EXPERT_AXIS if n == "experts" else None for n in own]))
