@@ -302,7 +302,8 @@ def apply_shorthands(c: ml_collections.ConfigDict, overrides: str) -> None:
   """Applies "steps=N,batch=B,seq=S,ep=VARIANT" from the config argument string.
 
   ep=VARIANT puts every device on the `expert` axis and turns on that expert-parallel
-  variant (all_to_all | all_gather | ragged_all_to_all) with the dispatcher it implies.
+  variant (all_to_all | all_gather | token_all_to_all | ragged_all_to_all) with the
+  dispatcher it implies.
   """
   for item in filter(None, overrides.split(",")):
     key, sep, value = item.partition("=")
