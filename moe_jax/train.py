@@ -512,9 +512,11 @@ class TrainingLoop:
     if "routing" in fetched[-1]:
       routing_scalars, details, histograms = summarize_routing(
           [f["routing"] for f in fetched], self.tokens_per_step * len(fetched))
-      biases = self.state.biases.filter(BalancingBias)   # not the replica plans
-      details["bias"] = np.asarray(jax.device_get(jax.tree.leaves(biases)),
-                                   np.float64).round(7).tolist()
+      # [L, E] in the statistics' layer order: a scanned stack's bias is one [L_stack, E]
+      # leaf beside the MTP blocks' [E] ones (not the replica plans).
+      biases = jax.device_get(jax.tree.leaves(self.state.biases.filter(BalancingBias)))
+      details["bias"] = np.concatenate([np.reshape(b, (-1, b.shape[-1])) for b in biases]
+                                       ).astype(np.float64).round(7).tolist()
       scalars.update(routing_scalars)
       self.writer.write_details(self.step, details)
       if self.live:
