@@ -188,15 +188,16 @@ def _pipeline_problems(config, spec: ModelSpec, mesh_sizes: dict[str, int],
   need(config.train.microbatches >= fewest,
        f"train.microbatches={config.train.microbatches} (the pipeline's micro-batches) is below "
        f"the {fewest} that pipeline.schedule={schedule!r} needs on mesh.stage={stage_devices}")
-  need(spec.attention_path(backend) != "cudnn", f"model.attention_implementation={spec.attention_implementation!r} takes "
-       f"cuDNN's fused attention here, which does not run inside a pipeline yet (its custom "
-       f"partitioner fails under the pipeline's shard_map, mesh.stage={stage_devices}): set "
-       f"model.attention_implementation='xla' (or 'xla_recompute')")
+  tensor = mesh_sizes["tensor"]
+  need(spec.attention_path(backend) != "cudnn" or tensor == 1,
+       f"model.attention_implementation={spec.attention_implementation!r} takes cuDNN's fused "
+       f"attention here, which runs inside a pipeline (mesh.stage={stage_devices}) with each "
+       f"device on its own shard of the batch, which mesh.tensor={tensor} does not split: set "
+       f"mesh.tensor=1 or model.attention_implementation='xla'")
   need(not (spec.dispatch.strategy == "dropless" and spec.dispatch.grouped_matmul == "interpret"),
        f"dispatch.grouped_matmul='interpret' (the GPU kernels in Pallas interpret mode) does not "
        f"run inside a pipeline (mesh.stage={stage_devices}): use 'auto'")
   if spec.dispatch.expert_parallel != "none":   # every mesh axis manual inside the pipeline
-    tensor = mesh_sizes["tensor"]
     need(tensor == 1, f"dispatch.expert_parallel={spec.dispatch.expert_parallel!r} inside a "
          f"pipeline (mesh.stage={stage_devices}) runs each device on its own shard of the batch, "
          f"which mesh.tensor={tensor} does not split: set mesh.tensor=1")

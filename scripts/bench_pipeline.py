@@ -38,6 +38,7 @@ import arguments   # noqa: E402
 from moe_jax import parallel, steps   # noqa: E402
 from moe_jax.config_validation import validate_config   # noqa: E402
 from moe_jax.dispatch.expert_parallel import DISPATCHER_OF_VARIANT, VARIANTS   # noqa: E402
+from moe_jax.layers.attention import IMPLEMENTATIONS   # noqa: E402
 from moe_jax.main import config_file_problem   # noqa: E402
 from moe_jax.settings import ConfigError   # noqa: E402
 from moe_jax.paths import load_config   # noqa: E402
@@ -87,6 +88,8 @@ def main():
                       help="dispatch.expert_parallel with --expert > 1")
   parser.add_argument("--chunks", type=arguments.whole_numbers(), default="1",
                       help="dispatch.expert_parallel_chunks to run each schedule with")
+  parser.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto",
+                      help="model.attention_implementation (auto: cuDNN's on NVIDIA GPUs)")
   parser.add_argument("--warmup", type=arguments.whole_number(0), default=2)
   parser.add_argument("--repeats", type=arguments.whole_number(), default=5)
   args = parser.parse_args()
@@ -94,9 +97,8 @@ def main():
   if problem:
     parser.error(problem)
   config = load_config(args.config)
-  # cuDNN attention's custom partitioner does not run inside the pipeline's shard_map
   config.model.update(num_layers=args.layers, scan_layers=True, mtp_depth=0,
-                      attention_implementation="xla")
+                      attention_implementation=args.attention)
   config.data.update(batch_size=args.batch, seq_len=args.seq)
   config.train.microbatches = args.microbatches
   if (args.expert > 1) != (args.expert_parallel is not None):

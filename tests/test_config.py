@@ -227,15 +227,20 @@ def test_a_mesh_without_the_fsdp_tensor_and_stage_axes_has_them_at_1():
                                                      "expert": 1, "stage": 1}
 
 
-def test_a_pipeline_on_a_gpu_refuses_cudnn_attention_and_takes_xla():
-  """cuDNN's fused attention fails inside the pipeline's shard_map (its custom partitioner):
-  refused by name before compiling when it would be chosen, accepted with the XLA path."""
+def test_a_pipeline_on_a_gpu_takes_cudnn_attention_only_where_the_batch_splits_over_every_axis():
+  """Inside a pipeline cuDNN's fused attention runs with each device on its own shard of the
+  batch (its custom partitioner fails under a partly manual shard_map): accepted with
+  mesh.tensor 1, refused by name before compiling with mesh.tensor 2 (which the batch does not
+  split over), accepted there with the XLA path."""
   config = get_config("tiny")
   config.mesh.update(stage=2, data=4)
   config.model.update(scan_layers=True, num_layers=5, compute_dtype="bfloat16")
+  validate_config(config, num_devices=8, backend="gpu")
+  config.mesh.update(data=2, tensor=2)
   with pytest.raises(ConfigError, match=re.escape(
-      "model.attention_implementation='auto' takes cuDNN's fused attention here, which does "
-      "not run inside a pipeline yet")):
+      "model.attention_implementation='auto' takes cuDNN's fused attention here, which runs "
+      "inside a pipeline (mesh.stage=2) with each device on its own shard of the batch, which "
+      "mesh.tensor=2 does not split")):
     validate_config(config, num_devices=8, backend="gpu")
   config.model.attention_implementation = "xla"
   validate_config(config, num_devices=8, backend="gpu")

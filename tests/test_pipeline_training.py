@@ -1,5 +1,6 @@
 """The training step with pipeline stages on 8 simulated devices: every schedule, with data
-shards, FSDP or experts split over `expert` beside the stages, gives the loss, the updated
+shards, FSDP or experts split over `expert` beside the stages (and with every mesh axis manual
+inside, as cuDNN's attention runs it on GPUs), gives the loss, the updated
 parameters and the balancing-bias update of the unpipelined step that cuts the batch into as
 many slices; a pipelined run resumes exactly and prints its schedule's bubble."""
 
@@ -21,13 +22,17 @@ MICROBATCHES = 4
 TX = optax.sgd(0.1, momentum=0.9)   # linear in the gradients: Adam would magnify float32 noise
 # DualPipeV on stage 2 x data 4 is the MTP test's mesh below; 1F1B over four stage devices is
 # tests/test_pipeline_scheduled.py's (the schedule alone, on a stage function of its own).
-CASES = {   # schedule, MoE blocks per stage, stage devices, (data, fsdp, tensor, expert), ZeRO-1
-    "gpipe, stage 4 x data 2": ("gpipe", (1, 1, 1, 1), 4, (2, 1, 1, 1), False),
+CASES = {   # schedule, MoE blocks per stage, stage devices, (data, fsdp, tensor, expert), ZeRO-1,
+            # every mesh axis manual inside the pipeline (as with cuDNN's attention on GPUs)
+    "gpipe, stage 4 x data 2": ("gpipe", (1, 1, 1, 1), 4, (2, 1, 1, 1), False, False),
     "1f1b, stage 2 x expert 4 (experts split by sharding.experts)": (
-        "1f1b", (2, 2), 2, (1, 1, 1, 4), False),
-    "dualpipev, stage 2 x fsdp 2 x data 2": ("dualpipev", (1, 1, 1, 1), 2, (2, 2, 1, 1), False),
+        "1f1b", (2, 2), 2, (1, 1, 1, 4), False, False),
+    "dualpipev, stage 2 x fsdp 2 x data 2": (
+        "dualpipev", (1, 1, 1, 1), 2, (2, 2, 1, 1), False, False),
     "1f1b, stage 2 x data 4, ZeRO-1, uneven stages of 3 and 1 blocks": (
-        "1f1b", (3, 1), 2, (4, 1, 1, 1), True),
+        "1f1b", (3, 1), 2, (4, 1, 1, 1), True, False),
+    "1f1b, stage 2 x data 2 x fsdp 2, every axis manual (cuDNN attention's layout)": (
+        "1f1b", (2, 2), 2, (2, 2, 1, 1), False, True),
 }
 
 
@@ -71,13 +76,14 @@ def test_a_pipelined_step_equals_the_unpipelined_one(tiny_config, batches, unpip
   uneven split's padding blocks leave no trace in them); the
   MoE blocks' parameters and momenta split over `stage` (and the momenta over `data` too with
   ZeRO-1)."""
-  schedule, block_counts, stage, sizes, zero1 = CASES[case]
+  schedule, block_counts, stage, sizes, zero1, every_axis_manual = CASES[case]
   config = _config(tiny_config)
   rules = parallel.parse_rules(config.sharding)
   piped_metrics = []
   piped, piped_losses = train_on_mesh(config, _mesh(stage, sizes), batches, rules,
                                       TX, zero1, microbatches=MICROBATCHES,
-                                      pipeline=Pipeline(schedule, block_counts),
+                                      pipeline=Pipeline(schedule, block_counts,
+                                                        every_axis_manual),
                                       metrics_out=piped_metrics)
   plain, losses, metrics = unpipelined
   np.testing.assert_allclose(piped_losses, losses, rtol=1e-5)

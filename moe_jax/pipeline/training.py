@@ -11,9 +11,9 @@ is cut into `microbatches` slices exactly as gradient accumulation cuts it (`bat
 slice m holds rows m, m + M, ...), so the step computes the
 loss, gradients and routing statistics of the unpipelined step with as many slices: each
 stage sees whole micro-batches (the data axes stay automatic inside the pipeline), so its
-balancing losses are the whole micro-batch's. With the expert-parallel dispatch every mesh axis
-is manual inside: each device runs its shard of the micro-batches and its share of the
-experts, its losses and statistics are divided by the shards too, and the MoE layers take the
+balancing losses are the whole micro-batch's. With the expert-parallel dispatch or cuDNN's
+attention every mesh axis is manual inside: each device runs its shard of the micro-batches
+(and its share of the experts), its losses and statistics are divided by the shards too, and the MoE layers take the
 Switch loss's means over all shards (moe_jax/layers/moe.py). The gradients come back in three
 parts (the stages', the head's, the micro-batches' for the embedding and dense blocks) and are
 put back in the parameters' tree by the pullbacks of the functions that took those parts out.
@@ -36,10 +36,19 @@ from moe_jax.pipeline.model_stages import as_stages, layout, moe_stack, stage_fu
 from moe_jax.pipeline.scheduled import lockstep_bubble, scheduled, tick_table
 
 AXIS = "stage"   # the mesh axis the stages are split over
-# With expert parallelism the pipeline is manual over every other mesh axis too, the batch split
-# over them all (`tensor` must be 1 there: config validation). Stage x data pipelines could run
-# so too (docs/pipeline.md: whether cuDNN's attention then runs in them is not yet known).
-EXPERT_PARALLEL_BATCH_AXES = ("data", "fsdp", "tensor", "expert")
+# The pipeline's shard_map is manual over `stage` and leaves the other mesh axes to the
+# compiler (each stage sees whole micro-batches), except where something inside needs its own
+# device's shard: expert parallelism's exchange, and cuDNN's fused attention, whose custom
+# partitioner fails under a shard_map that leaves axes to the compiler. Then the pipeline is
+# manual over every axis, the batch split over these (`tensor` must be 1: config validation).
+BATCH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+def every_axis_manual(spec, backend: str | None = None) -> bool:
+  """Whether a pipeline of this model runs manual over every mesh axis on `backend` (default:
+  this process's): with the expert-parallel dispatch or cuDNN's attention."""
+  return (spec.dispatch.expert_parallel != "none"
+          or spec.attention_path(backend or jax.default_backend()) == "cudnn")
 
 
 def batch_slices(a, microbatches: int):
@@ -55,6 +64,7 @@ class Pipeline(NamedTuple):
 
   schedule: str
   block_counts: tuple[int, ...]
+  every_axis_manual: bool = False   # also where `every_axis_manual` does not ask it (tests)
 
 
 def summary(schedule: str, stage_devices: int, microbatches: int) -> str:
@@ -100,11 +110,12 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
             (nnx.state(m.final_norm), m.unembed[...], nnx.state(m.mtp), m.embed[...]))
 
   stage_fn = stage_function(nnx.graphdef(stack.layers), seq_len, stages.padded)
-  # With expert parallelism every mesh axis is manual inside the pipeline: each device runs
-  # its shard of every micro-batch, its experts' share of the routed experts; the losses are
-  # then means over its shard, summed over the shards.
+  # Manual over every mesh axis (expert parallelism, cuDNN's attention): each device runs its
+  # shard of every micro-batch (and its share of the routed experts); the losses are then
+  # means over its shard, summed over the shards.
   expert_parallel = model.spec.dispatch.expert_parallel != "none"
-  batch_axes = EXPERT_PARALLEL_BATCH_AXES if expert_parallel else None
+  manual = pipeline.every_axis_manual or every_axis_manual(model.spec)
+  batch_axes = BATCH_AXES if manual else None
   mesh = jax.sharding.get_abstract_mesh()
   parts_of_mean = microbatches * math.prod(mesh.shape[a] for a in batch_axes or ())
 
