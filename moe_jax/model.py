@@ -247,9 +247,10 @@ class ModelSpec(Settings):
     return Rope(self.rope_theta, self.rope_scaling, self.rope_factor, self.rope_original_max_len,
                 self.yarn_beta_fast, self.yarn_beta_slow, self.yarn_mscale, self.yarn_mscale_all_dim)
 
-  def attention_path(self, backend: str) -> str:
-    """The attention implementation this model takes on `backend` ("gpu": NVIDIA's): the one
-    `attention.chosen_implementation` picks for its compute dtype and query/key head width."""
+  def attention_path(self, backend: str | None = None) -> str:
+    """The attention implementation this model takes on `backend` ("gpu": NVIDIA's; None: this
+    process's): the one `attention.chosen_implementation` picks for its compute dtype and
+    query/key head width."""
     head_dim = self.head_dim if self.attention == "gqa" else (self.qk_nope_head_dim
                                                               + self.qk_rope_head_dim)
     return chosen_attention(DTYPES[self.compute_dtype], head_dim, self.attention_implementation,

@@ -8,15 +8,16 @@ per `stage` device, two for DualPipeV; the final norm, the output projection, th
 cross-entropy and the MTP modules (which read the last block's hidden states and the
 embeddings of the tokens ahead) run inside the pipeline, as the last stage's loss. The batch
 is cut into `microbatches` slices exactly as gradient accumulation cuts it (`batch_slices`:
-slice m holds rows m, m + M, ...), so the step computes the
-loss, gradients and routing statistics of the unpipelined step with as many slices: each
-stage sees whole micro-batches (the data axes stay automatic inside the pipeline), so its
-balancing losses are the whole micro-batch's. With the expert-parallel dispatch or cuDNN's
-attention every mesh axis is manual inside: each device runs its shard of the micro-batches
-(and its share of the experts), its losses and statistics are divided by the shards too, and the MoE layers take the
-Switch loss's means over all shards (moe_jax/layers/moe.py). The gradients come back in three
-parts (the stages', the head's, the micro-batches' for the embedding and dense blocks) and are
-put back in the parameters' tree by the pullbacks of the functions that took those parts out.
+slice m holds rows m, m + M, ...), so the step computes the loss, gradients and routing
+statistics of the unpipelined step with as many slices: each stage sees whole micro-batches
+(the data axes stay automatic inside the pipeline), so its balancing losses are the whole
+micro-batch's. With the expert-parallel dispatch or cuDNN's attention every mesh axis is
+manual inside: each device runs its shard of the micro-batches (and its share of the
+experts), its losses and statistics are divided by the shards too, and the MoE layers take
+the Switch loss's means over all shards (moe_jax/layers/moe.py). The gradients come back in
+three parts (the stages', the head's, the micro-batches' for the embedding and dense blocks)
+and are put back in the parameters' tree by the pullbacks of the functions that took those
+parts out.
 """
 
 import math
@@ -45,10 +46,9 @@ BATCH_AXES = ("data", "fsdp", "tensor", "expert")
 
 
 def every_axis_manual(spec, backend: str | None = None) -> bool:
-  """Whether a pipeline of this model runs manual over every mesh axis on `backend` (default:
-  this process's): with the expert-parallel dispatch or cuDNN's attention."""
-  return (spec.dispatch.expert_parallel != "none"
-          or spec.attention_path(backend or jax.default_backend()) == "cudnn")
+  """Whether a pipeline of this model runs manual over every mesh axis on `backend` ("gpu":
+  NVIDIA's; default: this process's): with the expert-parallel dispatch or cuDNN's attention."""
+  return spec.dispatch.expert_parallel != "none" or spec.attention_path(backend) == "cudnn"
 
 
 def batch_slices(a, microbatches: int):
