@@ -198,8 +198,11 @@ def test_zero1_optimizer_sharding_matches_replicated(tiny_config):
   sharded, sharded_losses = _train_steps(tiny_config, batches, (8, 1), "none", zero1=True)
   replicated, losses = _train_steps(tiny_config, batches, (8, 1), "none")
   np.testing.assert_allclose(sharded_losses, losses, rtol=1e-6)
+  # The split moments sum their gradients in another order: float noise, which Adam turns into
+  # update differences up to about 2e-5 where a gradient is near zero; 1e-4 (1% of one step at
+  # lr 1e-2) bounds them, as above, while a wrong shard would move whole steps.
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(replicated)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
   moments = [(jax.tree_util.keystr(p), leaf) for p, leaf in
              jax.tree_util.tree_leaves_with_path(sharded.opt_state) if "unembed" in jax.tree_util.keystr(p)]
   assert moments and all(leaf.sharding.spec == P("data") for _, leaf in moments)
