@@ -77,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dense_mlp_dim = 288       # hidden width of the dense SwiGLU MLP
   c.model.norm_eps = 1e-6
   c.model.compute_dtype = "float32"  # "bfloat16" computes in bf16; parameters stay float32
+  c.model.loss_logits_dtype = "float32"  # "bfloat16": the training loss's logits rounded to bf16
+                                    # (float32 accumulation and softmax; validation stays float32)
   c.model.remat = "none"            # what each block keeps for backward, the rest recomputed:
                                     # "none" | "block" (its input) | "matmuls" | "expert_io"
                                     # (the routed experts' inputs and outputs) | "costly" (all

@@ -117,6 +117,7 @@ class ModelSpec(Settings):
   dense_mlp_dim: int = 288
   norm_eps: float = 1e-6
   compute_dtype: str = "float32"
+  loss_logits_dtype: str = "float32"   # the training loss's logits; validation stays float32
   attention_implementation: str = "auto"   # a name of attention.IMPLEMENTATIONS
   remat: str = "none"               # a name of REMAT_POLICIES
   scan_layers: bool = False         # dense and MoE blocks as two scans over stacked parameters
@@ -180,6 +181,9 @@ class ModelSpec(Settings):
          f"model.remat={self.remat!r} is unknown; choose from {list(REMAT_POLICIES)}")
     need(self.compute_dtype in DTYPES,
          f"model.compute_dtype={self.compute_dtype!r} is unknown; choose from {sorted(DTYPES)}")
+    need(self.loss_logits_dtype in DTYPES,
+         f"model.loss_logits_dtype={self.loss_logits_dtype!r} is unknown; choose from "
+         f"{sorted(DTYPES)}")
     need(self.mtp_depth >= 0,
          f"model.mtp_depth={self.mtp_depth} must be >= 0 (0: no multi-token prediction)")
     for name in ("mtp_loss_weight", "mtp_loss_weight_final"):
@@ -443,7 +447,7 @@ class Transformer(nnx.Module):
     (`output_cross_entropy`: the loss's gradient reaches the backward products in bf16)."""
     with jax.named_scope("output"):
       return output_cross_entropy(features_BxSxD, self.unembed[...].astype(self.dtype),
-                                  targets_BxS)
+                                  targets_BxS, DTYPES[self.spec.loss_logits_dtype])
 
   def features(self, tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S D"], MoEStats]:
     """The output projection's input (the final norm of the last block's output) and the MoE

@@ -6,6 +6,7 @@
   python scripts/bench_train.py --dispatchers=dropless --remat=none,block   # memory vs time
   python scripts/bench_train.py --dispatchers=dropless --scan=off,on        # compile time
   python scripts/bench_train.py --dispatchers=dropless --moment_dtype=float32,bfloat16
+  python scripts/bench_train.py --dispatchers=dropless --loss_logits_dtype=float32,bfloat16
   python scripts/bench_train.py --preset=v2_lite --layers=10 --batch=8 --seq=4096 \
       --microbatches=4 --remat=block --dispatchers=dropless                # a larger model
 
@@ -44,7 +45,7 @@ from moe_jax import steps   # noqa: E402
 from moe_jax.dispatch.settings import GROUPED_MATMULS   # noqa: E402
 from moe_jax.dispatch.strategies import DISPATCHERS   # noqa: E402
 from moe_jax.layers import attention   # noqa: E402
-from moe_jax.model import REMAT_POLICIES, ModelSpec, parameter_counts   # noqa: E402
+from moe_jax.model import DTYPES, REMAT_POLICIES, ModelSpec, parameter_counts   # noqa: E402
 
 # By default about 1.3B parameters, about 0.26B used per token: 16 blocks of width 1024 (the
 # first dense), 64 routed experts of width 384 top-6 plus 2 shared, a 32K vocabulary
@@ -226,6 +227,9 @@ def main():
   parser.add_argument("--moment_dtype", type=arguments.names(*steps.MOMENT_DTYPES),
                       default="float32",
                       help="comma-separated Adam moment dtypes (optimizer.moment_dtype) to time")
+  parser.add_argument("--loss_logits_dtype", type=arguments.names(*DTYPES), default="float32",
+                      help="comma-separated dtypes of the training loss's logits "
+                           "(model.loss_logits_dtype) to time")
   args = parser.parse_args()
   if args.batch % args.microbatches:
     parser.error(f"--batch={args.batch} does not split into --microbatches={args.microbatches}")
@@ -246,16 +250,19 @@ def main():
     variants.append((f"dense model, MLP width {width} (same FLOPs per token)",
                      spec0.replace(num_dense_layers=spec0.num_layers, dense_mlp_dim=width)))
   rows = []
-  for (dispatcher, spec), path, kernels, remat, scan, moments in itertools.product(
-      variants, args.attention, args.grouped_matmul, args.remat, args.scan, args.moment_dtype):
+  for (dispatcher, spec), path, kernels, remat, scan, moments, logits in itertools.product(
+      variants, args.attention, args.grouped_matmul, args.remat, args.scan, args.moment_dtype,
+      args.loss_logits_dtype):
     name = dispatcher if path == "auto" else f"{dispatcher}, attention {path}"
     name = name if kernels == "auto" else f"{name}, grouped matmul {kernels}"
     name = name if remat == "none" else f"{name}, remat {remat}"
     name = name if moments == "float32" else f"{name}, {moments} moments"
+    name = name if logits == "float32" else f"{name}, {logits} loss logits"
     scanned = spec.scan_layers if scan == "preset" else scan == "on"
     name = f"{name}, scan {'on' if scanned else 'off'}"
     profile = args.profile / name.replace(" ", "_").replace(",", "") if args.profile else None
     spec = spec.replace(attention_implementation=path, remat=remat, scan_layers=scanned,
+                        loss_logits_dtype=logits,
                         dispatch=spec.dispatch.replace(grouped_matmul=kernels))
     print(f"{name}: attention "
           f"{attention.chosen_implementation(jnp.bfloat16, spec.head_dim, path)}", flush=True)

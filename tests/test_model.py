@@ -120,6 +120,30 @@ def test_output_cross_entropy_equals_the_projection_then_optax_cross_entropy():
                                  rtol=tolerance, atol=tolerance)
 
 
+def test_bf16_loss_logits_give_the_loss_and_gradients_of_logits_rounded_to_bf16():
+  """model.loss_logits_dtype='bfloat16': the loss of float32-accumulated logits rounded to
+  bf16, softmax in float32 (optax's loss on those rounded logits), and its gradients; not the
+  float32 logits' loss, which it stays within bf16's rounding of."""
+  keys = jax.random.split(jax.random.key(2), 4)
+  x = jax.random.normal(keys[0], (2, 7, 16)).astype(jnp.bfloat16)
+  w = (2.0 * jax.random.normal(keys[1], (16, 300))).astype(jnp.bfloat16)   # logits of ~10
+  targets = jax.random.randint(keys[2], (2, 7), 0, 300)
+  weights = jax.random.uniform(keys[3], (2, 7))
+  rounded = lambda x, w: jnp.sum(weights * optax.softmax_cross_entropy_with_integer_labels(
+      output_logits(x, w).astype(jnp.bfloat16).astype(jnp.float32), targets))
+  fused = lambda dtype: lambda x, w: jnp.sum(
+      weights * output_cross_entropy(x, w, targets, dtype)[0])
+  (want, want_grads), (got, got_grads), (full, _) = (
+      jax.value_and_grad(f, (0, 1))(x, w)
+      for f in (rounded, fused(jnp.bfloat16), fused(jnp.float32)))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert got != full and abs(got - full) < 1e-2 * abs(full)
+  for g, ref in zip(got_grads, want_grads):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(g.astype(jnp.float32), ref.astype(jnp.float32),
+                               rtol=1e-2, atol=1e-2 * float(jnp.abs(ref).max()))
+
+
 def test_attention_takes_the_xla_path_off_gpu_and_can_be_forced():
   on_gpu = jax.default_backend() == "gpu"
   assert attention.chosen_implementation(jnp.bfloat16, 64) == ("cudnn" if on_gpu else "xla")

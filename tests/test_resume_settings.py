@@ -18,7 +18,8 @@ OTHER = {
     "shared_expert_gate": True, "expert_dim": 24, "mtp_depth": 2,
     "rope_theta": 500.0, "rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max_len": 16,
     "yarn_beta_fast": 16.0, "yarn_beta_slow": 2.0, "yarn_mscale": 0.7, "yarn_mscale_all_dim": 0.5,
-    "norm_eps": 1e-5, "compute_dtype": "bfloat16", "attention_implementation": "xla",
+    "norm_eps": 1e-5, "compute_dtype": "bfloat16", "loss_logits_dtype": "bfloat16",
+    "attention_implementation": "xla",
     "remat": "block", "scan_layers": True, "mtp_loss_weight": 0.5,
     "mtp_loss_weight_final": 0.2, "mtp_weight_switch_fraction": 0.5,
 }

@@ -6,15 +6,27 @@ gradients then arrive as float32 and both backward products run as float32 matmu
 GPU: several times slower than bf16, and at a 32K vocabulary the largest matmuls of a small
 model). Here the backward products take the logits' cotangent in the inputs' dtype and
 accumulate in float32, as mixed-precision (autocast) training does.
+
+The training loss can also keep its logits in bf16 (`model.loss_logits_dtype`): the product
+still accumulates in float32 and the log-normalizer and softmax are computed in float32 from
+the rounded logits (as torchtitan's and Megatron's bf16 losses are), so the loss is that of
+logits rounded to bf16 (0.4% relative each), with half the residual and fewer bytes per pass.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
-def _product(x, w):
-  return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+def _product(x, w, dtype=jnp.float32):
+  """x @ w accumulated in float32, the result rounded to `dtype`. With 16-bit inputs the
+  product itself writes `dtype` (a GPU's matmul accumulates in float32 and rounds once on
+  output); a separate rounding would be fused into the readers, with float32 logits kept."""
+  if x.dtype == dtype:
+    return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=dtype)
+  return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32).astype(dtype)
 
 
 @jax.custom_vjp
@@ -42,18 +54,19 @@ def _backward(residuals, dlogits):
 output_logits.defvjp(_forward, _backward)
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def output_cross_entropy(x: Float[Array, "... D"], w: Float[Array, "D V"],
-                         targets: Int[Array, "..."]) -> tuple[Float[Array, "..."],
-                                                             Float[Array, "..."]]:
+                         targets: Int[Array, "..."], logits_dtype=jnp.float32
+                         ) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
   """(-log softmax(x @ w)[target], 1.0 where the target is the top logit, else 0.0) at each
-  position, in float32: `output_logits` followed by the cross-entropy, with one backward pass
+  position, in float32 (the logits themselves in `logits_dtype`, float32 or bfloat16):
+  `output_logits` followed by the cross-entropy, with one backward pass
   over the logits (the second output, for accuracies, has no gradient; unused, it is not
   computed). Apart, the loss's gradient is written as a float32 logits-sized array and then
   converted for the 16-bit products (two passes over [tokens, V] float32, 2 and 1.6 ms per
   step at 32K x 32K on an H200); here softmax times the cotangent is written once, in x's
   dtype, and the targets' entries are then put in place (one per position: 1.6 ms)."""
-  return _cross_entropy_forward(x, w, targets)[0]
+  return _cross_entropy_forward(x, w, targets, logits_dtype)[0]
 
 
 def _picked(logits, targets):
@@ -61,11 +74,11 @@ def _picked(logits, targets):
   return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
-def _cross_entropy_forward(x, w, targets):
-  logits = _product(x, w)
-  log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+def _cross_entropy_forward(x, w, targets, logits_dtype):
+  logits = _product(x, w, logits_dtype)
+  log_normalizer = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
   hits = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  nats = log_normalizer - _picked(logits, targets)
+  nats = log_normalizer - _picked(logits, targets).astype(jnp.float32)
   return (nats, hits), (x, w, targets, logits, log_normalizer)
 
 
@@ -82,7 +95,7 @@ def _put_at_targets(g, targets, values):
                          mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def _cross_entropy_backward(residuals, cotangents):
+def _cross_entropy_backward(logits_dtype, residuals, cotangents):
   x, w, targets, logits, log_normalizer = residuals
   d_nats = cotangents[0]
   # softmax x cotangent everywhere, written once in x's dtype; then the targets' entries,
@@ -90,8 +103,9 @@ def _cross_entropy_backward(residuals, cotangents):
   # with an iota instead led the compiler to all-gather the gradient over the batch under
   # fsdp (temporaries 2.3x), and the pick's transpose added to the float32 expression wrote
   # and read a float32 zeros-and-cotangent array of the logits' size.
-  g = jnp.exp(logits - log_normalizer[..., None]) * d_nats[..., None]
-  at_targets = jnp.exp(_picked(logits, targets) - log_normalizer) * d_nats - d_nats
+  g = jnp.exp(logits.astype(jnp.float32) - log_normalizer[..., None]) * d_nats[..., None]
+  at_targets = (jnp.exp(_picked(logits, targets).astype(jnp.float32) - log_normalizer) * d_nats
+                - d_nats)
   g = _put_at_targets(g.astype(x.dtype), targets, at_targets.astype(x.dtype))
   return (*_input_gradients(x, w, g), None)
 
