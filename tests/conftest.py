@@ -36,20 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-# The files that take longest (about 45% of the suite), longest first. `make test`'s workers
-# take whole files in collection order, so these go first and short files end the run:
-# alphabetical order left one worker about a minute of work after the other had finished.
-LONGEST_FILES = ("test_pipeline_training.py", "test_faults.py", "test_train.py",
-                 "test_expert_parallel.py", "test_resume_settings.py", "test_fp8.py",
-                 "test_multiprocess.py", "test_reliability.py", "test_mtp.py", "test_hf.py")
-
-
-def pytest_collection_modifyitems(items):
-  """Longest files first (`LONGEST_FILES`), the rest after them; each file's tests in order."""
-  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 @pytest.fixture
 def tiny_config():
   from configs.default import get_config
