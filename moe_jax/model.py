@@ -441,13 +441,15 @@ class Transformer(nnx.Module):
     with jax.named_scope("output"):
       return output_logits(normed_BxSxD, self.unembed[...].astype(self.dtype))
 
-  def token_losses(self, features_BxSxD, targets_BxS):
+  def token_losses(self, features_BxSxD, targets_BxS, unembed_DxV=None):
     """(cross-entropy, 1.0 where the target is the top prediction) of each position [B, S]
-    from a final norm's output, through the output projection fused with the loss
+    from a final norm's output, through the output projection (this model's, or `unembed_DxV`
+    where a pipeline hands the head's parameters in) fused with the loss
     (`output_cross_entropy`: the loss's gradient reaches the backward products in bf16)."""
+    unembed_DxV = self.unembed[...] if unembed_DxV is None else unembed_DxV
     with jax.named_scope("output"):
-      return output_cross_entropy(features_BxSxD, self.unembed[...].astype(self.dtype),
-                                  targets_BxS, DTYPES[self.spec.loss_logits_dtype])
+      return output_cross_entropy(features_BxSxD, unembed_DxV.astype(self.dtype), targets_BxS,
+                                  DTYPES[self.spec.loss_logits_dtype])
 
   def features(self, tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S D"], MoEStats]:
     """The output projection's input (the final norm of the last block's output) and the MoE

@@ -29,9 +29,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.dispatch.expert_parallel import EXPERT_AXIS
-from moe_jax.layers.logits import output_cross_entropy
 from moe_jax.layers.params import logical_axes
-from moe_jax.model import DTYPES, REMAT_POLICIES, mtp_losses
+from moe_jax.model import REMAT_POLICIES, mtp_losses
 from moe_jax.pipeline import schedules
 from moe_jax.pipeline.model_stages import as_stages, layout, moe_stack, stage_function
 from moe_jax.pipeline.scheduled import lockstep_bubble, scheduled, tick_table
@@ -175,15 +174,12 @@ def _head_loss(model, parts: int, mtp_weight):
   adds them."""
   norm_graphdef, mtp_graphdef = nnx.graphdef(model.final_norm), nnx.graphdef(model.mtp)
   dtype, depths = model.dtype, len(model.mtp)
-  logits_dtype = DTYPES[model.spec.loss_logits_dtype]
 
   def head_loss(head, h, window):
     norm_state, unembed, mtp_state, embed = head
     inputs, targets = window[:, :-1], window[:, 1:]
-    token_losses = lambda features, targets: output_cross_entropy(
-        features, unembed.astype(dtype), targets, logits_dtype)
-    with jax.named_scope("output"):
-      cross_entropy = token_losses(nnx.merge(norm_graphdef, norm_state)(h), targets)[0].mean()
+    token_losses = lambda features, targets: model.token_losses(features, targets, unembed)
+    cross_entropy = token_losses(nnx.merge(norm_graphdef, norm_state)(h), targets)[0].mean()
     if not depths:
       return cross_entropy / parts, (cross_entropy, jnp.zeros(0), jnp.zeros(0), ())
     hidden, mtp_features, stats = h, [], []
