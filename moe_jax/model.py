@@ -21,7 +21,7 @@ from moe_jax.layers.mla import LatentAttention
 from moe_jax.layers.mlp import SwiGLU, scaled_normal
 from moe_jax.layers.moe import MoE, MoEStats
 from moe_jax.layers.norms import RMSNorm
-from moe_jax.layers.params import param
+from moe_jax.layers.params import KeySource, ParamKeys, param
 from moe_jax.layers.rope import SCALINGS, Rope
 from moe_jax.layers.stack import LayerStack, converted_state
 from moe_jax.routing import BalancingSettings, RouterSettings
@@ -261,7 +261,7 @@ class ModelSpec(Settings):
                             backend)
 
 
-def make_attention(spec: ModelSpec, dtype, rngs: nnx.Rngs) -> Attention | LatentAttention:
+def make_attention(spec: ModelSpec, dtype, rngs: KeySource) -> Attention | LatentAttention:
   """Grouped-query attention or DeepSeek's multi-head latent attention, as the spec says."""
   if spec.attention == "mla":
     return LatentAttention(spec.d_model, spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank,
@@ -274,7 +274,7 @@ def make_attention(spec: ModelSpec, dtype, rngs: nnx.Rngs) -> Attention | Latent
 
 class Block(nnx.Module):
 
-  def __init__(self, spec: ModelSpec, use_moe: bool, rngs: nnx.Rngs):
+  def __init__(self, spec: ModelSpec, use_moe: bool, rngs: KeySource):
     dtype = DTYPES[spec.compute_dtype]
     self.attention_norm = RMSNorm(spec.d_model, spec.norm_eps)
     self.attention = make_attention(spec, dtype, rngs)
@@ -320,7 +320,7 @@ class MTPModule(nnx.Module):
   paper writes the hidden state first.
   """
 
-  def __init__(self, spec: ModelSpec, use_moe: bool, rngs: nnx.Rngs):
+  def __init__(self, spec: ModelSpec, use_moe: bool, rngs: KeySource):
     self.embed_norm = RMSNorm(spec.d_model, spec.norm_eps)
     self.hidden_norm = RMSNorm(spec.d_model, spec.norm_eps)
     # [2D, D]: the first dimension is two model widths side by side, left unsharded
@@ -362,7 +362,7 @@ class Transformer(nnx.Module):
   (`dense_blocks`, `moe_blocks`; moe_jax/layers/stack.py) holding the same parameters:
   `with_layout` converts a model between the two."""
 
-  def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+  def __init__(self, spec: ModelSpec, rngs: KeySource):
     self.embed = param(nnx.initializers.normal(1.0)(rngs.params(),
                                                     (spec.vocab_size, spec.d_model)),
                        "vocab", "embed")
@@ -431,7 +431,7 @@ class Transformer(nnx.Module):
     if scan_layers == self.spec.scan_layers:
       return self
     spec = self.spec.replace(scan_layers=scan_layers)
-    target = nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=0)))
+    target = nnx.eval_shape(lambda: Transformer(spec, ParamKeys(0)))
     nnx.update(target, converted_state(nnx.state(self), scan_layers, spec.num_layers,
                                        spec.num_dense_layers))
     return target
@@ -518,7 +518,7 @@ def parameter_counts(spec: ModelSpec) -> dict[str, int]:
   uses); embedding (the input and output matrices); active_matmul (the active weights a token
   is multiplied by: matrices, not the embedding lookup, norm scales or biases)."""
   spec = spec.replace(scan_layers=False)   # one array per layer
-  params = nnx.state(nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=0))), nnx.Param)
+  params = nnx.state(nnx.eval_shape(lambda: Transformer(spec, ParamKeys(0))), nnx.Param)
   counts = dict.fromkeys(("total", "active", "active_experts", "embedding", "active_matmul"), 0)
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     size = int(np.prod(leaf.shape))

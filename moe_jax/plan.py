@@ -37,7 +37,7 @@ from moe_jax import checkpoint, parallel, steps
 from moe_jax.config_validation import ConfigError, dcn_sizes, validate_config
 from moe_jax.main import (config_argument, config_file_problem, override_problem,
                           with_located_config)
-from moe_jax.layers.params import logical_axes
+from moe_jax.layers.params import ParamKeys, logical_axes
 from moe_jax.model import DTYPES, Block, ModelSpec, parameter_counts
 from moe_jax.paths import DEFAULT_CONFIG
 
@@ -84,7 +84,7 @@ def _model_residual_bytes(spec: ModelSpec, batch: int, seq_len: int) -> int:
 
 
 def _block(spec: ModelSpec, use_moe: bool) -> Block:
-  return nnx.eval_shape(lambda: Block(spec, use_moe, nnx.Rngs(params=0)))
+  return nnx.eval_shape(lambda: Block(spec, use_moe, ParamKeys(0)))
 
 
 @functools.lru_cache(maxsize=16)

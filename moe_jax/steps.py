@@ -18,6 +18,7 @@ from moe_jax import routing
 from moe_jax.dispatch import replicas
 from moe_jax.dispatch.expert_parallel import EXPERT_AXIS
 from moe_jax.layers.moe import RoutingState
+from moe_jax.layers.params import ParamKeys
 from moe_jax.model import ModelSpec, Transformer, mtp_losses
 from moe_jax.pipeline.training import Pipeline, batch_slices, pipelined_gradients
 from moe_jax.settings import Settings
@@ -115,14 +116,14 @@ def scale_by_adam_stored_in(dtype, **adam) -> optax.GradientTransformation:
 
 def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int):
   """(graphdef, TrainState) for a freshly initialised model."""
-  model = Transformer(spec, nnx.Rngs(params=seed))
+  model = Transformer(spec, ParamKeys(seed))
   graphdef, params, biases = nnx.split(model, nnx.Param, RoutingState)
   return graphdef, TrainState(jnp.zeros((), jnp.int32), params, biases, tx.init(params))
 
 
 def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int):
   """(graphdef, TrainState of ShapeDtypeStructs): the state's layout, computing nothing."""
-  model = nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(params=seed)))
+  model = nnx.eval_shape(lambda: Transformer(spec, ParamKeys(seed)))
   graphdef = nnx.split(model, nnx.Param, RoutingState)[0]
   return graphdef, jax.eval_shape(lambda: init_state(spec, tx, seed)[1])
 
@@ -184,14 +185,18 @@ def updated_routing_state(graphdef, params, routing_state, counts_LxE, step, bia
     layers = bias.shape[0] if bias.ndim == 2 else 1
     counts = counts_LxE[first:first + layers].reshape(bias.shape)
     first += layers
+    # set_value, not `variable[...] =`: that form asks traced values for their sharding,
+    # which costs a walk over the whole trace so far (see layers.params.ParamKeys)
     if bias_rate is not None:
       update = lambda b, c: routing.update_balancing_bias(b, c, bias_rate, bias_rule)
-      layer.balancing_bias[...] = jax.vmap(update)(bias, counts) if bias.ndim == 2 else update(
-          bias, counts)
+      layer.balancing_bias.set_value(jax.vmap(update)(bias, counts) if bias.ndim == 2 else
+                                     update(bias, counts))
     if layer.dispatch.expert_replicas:
-      layer.replica_slots[...], layer.replica_counts[...] = replicas.replanned(
+      slots, replica_counts = replicas.replanned(
           layer.replica_slots[...], layer.replica_counts[...] + counts,
           step % replan_every == 0, ranks)
+      layer.replica_slots.set_value(slots)
+      layer.replica_counts.set_value(replica_counts)
   return nnx.state(model, RoutingState)
 
 

@@ -10,6 +10,7 @@ from flax import nnx
 from moe_jax.layers import attention
 from moe_jax.layers.logits import output_cross_entropy, output_logits
 from moe_jax.layers.moe import BalancingBias
+from moe_jax.layers.params import ParamKeys
 from moe_jax.model import ModelSpec, Transformer
 from moe_jax.settings import ConfigError
 
@@ -19,6 +20,25 @@ def _model(config, capacity_factor: float | None = None, **model_overrides):
   if capacity_factor is not None:
     config.dispatch.capacity_factor = capacity_factor
   return Transformer(ModelSpec.from_config(config), nnx.Rngs(params=0))
+
+
+def test_param_keys_give_the_parameters_of_nnx_rngs(tiny_config):
+  """The package builds models with ParamKeys (its count outside the arrays, for fast traces):
+  every parameter and bias equal, bit for bit, to those nnx.Rngs(params=seed) gives, on a model
+  with latent attention, shared experts, scanned layers and an MTP module."""
+  tiny_config.model.update(attention="mla", kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                           qk_nope_head_dim=8, v_head_dim=8, num_shared_experts=1, mtp_depth=1,
+                           num_layers=3, scan_layers=True)
+  spec = ModelSpec.from_config(tiny_config)
+  models = [Transformer(spec, keys) for keys in (nnx.Rngs(params=7), ParamKeys(7))]
+  built = [nnx.state(model, nnx.Param, BalancingBias) for model in models]
+  paths = [[jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(b)]
+           for b in built]
+  assert paths[0] == paths[1] and len(paths[0]) > 30
+  for path, a, b in zip(paths[0], *map(jax.tree.leaves, built)):
+    np.testing.assert_array_equal(a, b, err_msg=path)
+  other = Transformer(spec, ParamKeys(8)).embed[...]
+  assert not np.array_equal(other, models[1].embed[...])   # the seed matters
 
 
 def test_shapes_and_statistics(tiny_config):

@@ -10,7 +10,7 @@ from flax import nnx
 from moe_jax.layers import rope as rope_lib
 from moe_jax.layers.mlp import scaled_normal
 from moe_jax.layers.norms import rms_norm
-from moe_jax.layers.params import param
+from moe_jax.layers.params import KeySource, param
 
 # model.attention_implementation: "cudnn" (fused flash attention, NVIDIA GPUs, bf16/fp16),
 # "xla" (scores materialised; any backend), "xla_recompute" (the XLA path keeping only q, k, v
@@ -128,7 +128,7 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-               rope: rope_lib.Rope, dtype, rngs: nnx.Rngs, qkv_bias: bool = False,
+               rope: rope_lib.Rope, dtype, rngs: KeySource, qkv_bias: bool = False,
                qk_norm: str = "none", norm_eps: float = 1e-6, implementation: str = "auto"):
     init = scaled_normal(d_model)
     self.w_q = param(init(rngs.params(), (d_model, num_heads, head_dim)),

@@ -23,14 +23,14 @@ from moe_jax.layers.attention import (attend, cached_attention_weights, project_
                                       write_cache)
 from moe_jax.layers.mlp import scaled_normal
 from moe_jax.layers.norms import rms_norm
-from moe_jax.layers.params import param
+from moe_jax.layers.params import KeySource, param
 
 
 class LatentAttention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, q_lora_rank: int, kv_lora_rank: int,
                qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
-               rope: rope_lib.Rope, norm_eps: float, dtype, rngs: nnx.Rngs,
+               rope: rope_lib.Rope, norm_eps: float, dtype, rngs: KeySource,
                implementation: str = "auto"):
     qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
     init = scaled_normal(d_model)

@@ -3,7 +3,7 @@
 import jax
 from flax import nnx
 
-from moe_jax.layers.params import param
+from moe_jax.layers.params import KeySource, param
 
 
 def swiglu(x, w_gate, w_up, w_down):
@@ -19,7 +19,7 @@ def scaled_normal(fan_in: int):
 class SwiGLU(nnx.Module):
   """A dense SwiGLU MLP D -> F -> D with float32 parameters, computed in `dtype`."""
 
-  def __init__(self, d_model: int, hidden: int, dtype, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, hidden: int, dtype, rngs: KeySource):
     self.w_gate = param(scaled_normal(d_model)(rngs.params(), (d_model, hidden)), "embed", "mlp")
     self.w_up = param(scaled_normal(d_model)(rngs.params(), (d_model, hidden)), "embed", "mlp")
     self.w_down = param(scaled_normal(hidden)(rngs.params(), (hidden, d_model)), "mlp", "embed")

@@ -23,7 +23,7 @@ from moe_jax import routing
 from moe_jax.dispatch import DispatchSettings, SwiGLUExperts, expert_capacity, make_dispatch
 from moe_jax.dispatch.expert_parallel import TOKEN_AXES
 from moe_jax.layers.mlp import SwiGLU, scaled_normal
-from moe_jax.layers.params import named, param
+from moe_jax.layers.params import KeySource, named, param
 from moe_jax.manual_axes import varying_axes
 from moe_jax.routing import BalancingSettings, RouterSettings
 
@@ -80,7 +80,7 @@ class MoEStats(NamedTuple):
 class MoE(nnx.Module):
 
   def __init__(self, d_model: int, num_experts: int, expert_dim: int, num_shared: int,
-               rngs: nnx.Rngs, *, router: RouterSettings = RouterSettings(),
+               rngs: KeySource, *, router: RouterSettings = RouterSettings(),
                balancing: BalancingSettings = BalancingSettings(),
                dispatch: DispatchSettings = DispatchSettings(), dtype=jnp.float32,
                shared_expert_gate: bool = False):
