@@ -276,16 +276,12 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     if pipeline and is_chief:
       print(pipeline_training.summary(pipeline.schedule, mesh.shape["stage"],
                                       config.train.microbatches), flush=True)
-    byte_counts = corpus.tokenizer.byte_counts if corpus.tokenizer else None
-    train_fn, eval_fn, init_fn = _RECENT_PROGRAMS.get(
-        (config.to_json_best_effort(sort_keys=True), mesh,
-         None if byte_counts is None else np.asarray(byte_counts).tobytes()),
-        lambda: (jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
-                                config.train.microbatches, pipeline),
-                 jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
-                                           byte_counts=byte_counts)),
-                 jax.jit(lambda: steps.init_state(spec, tx, config.seed)[1],
-                         out_shardings=shardings)))
+    train_fn = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
+                              config.train.microbatches, pipeline)
+    eval_fn = jax.jit(functools.partial(
+        steps.eval_step, graphdef=graphdef,
+        byte_counts=corpus.tokenizer.byte_counts if corpus.tokenizer else None))
+    init_fn = jax.jit(lambda: steps.init_state(spec, tx, config.seed)[1], out_shardings=shardings)
     run_eval = functools.partial(evaluate, eval_fn, corpus_windows=validation_windows,
                                  num_batches=data.evaluation_batch_count(
                                      config.train.eval_batches, len(validation_windows),
@@ -315,28 +311,6 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     if jax.process_count() > 1:   # the others wait for the chief's outputs: jax.distributed's
       multihost_utils.sync_global_devices("outputs written")   # shutdown does not wait long
     return last_eval
-
-
-class RecentPrograms:
-  """The jitted functions of the last few runs in this process, by what determines them (the
-  whole config, the mesh, the tokenizer's byte counts). A run that repeats one in the same
-  process (a resume after `stop_after_step`, a notebook's second run, the tests) calls the
-  same functions again: jax neither traces nor lowers them again, and their executables are
-  still loaded (the persistent compilation cache saves only the compile)."""
-
-  def __init__(self, size: int):
-    self.size = size
-    self.entries: dict = {}
-
-  def get(self, key, make):
-    value = self.entries.pop(key, None) or make()
-    self.entries[key] = value   # the newest last; the oldest goes first
-    while len(self.entries) > self.size:
-      del self.entries[next(iter(self.entries))]
-    return value
-
-
-_RECENT_PROGRAMS = RecentPrograms(size=2)
 
 
 class TrainingLoop:
