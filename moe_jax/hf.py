@@ -23,8 +23,7 @@ from flax import nnx
 
 from moe_jax.dispatch import DispatchSettings
 from moe_jax.layers.moe import RoutingState
-from moe_jax.layers.params import ParamKeys
-from moe_jax.model import ModelSpec, Transformer
+from moe_jax.model import ModelSpec, abstract_model
 from moe_jax.routing import RouterSettings
 
 FAMILIES = ("deepseek_v3", "deepseek_v2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -292,7 +291,7 @@ def from_tensors(tensors: dict, hf: dict, dtype=jnp.float32, scan_layers: bool =
   as a list or, with `scan_layers`, as stacks (`model.scan_layers`)."""
   spec = spec_from_hf_config(hf, _mtp_layers_in(tensors, hf))
   family = hf["model_type"]
-  model = nnx.eval_shape(lambda: Transformer(spec, ParamKeys(0)))
+  model = abstract_model(spec)
   graphdef, state = nnx.split(model)
   flat = dict(nnx.to_flat_state(state))
   if hf.get("tie_word_embeddings") and "lm_head.weight" not in tensors:

@@ -431,7 +431,7 @@ class Transformer(nnx.Module):
     if scan_layers == self.spec.scan_layers:
       return self
     spec = self.spec.replace(scan_layers=scan_layers)
-    target = nnx.eval_shape(lambda: Transformer(spec, ParamKeys(0)))
+    target = abstract_model(spec)
     nnx.update(target, converted_state(nnx.state(self), scan_layers, spec.num_layers,
                                        spec.num_dense_layers))
     return target
@@ -509,6 +509,13 @@ class Transformer(nnx.Module):
     return features, _concatenated(stats_chunks), tuple(mtp_features)
 
 
+def abstract_model(spec: ModelSpec, seed: int = 0) -> Transformer:
+  """The model of `spec` with ShapeDtypeStructs for values, computing nothing: its keys come
+  from `ParamKeys`, whose count is a Python int, so building it stays linear in the number of
+  parameters (`layers/params.py`)."""
+  return nnx.eval_shape(lambda: Transformer(spec, ParamKeys(seed)))
+
+
 ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
@@ -518,7 +525,7 @@ def parameter_counts(spec: ModelSpec) -> dict[str, int]:
   uses); embedding (the input and output matrices); active_matmul (the active weights a token
   is multiplied by: matrices, not the embedding lookup, norm scales or biases)."""
   spec = spec.replace(scan_layers=False)   # one array per layer
-  params = nnx.state(nnx.eval_shape(lambda: Transformer(spec, ParamKeys(0))), nnx.Param)
+  params = nnx.state(abstract_model(spec), nnx.Param)
   counts = dict.fromkeys(("total", "active", "active_experts", "embedding", "active_matmul"), 0)
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     size = int(np.prod(leaf.shape))

@@ -6,6 +6,7 @@ function takes the few values it needs and is jitted by the loop in `train.py`.
 """
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -19,7 +20,7 @@ from moe_jax.dispatch import replicas
 from moe_jax.dispatch.expert_parallel import EXPERT_AXIS
 from moe_jax.layers.moe import RoutingState
 from moe_jax.layers.params import ParamKeys
-from moe_jax.model import ModelSpec, Transformer, mtp_losses
+from moe_jax.model import ModelSpec, Transformer, abstract_model, mtp_losses
 from moe_jax.pipeline.training import Pipeline, batch_slices, pipelined_gradients
 from moe_jax.settings import Settings
 
@@ -71,11 +72,18 @@ class OptimizerSettings(Settings):
     return problems
 
   def make(self, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
-    """(learning-rate schedule, optimizer) for a run of `total_steps`."""
-    schedule = make_schedule(self.learning_rate, self.warmup_steps, total_steps,
-                             self.final_lr_fraction)
-    return schedule, make_optimizer(schedule, self.b1, self.b2, self.weight_decay,
-                                    self.grad_clip_norm, MOMENT_DTYPES[self.moment_dtype])
+    """(learning-rate schedule, optimizer) for a run of `total_steps`: the same two objects
+    for the same settings and steps within a process, so that a jitted step taking the
+    optimizer as a setting is found again (`train.reused_jit`)."""
+    return _made_optimizer(self, total_steps)
+
+
+@functools.lru_cache(maxsize=16)
+def _made_optimizer(settings: OptimizerSettings, total_steps: int):
+  schedule = make_schedule(settings.learning_rate, settings.warmup_steps, total_steps,
+                           settings.final_lr_fraction)
+  return schedule, make_optimizer(schedule, settings.b1, settings.b2, settings.weight_decay,
+                                  settings.grad_clip_norm, MOMENT_DTYPES[settings.moment_dtype])
 
 
 def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int,
@@ -123,9 +131,9 @@ def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int):
 
 def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int):
   """(graphdef, TrainState of ShapeDtypeStructs): the state's layout, computing nothing."""
-  model = nnx.eval_shape(lambda: Transformer(spec, ParamKeys(seed)))
-  graphdef = nnx.split(model, nnx.Param, RoutingState)[0]
-  return graphdef, jax.eval_shape(lambda: init_state(spec, tx, seed)[1])
+  graphdef, params, biases = nnx.split(abstract_model(spec, seed), nnx.Param, RoutingState)
+  return graphdef, TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, biases,
+                              jax.eval_shape(tx.init, params))
 
 
 def split_batch(tokens_BxS1):
@@ -273,7 +281,7 @@ def train_step(state: TrainState, tokens, *, graphdef, tx,
 
 def eval_step(state: TrainState, tokens, *, graphdef, byte_counts=None):
   """Sums over one batch: cross-entropy, targets, the bytes the targets stand for (with the
-  tokenizer's `byte_counts`, int32[vocab]), expert counts per layer, and the batch's MaxVio
+  tokenizer's `byte_counts`, [vocab] ints), expert counts per layer, and the batch's MaxVio
   (mean over MoE layers) with a batch count, for the mean of per-batch MaxVio."""
   inputs, targets = split_batch(tokens)
   logits, stats = forward(graphdef, state.params, state.biases, inputs)

@@ -51,13 +51,37 @@ def jit_train_step(spec: ModelSpec, total_steps: int, graphdef, tx, shardings,
   """The jitted training step of a model trained for `total_steps`, each batch in
   `microbatches` slices (through `pipeline`'s stages when given): state and batch in, new state
   (laid out by `shardings`, the old one donated) and metrics out."""
-  return jax.jit(functools.partial(
-      steps.train_step, graphdef=graphdef, tx=tx, balancing=spec.balancing,
+  return reused_jit(
+      steps.train_step, out_shardings=(shardings, None), donate_argnums=0, graphdef=graphdef,
+      tx=tx, balancing=spec.balancing,
       mtp_weights=steps.MTPWeights(spec.mtp_loss_weight, spec.mtp_loss_weight_final,
                                    round(spec.mtp_weight_switch_fraction * total_steps)),
       microbatches=microbatches, pipeline=pipeline,
-      replan_every=spec.dispatch.replica_replan_every),
-      out_shardings=(shardings, None), donate_argnums=0)
+      replan_every=spec.dispatch.replica_replan_every)
+
+
+def reused_jit(fn, *, out_shardings=None, donate_argnums=(), **settings):
+  """`jax.jit(functools.partial(fn, **settings), ...)`, and the same jitted function again when
+  this process asks for the same `fn`, settings and shardings (a resume after
+  `stop_after_step`, a notebook's next run, the tests): jax then neither traces nor lowers it
+  again, and its executable stays loaded (the persistent compilation cache saves only the
+  compile). `fn` itself is part of the key, so a patched or reloaded function gets its own;
+  the settings must be hashable values (a model's graphdef, an optimizer from
+  `OptimizerSettings.make`, frozen settings)."""
+  leaves, treedef = jax.tree.flatten(out_shardings)
+  return _jitted(fn, tuple(leaves), treedef, donate_argnums, tuple(settings.items()))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted(fn, sharding_leaves, sharding_treedef, donate_argnums, settings):
+  return jax.jit(functools.partial(fn, **dict(settings)),
+                 out_shardings=jax.tree.unflatten(sharding_treedef, sharding_leaves),
+                 donate_argnums=donate_argnums)
+
+
+def initial_state(spec: ModelSpec, tx, seed: int) -> steps.TrainState:
+  """A freshly initialised TrainState (jitted by the loop onto the state's shardings)."""
+  return steps.init_state(spec, tx, seed)[1]
 
 
 def pipeline_of(config, mesh) -> Pipeline | None:
@@ -278,10 +302,10 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
                                       config.train.microbatches), flush=True)
     train_fn = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
                               config.train.microbatches, pipeline)
-    eval_fn = jax.jit(functools.partial(
-        steps.eval_step, graphdef=graphdef,
-        byte_counts=corpus.tokenizer.byte_counts if corpus.tokenizer else None))
-    init_fn = jax.jit(lambda: steps.init_state(spec, tx, config.seed)[1], out_shardings=shardings)
+    eval_fn = reused_jit(steps.eval_step, graphdef=graphdef, byte_counts=(
+        tuple(np.asarray(corpus.tokenizer.byte_counts).tolist()) if corpus.tokenizer else None))
+    init_fn = reused_jit(initial_state, out_shardings=shardings, spec=spec, tx=tx,
+                         seed=config.seed)
     run_eval = functools.partial(evaluate, eval_fn, corpus_windows=validation_windows,
                                  num_batches=data.evaluation_batch_count(
                                      config.train.eval_batches, len(validation_windows),

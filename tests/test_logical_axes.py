@@ -9,8 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax import parallel, steps
 from moe_jax.layers.moe import BalancingBias
-from moe_jax.layers.params import ParamKeys, logical_axes
-from moe_jax.model import ModelSpec, Transformer
+from moe_jax.layers.params import logical_axes
+from moe_jax.model import ModelSpec, abstract_model
 from tests import model_variants
 
 VARIANTS = {
@@ -23,7 +23,7 @@ VARIANTS = {
 
 
 def _variables(spec: ModelSpec) -> dict[str, nnx.Variable]:
-  model = nnx.eval_shape(lambda: Transformer(spec, ParamKeys(0)))
+  model = abstract_model(spec)
   return {"/".join(map(str, path)): variable for state in nnx.state(model, nnx.Param, BalancingBias)
           for path, variable in nnx.to_flat_state(state)}
 

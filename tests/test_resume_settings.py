@@ -5,9 +5,8 @@ import jax
 import pytest
 from flax import nnx
 
-from moe_jax.model import PARAMETER_FIELDS, ModelSpec, Transformer
+from moe_jax.model import PARAMETER_FIELDS, ModelSpec, abstract_model
 from moe_jax.layers.moe import BalancingBias
-from moe_jax.layers.params import ParamKeys
 from tests.model_variants import SMALL, VARIANTS
 
 # Another valid value of each field (valid in every variant above).
@@ -47,7 +46,7 @@ OTHER_SETTINGS = {
 def parameter_layout(spec: ModelSpec):
   """Every parameter's and balancing bias's path, shape and dtype, computing nothing (replica
   plans, with dispatch.expert_replicas, are routing state, not parameters)."""
-  model = nnx.eval_shape(lambda: Transformer(spec, ParamKeys(0)))
+  model = abstract_model(spec)
   _, params, biases, _ = nnx.split(model, nnx.Param, BalancingBias, ...)
   leaves = jax.tree_util.tree_leaves_with_path((params, biases))
   return {jax.tree_util.keystr(path): (leaf.shape, str(leaf.dtype)) for path, leaf in leaves}

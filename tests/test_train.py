@@ -125,9 +125,14 @@ def test_short_run_learns_and_writes_its_outputs(tiny_config, tmp_path):
 
 
 @pytest.mark.parametrize("moment_dtype", ["float32", "bfloat16"])
-def test_exact_resume(tiny_config, tmp_path, moment_dtype):
+def test_exact_resume(tiny_config, tmp_path, monkeypatch, moment_dtype):
   """N steps straight == N/2 steps, stop, resume to N: bitwise on CPU (Adam's moments in
-  float32, or stored in bf16: optimizer.moment_dtype)."""
+  float32, or stored in bf16: optimizer.moment_dtype). The three runs in this process trace
+  the training step once (`train.reused_jit`), and the step they run is the module's current
+  one (here a patched one that counts its traces)."""
+  traces, original = [], steps.train_step
+  monkeypatch.setattr(steps, "train_step",
+                      lambda *args, **kwargs: traces.append(1) or original(*args, **kwargs))
   tiny_config.optimizer.moment_dtype = moment_dtype
   config = _config(tiny_config, steps=8, log_every=1, eval_every=100, checkpoint_every=100,
                    sample_tokens=0)
@@ -149,6 +154,7 @@ def test_exact_resume(tiny_config, tmp_path, moment_dtype):
   stored = {np.dtype(leaf.dtype).name for leaf in jax.tree.leaves(states[0]["opt_state"])
             if np.ndim(leaf)}
   assert stored == {moment_dtype}, stored   # the moments, as the setting says
+  assert len(traces) == 1, traces
 
 
 def test_resume_with_other_model_sizes_is_refused(tiny_config, tmp_path):
