@@ -34,7 +34,7 @@ train: $(TRAIN_STAMP)
 
 test: $(TEST_STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q \
-	  -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
+	  -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
