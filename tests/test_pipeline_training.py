@@ -20,8 +20,8 @@ from tests.mesh_steps import train_on_mesh
 
 MICROBATCHES = 4
 TX = optax.sgd(0.1, momentum=0.9)   # linear in the gradients: Adam would magnify float32 noise
-# DualPipeV on stage 2 x data 4 is the MTP test's mesh below; 1F1B over four stage devices is
-# tests/test_pipeline_scheduled.py's (the schedule alone, on a stage function of its own).
+# 1F1B over four stage devices is tests/test_pipeline_scheduled.py's (the schedule alone, on a
+# stage function of its own).
 CASES = {   # schedule, MoE blocks per stage, stage devices, (data, fsdp, tensor, expert), ZeRO-1,
             # every mesh axis manual inside the pipeline (as with cuDNN's attention on GPUs)
     "gpipe, stage 4 x data 2": ("gpipe", (1, 1, 1, 1), 4, (2, 1, 1, 1), False, False),
@@ -29,10 +29,9 @@ CASES = {   # schedule, MoE blocks per stage, stage devices, (data, fsdp, tensor
         "1f1b", (2, 2), 2, (1, 1, 1, 4), False, False),
     "dualpipev, stage 2 x fsdp 2 x data 2": (
         "dualpipev", (1, 1, 1, 1), 2, (2, 2, 1, 1), False, False),
-    "1f1b, stage 2 x data 4, ZeRO-1, uneven stages of 3 and 1 blocks": (
-        "1f1b", (3, 1), 2, (4, 1, 1, 1), True, False),
-    "1f1b, stage 2 x data 2 x fsdp 2, every axis manual (cuDNN attention's layout)": (
-        "1f1b", (2, 2), 2, (2, 2, 1, 1), False, True),
+    # every mesh axis manual inside the pipeline: cuDNN attention's layout on GPUs
+    "1f1b, stage 2 x data 2 x fsdp 2, ZeRO-1, stages of 3 and 1 blocks, every axis manual": (
+        "1f1b", (3, 1), 2, (2, 2, 1, 1), True, True),
 }
 
 
@@ -105,8 +104,8 @@ EXPERT_PARALLEL_CASES = {   # variant, schedule, mesh, MTP depth, capacity facto
     # Drops at capacity 1: the reference is the same variant unpipelined on the same devices.
     "all_to_all, 1f1b, stage 2 x expert 4, capacity 1": (
         "all_to_all", "1f1b", (1, 1, 1, 4), 0, 1.0, "same devices"),
-    "all_gather, dualpipev, stage 2 x data 2 x expert 2, MTP depth 1": (
-        "all_gather", "dualpipev", (2, 1, 1, 2), 1, 8.0, "one device"),
+    "all_gather, dualpipev, stage 2 x data 2 x expert 2, MTP depth 2": (
+        "all_gather", "dualpipev", (2, 1, 1, 2), 2, 8.0, "one device"),
 }
 
 
@@ -114,11 +113,13 @@ EXPERT_PARALLEL_CASES = {   # variant, schedule, mesh, MTP depth, capacity facto
 def test_expert_parallelism_inside_the_pipeline_equals_the_unpipelined_step(tiny_config, batches,
                                                                               case):
   """dispatch.expert_parallel inside the stages (every mesh axis manual, each device on its
-  shard of every micro-batch and its share of the routed experts, the MTP module's too) gives
+  shard of every micro-batch and its share of the routed experts, the MTP modules' too) gives
   the losses, cross-entropy, expert counts, Switch loss, dropped fraction, parameters and
   biases of the unpipelined step (tolerances as above): the Switch loss from the whole
   micro-batch's statistics, the means over shards, the experts' gradients summed over `data`
-  only, the drops counted once."""
+  only, the drops counted once. DeepSeek-V3's MTP modules (each an MoE block) run after the
+  output head on the last stage: each depth's loss, the last depth's accuracy and the MTP
+  blocks' counts (after the 4 main MoE blocks') as the unpipelined step's."""
   variant, schedule, sizes, depth, capacity, reference = EXPERT_PARALLEL_CASES[case]
   strategy = DISPATCHER_OF_VARIANT[variant]
   blocks = (1, 1, 1, 1) if schedule == "dualpipev" else (2, 2)
@@ -141,39 +142,13 @@ def test_expert_parallelism_inside_the_pipeline_equals_the_unpipelined_step(tiny
   (piped, piped_losses, piped_metrics), (plain, losses, metrics) = runs
   np.testing.assert_allclose(piped_losses, losses, rtol=1e-5)
   for got, want in zip(piped_metrics, metrics):
-    for name in ("cross_entropy", *(["mtp_loss/depth1"] if depth else [])):
+    assert got["routing"]["counts"].shape[0] == 4 + depth   # the MTP blocks' rows last
+    for name in ("cross_entropy", *(f"mtp_loss/depth{d}" for d in range(1, depth + 1)),
+                 *([f"mtp_accuracy/depth{depth}"] if depth else [])):
       np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
     for name in ("counts", "switch_loss", "dropped_fraction"):
       np.testing.assert_allclose(got["routing"][name], want["routing"][name], rtol=1e-5,
                                  atol=1e-7, err_msg=name)
-  for a, b in zip(jax.tree.leaves((piped.params, piped.biases)),
-                  jax.tree.leaves((plain.params, plain.biases))):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
-def test_mtp_modules_on_the_last_stage_equal_the_unpipelined_step(tiny_config, batches):
-  """DeepSeek-V3's MTP (depth 2, each module an MoE block) after the output head on the last
-  stage of DualPipeV over stage 2 x data 4: losses, cross-entropy, each depth's MTP loss and
-  accuracy, the expert counts of every MoE layer (MTP blocks' last), parameters and biases as
-  the unpipelined step's."""
-  config = _config(tiny_config)
-  config.model.mtp_depth = 2
-  rules = parallel.parse_rules(config.sharding)
-  runs = []
-  for stage, sizes, pipeline in ((2, (4, 1, 1, 1), Pipeline("dualpipev", (1, 1, 1, 1))),
-                                 (1, (1, 1, 1, 1), None)):
-    metrics = []
-    state, losses = train_on_mesh(config, _mesh(stage, sizes), batches, rules, TX,
-                                  microbatches=MICROBATCHES, pipeline=pipeline,
-                                  metrics_out=metrics)
-    runs.append((state, losses, metrics))
-  (piped, piped_losses, piped_metrics), (plain, losses, metrics) = runs
-  np.testing.assert_allclose(piped_losses, losses, rtol=1e-5)
-  for got, want in zip(piped_metrics, metrics):
-    assert got["routing"]["counts"].shape[0] == 4 + 2   # 4 main MoE blocks, then 2 MTP blocks
-    for name in ("cross_entropy", "mtp_loss/depth1", "mtp_loss/depth2", "mtp_accuracy/depth2"):
-      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
-    np.testing.assert_allclose(got["routing"]["counts"], want["routing"]["counts"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves((piped.params, piped.biases)),
                   jax.tree.leaves((plain.params, plain.biases))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
