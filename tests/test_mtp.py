@@ -66,25 +66,20 @@ def test_loss_adds_lambda_times_the_mean_depth_loss_and_its_schedule(tiny_config
   assert max(norms(mtp_grad(0.0))) == 0 and min(norms(mtp_grad(0.3))) > 0
 
 
-def test_a_run_with_mtp_logs_each_depths_loss_and_accuracy(tiny_config, tmp_path):
-  tiny_config.model.mtp_depth = 2
+def test_a_run_with_scanned_layers_and_mtp_logs_each_depth_and_one_bias_row_per_moe_layer(
+    tiny_config, tmp_path):
+  """A run with MTP of depth 2 logs each depth's loss (falling) and accuracy; routing.jsonl's
+  bias and load have one row per MoE layer in the same order, the scanned stack's layers
+  first, then the MTP blocks' (their bias had been logged as a ragged list of an [L, E] and
+  [E] arrays, which failed at the first log)."""
+  tiny_config.model.update(mtp_depth=2, scan_layers=True, num_layers=3)   # 2 MoE blocks
   tiny_config.train.steps = 20
   train_and_evaluate(tiny_config, tmp_path)
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   logged = [r for r in rows if "mtp_loss/depth2" in r]
-  assert logged and all(0 <= r["mtp_accuracy/depth1"] <= 1 for r in logged)
+  assert logged and all(0 <= r[f"mtp_accuracy/depth{d}"] <= 1 for r in logged for d in (1, 2))
   assert logged[-1]["mtp_loss/depth1"] < logged[0]["mtp_loss/depth1"]
   assert all(np.isfinite(r["loss"]) for r in logged)
-
-
-def test_a_run_with_scanned_layers_and_mtp_logs_one_bias_row_per_moe_layer(tiny_config, tmp_path):
-  """routing.jsonl's bias and load have one row per MoE layer in the same order, the scanned
-  stack's layers first, then the MTP block's (its bias had been logged as a ragged list of a
-  [L, E] and an [E] array, which failed at the first log)."""
-  tiny_config.model.update(mtp_depth=1, scan_layers=True, num_layers=3)   # 2 MoE blocks
-  tiny_config.train.update(steps=4, log_every=2, eval_every=4, sample_tokens=0)
-  tiny_config.optimizer.warmup_steps = 1
-  train_and_evaluate(tiny_config, tmp_path)
   details = [json.loads(line) for line in (tmp_path / "routing.jsonl").read_text().splitlines()]
   experts = tiny_config.model.num_routed_experts
-  assert np.shape(details[-1]["bias"]) == np.shape(details[-1]["load"]) == (3, experts)
+  assert np.shape(details[-1]["bias"]) == np.shape(details[-1]["load"]) == (2 + 2, experts)
