@@ -1,8 +1,6 @@
 """Training steps on a mesh, jitted as the training loop jits them (the state's layout kept
 across steps): shared by the tests that compare meshes with one device."""
 
-import functools
-
 import jax
 from flax import nnx
 
@@ -10,6 +8,10 @@ from moe_jax import parallel, steps
 from moe_jax.layers.moe import BalancingBias
 from moe_jax.model import ModelSpec
 from moe_jax.routing import BalancingSettings
+from moe_jax.train import reused_jit
+
+
+ADAMW = steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0)   # one object: equal steps are reused
 
 
 def train_on_mesh(config, mesh, batches, rules, tx=None, zero1: bool = False, *,
@@ -20,7 +22,7 @@ def train_on_mesh(config, mesh, batches, rules, tx=None, zero1: bool = False, *,
   `microbatches` slices, through `pipeline` (steps.train_step's) when given. `metrics_out`
   receives each step's metrics. `bias_offset` [E] is added to every balancing bias at the
   start (skewed routing)."""
-  tx = tx or steps.make_optimizer(1e-2, 0.9, 0.95, 0.1, 1.0)
+  tx = tx or ADAMW
   graphdef, state = steps.init_state(ModelSpec.from_config(config), tx, 0)
   if bias_offset is not None:
     skewed = jax.tree.map(lambda b: b + bias_offset, state.biases.filter(BalancingBias))
@@ -28,11 +30,10 @@ def train_on_mesh(config, mesh, batches, rules, tx=None, zero1: bool = False, *,
   with jax.set_mesh(mesh):
     shardings = parallel.state_shardings(state, mesh, rules, zero1)
     state = jax.device_put(state, shardings)
-    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                                     balancing=BalancingSettings(bias_update_rate=1e-2),
-                                     microbatches=microbatches, pipeline=pipeline,
-                                     replan_every=config.dispatch.replica_replan_every),
-                   out_shardings=(shardings, None))
+    step = reused_jit(steps.train_step, out_shardings=(shardings, None), graphdef=graphdef,
+                      tx=tx, balancing=BalancingSettings(bias_update_rate=1e-2),
+                      microbatches=microbatches, pipeline=pipeline,
+                      replan_every=config.dispatch.replica_replan_every)
     losses = []
     for batch in batches:
       state, metrics = step(state, parallel.global_batch(batch, mesh, rules["batch"]))

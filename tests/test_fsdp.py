@@ -18,6 +18,8 @@ MESHES = {   # (data, fsdp, tensor, expert), expert parallelism on when expert >
     "fsdp 4 x expert 2, all_to_all, scanned layers": (1, 4, 1, 2),
 }
 
+SGD = optax.sgd(0.1)   # one object, so that equal steps (the one-device reference) are reused
+
 
 def _config(tiny_config, expert_parallel: bool):
   tiny_config.model.num_kv_heads = 2   # key/value heads that split over tensor = 2
@@ -49,8 +51,8 @@ def test_a_step_on_the_mesh_equals_the_single_device_step(tiny_config, batches, 
   sizes = MESHES[mesh]
   config = _config(tiny_config, expert_parallel=sizes[3] > 1)
   config.model.scan_layers = "scanned" in mesh   # stacked parameters: a leading layer axis
-  sharded, sharded_losses = _train(config, sizes, batches, optax.sgd(0.1))
-  single, losses = _train(config, (1, 1, 1, 1), batches, optax.sgd(0.1))
+  sharded, sharded_losses = _train(config, sizes, batches, SGD)
+  single, losses = _train(config, (1, 1, 1, 1), batches, SGD)
   np.testing.assert_allclose(sharded_losses, losses, rtol=2e-5)
   used = {axis for leaf in jax.tree.leaves(sharded.params) for axes in leaf.sharding.spec
           if axes for axis in ((axes,) if isinstance(axes, str) else axes)}
