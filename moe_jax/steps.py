@@ -71,19 +71,15 @@ class OptimizerSettings(Settings):
          f"{sorted(MOMENT_DTYPES)}")
     return problems
 
+  @functools.lru_cache(maxsize=16)
   def make(self, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
     """(learning-rate schedule, optimizer) for a run of `total_steps`: the same two objects
     for the same settings and steps within a process, so that a jitted step taking the
     optimizer as a setting is found again (`train.reused_jit`)."""
-    return _made_optimizer(self, total_steps)
-
-
-@functools.lru_cache(maxsize=16)
-def _made_optimizer(settings: OptimizerSettings, total_steps: int):
-  schedule = make_schedule(settings.learning_rate, settings.warmup_steps, total_steps,
-                           settings.final_lr_fraction)
-  return schedule, make_optimizer(schedule, settings.b1, settings.b2, settings.weight_decay,
-                                  settings.grad_clip_norm, MOMENT_DTYPES[settings.moment_dtype])
+    schedule = make_schedule(self.learning_rate, self.warmup_steps, total_steps,
+                             self.final_lr_fraction)
+    return schedule, make_optimizer(schedule, self.b1, self.b2, self.weight_decay,
+                                    self.grad_clip_norm, MOMENT_DTYPES[self.moment_dtype])
 
 
 def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int,
