@@ -157,6 +157,23 @@ def test_exact_resume(tiny_config, tmp_path, monkeypatch, moment_dtype):
   assert len(traces) == 1, traces
 
 
+def test_a_run_with_another_setting_gets_its_own_program(tiny_config, tmp_path, monkeypatch):
+  """A run in the same process as an earlier one, with only the learning rate changed (which
+  only the optimizer inside the jitted step holds), traces its own step and trains by it."""
+  traces, original = [], steps.train_step
+  monkeypatch.setattr(steps, "train_step",
+                      lambda *args, **kwargs: traces.append(1) or original(*args, **kwargs))
+  config = _config(tiny_config, steps=8, log_every=1, eval_every=100, checkpoint_every=100,
+                   sample_tokens=0)
+  losses = lambda workdir: [m["loss"] for m in _metrics(workdir) if "loss" in m]
+  train_and_evaluate(config, tmp_path / "first")
+  config.optimizer.learning_rate *= 4
+  train_and_evaluate(config, tmp_path / "faster")
+  assert len(traces) == 2, traces
+  assert losses(tmp_path / "first")[0] == losses(tmp_path / "faster")[0]   # the same start
+  assert losses(tmp_path / "first")[-1] != losses(tmp_path / "faster")[-1]
+
+
 def test_resume_with_other_model_sizes_is_refused(tiny_config, tmp_path):
   config = _config(tiny_config, steps=6, eval_every=100, checkpoint_every=100, sample_tokens=0)
   train_and_evaluate(config, tmp_path)
