@@ -198,7 +198,8 @@ def run_sweep(sweep: Sweep, size: str, root: Path, print_commands: bool = False)
     raise SweepError("sweep members that cannot run here:\n" + "\n".join(problems))
 
   statuses, runs = {}, sweep.runs()
-  root.mkdir(parents=True, exist_ok=True)
+  if not print_commands:
+    root.mkdir(parents=True, exist_ok=True)
   for i, (name, member, seed) in enumerate(runs, 1):
     workdir = root / name
     if is_finished(workdir):
@@ -443,6 +444,9 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:   # Ctrl-C while no member runs
     print("sweep stopped by SIGINT; run the same command again to resume it", file=sys.stderr)
     return 128 + signal.SIGINT
+  except BrokenPipeError:   # the output went to a command that stopped reading (`| head`)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no error at exit's flush
+    return 128 + signal.SIGPIPE
   return 0
 
 

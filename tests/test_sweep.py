@@ -3,6 +3,9 @@
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -91,6 +94,23 @@ def test_print_commands_gives_one_launch_line_per_member(pair_file, tmp_path, ca
   assert not (tmp_path / "pair_tiny" / "top2").exists()
 
 
+def test_printed_commands_piped_into_a_reader_that_stops_end_quietly(pair_file, tmp_path):
+  """`--print_commands | head -1`: the reader closes the pipe; the command exits with 141 (128
+  + SIGPIPE, as a piped Unix tool does), no traceback, and makes no directory."""
+  read_end, write_end = os.pipe()
+  os.close(read_end)   # a reader that has already stopped
+  try:
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_jax.sweep", f"{pair_file}:tiny", "--print_commands",
+         f"--workdir_root={tmp_path / 'runs'}"], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE,
+        text=True, timeout=120)
+  finally:
+    os.close(write_end)
+  assert result.returncode == 141, result.stderr[-2000:]
+  assert result.stderr == ""
+  assert not (tmp_path / "runs").exists()
+
+
 def test_a_bad_member_stops_the_sweep_before_anything_runs(pair_file, tmp_path, capsys,
                                                            monkeypatch):
   monkeypatch.chdir(ROOT)
@@ -104,12 +124,12 @@ def test_a_bad_member_stops_the_sweep_before_anything_runs(pair_file, tmp_path, 
   assert "top1_softmax: invalid config:\n  - router.top_k=99 is larger" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("study", ["load_balancing", "granularity"])
+@pytest.mark.parametrize("study", ["load_balancing", "granularity", "loss_logits"])
 @pytest.mark.parametrize("size", ["tiny", "gpu"])
 def test_shipped_studies_are_valid(study, size, monkeypatch):
   monkeypatch.chdir(ROOT)
   loaded, _ = sweep.load_sweep(f"experiments/{study}.py:{size}")
-  assert len(loaded.members) >= 8
+  assert len(loaded.members) >= (2 if study == "loss_logits" else 8)
   for member in loaded.members:
     validate_config(sweep.member_config(loaded, member), 8, backend="gpu" if size == "gpu" else "cpu")
 
