@@ -51,14 +51,29 @@ def checkpoint_steps(workdir) -> list[int]:
   """The steps of the run's kept checkpoints, oldest first."""
   checkpointer = Checkpointer(Path(workdir) / "checkpoints", keep=1_000_000, read_only=True)
   try:
-    return list(checkpointer.manager.all_steps())
+    return sorted(checkpointer.manager.all_steps())
   finally:
     checkpointer.close()
 
 
+class RunNotFound(ValueError):
+  """No run in the directory, or no checkpoint of it at the step asked for; the message says
+  which and what there is."""
+
+
 def load_run(workdir, step: int | None = None) -> Run:
-  """The run in `workdir` at checkpoint `step` (default: the newest), on the first device."""
+  """The run in `workdir` at checkpoint `step` (default: the newest), on the first device.
+  Raises RunNotFound for a directory without a run or a step the run does not keep."""
   workdir = Path(workdir)
+  if not (workdir / "config.json").is_file():
+    raise RunNotFound(f"{workdir} holds no run (no config.json): give the --workdir a training "
+                      f"run wrote")
+  kept = checkpoint_steps(workdir) if (workdir / "checkpoints").is_dir() else []
+  if not kept:
+    raise RunNotFound(f"the run in {workdir} has no checkpoint yet")
+  if step is not None and step not in kept:
+    raise RunNotFound(f"the run in {workdir} keeps no checkpoint at step {step}; it keeps "
+                      f"steps {', '.join(map(str, kept))}")
   config = ml_collections.ConfigDict(
       upgrade_saved_config(json.loads((workdir / "config.json").read_text())))
   config.model.remat = "none"                # forward only here
@@ -71,9 +86,7 @@ def load_run(workdir, step: int | None = None) -> Run:
   checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep,
                               read_only=True)
   try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    step = kept[-1] if step is None else step
     state, _, _ = checkpointer.restore(step, abstract_like(abstract, jax.tree.map(
         lambda _: device, abstract)))
   finally:

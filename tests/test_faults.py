@@ -274,6 +274,37 @@ def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(trained
   assert [(r["step"], r["loss"]) for r in _records(workdir) if "loss" in r] == original
 
 
+GENERATE_CASES = {   # scripts/generate.py arguments -> the one error line (None: it generates)
+    ("--step=5",): "keeps no checkpoint at step 5; it keeps steps 4, 8",
+    ("--max_new_tokens=0",): "argument --max_new_tokens: 0 is below 1",
+    ("--prompt_ids=1,x",): "argument --prompt_ids: '1,x' is not comma-separated token ids",
+    ("--prompt_ids=1,999",): "a prompt id is outside the vocabulary of 260",
+    ("--step=4", "--prompt=def ", "--max_new_tokens=3"): None,
+}
+
+
+def test_generate_refuses_bad_input_in_one_line_and_generates_from_a_run(trained, tmp_path):
+  """scripts/generate.py: a workdir without a run, a step the run does not keep or a bad
+  argument stops it with one `generate.py: error:` line and status 2; a good call prints the
+  run's step and the continuation."""
+  script = [sys.executable, "scripts/generate.py"]
+  cases = {(f"--workdir={tmp_path}",): f"{tmp_path} holds no run (no config.json)",
+           **{(f"--workdir={trained}", *args): line for args, line in GENERATE_CASES.items()}}
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    results = dict(zip(cases, pool.map(lambda args: _run(script + list(args)), cases)))
+  for args, expected in cases.items():
+    result = results[args]
+    if expected is None:
+      assert result.returncode == 0, result.stderr[-3000:]
+      assert result.stdout.startswith(f"run {trained} at step 4; prompt of 5 tokens\n")
+      assert result.stdout.strip().endswith("tokens/s")
+      continue
+    assert result.returncode == 2, (args, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, (args, result.stderr[-3000:])
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("generate.py: error: ") and expected in last, (args, last)
+
+
 def test_a_second_run_reuses_the_compiled_programs_the_first_kept(tmp_path):
   """train.compilation_cache_dir keeps every compiled program: a second run of the same config
   in a new workdir finds all of them there and adds nothing (the suite's own cache variable
