@@ -27,8 +27,8 @@ def locate(path: str) -> Path | None:
 
 def not_found(flag: str, path: str) -> str:
   """One line for a file that `locate` cannot find: where it looked and what to do."""
-  where = str(Path(path)) if Path(path).is_absolute() else (
-      f"{Path.cwd() / path} or {CHECKOUT / path}")
+  places = [Path(path)] if Path(path).is_absolute() else [Path.cwd() / path, CHECKOUT / path]
+  where = " or ".join(dict.fromkeys(str(place) for place in places))   # once from the checkout
   hint = ("" if (CHECKOUT / "configs").is_dir() else
           "; moe_jax is installed without its checkout, so configs/ and experiments/ are not "
           "beside it: clone the repository and run from it, or pass the file's path")

@@ -83,8 +83,8 @@ def load_sweep(spec: str) -> tuple[Sweep, str]:
     raise SweepError(f"{path} defines no get_sweep(size)")
   try:
     return module.get_sweep(size), size
-  except (KeyError, ValueError) as error:
-    raise SweepError(f"{path}: size {size!r}: {error}") from None
+  except (KeyError, ValueError) as error:   # a KeyError's str() quotes its message
+    raise SweepError(f"{path}: size {size!r}: {error.args[0] if error.args else error}") from None
 
 
 def member_config(sweep: Sweep, member: str, seed: int | None = None) -> ml_collections.ConfigDict:
@@ -337,7 +337,12 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def collect(sweep: Sweep, size: str, root: Path, results: Path, invocation: str) -> list[dict]:
-  """Writes results.csv, results.md and the plots for every member run so far."""
+  """Writes results.csv, results.md and the plots for every member run so far. Refuses when
+  no run of the sweep is under `root` (a wrong --workdir_root, or the runs made elsewhere), so
+  that tables of earlier runs in `results` are not replaced by empty ones."""
+  if not any((root / name / "metrics.jsonl").is_file() for name, _, _ in sweep.runs()):
+    raise SweepError(f"no run of this sweep has started under {root}: nothing to collect "
+                     f"({results} is left as it is); give the --workdir_root the runs used")
   rows = [member_result(sweep, member, root / name, seed) for name, member, seed in sweep.runs()]
   results.mkdir(parents=True, exist_ok=True)
   write_csv(rows, results / "results.csv")

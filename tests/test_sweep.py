@@ -111,6 +111,20 @@ def test_printed_commands_piped_into_a_reader_that_stops_end_quietly(pair_file, 
   assert not (tmp_path / "runs").exists()
 
 
+def test_collecting_where_no_run_is_refused_and_keeps_the_earlier_tables(pair_file, tmp_path,
+                                                                        capsys, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  results = tmp_path / "results" / "pair_tiny"
+  results.mkdir(parents=True)
+  (results / "results.md").write_text("the tables of earlier runs")
+  assert sweep.main([f"{pair_file}:tiny", "--collect_only", f"--workdir_root={tmp_path / 'none'}",
+                     f"--results={tmp_path / 'results'}"]) == 2
+  assert f"no run of this sweep has started under {tmp_path / 'none' / 'pair_tiny'}" in \
+      capsys.readouterr().err
+  assert [p.name for p in results.iterdir()] == ["results.md"]
+  assert (results / "results.md").read_text() == "the tables of earlier runs"
+
+
 def test_a_bad_member_stops_the_sweep_before_anything_runs(pair_file, tmp_path, capsys,
                                                            monkeypatch):
   monkeypatch.chdir(ROOT)
