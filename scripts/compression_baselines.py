@@ -41,7 +41,8 @@ def main() -> None:
   d = config.data
   corpus = data.configured_corpus(d, config.model.vocab_size)
   if corpus.tokenizer is None:
-    sys.exit("error: the config's corpus is token ids, not bytes: bits per byte do not apply")
+    parser.exit(2, "compression_baselines.py: error: the config's corpus is token ids, not bytes: "
+                "bits per byte do not apply\n")
   m = corpus.manifest
   print(f"corpus: {m['source']} of Python {m['python_version']}, {m['file_count']:,} files, "
         f"{m['bytes'] / 1e6:.2f} MB ({m['train_files']:,} files / "

@@ -59,8 +59,8 @@ def main():
   args = parser.parse_args()
   try:
     imported = hf.load(args.hf_dir, jnp.dtype(args.dtype))
-  except hf.ImportError_ as error:
-    sys.exit(f"error: {error}")
+  except hf.ImportError_ as error:   # not a checkpoint this importer reads: the user's to fix
+    parser.exit(2, f"convert_hf.py: error: {error}\n")
   s = imported.spec
   counts = parameter_counts(s)
   gigabytes = sum(p.nbytes for p in jax.tree.leaves(imported.params)) / 1e9

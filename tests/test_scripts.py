@@ -1,5 +1,6 @@
-"""The benchmark scripts refuse a mistyped argument in one `error:` line, through their real
-command line, before anything is built or compiled."""
+"""The scripts refuse a mistyped argument (or, for the importer, a directory that holds no
+checkpoint) in one `error:` line with status 2, through their real command line, before
+anything is built or compiled."""
 
 import subprocess
 import sys
@@ -14,6 +15,8 @@ CASES = [
     ("bench_expert_parallel.py", "--chunks=1,0", "argument --chunks: 0 is below 1"),
     ("bench_pipeline.py", "--schedules=1f1b,zigzag",
      "--schedules item 'zigzag': invalid config:\n  - pipeline.schedule='zigzag' is unknown"),
+    ("convert_hf.py", "--hf_dir=/nonexistent_checkpoint",
+     "/nonexistent_checkpoint/config.json not found: expected a Hugging Face checkpoint"),
 ]
 
 
