@@ -19,6 +19,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moe_jax.closed_pipe import quiet_exit_status
 from moe_jax.paths import DEFAULT_CONFIG, call_get_config, load_module, locate, not_found
 
 FLAGS = flags.FLAGS
@@ -61,8 +62,8 @@ def main(argv):
     path = config_argument(sys.argv[1:]).partition(":")[0]
     try:
       print(config_text(FLAGS.config, path, overridden_fields(sys.argv[1:])), flush=True)
-    except BrokenPipeError:   # piped into `head`
-      os._exit(0)
+    except BrokenPipeError:   # piped into a reader that stopped (`| head`)
+      sys.exit(quiet_exit_status())
     sys.exit(0)
   if FLAGS.dry_run:
     sys.exit(dry_run(FLAGS.config))
@@ -114,9 +115,11 @@ def dry_run(config) -> int:
   from moe_jax.config_validation import ConfigError
   from moe_jax.describe import dry_run as describe
   try:
-    print(describe(config))
+    print(describe(config), flush=True)
   except ConfigError as error:
     return _fail(error, EXIT_MISTAKE)
+  except BrokenPipeError:   # piped into a reader that stopped (`| head`)
+    return quiet_exit_status()
   return 0
 
 

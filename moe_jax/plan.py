@@ -34,6 +34,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from moe_jax import checkpoint, parallel, steps
+from moe_jax.closed_pipe import quiet_exit_status
 from moe_jax.config_validation import ConfigError, dcn_sizes, validate_config
 from moe_jax.main import (config_argument, config_file_problem, override_problem,
                           with_located_config)
@@ -359,7 +360,10 @@ def cli() -> None:
   except Exception as error:   # noqa: BLE001 - a mistake in the flags or overrides
     print(f"error: {override_problem(error, sys.argv)}", file=sys.stderr)
     sys.exit(2)
-  sys.exit(main(None))
+  try:
+    sys.exit(main(None))
+  except BrokenPipeError:   # the report piped into a reader that stopped (`| head`)
+    sys.exit(quiet_exit_status())
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 import ml_collections
 
 from moe_jax import metrics
+from moe_jax.closed_pipe import quiet_exit_status
 from moe_jax.paths import load_module, locate, not_found
 from moe_jax.preemption import PARENT_PID_VARIABLE
 
@@ -450,8 +451,7 @@ def main(argv=None) -> int:
     print("sweep stopped by SIGINT; run the same command again to resume it", file=sys.stderr)
     return 128 + signal.SIGINT
   except BrokenPipeError:   # the output went to a command that stopped reading (`| head`)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no error at exit's flush
-    return 128 + signal.SIGPIPE
+    return quiet_exit_status()
   return 0
 
 

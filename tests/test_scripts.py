@@ -2,6 +2,7 @@
 checkpoint) in one `error:` line with status 2, through their real command line, before
 anything is built or compiled."""
 
+import os
 import subprocess
 import sys
 
@@ -28,3 +29,23 @@ def test_a_mistyped_argument_stops_the_script_in_one_error(script, argument, mes
   assert f"{script}: error: {message}" in result.stderr and "Traceback" not in result.stderr, \
       result.stderr[-2000:]
   assert result.stdout == ""   # refused before the device line or any table
+
+
+READERS_THAT_STOP = {   # a command whose output goes to a pipe whose reader has stopped
+    "plan": ["-m", "moe_jax.plan", "--config=configs/default.py:tiny"],
+    "dry run": ["-m", "moe_jax.main", "--config=configs/default.py:tiny", "--dry_run"],
+    "print config": ["-m", "moe_jax.main", "--config=configs/default.py:tiny", "--print_config"],
+}
+
+
+@pytest.mark.parametrize("command", READERS_THAT_STOP.values(), ids=READERS_THAT_STOP)
+def test_a_report_piped_into_a_reader_that_stopped_ends_quietly(command):
+  """`... | head -1`: status 141 (128 + SIGPIPE), as a Unix tool's, and nothing on stderr."""
+  read_end, write_end = os.pipe()
+  os.close(read_end)
+  try:
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=write_end,
+                            stderr=subprocess.PIPE, text=True, timeout=300)
+  finally:
+    os.close(write_end)
+  assert (result.returncode, result.stderr) == (141, ""), result.stderr[-2000:]
