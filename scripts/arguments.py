@@ -1,4 +1,4 @@
-"""Checked command-line values for the benchmark scripts: comma-separated lists of known
+"""Checked command-line values for the scripts: comma-separated lists of known
 names or of whole numbers. A mistyped value stops a script with argparse's one-line `error:`
 before anything is built or compiled, instead of a traceback minutes later or a table that
 silently leaves the unknown name out."""

@@ -17,32 +17,12 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import arguments   # noqa: E402
 from moe_jax import analysis, data, generate   # noqa: E402
 from moe_jax.checkpoint import CheckpointMismatch   # noqa: E402
-
-
-def token_ids(text: str) -> list[int]:
-  """--prompt_ids: comma-separated non-negative integers."""
-  try:
-    ids = [int(part) for part in text.split(",")]
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"{text!r} is not comma-separated token ids such as 1,2,3") from None
-  if min(ids) < 0:
-    raise argparse.ArgumentTypeError(f"{text!r} holds a negative id")
-  return ids
-
-
-def positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"{value} is below 1")
-  return value
 
 
 def main():
@@ -50,9 +30,9 @@ def main():
   parser.add_argument("--workdir", required=True, type=Path)
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
   parser.add_argument("--prompt", default="")
-  parser.add_argument("--prompt_ids", type=token_ids, default=None,
+  parser.add_argument("--prompt_ids", type=arguments.whole_numbers(0), default=None,
                       help="comma-separated token ids")
-  parser.add_argument("--max_new_tokens", type=positive, default=128)
+  parser.add_argument("--max_new_tokens", type=arguments.whole_number(1), default=128)
   parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   parser.add_argument("--top_p", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0)

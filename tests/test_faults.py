@@ -277,7 +277,7 @@ def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(trained
 GENERATE_CASES = {   # scripts/generate.py arguments -> the one error line (None: it generates)
     ("--step=5",): "keeps no checkpoint at step 5; it keeps steps 4, 8",
     ("--max_new_tokens=0",): "argument --max_new_tokens: 0 is below 1",
-    ("--prompt_ids=1,x",): "argument --prompt_ids: '1,x' is not comma-separated token ids",
+    ("--prompt_ids=1,x",): "argument --prompt_ids: 'x' is not an integer",
     ("--prompt_ids=1,999",): "a prompt id is outside the vocabulary of 260",
     ("--step=4", "--prompt=def ", "--max_new_tokens=3"): None,
 }
