@@ -88,6 +88,9 @@ PUBLISHED = {"v3": (671e9, 37e9), "v2_lite": (15.7e9, 2.4e9)}
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg`: a size of SIZES, then optionally ",steps=N,batch=B,seq=S" as in configs/default.py."""
   size, _, overrides = (arg or "").partition(",")
+  if not size:
+    raise ValueError(f"configs/deepseek.py needs a size: --config=configs/deepseek.py:SIZE, SIZE "
+                     f"one of {list(SIZES)}")
   if size not in SIZES:
     raise ValueError(f"configs/deepseek.py: unknown size {size!r}; expected one of {list(SIZES)}")
   c = default_config("default")

@@ -20,3 +20,11 @@ def test_preset_parameter_counts_match_the_published_ones(size):
 @pytest.mark.parametrize("size", list(SIZES))
 def test_presets_are_valid_configs(size):
   validate_config(get_config(size + ",steps=1000"), 8, backend="gpu")
+
+
+def test_a_preset_file_without_a_size_names_the_sizes():
+  with pytest.raises(ValueError, match=r"needs a size: --config=configs/deepseek.py:SIZE, SIZE "
+                                       r"one of \['v3', 'v2_lite', 'bench_1b'\]"):
+    get_config()
+  with pytest.raises(ValueError, match="unknown size 'v4'"):
+    get_config("v4")
