@@ -14,15 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-from absl import logging
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import arguments   # noqa: E402
-from moe_jax import analysis, data, generate   # noqa: E402
-from moe_jax.checkpoint import CheckpointMismatch   # noqa: E402
 
 
 def main():
@@ -44,6 +39,13 @@ def main():
   if not 0 < args.top_p <= 1 or args.temperature < 0:
     parser.error("--top_p must be in (0, 1] and --temperature >= 0")
 
+  # jax and the model are imported once the arguments are known good: a mistyped one is
+  # refused at once.
+  import numpy as np
+  from absl import logging
+
+  from moe_jax import analysis, data, generate
+  from moe_jax.checkpoint import CheckpointMismatch
   logging.set_verbosity(logging.ERROR)   # orbax warns that a read-only checkpoint keeps all
   try:
     run = analysis.load_run(args.workdir, args.step)
