@@ -66,8 +66,8 @@ def load_run(workdir, step: int | None = None) -> Run:
   Raises RunNotFound for a directory without a run or a step the run does not keep."""
   workdir = Path(workdir)
   if not (workdir / "config.json").is_file():
-    raise RunNotFound(f"{workdir} holds no run (no config.json): give the --workdir a training "
-                      f"run wrote")
+    raise RunNotFound(f"{workdir} holds no run (no config.json): name the directory a "
+                      f"training run wrote")
   kept = checkpoint_steps(workdir) if (workdir / "checkpoints").is_dir() else []
   if not kept:
     raise RunNotFound(f"the run in {workdir} has no checkpoint yet")
