@@ -298,11 +298,26 @@ def _device_bytes(device: str, device_memory: float) -> float | None:
   return None
 
 
+def _flag_problems(device_memory: float, usable_fraction: float, batch_per_device: int) -> list[str]:
+  """The command's own numeric flags out of range, one line each."""
+  problems = []
+  if device_memory < 0:
+    problems.append(f"--device_memory={device_memory:g} must be a size in GiB above 0")
+  if not 0 < usable_fraction <= 1:
+    problems.append(f"--usable_fraction={usable_fraction:g} must be in (0, 1]")
+  if batch_per_device < 1:
+    problems.append(f"--batch_per_device={batch_per_device} must be >= 1")
+  return problems
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
   config = f.config
   try:
+    problems = _flag_problems(f.device_memory, f.usable_fraction, f.batch_per_device)
+    if problems:
+      raise ConfigError("; ".join(problems))
     device_bytes = _device_bytes(f.device, f.device_memory)
     backend = "tpu" if f.device.lower().startswith("tpu") else "gpu"
     if f.find:

@@ -78,6 +78,11 @@ def test_the_command_says_whether_it_fits_and_finds_the_fewest_devices():
   wrong = run("--mesh=fsdp=3")
   assert wrong.returncode == 2 and wrong.stderr.startswith("error: ") and \
       "Traceback" not in wrong.stderr
+  flags_out_of_range = run("--find", "--device_memory=-1", "--usable_fraction=2",
+                           "--batch_per_device=0")
+  assert (flags_out_of_range.returncode, flags_out_of_range.stderr) == (
+      2, "error: --device_memory=-1 must be a size in GiB above 0; --usable_fraction=2 must be in "
+         "(0, 1]; --batch_per_device=0 must be >= 1\n")
 
 
 def test_a_pipelined_config_is_refused_by_name_not_planned_wrongly(tiny_config):
