@@ -174,15 +174,32 @@ def max_violation(load_LxE: np.ndarray) -> np.ndarray:
 # ---- histories from a run's logs -----------------------------------------------------------
 
 
+def _log_records(workdir, name: str) -> list[dict]:
+  """The records of a run's log file; RunNotFound where the run has none (a mistyped path
+  would otherwise plot nothing, silently)."""
+  path = Path(workdir) / name
+  if not path.is_file():
+    raise RunNotFound(f"{Path(workdir)} holds no {name}: name the directory a training run wrote")
+  return read_jsonl(path)
+
+
 def metric_history(workdir, key: str) -> tuple[np.ndarray, np.ndarray]:
-  """(steps, values) of one metrics.jsonl key, e.g. "max_violation" or "validation_loss"."""
-  records = [r for r in read_jsonl(Path(workdir) / "metrics.jsonl") if key in r]
+  """(steps, values) of one metrics.jsonl key, e.g. "max_violation" or "validation_loss".
+  A key no record has (a typo, or a measure not logged yet) raises ValueError listing the keys
+  the run logs."""
+  everything = _log_records(workdir, "metrics.jsonl")
+  records = [r for r in everything if key in r]
+  if not records:
+    logged = sorted({k for r in everything for k in r} - {"step"})
+    raise ValueError(f"no record of {Path(workdir) / 'metrics.jsonl'} has {key!r} (yet); its "
+                     f"records have: {', '.join(logged)}")
   return np.array([r["step"] for r in records]), np.array([r[key] for r in records])
 
 
 def bias_history(workdir) -> tuple[np.ndarray, np.ndarray]:
-  """(steps [T], balancing bias [T, L, E]) as logged in routing.jsonl."""
-  records = [r for r in read_jsonl(Path(workdir) / "routing.jsonl") if "bias" in r]
+  """(steps [T], balancing bias [T, L, E]) as logged in routing.jsonl (none for a run without
+  bias updates)."""
+  records = [r for r in _log_records(workdir, "routing.jsonl") if "bias" in r]
   return np.array([r["step"] for r in records]), np.array([r["bias"] for r in records])
 
 

@@ -104,6 +104,13 @@ def test_bias_history_ends_at_the_final_bias(tiny_run):
   logged = [r for r in map(json.loads, open(tiny_run / "metrics.jsonl")) if "max_violation" in r]
   assert list(metric_steps) == [r["step"] for r in logged] == [4, 8, 12]
   np.testing.assert_array_equal(values, [r["max_violation"] for r in logged])
+  with pytest.raises(ValueError, match=r"has 'max_violaton' \(yet\); its records have: .*"
+                                       r"max_violation"):
+    analysis.metric_history(tiny_run, "max_violaton")
+  for read in (lambda: analysis.metric_history(tiny_run / "nope", "loss"),
+               lambda: analysis.bias_history(tiny_run / "nope")):
+    with pytest.raises(analysis.RunNotFound, match="nope holds no (metrics|routing).jsonl"):
+      read()
 
 
 def test_reading_a_run_leaves_a_checkpoint_being_written_alone(tiny_run):
