@@ -22,8 +22,6 @@ reaches on the 2-core CPU machine, with the command that produced it.
 
 import ml_collections
 
-from moe_jax.dispatch.expert_parallel import DISPATCHER_OF_VARIANT
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg` is "", "tiny", or either followed by ",steps=N,batch=B,seq=S"."""
@@ -310,6 +308,9 @@ def apply_shorthands(c: ml_collections.ConfigDict, overrides: str) -> None:
   for item in filter(None, overrides.split(",")):
     key, sep, value = item.partition("=")
     if sep and key == "ep":
+      # Imported here, not at the top: loading this file then needs no jax, so a mistake on
+      # the command line is refused without importing it.
+      from moe_jax.dispatch.expert_parallel import DISPATCHER_OF_VARIANT
       c.dispatch.expert_parallel, c.mesh.data, c.mesh.expert = value, 1, -1
       c.dispatch.strategy = DISPATCHER_OF_VARIANT.get(value, c.dispatch.strategy)
       continue

@@ -15,6 +15,7 @@ from moe_jax import tokenizer as tokenization
 from moe_jax.data import DataSettings
 from moe_jax.dispatch import DispatchSettings
 from moe_jax.model import ModelSpec
+from moe_jax.moved_fields import MOVED
 from moe_jax.pipeline.settings import PipelineSettings
 from moe_jax.routing import BalancingSettings, RouterSettings
 from moe_jax.settings import ConfigError, Settings, value_problem
@@ -38,19 +39,6 @@ FIELDS: dict[str, dict[str, type]] = {
 TOP_LEVEL = {"seed": int}
 # Sections a config may leave out (those from before they existed): their defaults apply.
 OPTIONAL_SECTIONS = ("pipeline",)
-
-# Fields that moved out of `model` into sections of their own: old name -> new name. Configs
-# saved by older runs are read through `upgrade_saved_config`; a config file that still uses an
-# old name is told the new one.
-MOVED = {
-    **{f"model.{name}": f"router.{name}" for name in
-       ("top_k", "norm_topk_prob", "route_scale", "num_groups", "topk_groups", "group_score")},
-    "model.router": "router.score_function",
-    **{f"model.{name}": f"balancing.{name}" for name in BalancingSettings.field_types()},
-    **{f"model.{name}": f"dispatch.{name}" for name in
-       ("capacity_factor", "expert_parallel", "expert_parallel_chunks")},
-    "model.dispatcher": "dispatch.strategy",
-}
 
 
 def upgrade_saved_config(saved: dict) -> dict:

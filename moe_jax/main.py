@@ -210,7 +210,7 @@ def override_problem(error: BaseException, argv: list[str]) -> str:
     suggestion = re.search(r'Did you mean "([^"]+)"', text)
     culprits = [a.split("=")[0] for a in argv
                 if a.startswith("--config.") and re.search(rf"\.{re.escape(name)}(\.|=|$)", a)]
-    from moe_jax.config_validation import MOVED
+    from moe_jax.moved_fields import MOVED
     moved = MOVED.get(culprits[0].removeprefix("--config.")) if culprits else None
     if moved:
       return f"{culprits[0]}: the field moved; it is now --config.{moved}"

@@ -217,6 +217,19 @@ def test_a_config_saved_before_the_router_balancing_and_dispatch_sections_reads_
   assert "top_k" not in upgraded["model"] and "dispatcher" not in upgraded["model"]
 
 
+def test_every_moved_field_names_a_field_of_its_new_section_and_every_balancing_setting():
+  """moved_fields.MOVED is written out (the command line reads it without importing the
+  settings classes): each new name must be a field today, and every balancing setting, all
+  of which were model fields once, must have its old name."""
+  from moe_jax.config_validation import FIELDS
+  from moe_jax.moved_fields import MOVED
+  from moe_jax.routing import BalancingSettings
+  for old, new in MOVED.items():
+    section, field = new.split(".")
+    assert old.startswith("model.") and field in FIELDS[section], (old, new)
+  assert {f"model.{name}" for name in BalancingSettings.field_types()} <= set(MOVED)
+
+
 def test_a_mesh_without_the_fsdp_tensor_and_stage_axes_has_them_at_1():
   """A config written before those axes (and the pipeline section) existed still validates
   and gets the same mesh."""
