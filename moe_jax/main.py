@@ -69,6 +69,11 @@ def main(argv):
     sys.exit(dry_run(FLAGS.config))
   if FLAGS.workdir is None:
     _exit("--workdir is required (the run's directory, for example --workdir=runs/default)")
+  from moe_jax.workdir import WorkdirError, check_workdir
+  try:   # before jax is imported: a mistyped workdir is refused at once
+    check_workdir(FLAGS.workdir)
+  except WorkdirError as error:
+    _exit(str(error))
   if FLAGS.distributed:
     import jax
     try:
