@@ -62,6 +62,9 @@ def main():
     parser.error("this run reads token ids: give --prompt_ids")
   if max(ids) >= run.config.model.vocab_size:
     parser.error(f"a prompt id is outside the vocabulary of {run.config.model.vocab_size}")
+  if args.speculative and not run.spec.mtp_depth:
+    parser.error("--speculative drafts with the model's MTP modules, and this run has none "
+                 "(model.mtp_depth=0)")
   model = generate.decoding_model(run.graphdef, run.params, run.biases)
   prompt = np.asarray([ids], np.int32)
   show = tokenizer.text if tokenizer else (lambda t: ",".join(map(str, t)))

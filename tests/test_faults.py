@@ -279,6 +279,7 @@ GENERATE_CASES = {   # scripts/generate.py arguments -> the one error line (None
     ("--max_new_tokens=0",): "argument --max_new_tokens: 0 is below 1",
     ("--prompt_ids=1,x",): "argument --prompt_ids: 'x' is not an integer",
     ("--prompt_ids=1,999",): "a prompt id is outside the vocabulary of 260",
+    ("--speculative",): "--speculative drafts with the model's MTP modules, and this run has none",
     ("--step=4", "--prompt=def ", "--max_new_tokens=3"): None,
 }
 
