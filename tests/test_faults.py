@@ -1,4 +1,5 @@
-"""Faults and bad input through the real command (`python -m moe_jax.main`, `moe_jax.sweep`).
+"""Faults and bad input through the real commands (`python -m moe_jax.main`, `moe_jax.sweep`,
+`scripts/generate.py`).
 
 Refusals: one `error:` line, exit status 2, no traceback, the workdir as it was (not created
 when new). Corrupted checkpoints are refused by step, or skipped with
