@@ -51,7 +51,7 @@ def checkpoint_steps(workdir) -> list[int]:
   """The steps of the run's kept checkpoints, oldest first."""
   checkpointer = Checkpointer(Path(workdir) / "checkpoints", keep=1_000_000, read_only=True)
   try:
-    return sorted(checkpointer.manager.all_steps())
+    return checkpointer.kept_steps()
   finally:
     checkpointer.close()
 
@@ -68,25 +68,25 @@ def load_run(workdir, step: int | None = None) -> Run:
   if not (workdir / "config.json").is_file():
     raise RunNotFound(f"{workdir} holds no run (no config.json): name the directory a "
                       f"training run wrote")
-  kept = checkpoint_steps(workdir) if (workdir / "checkpoints").is_dir() else []
-  if not kept:
-    raise RunNotFound(f"the run in {workdir} has no checkpoint yet")
-  if step is not None and step not in kept:
-    raise RunNotFound(f"the run in {workdir} keeps no checkpoint at step {step}; it keeps "
-                      f"steps {', '.join(map(str, kept))}")
-  config = ml_collections.ConfigDict(
-      upgrade_saved_config(json.loads((workdir / "config.json").read_text())))
-  config.model.remat = "none"                # forward only here
-  _, tx = optimizer_from_config(config)   # the optimizer state's layout is in the checkpoint
-  abstract = steps.abstract_state(ModelSpec.from_config(config), tx, config.seed)[1]
-  # One device here, whatever the run used: no expert parallelism, so no replica plans.
-  config.dispatch.update(expert_parallel="none", expert_replicas=0)
-  graphdef = steps.abstract_state(ModelSpec.from_config(config), tx, config.seed)[0]
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoints_to_keep,
-                              read_only=True)
+  # Read-only: nothing is made or deleted, so the count to keep is not used.
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=1_000_000, read_only=True)
   try:
+    kept = checkpointer.kept_steps()
+    if not kept:
+      raise RunNotFound(f"the run in {workdir} has no checkpoint yet")
+    if step is not None and step not in kept:
+      raise RunNotFound(f"the run in {workdir} keeps no checkpoint at step {step}; it keeps "
+                        f"steps {', '.join(map(str, kept))}")
     step = kept[-1] if step is None else step
+    config = ml_collections.ConfigDict(
+        upgrade_saved_config(json.loads((workdir / "config.json").read_text())))
+    config.model.remat = "none"                # forward only here
+    _, tx = optimizer_from_config(config)   # the optimizer state's layout is in the checkpoint
+    abstract = steps.abstract_state(ModelSpec.from_config(config), tx, config.seed)[1]
+    # One device here, whatever the run used: no expert parallelism, so no replica plans.
+    config.dispatch.update(expert_parallel="none", expert_replicas=0)
+    graphdef = steps.abstract_state(ModelSpec.from_config(config), tx, config.seed)[0]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     state, _, _ = checkpointer.restore(step, abstract_like(abstract, jax.tree.map(
         lambda _: device, abstract)))
   finally:

@@ -227,6 +227,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def kept_steps(self) -> list[int]:
+    """The steps of the complete checkpoints kept, oldest first."""
+    return sorted(self.manager.all_steps())
+
   def older_step(self, step: int) -> int | None:
     """The newest complete checkpoint before `step`."""
     return max((s for s in self.manager.all_steps() if s < step), default=None)
