@@ -35,17 +35,22 @@ READERS_THAT_STOP = {   # a command whose output goes to a pipe whose reader has
     "plan": ["-m", "moe_jax.plan", "--config=configs/default.py:tiny"],
     "dry run": ["-m", "moe_jax.main", "--config=configs/default.py:tiny", "--dry_run"],
     "print config": ["-m", "moe_jax.main", "--config=configs/default.py:tiny", "--print_config"],
+    "sweep commands": ["-m", "moe_jax.sweep", "experiments/loss_logits.py:tiny",
+                       "--print_commands", "--workdir_root={runs}"],
 }
 
 
 @pytest.mark.parametrize("command", READERS_THAT_STOP.values(), ids=READERS_THAT_STOP)
-def test_a_report_piped_into_a_reader_that_stopped_ends_quietly(command):
-  """`... | head -1`: status 141 (128 + SIGPIPE), as a Unix tool's, and nothing on stderr."""
+def test_a_report_piped_into_a_reader_that_stopped_ends_quietly(command, tmp_path):
+  """`... | head -1`: status 141 (128 + SIGPIPE), as a Unix tool's, nothing on stderr, and no
+  directory made (the sweep's printed commands name workdirs under `runs`)."""
   read_end, write_end = os.pipe()
   os.close(read_end)
   try:
-    result = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=write_end,
-                            stderr=subprocess.PIPE, text=True, timeout=300)
+    result = subprocess.run([sys.executable, *(a.format(runs=tmp_path / "runs") for a in command)],
+                            cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                            timeout=300)
   finally:
     os.close(write_end)
   assert (result.returncode, result.stderr) == (141, ""), result.stderr[-2000:]
+  assert not (tmp_path / "runs").exists()
