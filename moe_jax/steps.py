@@ -71,15 +71,20 @@ class OptimizerSettings(Settings):
          f"{sorted(MOMENT_DTYPES)}")
     return problems
 
-  @functools.lru_cache(maxsize=16)
   def make(self, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
-    """(learning-rate schedule, optimizer) for a run of `total_steps`: the same two objects
-    for the same settings and steps within a process, so that a jitted step taking the
-    optimizer as a setting is found again (`train.reused_jit`)."""
+    """(learning-rate schedule, optimizer) for a run of `total_steps`. The optimizer takes
+    the schedule's values with each update (`schedule_values`), so it is the same object for
+    every schedule within a process: a jitted step taking it as a setting is found again
+    (`train.reused_jit`), and runs that differ only in their schedule share one program."""
     schedule = make_schedule(self.learning_rate, self.warmup_steps, total_steps,
                              self.final_lr_fraction)
-    return schedule, make_optimizer(schedule, self.b1, self.b2, self.weight_decay,
+    return schedule, make_optimizer(GIVEN_SCHEDULE, self.b1, self.b2, self.weight_decay,
                                     self.grad_clip_norm, MOMENT_DTYPES[self.moment_dtype])
+
+  def schedule_values(self, total_steps: int) -> "ScheduleValues":
+    """The values of `make`'s schedule, which its optimizer is given with each update."""
+    return ScheduleValues(self.learning_rate, self.warmup_steps, total_steps,
+                          self.learning_rate * self.final_lr_fraction)
 
 
 def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int,
@@ -90,17 +95,72 @@ def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int,
       decay_steps=total_steps, end_value=learning_rate * final_lr_fraction)
 
 
-def make_optimizer(schedule: optax.Schedule, b1: float, b2: float, weight_decay: float,
+class ScheduleValues(NamedTuple):
+  """`make_schedule`'s values, as arrays the training step takes (not constants it holds)."""
+
+  peak: float
+  warmup_steps: float
+  total_steps: float
+  end: float
+
+
+def scheduled_rate(count, values: ScheduleValues):
+  """`make_schedule(...)(count)` computed from traced values: 0 -> peak linearly over the
+  warmup, then cosine decay to `end` at `total_steps` (and `end` after it)."""
+  count = jnp.asarray(count, jnp.float32)
+  peak, warmup, total, end = (jnp.asarray(v, jnp.float32) for v in values)
+  warming = peak * count / jnp.maximum(warmup, 1.0)
+  decay_steps = jnp.maximum(total - warmup, 1.0)
+  cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, decay_steps) / decay_steps))
+  return jnp.where(count < warmup, warming, end + (peak - end) * cosine)
+
+
+GIVEN_SCHEDULE = "given"   # make_optimizer's schedule: values passed to each update
+
+
+def scale_by_given_schedule() -> optax.GradientTransformationExtraArgs:
+  """optax.scale_by_learning_rate of the warmup-cosine schedule whose values each update is
+  given (`schedule_values=ScheduleValues(...)`): the same update count in its state
+  (optax.ScaleByScheduleState, so checkpoints are alike) and the same step sizes."""
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None, *, schedule_values: ScheduleValues, **extra):
+    del params, extra
+    rate = -scheduled_rate(state.count, schedule_values)
+    updates = jax.tree.map(lambda g: rate.astype(g.dtype) * g, updates)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(schedule, b1: float, b2: float, weight_decay: float,
                    grad_clip_norm: float, moment_dtype=jnp.float32) -> optax.GradientTransformation:
-  """AdamW on the schedule after global-norm clipping; decay only on matrices (ndim >= 2);
-  Adam's moments stored in `moment_dtype` (the update computed in float32 either way)."""
+  """AdamW on the schedule (a rate, an optax schedule, or GIVEN_SCHEDULE: its values given to
+  each update) after global-norm clipping; decay only on matrices (ndim >= 2); Adam's moments
+  stored in `moment_dtype` (the update computed in float32 either way)."""
+  if isinstance(schedule, str) and schedule == GIVEN_SCHEDULE:
+    return _optimizer_given_schedule(b1, b2, weight_decay, grad_clip_norm, moment_dtype)
+  return _adamw(optax.scale_by_learning_rate(schedule), b1, b2, weight_decay, grad_clip_norm,
+                moment_dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer_given_schedule(b1, b2, weight_decay, grad_clip_norm, moment_dtype):
+  """One object per setting within a process (the key of a reused jitted step)."""
+  return _adamw(scale_by_given_schedule(), b1, b2, weight_decay, grad_clip_norm, moment_dtype)
+
+
+def _adamw(scale_by_rate, b1, b2, weight_decay, grad_clip_norm, moment_dtype):
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   # optax.adamw's own chain, with the moments' storage chosen (the same state tree).
   return optax.chain(
       optax.clip_by_global_norm(grad_clip_norm),
       optax.chain(scale_by_adam_stored_in(moment_dtype, b1=b1, b2=b2),
                   optax.add_decayed_weights(weight_decay, decay_mask),
-                  optax.scale_by_learning_rate(schedule)))
+                  scale_by_rate))
 
 
 def scale_by_adam_stored_in(dtype, **adam) -> optax.GradientTransformation:
@@ -232,7 +292,8 @@ def accumulated_gradients(grad_fn, tokens, microbatches: int):
   return (mean(loss), (mean(cross_entropy), stats, mean(mtp))), mean(grads)
 
 
-def train_step(state: TrainState, tokens, *, graphdef, tx,
+def train_step(state: TrainState, tokens, schedule_values: ScheduleValues | None = None, *,
+               graphdef, tx,
                balancing: routing.BalancingSettings = routing.BalancingSettings(),
                mtp_weights: MTPWeights = MTPWeights(), microbatches: int = 1,
                pipeline: Pipeline | None = None, replan_every: int = 100):
@@ -241,7 +302,9 @@ def train_step(state: TrainState, tokens, *, graphdef, tx,
   (`accumulated_gradients`); the bias still sees the counts of the whole batch. With a
   `pipeline` the MoE blocks run as its stages over the mesh axis `stage`, the slices as its
   micro-batches (moe_jax/pipeline/training.py): the same loss, gradients and counts. Layers
-  with replicas of hot experts replan them every `replan_every` steps from their counts.
+  with replicas of hot experts replan them every `replan_every` steps from their counts. An
+  optimizer from `OptimizerSettings.make` takes the learning-rate schedule's values as
+  `schedule_values` (arrays, so that other schedules run the same program).
 
   Returns the new state and the step's metrics: scalars plus, under "routing", per-layer
   arrays (see `routing_metrics`). Nothing here waits for the host.
@@ -258,7 +321,8 @@ def train_step(state: TrainState, tokens, *, graphdef, tx,
   else:
     (loss, (cross_entropy, stats, mtp)), grads = grad_fn(tokens)
   with jax.named_scope("optimizer"):
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    given = {} if schedule_values is None else {"schedule_values": schedule_values}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **given)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "cross_entropy": cross_entropy, "grad_norm": optax.tree.norm(grads),
                **mtp}

@@ -49,15 +49,32 @@ def optimizer_from_config(config) -> tuple:
 def jit_train_step(spec: ModelSpec, total_steps: int, graphdef, tx, shardings,
                    microbatches: int = 1, pipeline: Pipeline | None = None):
   """The jitted training step of a model trained for `total_steps`, each batch in
-  `microbatches` slices (through `pipeline`'s stages when given): state and batch in, new state
-  (laid out by `shardings`, the old one donated) and metrics out."""
+  `microbatches` slices (through `pipeline`'s stages when given): state, batch (and, for an
+  optimizer from `OptimizerSettings.make`, the schedule's values) in, new state (laid out by
+  `shardings`, the old one donated) and metrics out."""
+  # The MTP weights only with MTP modules, their switch step only between two weights: runs
+  # of other lengths (and schedules, the step's arguments) share one step.
+  mtp_weights = steps.MTPWeights()
+  if spec.mtp_depth:
+    early, late = spec.mtp_loss_weight, spec.mtp_loss_weight_final
+    switch = round(spec.mtp_weight_switch_fraction * total_steps) if early != late else 0
+    mtp_weights = steps.MTPWeights(early, late, switch)
   return reused_jit(
       steps.train_step, out_shardings=(shardings, None), donate_argnums=0, graphdef=graphdef,
-      tx=tx, balancing=spec.balancing,
-      mtp_weights=steps.MTPWeights(spec.mtp_loss_weight, spec.mtp_loss_weight_final,
-                                   round(spec.mtp_weight_switch_fraction * total_steps)),
+      tx=tx, balancing=spec.balancing, mtp_weights=mtp_weights,
       microbatches=microbatches, pipeline=pipeline,
       replan_every=spec.dispatch.replica_replan_every)
+
+
+def schedule_values_on(config, mesh) -> steps.ScheduleValues:
+  """The learning-rate schedule's values of a validated config as float32 arrays on every
+  device of `mesh` (each process gives its own devices'), the training step's third argument."""
+  values = steps.OptimizerSettings.from_section(config.optimizer).schedule_values(
+      config.train.steps)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return steps.ScheduleValues(*(jax.make_array_from_callback((), replicated,
+                                                             lambda _, v=v: np.float32(v))
+                                for v in values))
 
 
 def reused_jit(fn, *, out_shardings=None, donate_argnums=(), **settings):
@@ -300,8 +317,10 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     if pipeline and is_chief:
       print(pipeline_training.summary(pipeline.schedule, mesh.shape["stage"],
                                       config.train.microbatches), flush=True)
-    train_fn = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
-                              config.train.microbatches, pipeline)
+    step_fn = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
+                             config.train.microbatches, pipeline)
+    schedule_values = schedule_values_on(config, mesh)
+    train_fn = lambda state, batch: step_fn(state, batch, schedule_values)
     eval_fn = reused_jit(steps.eval_step, graphdef=graphdef, byte_counts=(
         tuple(np.asarray(corpus.tokenizer.byte_counts).tolist()) if corpus.tokenizer else None))
     init_fn = reused_jit(initial_state, out_shardings=shardings, spec=spec, tx=tx,

@@ -44,7 +44,8 @@ from moe_jax.settings import ConfigError   # noqa: E402
 from moe_jax.paths import load_config   # noqa: E402
 from moe_jax.pipeline import schedules   # noqa: E402
 from moe_jax.pipeline.scheduled import lockstep_bubble, tick_table   # noqa: E402
-from moe_jax.train import jit_train_step, laid_out_state, pipeline_of   # noqa: E402
+from moe_jax.train import (jit_train_step, laid_out_state, pipeline_of,   # noqa: E402
+                           schedule_values_on)
 
 
 def step_ms(config, devices, warmup: int, repeats: int) -> float:
@@ -57,6 +58,7 @@ def step_ms(config, devices, warmup: int, repeats: int) -> float:
     state = jax.jit(lambda: steps.init_state(spec, tx, 0)[1], out_shardings=shardings)()
     step = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
                           config.train.microbatches, pipeline_of(config, mesh))
+    schedule_values = schedule_values_on(config, mesh)
     tokens = jax.random.randint(jax.random.key(1), (config.data.batch_size,
                                                     config.data.seq_len + 1), 0,
                                 spec.vocab_size)
@@ -64,7 +66,7 @@ def step_ms(config, devices, warmup: int, repeats: int) -> float:
     times = []
     for i in range(warmup + repeats):
       start = time.perf_counter()
-      state, metrics = step(state, tokens)
+      state, metrics = step(state, tokens, schedule_values)
       jax.block_until_ready(metrics["loss"])
       if i >= warmup:
         times.append(time.perf_counter() - start)

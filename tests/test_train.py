@@ -157,9 +157,12 @@ def test_exact_resume(tiny_config, tmp_path, monkeypatch, moment_dtype):
   assert len(traces) == 1, traces
 
 
-def test_a_run_with_another_setting_gets_its_own_program(tiny_config, tmp_path, monkeypatch):
-  """A run in the same process as an earlier one, with only the learning rate changed (which
-  only the optimizer inside the jitted step holds), traces its own step and trains by it."""
+def test_runs_differing_only_in_their_schedule_share_one_step_and_train_by_their_own(
+    tiny_config, tmp_path, monkeypatch):
+  """A run in the same process as an earlier one, with another learning rate and length (the
+  schedule's values are arguments of the step), runs the same traced step and trains by its
+  own schedule; another weight decay (which the optimizer inside the step holds) traces its
+  own step."""
   traces, original = [], steps.train_step
   monkeypatch.setattr(steps, "train_step",
                       lambda *args, **kwargs: traces.append(1) or original(*args, **kwargs))
@@ -168,10 +171,46 @@ def test_a_run_with_another_setting_gets_its_own_program(tiny_config, tmp_path, 
   losses = lambda workdir: [m["loss"] for m in _metrics(workdir) if "loss" in m]
   train_and_evaluate(config, tmp_path / "first")
   config.optimizer.learning_rate *= 4
+  config.train.steps = 10
   train_and_evaluate(config, tmp_path / "faster")
+  assert len(traces) == 1, traces
+  first, faster = losses(tmp_path / "first"), losses(tmp_path / "faster")
+  assert len(faster) == 10 and first[0] == faster[0]   # the same start (lr 0 at step 1)
+  assert first[7] != faster[7]
+  config.optimizer.weight_decay = 0.0
+  train_and_evaluate(config, tmp_path / "no_decay")
   assert len(traces) == 2, traces
-  assert losses(tmp_path / "first")[0] == losses(tmp_path / "faster")[0]   # the same start
-  assert losses(tmp_path / "first")[-1] != losses(tmp_path / "faster")[-1]
+  assert losses(tmp_path / "no_decay")[-1] != faster[-1]
+
+
+def test_the_schedule_given_to_each_update_is_the_optax_schedule():
+  """`steps.scheduled_rate` against values worked by hand (peak 1e-2, end 1e-3, warmup 3,
+  10 steps: a third of the peak at step 1, the peak at 3, halfway down the cosine at 6.5, the
+  end from 10 on), and the optimizer that takes the values with each update against the one
+  with optax's schedule compiled in, through warmup, decay and past the end: the same updates
+  and the same state tree (so checkpoints are alike)."""
+  settings = steps.OptimizerSettings(learning_rate=1e-2, warmup_steps=3, final_lr_fraction=0.1,
+                                     b1=0.9, b2=0.95, weight_decay=0.1, grad_clip_norm=1.0)
+  values = settings.schedule_values(10)
+  for count, rate in [(0, 0.0), (1, 1e-2 / 3), (3, 1e-2), (6.5, 5.5e-3), (10, 1e-3), (25, 1e-3)]:
+    np.testing.assert_allclose(steps.scheduled_rate(count, values), rate, rtol=1e-6, atol=1e-12)
+  schedule, given = settings.make(10)
+  compiled_in = steps.make_optimizer(schedule, 0.9, 0.95, 0.1, 1.0)
+  rng = np.random.default_rng(4)
+  params = {"w": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(16,)), jnp.float32)}
+  state, reference = given.init(params), compiled_in.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(reference)
+  update = jax.jit(lambda g, s, v: given.update(g, s, params, schedule_values=v))
+  for _ in range(13):
+    g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.1, jnp.float32), params)
+    (got, state), (want, reference) = update(g, state, values), compiled_in.update(
+        g, reference, params)
+    for a, b in zip(jax.tree.leaves((got, state)), jax.tree.leaves((want, reference))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)   # float32 rounding
+  assert settings.make(10)[1] is settings.make(99)[1] is steps.OptimizerSettings(
+      learning_rate=3.0, warmup_steps=1, final_lr_fraction=0.0, b1=0.9, b2=0.95,
+      weight_decay=0.1, grad_clip_norm=1.0).make(5)[1]   # one optimizer for every schedule
 
 
 def test_resume_with_other_model_sizes_is_refused(tiny_config, tmp_path):
