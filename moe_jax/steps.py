@@ -78,8 +78,9 @@ class OptimizerSettings(Settings):
     (`train.reused_jit`), and runs that differ only in their schedule share one program."""
     schedule = make_schedule(self.learning_rate, self.warmup_steps, total_steps,
                              self.final_lr_fraction)
-    return schedule, make_optimizer(GIVEN_SCHEDULE, self.b1, self.b2, self.weight_decay,
-                                    self.grad_clip_norm, MOMENT_DTYPES[self.moment_dtype])
+    return schedule, optimizer_given_schedule(self.b1, self.b2, self.weight_decay,
+                                              self.grad_clip_norm,
+                                              MOMENT_DTYPES[self.moment_dtype])
 
   def schedule_values(self, total_steps: int) -> "ScheduleValues":
     """The values of `make`'s schedule, which its optimizer is given with each update."""
@@ -115,9 +116,6 @@ def scheduled_rate(count, values: ScheduleValues):
   return jnp.where(count < warmup, warming, end + (peak - end) * cosine)
 
 
-GIVEN_SCHEDULE = "given"   # make_optimizer's schedule: values passed to each update
-
-
 def scale_by_given_schedule() -> optax.GradientTransformationExtraArgs:
   """optax.scale_by_learning_rate of the warmup-cosine schedule whose values each update is
   given (`schedule_values=ScheduleValues(...)`): the same update count in its state
@@ -136,20 +134,21 @@ def scale_by_given_schedule() -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def make_optimizer(schedule, b1: float, b2: float, weight_decay: float,
+def make_optimizer(schedule: float | optax.Schedule, b1: float, b2: float, weight_decay: float,
                    grad_clip_norm: float, moment_dtype=jnp.float32) -> optax.GradientTransformation:
-  """AdamW on the schedule (a rate, an optax schedule, or GIVEN_SCHEDULE: its values given to
-  each update) after global-norm clipping; decay only on matrices (ndim >= 2); Adam's moments
-  stored in `moment_dtype` (the update computed in float32 either way)."""
-  if isinstance(schedule, str) and schedule == GIVEN_SCHEDULE:
-    return _optimizer_given_schedule(b1, b2, weight_decay, grad_clip_norm, moment_dtype)
+  """AdamW on the schedule (a rate or an optax schedule) after global-norm clipping; decay
+  only on matrices (ndim >= 2); Adam's moments stored in `moment_dtype` (the update computed in
+  float32 either way)."""
   return _adamw(optax.scale_by_learning_rate(schedule), b1, b2, weight_decay, grad_clip_norm,
                 moment_dtype)
 
 
 @functools.lru_cache(maxsize=16)
-def _optimizer_given_schedule(b1, b2, weight_decay, grad_clip_norm, moment_dtype):
-  """One object per setting within a process (the key of a reused jitted step)."""
+def optimizer_given_schedule(b1: float, b2: float, weight_decay: float, grad_clip_norm: float,
+                             moment_dtype=jnp.float32) -> optax.GradientTransformation:
+  """`make_optimizer` with the warmup-cosine schedule's values given to each update
+  (`scale_by_given_schedule`): one object per setting within a process, the key of a reused
+  jitted step."""
   return _adamw(scale_by_given_schedule(), b1, b2, weight_decay, grad_clip_norm, moment_dtype)
 
 
