@@ -47,9 +47,15 @@ class Run:
     return ModelSpec.from_config(self.config)
 
 
+def _read_only_checkpoints(workdir: Path) -> Checkpointer:
+  """The run's checkpoints, opened to read: nothing is made or deleted, so the count to keep
+  is not used."""
+  return Checkpointer(workdir / "checkpoints", keep=1_000_000, read_only=True)
+
+
 def checkpoint_steps(workdir) -> list[int]:
   """The steps of the run's kept checkpoints, oldest first."""
-  checkpointer = Checkpointer(Path(workdir) / "checkpoints", keep=1_000_000, read_only=True)
+  checkpointer = _read_only_checkpoints(Path(workdir))
   try:
     return checkpointer.kept_steps()
   finally:
@@ -68,8 +74,7 @@ def load_run(workdir, step: int | None = None) -> Run:
   if not (workdir / "config.json").is_file():
     raise RunNotFound(f"{workdir} holds no run (no config.json): name the directory a "
                       f"training run wrote")
-  # Read-only: nothing is made or deleted, so the count to keep is not used.
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=1_000_000, read_only=True)
+  checkpointer = _read_only_checkpoints(workdir)
   try:
     kept = checkpointer.kept_steps()
     if not kept:
