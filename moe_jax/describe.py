@@ -93,7 +93,7 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
   from moe_jax.model import parameter_counts
   from moe_jax.pipeline.training import summary
   from moe_jax.train import (jit_train_step, laid_out_state, mesh_of, pipeline_of,
-                             schedule_values_on)
+                             step_arguments_on)
   validate_config(config, jax.device_count())
   mesh = mesh_of(config)
   with jax.set_mesh(mesh):
@@ -105,9 +105,9 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32,
                                   sharding=parallel.batch_sharding(mesh, rules["batch"]))
     pipeline = pipeline_of(config, mesh)
-    compiled = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
-                              config.train.microbatches, pipeline).lower(
-        abstract_state, tokens, schedule_values_on(config, mesh)).compile()
+    compiled = jit_train_step(spec, graphdef, tx, shardings, config.train.microbatches,
+                              pipeline).lower(
+        abstract_state, tokens, *step_arguments_on(config, mesh)).compile()
   params_bytes = parallel.per_device_bytes(abstract_state.params)
   optimizer_bytes = parallel.per_device_bytes(abstract_state.opt_state)
   memory = compiled.memory_analysis()

@@ -77,6 +77,10 @@ PARAMETER_FIELDS = ("vocab_size", "d_model", "num_layers", "num_dense_layers", "
                     "shared_expert_gate", "expert_dim", "mtp_depth", "scan_layers")
 # Parameter fields whose checkpoints convert on restore (moe_jax/train.py: restore_in_layout).
 LAYOUT_FIELDS = ("scan_layers",)
+# Fields the model does not read: the training step takes them as arguments
+# (moe_jax/train.py: step_arguments_on). A model keeps its spec with these at their defaults,
+# so that runs differing only there share the model's graph, and so its traced step.
+STEP_ARGUMENT_FIELDS = ("mtp_loss_weight", "mtp_loss_weight_final", "mtp_weight_switch_fraction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +385,8 @@ class Transformer(nnx.Module):
     self.mtp = nnx.List([MTPModule(spec, spec.num_dense_layers < spec.num_layers, rngs)
                          for _ in range(spec.mtp_depth)])
     self.dtype = DTYPES[spec.compute_dtype]
-    self.spec = spec
+    defaults = ModelSpec.field_defaults()
+    self.spec = spec.replace(**{name: defaults[name] for name in STEP_ARGUMENT_FIELDS})
 
   def embed_tokens(self, tokens: Int[Array, "B S"]) -> Float[Array, "B S D"]:
     return self.embed[...][tokens].astype(self.dtype)

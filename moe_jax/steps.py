@@ -201,10 +201,17 @@ def forward(graphdef, params, biases, inputs):
 
 
 class MTPWeights(NamedTuple):
-  """DeepSeek-V3's MTP loss weight lambda: `early` until `switch_step`, then `late`."""
+  """DeepSeek-V3's MTP loss weight lambda: `early` until `switch_step`, then `late` (numbers,
+  or the arrays the training step takes, so that runs of other lengths share its program)."""
   early: float = 0.0
   late: float = 0.0
   switch_step: int = 0
+
+  @classmethod
+  def for_run(cls, early: float, late: float, switch_fraction: float,
+              total_steps: int) -> "MTPWeights":
+    """`early` for the first `switch_fraction` of `total_steps`, then `late`."""
+    return cls(early, late, round(switch_fraction * total_steps))
 
   def at(self, step):
     return jnp.where(step < self.switch_step, self.early, self.late)
@@ -291,11 +298,11 @@ def accumulated_gradients(grad_fn, tokens, microbatches: int):
   return (mean(loss), (mean(cross_entropy), stats, mean(mtp))), mean(grads)
 
 
-def train_step(state: TrainState, tokens, schedule_values: ScheduleValues | None = None, *,
-               graphdef, tx,
+def train_step(state: TrainState, tokens, schedule_values: ScheduleValues | None = None,
+               mtp_weights: MTPWeights | None = None, *, graphdef, tx,
                balancing: routing.BalancingSettings = routing.BalancingSettings(),
-               mtp_weights: MTPWeights = MTPWeights(), microbatches: int = 1,
-               pipeline: Pipeline | None = None, replan_every: int = 100):
+               microbatches: int = 1, pipeline: Pipeline | None = None,
+               replan_every: int = 100):
   """One optimizer step, then the bias update from this batch's global expert counts. With
   `microbatches` > 1 the gradient is accumulated over that many slices of the batch
   (`accumulated_gradients`); the bias still sees the counts of the whole batch. With a
@@ -303,12 +310,13 @@ def train_step(state: TrainState, tokens, schedule_values: ScheduleValues | None
   micro-batches (moe_jax/pipeline/training.py): the same loss, gradients and counts. Layers
   with replicas of hot experts replan them every `replan_every` steps from their counts. An
   optimizer from `OptimizerSettings.make` takes the learning-rate schedule's values as
-  `schedule_values` (arrays, so that other schedules run the same program).
+  `schedule_values`, and a model with MTP modules its loss weights as `mtp_weights` (none:
+  lambda 0); both are arrays, so that runs of other schedules and lengths run the same program.
 
   Returns the new state and the step's metrics: scalars plus, under "routing", per-layer
   arrays (see `routing_metrics`). Nothing here waits for the host.
   """
-  mtp_weight = mtp_weights.at(state.step)
+  mtp_weight = 0.0 if mtp_weights is None else mtp_weights.at(state.step)
   grad_fn = lambda batch: jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.biases, graphdef, batch, mtp_weight)
   if pipeline is not None:

@@ -46,35 +46,35 @@ def optimizer_from_config(config) -> tuple:
   return steps.OptimizerSettings.from_section(config.optimizer).make(config.train.steps)
 
 
-def jit_train_step(spec: ModelSpec, total_steps: int, graphdef, tx, shardings,
-                   microbatches: int = 1, pipeline: Pipeline | None = None):
-  """The jitted training step of a model trained for `total_steps`, each batch in
-  `microbatches` slices (through `pipeline`'s stages when given): state, batch (and, for an
-  optimizer from `OptimizerSettings.make`, the schedule's values) in, new state (laid out by
-  `shardings`, the old one donated) and metrics out."""
-  # The MTP weights only with MTP modules, their switch step only between two weights: runs
-  # of other lengths (and schedules, the step's arguments) share one step.
-  mtp_weights = steps.MTPWeights()
-  if spec.mtp_depth:
-    early, late = spec.mtp_loss_weight, spec.mtp_loss_weight_final
-    switch = round(spec.mtp_weight_switch_fraction * total_steps) if early != late else 0
-    mtp_weights = steps.MTPWeights(early, late, switch)
+def jit_train_step(spec: ModelSpec, graphdef, tx, shardings, microbatches: int = 1,
+                   pipeline: Pipeline | None = None):
+  """The jitted training step: state, batch and the run's values (`step_arguments_on`) in,
+  new state (laid out by `shardings`, the old one donated) and metrics out; each batch in
+  `microbatches` slices (through `pipeline`'s stages when given). Runs that differ only in
+  their schedule, length or MTP weights share it."""
   return reused_jit(
       steps.train_step, out_shardings=(shardings, None), donate_argnums=0, graphdef=graphdef,
-      tx=tx, balancing=spec.balancing, mtp_weights=mtp_weights,
-      microbatches=microbatches, pipeline=pipeline,
+      tx=tx, balancing=spec.balancing, microbatches=microbatches, pipeline=pipeline,
       replan_every=spec.dispatch.replica_replan_every)
 
 
-def schedule_values_on(config, mesh) -> steps.ScheduleValues:
-  """The learning-rate schedule's values of a validated config as float32 arrays on every
-  device of `mesh` (each process gives its own devices'), the training step's third argument."""
-  values = steps.OptimizerSettings.from_section(config.optimizer).schedule_values(
+def step_arguments_on(config, mesh) -> tuple:
+  """The training step's arguments after the state and the batch, of a validated config, as
+  arrays on every device of `mesh` (each process gives its own devices'): the learning-rate
+  schedule's values and, for a model with MTP modules, its loss weights."""
+  schedule = steps.OptimizerSettings.from_section(config.optimizer).schedule_values(
       config.train.steps)
+  model = config.model
+  mtp = (steps.MTPWeights.for_run(model.mtp_loss_weight, model.mtp_loss_weight_final,
+                                  model.mtp_weight_switch_fraction, config.train.steps)
+         if model.mtp_depth else None)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return steps.ScheduleValues(*(jax.make_array_from_callback((), replicated,
-                                                             lambda _, v=v: np.float32(v))
-                                for v in values))
+  on_mesh = lambda value: jax.make_array_from_callback((), replicated,
+                                                       lambda _: np.asarray(value))
+  return (steps.ScheduleValues(*(on_mesh(np.float32(v)) for v in schedule)),
+          None if mtp is None else steps.MTPWeights(on_mesh(np.float32(mtp.early)),
+                                                    on_mesh(np.float32(mtp.late)),
+                                                    on_mesh(np.int32(mtp.switch_step))))
 
 
 def reused_jit(fn, *, out_shardings=None, donate_argnums=(), **settings):
@@ -317,10 +317,9 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     if pipeline and is_chief:
       print(pipeline_training.summary(pipeline.schedule, mesh.shape["stage"],
                                       config.train.microbatches), flush=True)
-    step_fn = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
-                             config.train.microbatches, pipeline)
-    schedule_values = schedule_values_on(config, mesh)
-    train_fn = lambda state, batch: step_fn(state, batch, schedule_values)
+    step_fn = jit_train_step(spec, graphdef, tx, shardings, config.train.microbatches, pipeline)
+    run_values = step_arguments_on(config, mesh)
+    train_fn = lambda state, batch: step_fn(state, batch, *run_values)
     eval_fn = reused_jit(steps.eval_step, graphdef=graphdef, byte_counts=(
         tuple(np.asarray(corpus.tokenizer.byte_counts).tolist()) if corpus.tokenizer else None))
     init_fn = reused_jit(initial_state, out_shardings=shardings, spec=spec, tx=tx,

@@ -45,7 +45,7 @@ from moe_jax.paths import load_config   # noqa: E402
 from moe_jax.pipeline import schedules   # noqa: E402
 from moe_jax.pipeline.scheduled import lockstep_bubble, tick_table   # noqa: E402
 from moe_jax.train import (jit_train_step, laid_out_state, pipeline_of,   # noqa: E402
-                           schedule_values_on)
+                           step_arguments_on)
 
 
 def step_ms(config, devices, warmup: int, repeats: int) -> float:
@@ -56,9 +56,9 @@ def step_ms(config, devices, warmup: int, repeats: int) -> float:
   with jax.set_mesh(mesh):
     spec, _, tx, graphdef, abstract_state, shardings, rules = laid_out_state(config, mesh)
     state = jax.jit(lambda: steps.init_state(spec, tx, 0)[1], out_shardings=shardings)()
-    step = jit_train_step(spec, config.train.steps, graphdef, tx, shardings,
-                          config.train.microbatches, pipeline_of(config, mesh))
-    schedule_values = schedule_values_on(config, mesh)
+    step = jit_train_step(spec, graphdef, tx, shardings, config.train.microbatches,
+                          pipeline_of(config, mesh))
+    run_values = step_arguments_on(config, mesh)
     tokens = jax.random.randint(jax.random.key(1), (config.data.batch_size,
                                                     config.data.seq_len + 1), 0,
                                 spec.vocab_size)
@@ -66,7 +66,7 @@ def step_ms(config, devices, warmup: int, repeats: int) -> float:
     times = []
     for i in range(warmup + repeats):
       start = time.perf_counter()
-      state, metrics = step(state, tokens, schedule_values)
+      state, metrics = step(state, tokens, *run_values)
       jax.block_until_ready(metrics["loss"])
       if i >= warmup:
         times.append(time.perf_counter() - start)

@@ -19,7 +19,8 @@ def train_on_mesh(config, mesh, batches, rules, tx=None, zero1: bool = False, *,
                   bias_offset=None):
   """(state after one step per batch, losses) of the config's model laid out on `mesh` by
   `rules` (ZeRO-1 with `zero1`); AdamW unless another optimizer `tx` is given; each batch in
-  `microbatches` slices, through `pipeline` (steps.train_step's) when given. `metrics_out`
+  `microbatches` slices, through `pipeline` (steps.train_step's) when given; a model with MTP
+  modules weighs their loss by the config's MTP weights. `metrics_out`
   receives each step's metrics. `bias_offset` [E] is added to every balancing bias at the
   start (skewed routing)."""
   tx = tx or ADAMW
@@ -34,9 +35,13 @@ def train_on_mesh(config, mesh, batches, rules, tx=None, zero1: bool = False, *,
                       tx=tx, balancing=BalancingSettings(bias_update_rate=1e-2),
                       microbatches=microbatches, pipeline=pipeline,
                       replan_every=config.dispatch.replica_replan_every)
+    model = config.model   # the MTP loss weight switches between the batches, as in a run
+    mtp = (steps.MTPWeights.for_run(model.mtp_loss_weight, model.mtp_loss_weight_final,
+                                    model.mtp_weight_switch_fraction, len(batches))
+           if model.mtp_depth else None)
     losses = []
     for batch in batches:
-      state, metrics = step(state, parallel.global_batch(batch, mesh, rules["batch"]))
+      state, metrics = step(state, parallel.global_batch(batch, mesh, rules["batch"]), None, mtp)
       losses.append(float(metrics["loss"]))
       if metrics_out is not None:
         metrics_out.append(jax.device_get(metrics))

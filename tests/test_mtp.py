@@ -67,15 +67,35 @@ def test_loss_adds_lambda_times_the_mean_depth_loss_and_its_schedule(tiny_config
 
 
 def test_a_run_with_scanned_layers_and_mtp_logs_each_depth_and_one_bias_row_per_moe_layer(
-    tiny_config, tmp_path):
-  """A run with MTP of depth 2 logs each depth's loss (falling) and accuracy; routing.jsonl's
+    tiny_config, tmp_path, monkeypatch):
+  """A run with MTP of depth 2 logs each depth's loss (falling) and accuracy, and its loss is
+  the cross-entropy plus lambda x the mean depth loss, lambda switching after the configured
+  fraction of its steps; a second run of another length and other weights runs the same
+  traced step (the weights are its arguments) and switches at its own step. routing.jsonl's
   bias and load have one row per MoE layer in the same order, the scanned stack's layers
   first, then the MTP blocks' (their bias had been logged as a ragged list of an [L, E] and
   [E] arrays, which failed at the first log)."""
+  traces, original = [], steps.train_step
+  monkeypatch.setattr(steps, "train_step",
+                      lambda *args, **kwargs: traces.append(1) or original(*args, **kwargs))
   tiny_config.model.update(mtp_depth=2, scan_layers=True, num_layers=3)   # 2 MoE blocks
-  tiny_config.train.steps = 20
+  tiny_config.balancing.sequence_loss_alpha = 0.0   # the loss: cross-entropy + lambda x MTP
+  tiny_config.train.update(steps=20, log_every=1)
+  rows_of = lambda workdir: [json.loads(line) for line in
+                             (workdir / "metrics.jsonl").read_text().splitlines()]
+  lambdas = lambda rows: [(r["loss"] - r["cross_entropy"])
+                          / ((r["mtp_loss/depth1"] + r["mtp_loss/depth2"]) / 2)
+                          for r in rows if "mtp_loss/depth2" in r]
   train_and_evaluate(tiny_config, tmp_path)
-  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  rows = rows_of(tmp_path)
+  np.testing.assert_allclose(lambdas(rows), [0.3] * 14 + [0.1] * 6, rtol=1e-4)   # 0.68 x 20
+  tiny_config.model.update(mtp_loss_weight=0.5, mtp_loss_weight_final=0.2,
+                           mtp_weight_switch_fraction=0.5)
+  tiny_config.train.steps = 12
+  train_and_evaluate(tiny_config, tmp_path / "shorter")
+  assert len(traces) == 1, traces
+  np.testing.assert_allclose(lambdas(rows_of(tmp_path / "shorter")), [0.5] * 6 + [0.2] * 6,
+                             rtol=1e-4)
   logged = [r for r in rows if "mtp_loss/depth2" in r]
   assert logged and all(0 <= r[f"mtp_accuracy/depth{d}"] <= 1 for r in logged for d in (1, 2))
   assert logged[-1]["mtp_loss/depth1"] < logged[0]["mtp_loss/depth1"]

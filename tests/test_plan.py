@@ -10,7 +10,7 @@ import pytest
 
 from moe_jax import parallel, plan
 from moe_jax.config_validation import validate_config
-from moe_jax.train import jit_train_step, laid_out_state, mesh_of, schedule_values_on
+from moe_jax.train import jit_train_step, laid_out_state, mesh_of, step_arguments_on
 
 CASES = {
     "fsdp 8, no remat": ({"fsdp": 8}, {}),
@@ -41,8 +41,8 @@ def _xla_memory(config):
     spec, _, tx, graphdef, state, shardings, rules = laid_out_state(config, mesh)
     tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1), np.int32,
                                   sharding=parallel.batch_sharding(mesh, rules["batch"]))
-    return jit_train_step(spec, config.train.steps, graphdef, tx, shardings).lower(
-        state, tokens, schedule_values_on(config, mesh)).compile().memory_analysis()
+    return jit_train_step(spec, graphdef, tx, shardings).lower(
+        state, tokens, *step_arguments_on(config, mesh)).compile().memory_analysis()
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -78,8 +78,8 @@ def _poison(monkeypatch, bad_draws, mode):
       local = np.full_like(local, POISON_ID)
     return real_global_batch(local, mesh, batch_axes)
 
-  def train_step(state, tokens, *schedule, **kwargs):
-    new_state, metrics = real_train_step(state, tokens, *schedule, **kwargs)
+  def train_step(state, tokens, *run_values, **kwargs):
+    new_state, metrics = real_train_step(state, tokens, *run_values, **kwargs)
     bad = jnp.all(tokens == POISON_ID)
     if mode == "nan":
       metrics["loss"] = jnp.where(bad, jnp.nan, metrics["loss"])
