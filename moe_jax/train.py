@@ -77,28 +77,41 @@ def step_arguments_on(config, mesh) -> tuple:
                                                     on_mesh(np.int32(mtp.switch_step))))
 
 
-def reused_jit(fn, *, out_shardings=None, donate_argnums=(), **settings):
+def reused_jit(fn, *, out_shardings=None, donate_argnums=(), compiler_options=None,
+               **settings):
   """`jax.jit(functools.partial(fn, **settings), ...)`, and the same jitted function again when
   this process asks for the same `fn`, settings and shardings (a resume after
   `stop_after_step`, a notebook's next run, the tests): jax then neither traces nor lowers it
   again, and its executable stays loaded (the persistent compilation cache saves only the
   compile). `fn` itself is part of the key, so a patched or reloaded function gets its own;
   the settings must be hashable values (a model's graphdef, an optimizer from
-  `OptimizerSettings.make`, frozen settings)."""
+  `OptimizerSettings.make`, frozen settings). `compiler_options`: XLA's, for this function's
+  compiles only."""
   leaves, treedef = jax.tree.flatten(out_shardings)
-  return _jitted(fn, tuple(leaves), treedef, donate_argnums, tuple(settings.items()))
+  return _jitted(fn, tuple(leaves), treedef, donate_argnums,
+                 tuple(sorted((compiler_options or {}).items())), tuple(settings.items()))
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted(fn, sharding_leaves, sharding_treedef, donate_argnums, settings):
+def _jitted(fn, sharding_leaves, sharding_treedef, donate_argnums, compiler_options, settings):
   return jax.jit(functools.partial(fn, **dict(settings)),
                  out_shardings=jax.tree.unflatten(sharding_treedef, sharding_leaves),
-                 donate_argnums=donate_argnums)
+                 donate_argnums=donate_argnums, compiler_options=dict(compiler_options) or None)
 
 
 def initial_state(spec: ModelSpec, tx, seed: int) -> steps.TrainState:
-  """A freshly initialised TrainState (jitted by the loop onto the state's shardings)."""
+  """A freshly initialised TrainState (jitted by the loop onto the state's shardings, with
+  `initial_state_compiler_options`)."""
   return steps.init_state(spec, tx, seed)[1]
+
+
+def initial_state_compiler_options() -> dict:
+  """XLA's options for compiling `initial_state`, which runs once per run: on GPUs without the
+  backend's optimisations, which only slow the compile of its random draws (on one H200 the
+  `gpu` size's compiled in 19.3 s instead of 32.2 s, every parameter bit for bit the same:
+  docs/performance.md). Other backends keep their defaults (on CPU some draws would change in
+  their last bits)."""
+  return {"xla_backend_optimization_level": 0} if jax.default_backend() == "gpu" else {}
 
 
 def pipeline_of(config, mesh) -> Pipeline | None:
@@ -322,7 +335,8 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     train_fn = lambda state, batch: step_fn(state, batch, *run_values)
     eval_fn = reused_jit(steps.eval_step, graphdef=graphdef, byte_counts=(
         tuple(np.asarray(corpus.tokenizer.byte_counts).tolist()) if corpus.tokenizer else None))
-    init_fn = reused_jit(initial_state, out_shardings=shardings, spec=spec, tx=tx,
+    init_fn = reused_jit(initial_state, out_shardings=shardings,
+                         compiler_options=initial_state_compiler_options(), spec=spec, tx=tx,
                          seed=config.seed)
     run_eval = functools.partial(evaluate, eval_fn, corpus_windows=validation_windows,
                                  num_batches=data.evaluation_batch_count(
