@@ -183,6 +183,19 @@ def test_runs_differing_only_in_their_schedule_share_one_step_and_train_by_their
   assert losses(tmp_path / "no_decay")[-1] != faster[-1]
 
 
+def test_a_reused_jit_compiles_with_its_own_compiler_options():
+  """`train.reused_jit` hands its `compiler_options` to XLA (an unknown option is refused when
+  the function compiles) and keeps one jitted function per set of options."""
+  from moe_jax.train import reused_jit
+  add_one = lambda x: x + 1
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    reused_jit(add_one, compiler_options={"xla_no_such_option": True})(jnp.ones(3))
+  quick = reused_jit(add_one, compiler_options={"xla_backend_optimization_level": 0})
+  assert quick is reused_jit(add_one, compiler_options={"xla_backend_optimization_level": 0})
+  assert quick is not reused_jit(add_one)
+  np.testing.assert_array_equal(quick(jnp.ones(3)), 2.0)
+
+
 def test_the_schedule_given_to_each_update_is_the_optax_schedule():
   """`steps.scheduled_rate` against values worked by hand (peak 1e-2, end 1e-3, warmup 3,
   10 steps: a third of the peak at step 1, the peak at 3, halfway down the cosine at 6.5, the
