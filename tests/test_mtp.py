@@ -91,7 +91,7 @@ def test_a_run_with_scanned_layers_and_mtp_logs_each_depth_and_one_bias_row_per_
   np.testing.assert_allclose(lambdas(rows), [0.3] * 14 + [0.1] * 6, rtol=1e-4)   # 0.68 x 20
   tiny_config.model.update(mtp_loss_weight=0.5, mtp_loss_weight_final=0.2,
                            mtp_weight_switch_fraction=0.5)
-  tiny_config.train.steps = 12
+  tiny_config.train.update(steps=12, sample_tokens=0, eval_every=100)
   train_and_evaluate(tiny_config, tmp_path / "shorter")
   assert len(traces) == 1, traces
   np.testing.assert_allclose(lambdas(rows_of(tmp_path / "shorter")), [0.5] * 6 + [0.2] * 6,
