@@ -177,8 +177,9 @@ def scale_by_adam_stored_in(dtype, **adam) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: stored(scale.init(params), dtype), update)
 
 
-def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed: int):
-  """(graphdef, TrainState) for a freshly initialised model."""
+def init_state(spec: ModelSpec, tx: optax.GradientTransformation, seed):
+  """(graphdef, TrainState) for a freshly initialised model; `seed` is an int or an array
+  (`train.seed_argument`)."""
   model = Transformer(spec, ParamKeys(seed))
   graphdef, params, biases = nnx.split(model, nnx.Param, RoutingState)
   return graphdef, TrainState(jnp.zeros((), jnp.int32), params, biases, tx.init(params))

@@ -68,13 +68,23 @@ def step_arguments_on(config, mesh) -> tuple:
   mtp = (steps.MTPWeights.for_run(model.mtp_loss_weight, model.mtp_loss_weight_final,
                                   model.mtp_weight_switch_fraction, config.train.steps)
          if model.mtp_depth else None)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  on_mesh = lambda value: jax.make_array_from_callback((), replicated,
-                                                       lambda _: np.asarray(value))
+  on_mesh = lambda value: replicated_scalar(value, mesh)
   return (steps.ScheduleValues(*(on_mesh(np.float32(v)) for v in schedule)),
           None if mtp is None else steps.MTPWeights(on_mesh(np.float32(mtp.early)),
                                                     on_mesh(np.float32(mtp.late)),
                                                     on_mesh(np.int32(mtp.switch_step))))
+
+
+def replicated_scalar(value: np.generic, mesh) -> jax.Array:
+  """`value` on every device of `mesh` (each process gives its own devices')."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.make_array_from_callback((), replicated, lambda _: np.asarray(value))
+
+
+def seed_argument(seed: int) -> np.uint32:
+  """A config's seed as `initial_state` takes it: `jax.random.key` of the result is that of
+  `seed` itself (without 64-bit mode jax keeps the seed's low 32 bits)."""
+  return np.uint32(seed % 2**32)
 
 
 def reused_jit(fn, *, out_shardings=None, donate_argnums=(), compiler_options=None,
@@ -99,9 +109,10 @@ def _jitted(fn, sharding_leaves, sharding_treedef, donate_argnums, compiler_opti
                  donate_argnums=donate_argnums, compiler_options=dict(compiler_options) or None)
 
 
-def initial_state(spec: ModelSpec, tx, seed: int) -> steps.TrainState:
+def initial_state(seed, *, spec: ModelSpec, tx) -> steps.TrainState:
   """A freshly initialised TrainState (jitted by the loop onto the state's shardings, with
-  `initial_state_compiler_options`)."""
+  `initial_state_compiler_options`). The seed (`seed_argument`) is an argument, not a constant
+  of the program, so that runs differing only in their seed share one compiled program."""
   return steps.init_state(spec, tx, seed)[1]
 
 
@@ -335,9 +346,10 @@ def _train(config, workdir: Path, mesh, stop_after_step: int | None, skip_corrup
     train_fn = lambda state, batch: step_fn(state, batch, *run_values)
     eval_fn = reused_jit(steps.eval_step, graphdef=graphdef, byte_counts=(
         tuple(np.asarray(corpus.tokenizer.byte_counts).tolist()) if corpus.tokenizer else None))
-    init_fn = reused_jit(initial_state, out_shardings=shardings,
-                         compiler_options=initial_state_compiler_options(), spec=spec, tx=tx,
-                         seed=config.seed)
+    initialize = reused_jit(initial_state, out_shardings=shardings,
+                            compiler_options=initial_state_compiler_options(), spec=spec, tx=tx)
+    seed = replicated_scalar(seed_argument(config.seed), mesh)
+    init_fn = lambda: initialize(seed)
     run_eval = functools.partial(evaluate, eval_fn, corpus_windows=validation_windows,
                                  num_batches=data.evaluation_batch_count(
                                      config.train.eval_batches, len(validation_windows),

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from moe_jax import parallel, routing, steps
+from moe_jax import parallel, routing, steps, train
 from moe_jax.checkpoint import Checkpointer, CheckpointMismatch
 from moe_jax.model import ModelSpec
 from moe_jax.routing import BalancingSettings
@@ -162,10 +162,14 @@ def test_runs_differing_only_in_their_schedule_share_one_step_and_train_by_their
   """A run in the same process as an earlier one, with another learning rate and length (the
   schedule's values are arguments of the step), runs the same traced step and trains by its
   own schedule; another weight decay (which the optimizer inside the step holds) traces its
-  own step."""
+  own step. A run with another seed (an argument of the initial state's program) shares that
+  program and starts from other parameters."""
   traces, original = [], steps.train_step
   monkeypatch.setattr(steps, "train_step",
                       lambda *args, **kwargs: traces.append(1) or original(*args, **kwargs))
+  init_traces, original_init = [], train.initial_state
+  monkeypatch.setattr(train, "initial_state", lambda *args, **kwargs: init_traces.append(1) or
+                      original_init(*args, **kwargs))
   config = _config(tiny_config, steps=8, log_every=1, eval_every=100, checkpoint_every=100,
                    sample_tokens=0)
   losses = lambda workdir: [m["loss"] for m in _metrics(workdir) if "loss" in m]
@@ -177,10 +181,30 @@ def test_runs_differing_only_in_their_schedule_share_one_step_and_train_by_their
   first, faster = losses(tmp_path / "first"), losses(tmp_path / "faster")
   assert len(faster) == 10 and first[0] == faster[0]   # the same start (lr 0 at step 1)
   assert first[7] != faster[7]
+  config.seed += 1
+  config.train.steps = 6
+  train_and_evaluate(config, tmp_path / "other_seed")
+  assert len(traces) == 1 and len(init_traces) == 1, (traces, init_traces)
+  assert losses(tmp_path / "other_seed")[0] != faster[0]   # another start
   config.optimizer.weight_decay = 0.0
   train_and_evaluate(config, tmp_path / "no_decay")
   assert len(traces) == 2, traces
-  assert losses(tmp_path / "no_decay")[-1] != faster[-1]
+  assert losses(tmp_path / "no_decay")[-1] != losses(tmp_path / "other_seed")[-1]
+
+
+@pytest.mark.parametrize("seed", [7, 2**32 + 7])
+def test_the_initial_state_from_a_seed_argument_is_that_of_the_seed(tiny_config, seed):
+  """`train.initial_state` takes the seed as an array (`train.seed_argument`): its state equals
+  `steps.init_state`'s with the seed as a constant, bit for bit, for seeds past 32 bits too."""
+  spec = ModelSpec.from_config(tiny_config)
+  tx = optax.adam(1e-3)
+  given = jax.jit(functools.partial(train.initial_state, spec=spec, tx=tx))(
+      train.seed_argument(seed))
+  constant = jax.jit(lambda: steps.init_state(spec, tx, seed)[1])()
+  for a, b in zip(jax.tree.leaves(given), jax.tree.leaves(constant), strict=True):
+    np.testing.assert_array_equal(a, b)
+  other = jax.jit(lambda: steps.init_state(spec, tx, seed + 1)[1])()
+  assert not np.array_equal(jax.tree.leaves(other.params)[0], jax.tree.leaves(given.params)[0])
 
 
 def test_a_reused_jit_compiles_with_its_own_compiler_options():
