@@ -77,8 +77,8 @@ def step_arguments_on(config, mesh) -> tuple:
 
 def replicated_scalar(value: np.generic, mesh) -> jax.Array:
   """`value` on every device of `mesh` (each process gives its own devices')."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.make_array_from_callback((), replicated, lambda _: np.asarray(value))
+  return jax.make_array_from_callback((), parallel.replicated(mesh),
+                                     lambda _: np.asarray(value))
 
 
 def seed_argument(seed: int) -> np.uint32:
