@@ -212,13 +212,13 @@ def test_the_initial_state_from_a_seed_argument_is_that_of_the_seed(tiny_config)
 def test_a_reused_jit_compiles_with_its_own_compiler_options():
   """`train.reused_jit` hands its `compiler_options` to XLA (an unknown option is refused when
   the function compiles) and keeps one jitted function per set of options."""
-  from moe_jax.train import reused_jit
   add_one = lambda x: x + 1
   with pytest.raises(Exception, match="xla_no_such_option"):
-    reused_jit(add_one, compiler_options={"xla_no_such_option": True})(jnp.ones(3))
-  quick = reused_jit(add_one, compiler_options={"xla_backend_optimization_level": 0})
-  assert quick is reused_jit(add_one, compiler_options={"xla_backend_optimization_level": 0})
-  assert quick is not reused_jit(add_one)
+    train.reused_jit(add_one, compiler_options={"xla_no_such_option": True})(jnp.ones(3))
+  quick = train.reused_jit(add_one, compiler_options={"xla_backend_optimization_level": 0})
+  assert quick is train.reused_jit(add_one,
+                                   compiler_options={"xla_backend_optimization_level": 0})
+  assert quick is not train.reused_jit(add_one)
   np.testing.assert_array_equal(quick(jnp.ones(3)), 2.0)
 
 
