@@ -11,7 +11,11 @@
       --microbatches=4 --remat=block --dispatchers=dropless                # a larger model
 
 One full training step (forward, backward, AdamW update, balancing-bias update) on random
-tokens, jitted as in `moe_jax.train`; the median of --repeats steps after --warmup steps.
+tokens, jitted as in `moe_jax.train`, after --warmup steps. The step time is that of --repeats
+steps dispatched in a row and waited for at the end, as `moe_jax.train` runs them (median of
+three such runs); beside it, the median of --repeats steps each waited for before the next is
+dispatched, which adds the host's dispatch and the wait to every step. With --profile, the
+device's idle time between kernels, and its time by kernel and by model part.
 Model FLOPs per token: 6 x the parameters a token uses (routed experts count top_k / E; the
 embedding lookup is not a matmul and is left out, the output projection is in) plus attention,
 12 x layers x heads x head_dim x sequence (PaLM's count, no causal discount). MFU is those
@@ -67,6 +71,21 @@ def median_seconds(fn, warmup: int, repeats: int) -> float:
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def seconds_in_a_row(dispatch, wait, steps: int, rounds: int = 3) -> float:
+  """Seconds per step as `moe_jax.train` runs them: `steps` steps dispatched one after another
+  (the loop reads a step's loss while the next one runs, so the device never waits for the
+  host between steps), waited for at the end; the median of `rounds` such runs. Each run
+  counts from before its first dispatch, so it includes one step's dispatch latency."""
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    for _ in range(steps):
+      dispatch()
+    wait()
+    times.append((time.perf_counter() - start) / steps)
   return statistics.median(times)
 
 
@@ -129,6 +148,8 @@ def top_device_ops(trace_dir: Path, steps_traced: int, scopes: dict[str, str],
       op = _hlo_key(str(e.get("args", {}).get("hlo_op", e["name"])))
       by_thread[(e["pid"], e.get("tid"))][(e["name"], op)] += e.get("dur", 0)
       launches[(e["pid"], e.get("tid"))][(e["name"], op)] += 1
+  device_idle([e for e in events if e.get("ph") == "X" and e["pid"] in device_pids
+               and names.get((e["pid"], e.get("tid")), "").startswith("Stream")], steps_traced)
   for key, ops in sorted(by_thread.items(), key=lambda kv: -sum(kv[1].values()))[:2]:
     total = sum(ops.values())
     by_scope, by_kernel, by_kind = (collections.Counter() for _ in range(3))
@@ -150,6 +171,31 @@ def top_device_ops(trace_dir: Path, steps_traced: int, scopes: dict[str, str],
         per_step = f" ({kind_launches[name] / steps_traced:.3g})" if table is by_kind else ""
         print(f"    {micros / steps_traced / 1e3:8.2f} ms {100 * micros / total:5.1f}%  "
               f"{name}{per_step}")
+
+
+def device_idle(kernels: list[dict], steps_traced: int, count: int = 12) -> None:
+  """Prints how long the device ran nothing (no kernel or copy on any stream) between the
+  first and last kernel of the trace, by length of gap, and the longest gaps with the kernels
+  on either side: time that no kernel fusion can win back."""
+  if not kernels:
+    return
+  spans = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in kernels)
+  gaps, end, last = [], spans[0][1], spans[0][2]
+  for start, stop, name in spans[1:]:
+    if start > end:
+      gaps.append((start - end, last, name))
+    if stop >= end:
+      end, last = stop, name
+  wall = (end - spans[0][0]) / steps_traced / 1e3
+  idle = sum(g for g, _, _ in gaps) / steps_traced / 1e3
+  print(f"  device: {wall:.1f} ms per step from first to last kernel, {idle:.1f} ms of it "
+        f"idle, {len(spans) / steps_traced:.0f} kernels per step")
+  for low, high in ((0, 2), (2, 10), (10, 100), (100, float("inf"))):
+    inside = [g for g, _, _ in gaps if low <= g < high]
+    print(f"    gaps of {low}-{high} us: {len(inside) / steps_traced:.0f} per step, "
+          f"{sum(inside) / steps_traced / 1e3:.2f} ms per step")
+  for gap, before, after in sorted(gaps, reverse=True)[:count]:
+    print(f"    {gap:8.0f} us after {before[:60]} before {after[:60]}")
 
 
 def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
@@ -175,17 +221,25 @@ def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
     holder[0], metrics = step(holder[0], tokens)
     jax.block_until_ready(metrics["loss"])
 
-  seconds = median_seconds(one_step, warmup, repeats)
+  def dispatch():
+    holder[0], metrics = step(holder[0], tokens)
+    holder.append(metrics["loss"])
+
+  def wait():
+    jax.block_until_ready(holder[1:])
+    del holder[1:]
+
+  blocking = median_seconds(one_step, warmup, repeats)
+  seconds = seconds_in_a_row(dispatch, wait, repeats)
   if profile_dir is not None:
     with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
-      for _ in range(3):
-        one_step()
+      seconds_in_a_row(dispatch, wait, 3, rounds=1)
     hlo = step.as_text()
     top_device_ops(profile_dir, 3, hlo_scopes(hlo), hlo_shapes(hlo))
   tokens_per_second = batch * seq_len / seconds
   return {"seconds": seconds, "tokens_per_second": tokens_per_second,
           "model_tflops": model_flops_per_token(spec, seq_len) * tokens_per_second / 1e12,
-          "compile_seconds": compile_seconds, "planned_gib": planned}
+          "compile_seconds": compile_seconds, "planned_gib": planned, "blocking": blocking}
 
 
 def _preset(text: str):
@@ -269,16 +323,18 @@ def main():
     result = bench(spec, args.batch, args.seq, args.warmup, args.repeats, profile,
                    args.microbatches, moments)
     rows.append((name, result))
-    print(f"  {name}: {result['seconds'] * 1e3:.1f} ms/step, "
+    print(f"  {name}: {result['seconds'] * 1e3:.1f} ms/step in a row "
+          f"({result['blocking'] * 1e3:.1f} waiting for each), "
           f"{result['tokens_per_second']:,.0f} tokens/s, {result['model_tflops']:.0f} TFLOP/s, "
           f"compiled in {result['compile_seconds']:.0f} s, planned {result['planned_gib']:.2f} GiB",
           flush=True)
   print("\ncommand: python scripts/bench_train.py " + " ".join(sys.argv[1:]))
-  print("| variant | ms / step | tokens/s | model TFLOP/s | MFU (of peak) | of measured matmul "
+  print("| variant | ms / step | waiting for each step | tokens/s | model TFLOP/s | MFU (of peak) | of measured matmul "
         "| compile s | step memory (XLA plan), GiB |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|")
   for dispatcher, r in rows:
-    print(f"| {dispatcher} | {r['seconds'] * 1e3:.1f} | {r['tokens_per_second']:,.0f} | "
+    print(f"| {dispatcher} | {r['seconds'] * 1e3:.1f} | {r['blocking'] * 1e3:.1f} | "
+          f"{r['tokens_per_second']:,.0f} | "
           f"{r['model_tflops']:.0f} | {100 * r['model_tflops'] / args.peak_tflops:.1f}% | "
           f"{100 * r['model_tflops'] / ceiling:.1f}% | {r['compile_seconds']:.0f} | "
           f"{r['planned_gib']:.2f} |")
