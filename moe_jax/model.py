@@ -78,8 +78,9 @@ PARAMETER_FIELDS = ("vocab_size", "d_model", "num_layers", "num_dense_layers", "
 # Parameter fields whose checkpoints convert on restore (moe_jax/train.py: restore_in_layout).
 LAYOUT_FIELDS = ("scan_layers",)
 # Fields the model does not read: the training step takes them as arguments
-# (moe_jax/train.py: step_arguments_on). A model keeps its spec with these at their defaults,
-# so that runs differing only there share the model's graph, and so its traced step.
+# (moe_jax/train.py: step_arguments_on). A model keeps its spec with these, and the whole
+# `balancing` section (the step's too), at their defaults, so that runs differing only there
+# share the model's graph, and so its traced step.
 STEP_ARGUMENT_FIELDS = ("mtp_loss_weight", "mtp_loss_weight_final", "mtp_weight_switch_fraction")
 
 
@@ -286,7 +287,7 @@ class Block(nnx.Module):
     if use_moe:
       self.mlp = MoE(spec.d_model, spec.num_routed_experts, spec.expert_dim,
                      spec.num_shared_experts, rngs, router=spec.router,
-                     balancing=spec.balancing, dispatch=spec.dispatch, dtype=dtype,
+                     dispatch=spec.dispatch, dtype=dtype,
                      shared_expert_gate=spec.shared_expert_gate)
     else:
       self.mlp = SwiGLU(spec.d_model, spec.dense_mlp_dim, dtype, rngs)
@@ -386,7 +387,8 @@ class Transformer(nnx.Module):
                          for _ in range(spec.mtp_depth)])
     self.dtype = DTYPES[spec.compute_dtype]
     defaults = ModelSpec.field_defaults()
-    self.spec = spec.replace(**{name: defaults[name] for name in STEP_ARGUMENT_FIELDS})
+    self.spec = spec.replace(balancing=defaults["balancing"],
+                             **{name: defaults[name] for name in STEP_ARGUMENT_FIELDS})
 
   def embed_tokens(self, tokens: Int[Array, "B S"]) -> Float[Array, "B S D"]:
     return self.embed[...][tokens].astype(self.dtype)

@@ -33,7 +33,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from moe_jax import checkpoint, parallel, steps
+from moe_jax import checkpoint, parallel, routing, steps
 from moe_jax.closed_pipe import quiet_exit_status
 from moe_jax.config_validation import ConfigError, dcn_sizes, validate_config
 from moe_jax.main import (config_argument, config_file_problem, override_problem,
@@ -78,7 +78,8 @@ def _model_residual_bytes(spec: ModelSpec, batch: int, seq_len: int) -> int:
   tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32)
 
   def residuals(params, biases, tokens):
-    loss = lambda p: steps.loss_fn(p, biases, graphdef, tokens, 0.3)[0]
+    loss = lambda p: steps.loss_fn(p, biases, graphdef, tokens, 0.3,
+                                   routing.BalancingValues.of(spec.balancing))[0]
     return jax.tree.leaves(jax.vjp(loss, params)[1])
 
   return _tree_bytes(jax.eval_shape(residuals, state.params, state.biases, tokens))

@@ -218,9 +218,11 @@ class MTPWeights(NamedTuple):
     return jnp.where(step < self.switch_step, self.early, self.late)
 
 
-def loss_fn(params, biases, graphdef, tokens, mtp_weight=0.0):
-  """Mean next-token cross-entropy, plus the MoE layers' auxiliary losses (weights inside),
-  plus mtp_weight / D x the MTP modules' losses when the model has them."""
+def loss_fn(params, biases, graphdef, tokens, mtp_weight=0.0,
+            balancing: routing.BalancingValues | None = None):
+  """Mean next-token cross-entropy, plus the MoE layers' auxiliary losses weighted by
+  `balancing`'s coefficients (none: no auxiliary loss), plus mtp_weight / D x the MTP
+  modules' losses when the model has them. The statistics come back unweighted."""
   inputs, targets = split_batch(tokens)
   model = nnx.merge(graphdef, params, biases)
   mtp = {}
@@ -233,10 +235,9 @@ def loss_fn(params, biases, graphdef, tokens, mtp_weight=0.0):
   else:
     features, stats = model.features(inputs)
   cross_entropy = model.token_losses(features, targets)[0].mean()   # under the "output" scope
-  aux = jnp.zeros(())
-  if stats is not None:
-    aux = jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss)
-  total = cross_entropy + aux
+  total = cross_entropy
+  if stats is not None and balancing is not None:
+    total = total + balancing.aux_loss(stats)
   if mtp:
     total = total + mtp_weight * jnp.mean(jnp.stack(losses))
   return total, (cross_entropy, stats, mtp)
@@ -245,9 +246,10 @@ def loss_fn(params, biases, graphdef, tokens, mtp_weight=0.0):
 def updated_routing_state(graphdef, params, routing_state, counts_LxE, step, bias_rate,
                           bias_rule: str, replan_every: int) -> nnx.State:
   """Every MoE layer's routing state after a step whose global expert counts are `counts_LxE`:
-  the aux-loss-free bias update (at `bias_rate`, None: none) and, for layers with replicas of
-  hot experts, the counts summed since the last plan, replanned (`replicas.plan_on_device`,
-  over the context mesh's `expert` ranks) when the new `step` is a multiple of `replan_every`."""
+  the aux-loss-free bias update (at `bias_rate`, an array; the bias stays as it is where the
+  rate is 0) and, for layers with replicas of hot experts, the counts summed since the last
+  plan, replanned (`replicas.plan_on_device`, over the context mesh's `expert` ranks) when the
+  new `step` is a multiple of `replan_every`."""
   model = nnx.merge(graphdef, params, routing_state)
   ranks = dict(jax.sharding.get_abstract_mesh().shape).get(EXPERT_AXIS, 1)
   first = 0
@@ -259,10 +261,10 @@ def updated_routing_state(graphdef, params, routing_state, counts_LxE, step, bia
     # set_value, not `variable[...] =`: that form asks traced values for their sharding, which
     # costs a walk over the whole trace so far (layers.params.ParamKeys); a 24-layer step
     # traced in 22.3 s that way, 6.9 s this way (docs/performance.md)
-    if bias_rate is not None:
-      update = lambda b, c: routing.update_balancing_bias(b, c, bias_rate, bias_rule)
-      layer.balancing_bias.set_value(jax.vmap(update)(bias, counts) if bias.ndim == 2 else
-                                     update(bias, counts))
+    update = lambda b, c: jnp.where(bias_rate > 0,
+                                    routing.update_balancing_bias(b, c, bias_rate, bias_rule), b)
+    layer.balancing_bias.set_value(jax.vmap(update)(bias, counts) if bias.ndim == 2 else
+                                   update(bias, counts))
     if layer.dispatch.expert_replicas:
       slots, replica_counts = replicas.replanned(
           layer.replica_slots[...], layer.replica_counts[...] + counts,
@@ -273,7 +275,8 @@ def updated_routing_state(graphdef, params, routing_state, counts_LxE, step, bia
 
 
 def routing_metrics(stats) -> dict:
-  """Per-layer routing statistics of one batch, kept on device until the next log step."""
+  """Per-layer routing statistics of one batch (its losses weighted:
+  `routing.BalancingValues.weighted`), kept on device until the next log step."""
   return {"counts": stats.counts, "dropped_fraction": stats.dropped_fraction,
           "entropy": stats.entropy, "max_violation": routing.max_violation(stats.counts),
           "coactivation": stats.coactivation, "switch_loss": stats.switch_loss,
@@ -300,10 +303,10 @@ def accumulated_gradients(grad_fn, tokens, microbatches: int):
 
 
 def train_step(state: TrainState, tokens, schedule_values: ScheduleValues | None = None,
-               mtp_weights: MTPWeights | None = None, *, graphdef, tx,
-               balancing: routing.BalancingSettings = routing.BalancingSettings(),
-               microbatches: int = 1, pipeline: Pipeline | None = None,
-               replan_every: int = 100):
+               mtp_weights: MTPWeights | None = None,
+               balancing: routing.BalancingValues | None = None, *, graphdef, tx,
+               bias_update_rule: str = "sign", microbatches: int = 1,
+               pipeline: Pipeline | None = None, replan_every: int = 100):
   """One optimizer step, then the bias update from this batch's global expert counts. With
   `microbatches` > 1 the gradient is accumulated over that many slices of the batch
   (`accumulated_gradients`); the bias still sees the counts of the whole batch. With a
@@ -311,18 +314,22 @@ def train_step(state: TrainState, tokens, schedule_values: ScheduleValues | None
   micro-batches (moe_jax/pipeline/training.py): the same loss, gradients and counts. Layers
   with replicas of hot experts replan them every `replan_every` steps from their counts. An
   optimizer from `OptimizerSettings.make` takes the learning-rate schedule's values as
-  `schedule_values`, and a model with MTP modules its loss weights as `mtp_weights` (none:
-  lambda 0); both are arrays, so that runs of other schedules and lengths run the same program.
+  `schedule_values`, a model with MTP modules its loss weights as `mtp_weights` (none:
+  lambda 0), and the balancing bias's rate and the auxiliary losses' coefficients come as
+  `balancing` (routing.BalancingValues; none: no bias update, no auxiliary loss); all are
+  arrays, so that runs of other schedules, lengths and balancing values run the same program.
 
   Returns the new state and the step's metrics: scalars plus, under "routing", per-layer
   arrays (see `routing_metrics`). Nothing here waits for the host.
   """
   mtp_weight = 0.0 if mtp_weights is None else mtp_weights.at(state.step)
+  balancing = routing.BalancingValues.off() if balancing is None else balancing
   grad_fn = lambda batch: jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state.biases, graphdef, batch, mtp_weight)
+      state.params, state.biases, graphdef, batch, mtp_weight, balancing)
   if pipeline is not None:
     (loss, (cross_entropy, stats, mtp)), grads = pipelined_gradients(
-        state.params, state.biases, graphdef, tokens, pipeline, microbatches, mtp_weight)
+        state.params, state.biases, graphdef, tokens, pipeline, microbatches, mtp_weight,
+        balancing)
   elif microbatches > 1:
     (loss, (cross_entropy, stats, mtp)), grads = accumulated_gradients(grad_fn, tokens,
                                                                        microbatches)
@@ -336,14 +343,10 @@ def train_step(state: TrainState, tokens, schedule_values: ScheduleValues | None
                **mtp}
   biases = state.biases
   if stats is not None:
-    rate = None
-    if balancing.bias_update_rate > 0:
-      rate = balancing.bias_update_rate
-      if balancing.bias_freeze_step >= 0:   # updates in steps 1..bias_freeze_step only
-        rate = jnp.where(state.step >= balancing.bias_freeze_step, 0.0, rate)
-    biases = updated_routing_state(graphdef, params, biases, stats.counts, state.step + 1, rate,
-                                   balancing.bias_update_rule, replan_every)
-    metrics["routing"] = routing_metrics(stats)
+    biases = updated_routing_state(graphdef, params, biases, stats.counts, state.step + 1,
+                                   balancing.bias_rate(state.step), bias_update_rule,
+                                   replan_every)
+    metrics["routing"] = routing_metrics(balancing.weighted(stats))
   return TrainState(state.step + 1, params, biases, opt_state), metrics
 
 

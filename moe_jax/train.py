@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from moe_jax import checkpoint, data, parallel, steps, throughput
+from moe_jax import checkpoint, data, parallel, routing, steps, throughput
 from moe_jax.checkpoint import CheckpointCorrupt, CheckpointSaveFailed, Checkpointer
 from moe_jax.config_validation import (ConfigError, dcn_sizes, pipeline_settings,
                                        resolve_mesh_shape,
@@ -51,17 +51,19 @@ def jit_train_step(spec: ModelSpec, graphdef, tx, shardings, microbatches: int =
   """The jitted training step: state, batch and the run's values (`step_arguments_on`) in,
   new state (laid out by `shardings`, the old one donated) and metrics out; each batch in
   `microbatches` slices (through `pipeline`'s stages when given). Runs that differ only in
-  their schedule, length or MTP weights share it."""
+  their schedule, length, MTP weights or balancing values (bias rate and freeze step, the
+  auxiliary losses' coefficients) share it."""
   return reused_jit(
       steps.train_step, out_shardings=(shardings, None), donate_argnums=0, graphdef=graphdef,
-      tx=tx, balancing=spec.balancing, microbatches=microbatches, pipeline=pipeline,
-      replan_every=spec.dispatch.replica_replan_every)
+      tx=tx, bias_update_rule=spec.balancing.bias_update_rule, microbatches=microbatches,
+      pipeline=pipeline, replan_every=spec.dispatch.replica_replan_every)
 
 
 def step_arguments_on(config, mesh) -> tuple:
   """The training step's arguments after the state and the batch, of a validated config, as
   arrays on every device of `mesh` (each process gives its own devices'): the learning-rate
-  schedule's values and, for a model with MTP modules, its loss weights."""
+  schedule's values, for a model with MTP modules its loss weights (else None), and the
+  balancing values (routing.BalancingValues)."""
   schedule = steps.OptimizerSettings.from_section(config.optimizer).schedule_values(
       config.train.steps)
   model = config.model
@@ -69,10 +71,12 @@ def step_arguments_on(config, mesh) -> tuple:
                                   model.mtp_weight_switch_fraction, config.train.steps)
          if model.mtp_depth else None)
   on_mesh = lambda value: replicated_scalar(value, mesh)
+  balancing = routing.BalancingValues.of(routing.BalancingSettings.from_section(config.balancing))
   return (steps.ScheduleValues(*(on_mesh(np.float32(v)) for v in schedule)),
           None if mtp is None else steps.MTPWeights(on_mesh(np.float32(mtp.early)),
                                                     on_mesh(np.float32(mtp.late)),
-                                                    on_mesh(np.int32(mtp.switch_step))))
+                                                    on_mesh(np.int32(mtp.switch_step))),
+          routing.BalancingValues(*map(on_mesh, balancing)))
 
 
 def replicated_scalar(value: np.generic, mesh) -> jax.Array:

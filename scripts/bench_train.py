@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import arguments   # noqa: E402
 from configs.deepseek import get_config   # noqa: E402
-from moe_jax import steps   # noqa: E402
+from moe_jax import routing, steps   # noqa: E402
 from moe_jax.dispatch.settings import GROUPED_MATMULS   # noqa: E402
 from moe_jax.dispatch.strategies import DISPATCHERS   # noqa: E402
 from moe_jax.layers import attention   # noqa: E402
@@ -205,14 +205,16 @@ def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
                             steps.MOMENT_DTYPES[moment_dtype])
   graphdef, state = steps.init_state(spec, tx, 0)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                                   balancing=spec.balancing.replace(bias_update_rate=1e-3),
+                                   bias_update_rule=spec.balancing.bias_update_rule,
                                    microbatches=microbatches),
                  donate_argnums=0)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, spec.vocab_size)
+  balancing = routing.BalancingValues.of(spec.balancing.replace(bias_update_rate=1e-3))
   start = time.perf_counter()
-  step = step.lower(state, tokens).compile()
+  compiled = step.lower(state, tokens, None, None, balancing).compile()
   compile_seconds = time.perf_counter() - start
-  memory = step.memory_analysis()   # XLA's plan for the step: what the device must hold
+  step = lambda state, tokens: compiled(state, tokens, None, None, balancing)
+  memory = compiled.memory_analysis()   # XLA's plan for the step: what the device must hold
   planned = (memory.argument_size_in_bytes + memory.output_size_in_bytes
              + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**30
   holder = [state]
@@ -234,7 +236,7 @@ def bench(spec: ModelSpec, batch: int, seq_len: int, warmup: int, repeats: int,
   if profile_dir is not None:
     with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
       seconds_in_a_row(dispatch, wait, 3, rounds=1)
-    hlo = step.as_text()
+    hlo = compiled.as_text()
     top_device_ops(profile_dir, 3, hlo_scopes(hlo), hlo_shapes(hlo))
   tokens_per_second = batch * seq_len / seconds
   return {"seconds": seconds, "tokens_per_second": tokens_per_second,

@@ -7,7 +7,7 @@ from flax import nnx
 from moe_jax import parallel, steps
 from moe_jax.layers.moe import BalancingBias
 from moe_jax.model import ModelSpec
-from moe_jax.routing import BalancingSettings
+from moe_jax.routing import BalancingSettings, BalancingValues
 from moe_jax.train import reused_jit
 
 
@@ -32,16 +32,19 @@ def train_on_mesh(config, mesh, batches, rules, tx=None, zero1: bool = False, *,
     shardings = parallel.state_shardings(state, mesh, rules, zero1)
     state = jax.device_put(state, shardings)
     step = reused_jit(steps.train_step, out_shardings=(shardings, None), graphdef=graphdef,
-                      tx=tx, balancing=BalancingSettings(bias_update_rate=1e-2),
+                      tx=tx, bias_update_rule=config.balancing.bias_update_rule,
                       microbatches=microbatches, pipeline=pipeline,
                       replan_every=config.dispatch.replica_replan_every)
     model = config.model   # the MTP loss weight switches between the batches, as in a run
     mtp = (steps.MTPWeights.for_run(model.mtp_loss_weight, model.mtp_loss_weight_final,
                                     model.mtp_weight_switch_fraction, len(batches))
            if model.mtp_depth else None)
+    balancing = BalancingValues.of(
+        BalancingSettings.from_section(config.balancing).replace(bias_update_rate=1e-2))
     losses = []
     for batch in batches:
-      state, metrics = step(state, parallel.global_batch(batch, mesh, rules["batch"]), None, mtp)
+      state, metrics = step(state, parallel.global_batch(batch, mesh, rules["batch"]), None, mtp,
+                            balancing)
       losses.append(float(metrics["loss"]))
       if metrics_out is not None:
         metrics_out.append(jax.device_get(metrics))

@@ -244,7 +244,7 @@ def test_layers_share_each_kernels_lowering():
         strategy="dropless", grouped_matmul="interpret"))
     tx = steps.make_optimizer(1e-3, 0.9, 0.95, 0.0, 1.0)
     graphdef, state = steps.init_state(spec, tx, 0)
-    step = functools.partial(steps.train_step, graphdef=graphdef, tx=tx, balancing=spec.balancing)
+    step = functools.partial(steps.train_step, graphdef=graphdef, tx=tx)
     text = jax.jit(step).lower(state, jnp.zeros((2, 33), jnp.int32)).as_text()
     kernels[layers] = set(re.findall(r"func\.func private @(t?gmm_padded\w*)", text))
     calls[layers] = len(re.findall(r"call @t?gmm_padded", text))

@@ -12,7 +12,7 @@ from moe_jax.model import Transformer
 from moe_jax.pipeline.model_stages import moe_stages
 from moe_jax.pipeline.schedules import ScheduleError
 from moe_jax.pipeline.scheduled import scheduled
-from moe_jax.routing import BalancingSettings
+from moe_jax.routing import BalancingSettings, BalancingValues
 from tests.model_variants import SMALL
 
 SEQ, ROWS, MICROBATCHES = 8, 4, 4
@@ -28,11 +28,11 @@ def test_moe_blocks_as_stages_equal_the_unsplit_stack(name, devices, block_count
   """Uneven stages (3 and 1 blocks: the lighter stage padded with skipped blocks, whose
   gradients are zeros) and DualPipeV's even ones (even splits under every schedule:
   test_pipeline_training.py)."""
-  spec = SMALL.replace(num_layers=5, num_dense_layers=1, scan_layers=True,
-                       balancing=BalancingSettings(switch_loss_alpha=0.01,
-                                                   sequence_loss_alpha=0.001, z_loss_coef=0.001))
+  spec = SMALL.replace(num_layers=5, num_dense_layers=1, scan_layers=True)
   model = Transformer(spec, nnx.Rngs(params=0))
-  stage_fn, stage_state = moe_stages(model, block_counts, SEQ)
+  balancing = BalancingValues.of(BalancingSettings(switch_loss_alpha=0.01,
+                                                   sequence_loss_alpha=0.001, z_loss_coef=0.001))
+  stage_fn, stage_state = moe_stages(model, block_counts, SEQ, balancing)
   keys = jax.random.split(jax.random.key(1), 2)
   x = jax.random.normal(keys[0], (MICROBATCHES, ROWS, SEQ, spec.d_model))
   targets = jax.random.normal(keys[1], x.shape)
@@ -45,7 +45,7 @@ def test_moe_blocks_as_stages_equal_the_unsplit_stack(name, devices, block_count
       h, stats = jax.lax.scan(
           lambda h, s: nnx.merge(graphdef, s)(h, jnp.arange(SEQ)), x[m], state)
       total = total + _loss(None, h, targets[m]) + jnp.sum(
-          stats.switch_loss + stats.sequence_loss + stats.z_loss)
+          0.01 * stats.switch_loss + 0.001 * stats.sequence_loss + 0.001 * stats.z_loss)
       counts = counts + stats.counts
     return total, counts
 
@@ -77,8 +77,8 @@ def test_moe_blocks_as_stages_equal_the_unsplit_stack(name, devices, block_count
 def test_a_model_that_does_not_split_into_the_stages_is_refused_by_name():
   listed = Transformer(SMALL.replace(num_layers=5, num_dense_layers=1), nnx.Rngs(params=0))
   with pytest.raises(ScheduleError, match="set model.scan_layers=True"):
-    moe_stages(listed, (2, 2), SEQ)
+    moe_stages(listed, (2, 2), SEQ, BalancingValues.off())
   scanned = Transformer(SMALL.replace(num_layers=5, num_dense_layers=1, scan_layers=True),
                         nnx.Rngs(params=0))
   with pytest.raises(ScheduleError, match=r"4 MoE blocks do not split into stages of \[2, 1\]"):
-    moe_stages(scanned, (2, 1), SEQ)
+    moe_stages(scanned, (2, 1), SEQ, BalancingValues.off())

@@ -12,7 +12,7 @@ from flax import nnx
 from moe_jax import steps
 from moe_jax.layers.moe import BalancingBias
 from moe_jax.model import Transformer
-from moe_jax.routing import BalancingSettings
+from moe_jax.routing import BalancingValues
 from tests import model_variants
 
 VARIANTS = {   # (MLA's scanned forward: tests/test_hf.py, a DeepSeek-V3 import)
@@ -52,7 +52,8 @@ def _one_step(spec, tokens):
   tx = optax.sgd(0.1)
   graphdef, state = steps.init_state(spec, tx, 0)
   new, metrics = jax.jit(lambda s, t: steps.train_step(
-      s, t, graphdef=graphdef, tx=tx, balancing=BalancingSettings(bias_update_rate=1e-2)))(
+      s, t, graphdef=graphdef, tx=tx,
+      balancing=BalancingValues.of(spec.balancing.replace(bias_update_rate=1e-2))))(
           state, tokens)
   model = nnx.merge(graphdef, new.params, new.biases).with_layout(scan_layers=False)
   return float(metrics["loss"]), metrics, _flat(model)

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from moe_jax import parallel, routing, steps, train
+from moe_jax import analysis, parallel, routing, steps, train
 from moe_jax.checkpoint import Checkpointer, CheckpointMismatch
 from moe_jax.model import ModelSpec
 from moe_jax.routing import BalancingSettings
@@ -26,11 +26,12 @@ def _run_steps(config, devices, batches, microbatches=1):
   graphdef, state = steps.init_state(ModelSpec.from_config(config), tx, 0)
   state = jax.device_put(state, parallel.replicated(mesh))
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                                   balancing=BalancingSettings(bias_update_rate=1e-2),
                                    microbatches=microbatches))
+  balancing = routing.BalancingValues.of(
+      BalancingSettings.from_section(config.balancing).replace(bias_update_rate=1e-2))
   history = []
   for batch in batches:
-    state, metrics = step(state, parallel.global_batch(batch, mesh))
+    state, metrics = step(state, parallel.global_batch(batch, mesh), None, None, balancing)
     history.append(jax.device_get(metrics))
   return state, history
 
@@ -161,9 +162,10 @@ def test_runs_differing_only_in_their_schedule_share_one_step_and_train_by_their
     tiny_config, tmp_path, monkeypatch):
   """A run in the same process as an earlier one, with another learning rate and length (the
   schedule's values are arguments of the step), runs the same traced step and trains by its
-  own schedule; another weight decay (which the optimizer inside the step holds) traces its
-  own step. A run with another seed (an argument of the initial state's program) shares that
-  program and starts from other parameters."""
+  own schedule; so does one with other balancing values (bias rate, the auxiliary losses'
+  coefficients), its loss adding its own; another weight decay (which the optimizer inside the
+  step holds) traces its own step. A run with another seed (an argument of the initial
+  state's program) shares that program and starts from other parameters."""
   traces, original = [], steps.train_step
   monkeypatch.setattr(steps, "train_step",
                       lambda *args, **kwargs: traces.append(1) or original(*args, **kwargs))
@@ -186,6 +188,20 @@ def test_runs_differing_only_in_their_schedule_share_one_step_and_train_by_their
   train_and_evaluate(config, tmp_path / "other_seed")
   assert len(traces) == 1 and len(init_traces) == 1, (traces, init_traces)
   assert losses(tmp_path / "other_seed")[0] != faster[0]   # another start
+  # The first runs: bias rate 1e-2 and the sequence-wise loss at 1e-4. Now no bias update,
+  # the Switch loss at 1e-2 and the z-loss at 1e-3.
+  aux = lambda workdir: [(m["loss"] - m["cross_entropy"], m["switch_loss"], m["sequence_loss"],
+                          m["z_loss"]) for m in _metrics(workdir) if "loss" in m]
+  assert all(s == z == 0 < q and d == pytest.approx(q, abs=1e-6)   # float32 loss of about 6
+             for d, s, q, z in aux(tmp_path / "first"))
+  config.balancing.update(bias_update_rate=0.0, sequence_loss_alpha=0.0, switch_loss_alpha=1e-2,
+                          z_loss_coef=1e-3)
+  train_and_evaluate(config, tmp_path / "other_balancing")
+  assert len(traces) == 1, traces
+  assert all(q == 0 < z < s < 0.02 and d == pytest.approx(s + z, abs=1e-6)
+             for d, s, q, z in aux(tmp_path / "other_balancing"))
+  assert not analysis.bias_history(tmp_path / "other_balancing")[1].any()
+  assert analysis.bias_history(tmp_path / "first")[1].any()
   config.optimizer.weight_decay = 0.0
   train_and_evaluate(config, tmp_path / "no_decay")
   assert len(traces) == 2, traces
@@ -262,18 +278,24 @@ def test_resume_with_other_model_sizes_is_refused(tiny_config, tmp_path):
 
 
 def test_aux_losses_add_up_with_their_coefficients(tiny_config):
-  """Switch + sequence-wise + z-loss enter the loss with their weights; they reach the router."""
-  tiny_config.router.score_function, b = "softmax", tiny_config.balancing
-  b.bias_update_rate, b.switch_loss_alpha, b.sequence_loss_alpha, b.z_loss_coef = 0.0, 0.1, 0.01, 1e-3
+  """The MoE layers give Switch, sequence-wise and z-losses without coefficients; the loss adds
+  them times the run's (`routing.BalancingValues`, an argument of the step), and they reach
+  the router."""
+  tiny_config.router.score_function = "softmax"
   graphdef, state = steps.init_state(ModelSpec.from_config(tiny_config),
                                      steps.make_optimizer(0.0, 0.9, 0.95, 0.0, 1.0), 0)
   batch = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 33)), jnp.int32)
-  loss, (cross_entropy, stats, _) = steps.loss_fn(state.params, state.biases, graphdef, batch)
-  aux = stats.switch_loss + stats.sequence_loss + stats.z_loss
+  balancing = routing.BalancingValues.of(BalancingSettings(
+      switch_loss_alpha=0.1, sequence_loss_alpha=0.01, z_loss_coef=1e-3))
+  loss, (cross_entropy, stats, _) = jax.jit(steps.loss_fn, static_argnums=2)(
+      state.params, state.biases, graphdef, batch, 0.0, balancing)
+  assert 0.9 < float(stats.switch_loss[0]) < 2.0     # near 1 for a near-uniform router
+  assert 0.9 < float(stats.sequence_loss[0]) < 2.0
+  assert 0 < float(stats.z_loss[0]) < 10.0
+  aux = 0.1 * stats.switch_loss + 0.01 * stats.sequence_loss + 1e-3 * stats.z_loss
   np.testing.assert_allclose(loss, cross_entropy + aux.sum(), rtol=1e-6)
-  assert 0.09 < float(stats.switch_loss[0]) < 0.2     # near alpha for a near-uniform router
-  assert 0.009 < float(stats.sequence_loss[0]) < 0.02
-  assert 0 < float(stats.z_loss[0]) < 1e-2
+  unweighted = steps.loss_fn(state.params, state.biases, graphdef, batch)[0]
+  np.testing.assert_allclose(unweighted, cross_entropy, rtol=1e-6)   # no values: no aux loss
   aux_only = lambda p: jnp.sum(sum(steps.loss_fn(p, state.biases, graphdef, batch)[1][1][2:5]))
   grads = jax.jit(jax.grad(aux_only))(state.params)
   router_grads = [g for path, g in nnx.to_flat_state(grads) if path[-1] == "router_kernel"]
@@ -284,12 +306,14 @@ def test_bias_freezes_after_the_configured_step(tiny_config):
   o = tiny_config.optimizer
   tx = steps.make_optimizer(steps.make_schedule(o.learning_rate, 1, 10, 0.1), 0.9, 0.95, 0.0, 1.0)
   graphdef, state = steps.init_state(ModelSpec.from_config(tiny_config), tx, 0)
-  balancing = BalancingSettings(bias_update_rate=1e-2, bias_freeze_step=2)
-  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, balancing=balancing))
+  balancing = routing.BalancingValues.of(BalancingSettings(bias_update_rate=1e-2,
+                                                            bias_freeze_step=2))
+  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx))
   rng = np.random.default_rng(3)
   biases = []
   for _ in range(4):
-    state, _ = step(state, jnp.asarray(rng.integers(0, 256, (8, 33)), jnp.int32))
+    state, _ = step(state, jnp.asarray(rng.integers(0, 256, (8, 33)), jnp.int32), None, None,
+                    balancing)
     biases.append(np.asarray(jax.tree.leaves(state.biases)[0]))
   assert not np.array_equal(biases[0], biases[1])          # steps 1 and 2 update
   np.testing.assert_array_equal(biases[1], biases[2])       # steps 3 and 4 do not

@@ -1,9 +1,10 @@
 """The MoE layer: router + dispatch + routed experts, plus always-on shared experts.
 
-The layer reads three settings objects: the router's (which experts each token uses), the
-balancing losses' weights, and the dispatch's, from which `make_dispatch` gives the one
-function that moves tokens (per sequence, all at once, or expert parallel over the mesh axis
-`expert`; moe_jax/dispatch/grouping.py). The statistics it returns are summed or averaged over
+The layer reads two settings objects: the router's (which experts each token uses) and the
+dispatch's, from which `make_dispatch` gives the one function that moves tokens (per
+sequence, all at once, or expert parallel over the mesh axis `expert`;
+moe_jax/dispatch/grouping.py). Its balancing losses come without their coefficients, which the
+training step applies (routing.BalancingValues). The statistics it returns are summed or averaged over
 the whole (global) batch, which is what the balancing bias needs; inside a shard_map whose
 devices each hold a shard of the batch, over that shard (the caller sums them), except the
 Switch loss, a product of two batch means, which sums its means over the shards first.
@@ -25,7 +26,7 @@ from moe_jax.dispatch.expert_parallel import TOKEN_AXES
 from moe_jax.layers.mlp import SwiGLU, scaled_normal
 from moe_jax.layers.params import KeySource, named, param
 from moe_jax.manual_axes import varying_axes
-from moe_jax.routing import BalancingSettings, RouterSettings
+from moe_jax.routing import RouterSettings
 
 
 def _sum_over_token_shards(x_BxSxD):
@@ -59,7 +60,9 @@ class RoutingDecision(nnx.Intermediate):
 
 
 class MoEStats(NamedTuple):
-  """Per-layer routing facts for one batch (aux losses already carry their coefficients)."""
+  """Per-layer routing facts for one batch. The aux losses are without their coefficients
+  (coefficient 1): the training step weighs them (routing.BalancingValues), so that runs
+  differing only in the coefficients share one compiled step."""
 
   counts: Float[Array, "E"]            # assignments per expert, before capacity drops
   dropped_fraction: Float[Array, ""]   # assignments (token choice) or tokens (expert choice) not computed
@@ -81,7 +84,6 @@ class MoE(nnx.Module):
 
   def __init__(self, d_model: int, num_experts: int, expert_dim: int, num_shared: int,
                rngs: KeySource, *, router: RouterSettings = RouterSettings(),
-               balancing: BalancingSettings = BalancingSettings(),
                dispatch: DispatchSettings = DispatchSettings(), dtype=jnp.float32,
                shared_expert_gate: bool = False):
     self.router_kernel = param(scaled_normal(d_model)(rngs.params(), (d_model, num_experts)),
@@ -103,7 +105,7 @@ class MoE(nnx.Module):
       self.shared_gate = param(scaled_normal(d_model)(rngs.params(), (d_model, 1)), "embed", None)
     self.has_shared_gate = bool(num_shared and shared_expert_gate)
     self.num_experts, self.dtype = num_experts, dtype
-    self.router, self.balancing, self.dispatch = router, balancing, dispatch
+    self.router, self.dispatch = router, dispatch
     self.keep_decision = False   # set on a model to read each layer's `decision` after a forward
 
   def router_logits(self, x_BxSxD) -> Float[Array, "B S E"]:
@@ -116,7 +118,7 @@ class MoE(nnx.Module):
                          self.dispatch.grouped_matmul, self.dispatch.fp8_experts)
 
   def __call__(self, x_BxSxD) -> tuple[Float[Array, "B S D"], MoEStats]:
-    r, w = self.router, self.balancing
+    r = self.router
     with jax.named_scope("router"):
       logits = self.router_logits(x_BxSxD)
       decision = self.decide(logits)
@@ -143,11 +145,9 @@ class MoE(nnx.Module):
     probs_TxE = probs.reshape(-1, self.num_experts)
     stats = MoEStats(
         counts=counts, dropped_fraction=dropped_fraction,
-        switch_loss=routing.switch_loss(probs_TxE, counts, w.switch_loss_alpha,
-                                        _sum_over_token_shards(x_BxSxD)),
-        sequence_loss=routing.sequence_balance_loss(probs, counts_BxE, r.top_k,
-                                                    w.sequence_loss_alpha),
-        z_loss=routing.z_loss(logits, w.z_loss_coef),
+        switch_loss=routing.switch_loss(probs_TxE, counts, 1.0, _sum_over_token_shards(x_BxSxD)),
+        sequence_loss=routing.sequence_balance_loss(probs, counts_BxE, r.top_k, 1.0),
+        z_loss=routing.z_loss(logits, 1.0),
         entropy=routing.router_entropy(probs_TxE),
         coactivation=routing.coactivation(chosen.reshape(-1, self.num_experts)))
     return y, stats

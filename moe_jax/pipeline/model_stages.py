@@ -1,12 +1,13 @@
 """A model's scanned MoE blocks as pipeline stages: the stage function and its parameters.
 
-`moe_stages(model, block_counts, seq_len)` splits a scanned model's MoE block stack (L blocks,
-every variable with a leading layer axis) into stages of consecutive blocks, `block_counts[s]`
-in stage s, and returns `(stage_fn, stage_state)` for `scheduled.scheduled(..., has_aux=True)`:
-`stage_state` is the stack's state with leading axes [S, K] (`as_stages`; K the largest
-count), and `stage_fn(state, x) -> (x, (aux_loss, stats))` runs one stage's blocks by a scan,
-with their auxiliary losses summed as the training loss sums them (`steps.loss_fn`) and each
-block's routing statistics (`MoEStats` with a leading [K] axis: the expert counts for the
+`moe_stages(model, block_counts, seq_len, balancing)` splits a scanned model's MoE block
+stack (L blocks, every variable with a leading layer axis) into stages of consecutive blocks,
+`block_counts[s]` in stage s, and returns `(stage_fn, stage_state)` for
+`scheduled.scheduled(..., has_aux=True)`: `stage_state` is the stack's state with leading axes
+[S, K] (`as_stages`; K the largest count), and `stage_fn(state, x) -> (x, (aux_loss, stats))`
+runs one stage's blocks by a scan, with their auxiliary losses weighted by `balancing`
+(routing.BalancingValues) and summed as the training loss sums them (`steps.loss_fn`), and
+each block's routing statistics (`MoEStats` with a leading [K] axis: the expert counts for the
 balancing-bias update, and the rest for the metrics). In an uneven split a stage of fewer than
 K blocks is padded with copies of its last block that `lax.cond` skips (their statistics
 zeros, their gradients zeros); `Layout.blocks` takes the real blocks' rows back out.
@@ -21,6 +22,7 @@ from flax import nnx
 
 from moe_jax.manual_axes import typed_like
 from moe_jax.pipeline.schedules import ScheduleError
+from moe_jax.routing import BalancingValues
 
 
 class Layout(NamedTuple):
@@ -68,9 +70,10 @@ def as_stages(state, stages: Layout):
   return (stacked, jnp.asarray(stages.real, jnp.float32)) if stages.padded else stacked
 
 
-def stage_function(graphdef, seq_len: int, padded: bool = False):
-  """(stage state [K, ...], x) -> (x, (aux_loss, stats)) for blocks of `graphdef`; `padded`:
-  the state is `(blocks, real [K])` and blocks with `real` 0 are skipped."""
+def stage_function(graphdef, seq_len: int, balancing: BalancingValues, padded: bool = False):
+  """(stage state [K, ...], x) -> (x, (aux_loss, stats)) for blocks of `graphdef`, the
+  blocks' auxiliary losses weighted by `balancing`; `padded`: the state is `(blocks, real
+  [K])` and blocks with `real` 0 are skipped."""
   positions = jnp.arange(seq_len)
 
   def run(layer_state, x):
@@ -99,14 +102,13 @@ def stage_function(graphdef, seq_len: int, padded: bool = False):
       x, stats = jax.lax.scan(block, x, (blocks, real))
     else:
       x, stats = jax.lax.scan(lambda x, layer_state: run(layer_state, x), x, state)
-    aux_loss = jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss)
-    return x, (aux_loss, stats)
+    return x, (balancing.aux_loss(stats), stats)
 
   return stage_fn
 
 
-def moe_stages(model, block_counts: tuple[int, ...], seq_len: int):
+def moe_stages(model, block_counts: tuple[int, ...], seq_len: int, balancing: BalancingValues):
   """(stage_fn, stage_state) of `model`'s MoE blocks split into stages of `block_counts`."""
   graphdef, state = nnx.split(moe_stack(model, block_counts).layers)
   stages = layout(block_counts)
-  return stage_function(graphdef, seq_len, stages.padded), as_stages(state, stages)
+  return stage_function(graphdef, seq_len, balancing, stages.padded), as_stages(state, stages)

@@ -34,6 +34,7 @@ from moe_jax.model import REMAT_POLICIES, mtp_losses
 from moe_jax.pipeline import schedules
 from moe_jax.pipeline.model_stages import as_stages, layout, moe_stack, stage_function
 from moe_jax.pipeline.scheduled import lockstep_bubble, scheduled, tick_table
+from moe_jax.routing import BalancingValues
 
 AXIS = "stage"   # the mesh axis the stages are split over
 # The pipeline's shard_map is manual over `stage` and leaves the other mesh axes to the
@@ -81,10 +82,12 @@ def summary(schedule: str, stage_devices: int, microbatches: int) -> str:
 
 
 def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, microbatches: int,
-                        mtp_weight=0.0):
+                        mtp_weight=0.0, balancing: BalancingValues | None = None):
   """((loss, (cross_entropy, stats, mtp metrics)), grads) as `jax.value_and_grad(steps.loss_fn)`
   over `microbatches` slices gives them (`steps.accumulated_gradients`), run through
-  `pipeline`."""
+  `pipeline`; the blocks' auxiliary losses weighted by `balancing` (none: no auxiliary
+  loss)."""
+  balancing = BalancingValues.off() if balancing is None else balancing
   inputs = tokens[:, :-1]
   batch, seq_len = inputs.shape
   model = nnx.merge(graphdef, params, biases)
@@ -108,7 +111,7 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
     return (as_stages(nnx.state(m.moe_blocks.layers), stages),
             (nnx.state(m.final_norm), m.unembed[...], nnx.state(m.mtp), m.embed[...]))
 
-  stage_fn = stage_function(nnx.graphdef(stack.layers), seq_len, stages.padded)
+  stage_fn = stage_function(nnx.graphdef(stack.layers), seq_len, balancing, stages.padded)
   # Manual over every mesh axis (expert parallelism, cuDNN's attention): each device runs its
   # shard of every micro-batch (and its share of the routed experts); the losses are then
   # means over its shard, summed over the shards.
@@ -122,7 +125,7 @@ def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, mi
     y, (aux_loss, stats) = stage_fn(state, x)
     return y, (aux_loss / parts_of_mean, stats)   # the loss is the mean over slices
 
-  head_loss = _head_loss(model, parts_of_mean, mtp_weight)
+  head_loss = _head_loss(model, parts_of_mean, mtp_weight, balancing)
   slices = lambda a: batch_slices(a, microbatches)
   whole = lambda a: a.swapaxes(0, 1).reshape(batch, *a.shape[2:])   # batch_slices undone
   x, before_pullback = jax.vjp(before, params)
@@ -165,13 +168,13 @@ def _experts_split(tree, leading: tuple):
   return jax.tree.map(spec, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _head_loss(model, parts: int, mtp_weight):
+def _head_loss(model, parts: int, mtp_weight, balancing: BalancingValues):
   """The last stage's loss of one micro-batch (or of one device's shard of it),
   `(head, h [b, S, D], window [b, S + 1]) -> (loss / parts, (cross-entropy, MTP losses [K],
   MTP accuracies [K], MTP blocks' MoEStats [K, ...] or ()))`, `parts` the micro-batches (times
   the shards): the next token's cross-entropy, and with K MTP modules (DeepSeek-V3's) their
-  losses weighted by mtp_weight / K and their blocks' balancing losses, as `steps.loss_fn`
-  adds them."""
+  losses weighted by mtp_weight / K and their blocks' balancing losses weighted by
+  `balancing`, as `steps.loss_fn` adds them."""
   norm_graphdef, mtp_graphdef = nnx.graphdef(model.final_norm), nnx.graphdef(model.mtp)
   dtype, depths = model.dtype, len(model.mtp)
 
@@ -193,7 +196,7 @@ def _head_loss(model, parts: int, mtp_weight):
       losses, accuracies = mtp_losses(token_losses, mtp_features, window)
     stats = jax.tree.map(lambda *leaves: jnp.stack(leaves), *stats)
     total = (cross_entropy + mtp_weight * jnp.mean(jnp.stack(losses))
-             + jnp.sum(stats.switch_loss + stats.sequence_loss + stats.z_loss))
+             + balancing.aux_loss(stats))
     return total / parts, (cross_entropy, jnp.stack(losses),
                                   jnp.stack(accuracies).astype(jnp.float32), stats)
 

@@ -3,14 +3,62 @@
 Shape letters: B sequences, S tokens per sequence, T tokens, E routed experts, K top-k.
 Each loss returns its value *with* its coefficient applied, so the hand-checkable facts read
 directly: Switch and sequence-wise losses equal alpha at uniform routing, and the z-loss is
-coefficient * (ln E)^2 at zero logits.
+coefficient * (ln E)^2 at zero logits. The MoE layers call them with coefficient 1 and the
+training step applies the run's (`BalancingValues`).
 """
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+import numpy as np
+from jaxtyping import Array, Float, Int
 
 BIAS_RULES = ("sign", "proportional")
+
+
+class BalancingValues(NamedTuple):
+  """The values of `BalancingSettings` (routing/settings.py) that the training step takes as
+  arguments, scalars or arrays, so that runs differing only in them share one compiled step.
+  The MoE layers compute their auxiliary losses without coefficients; the step weighs them
+  (`weighted`, `aux_loss`) and moves the bias at `bias_update_rate` (0: not at all) until
+  step `bias_freeze_step` (-1: never). The update rule stays a setting of the step."""
+
+  bias_update_rate: Float[Array, ""]
+  bias_freeze_step: Int[Array, ""]
+  switch_loss_alpha: Float[Array, ""]
+  sequence_loss_alpha: Float[Array, ""]
+  z_loss_coef: Float[Array, ""]
+
+  @classmethod
+  def of(cls, settings) -> "BalancingValues":
+    """A BalancingSettings' values as NumPy scalars (float32, the freeze step int32): one
+    argument signature whatever the values, so one trace."""
+    return cls(np.float32(settings.bias_update_rate), np.int32(settings.bias_freeze_step),
+               np.float32(settings.switch_loss_alpha), np.float32(settings.sequence_loss_alpha),
+               np.float32(settings.z_loss_coef))
+
+  @classmethod
+  def off(cls) -> "BalancingValues":
+    """No bias update and no auxiliary loss."""
+    return cls(np.float32(0), np.int32(-1), np.float32(0), np.float32(0), np.float32(0))
+
+  def weighted(self, stats):
+    """`stats` (layers/moe.py: MoEStats, any leading axes) with each loss times its
+    coefficient: the losses as the training loss adds them and the logs show them."""
+    return stats._replace(switch_loss=self.switch_loss_alpha * stats.switch_loss,
+                          sequence_loss=self.sequence_loss_alpha * stats.sequence_loss,
+                          z_loss=self.z_loss_coef * stats.z_loss)
+
+  def aux_loss(self, stats) -> Float[Array, ""]:
+    """The weighted auxiliary losses of `stats`, summed over every layer."""
+    weighted = self.weighted(stats)
+    return jnp.sum(weighted.switch_loss + weighted.sequence_loss + weighted.z_loss)
+
+  def bias_rate(self, step) -> Float[Array, ""]:
+    """The bias update's rate in the step after `step` steps: 0 from `bias_freeze_step` on."""
+    frozen = (self.bias_freeze_step >= 0) & (step >= self.bias_freeze_step)
+    return jnp.where(frozen, 0.0, self.bias_update_rate)
 
 
 def relative_load(counts: Float[Array, "*L E"]) -> Float[Array, "*L E"]:
