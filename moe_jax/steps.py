@@ -73,19 +73,19 @@ class OptimizerSettings(Settings):
 
   def make(self, total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
     """(learning-rate schedule, optimizer) for a run of `total_steps`. The optimizer takes
-    the schedule's values with each update (`schedule_values`), so it is the same object for
-    every schedule within a process: a jitted step taking it as a setting is found again
-    (`train.reused_jit`), and runs that differ only in their schedule share one program."""
+    the schedule's values, the weight decay and the clipping norm with each update
+    (`optimizer_values`: `step_values`), so it is the same object for every such value within
+    a process: a jitted step taking it as a setting is found again (`train.reused_jit`), and
+    runs that differ only in those values share one program."""
     schedule = make_schedule(self.learning_rate, self.warmup_steps, total_steps,
                              self.final_lr_fraction)
-    return schedule, optimizer_given_schedule(self.b1, self.b2, self.weight_decay,
-                                              self.grad_clip_norm,
-                                              MOMENT_DTYPES[self.moment_dtype])
+    return schedule, optimizer_given_values(self.b1, self.b2, MOMENT_DTYPES[self.moment_dtype])
 
-  def schedule_values(self, total_steps: int) -> "ScheduleValues":
-    """The values of `make`'s schedule, which its optimizer is given with each update."""
-    return ScheduleValues(self.learning_rate, self.warmup_steps, total_steps,
-                          self.learning_rate * self.final_lr_fraction)
+  def step_values(self, total_steps: int) -> "OptimizerValues":
+    """The values `make`'s optimizer is given with each update."""
+    return OptimizerValues(self.learning_rate, self.warmup_steps, total_steps,
+                           self.learning_rate * self.final_lr_fraction, self.weight_decay,
+                           self.grad_clip_norm)
 
 
 def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int,
@@ -96,20 +96,26 @@ def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int,
       decay_steps=total_steps, end_value=learning_rate * final_lr_fraction)
 
 
-class ScheduleValues(NamedTuple):
-  """`make_schedule`'s values, as arrays the training step takes (not constants it holds)."""
+class OptimizerValues(NamedTuple):
+  """`make_schedule`'s values, AdamW's weight decay and the clipping norm, as arrays the
+  training step takes (not constants it holds). Adam's b1 and b2 stay settings of the
+  optimizer: optax computes 1 - b1 from a constant in double precision, from an array in
+  float32, so arrays would change its updates in their last bits."""
 
   peak: float
   warmup_steps: float
   total_steps: float
   end: float
+  weight_decay: float
+  grad_clip_norm: float
 
 
-def scheduled_rate(count, values: ScheduleValues):
+def scheduled_rate(count, values: OptimizerValues):
   """`make_schedule(...)(count)` computed from traced values: 0 -> peak linearly over the
   warmup, then cosine decay to `end` at `total_steps` (and `end` after it)."""
   count = jnp.asarray(count, jnp.float32)
-  peak, warmup, total, end = (jnp.asarray(v, jnp.float32) for v in values)
+  peak, warmup, total, end = (jnp.asarray(v, jnp.float32) for v in (
+      values.peak, values.warmup_steps, values.total_steps, values.end))
   warming = peak * count / jnp.maximum(warmup, 1.0)
   decay_steps = jnp.maximum(total - warmup, 1.0)
   cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, decay_steps) / decay_steps))
@@ -118,16 +124,16 @@ def scheduled_rate(count, values: ScheduleValues):
 
 def scale_by_given_schedule() -> optax.GradientTransformationExtraArgs:
   """optax.scale_by_learning_rate of the warmup-cosine schedule whose values each update is
-  given (`schedule_values=ScheduleValues(...)`): the same update count in its state
+  given (`optimizer_values=OptimizerValues(...)`): the same update count in its state
   (optax.ScaleByScheduleState, so checkpoints are alike) and the same step sizes."""
 
   def init(params):
     del params
     return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
 
-  def update(updates, state, params=None, *, schedule_values: ScheduleValues, **extra):
+  def update(updates, state, params=None, *, optimizer_values: OptimizerValues, **extra):
     del params, extra
-    rate = -scheduled_rate(state.count, schedule_values)
+    rate = -scheduled_rate(state.count, optimizer_values)
     updates = jax.tree.map(lambda g: rate.astype(g.dtype) * g, updates)
     return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
@@ -139,27 +145,40 @@ def make_optimizer(schedule: float | optax.Schedule, b1: float, b2: float, weigh
   """AdamW on the schedule (a rate or an optax schedule) after global-norm clipping; decay
   only on matrices (ndim >= 2); Adam's moments stored in `moment_dtype` (the update computed in
   float32 either way)."""
-  return _adamw(optax.scale_by_learning_rate(schedule), b1, b2, weight_decay, grad_clip_norm,
-                moment_dtype)
+  return _adamw(optax.scale_by_learning_rate(schedule), b1, b2, moment_dtype,
+                optax.add_decayed_weights(weight_decay), optax.clip_by_global_norm(grad_clip_norm))
 
 
 @functools.lru_cache(maxsize=16)
-def optimizer_given_schedule(b1: float, b2: float, weight_decay: float, grad_clip_norm: float,
-                             moment_dtype=jnp.float32) -> optax.GradientTransformation:
-  """`make_optimizer` with the warmup-cosine schedule's values given to each update
-  (`scale_by_given_schedule`): one object per setting within a process, the key of a reused
-  jitted step."""
-  return _adamw(scale_by_given_schedule(), b1, b2, weight_decay, grad_clip_norm, moment_dtype)
+def optimizer_given_values(b1: float, b2: float,
+                           moment_dtype=jnp.float32) -> optax.GradientTransformation:
+  """`make_optimizer` with the warmup-cosine schedule's values, the weight decay and the
+  clipping norm given to each update (`optimizer_values=OptimizerValues(...)`): one object
+  per setting within a process, the key of a reused jitted step."""
+  given = lambda make: _given(lambda values: make(values).update)
+  return _adamw(scale_by_given_schedule(), b1, b2, moment_dtype,
+                given(lambda values: optax.add_decayed_weights(values.weight_decay)),
+                given(lambda values: optax.clip_by_global_norm(values.grad_clip_norm)))
 
 
-def _adamw(scale_by_rate, b1, b2, weight_decay, grad_clip_norm, moment_dtype):
+def _given(update_with) -> optax.GradientTransformationExtraArgs:
+  """A stateless transformation whose update is `update_with(optimizer_values)`: optax's own,
+  built at each update from the values given to it."""
+
+  def update(updates, state, params=None, *, optimizer_values: OptimizerValues, **extra):
+    del extra
+    return update_with(optimizer_values)(updates, state, params)
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
+def _adamw(scale_by_rate, b1, b2, moment_dtype, decay, clip):
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   # optax.adamw's own chain, with the moments' storage chosen (the same state tree).
   return optax.chain(
-      optax.clip_by_global_norm(grad_clip_norm),
+      clip,
       optax.chain(scale_by_adam_stored_in(moment_dtype, b1=b1, b2=b2),
-                  optax.add_decayed_weights(weight_decay, decay_mask),
-                  scale_by_rate))
+                  optax.masked(decay, decay_mask), scale_by_rate))
 
 
 def scale_by_adam_stored_in(dtype, **adam) -> optax.GradientTransformation:
@@ -302,7 +321,7 @@ def accumulated_gradients(grad_fn, tokens, microbatches: int):
   return (mean(loss), (mean(cross_entropy), stats, mean(mtp))), mean(grads)
 
 
-def train_step(state: TrainState, tokens, schedule_values: ScheduleValues | None = None,
+def train_step(state: TrainState, tokens, optimizer_values: OptimizerValues | None = None,
                mtp_weights: MTPWeights | None = None,
                balancing: routing.BalancingValues | None = None, *, graphdef, tx,
                bias_update_rule: str = "sign", microbatches: int = 1,
@@ -313,11 +332,12 @@ def train_step(state: TrainState, tokens, schedule_values: ScheduleValues | None
   `pipeline` the MoE blocks run as its stages over the mesh axis `stage`, the slices as its
   micro-batches (moe_jax/pipeline/training.py): the same loss, gradients and counts. Layers
   with replicas of hot experts replan them every `replan_every` steps from their counts. An
-  optimizer from `OptimizerSettings.make` takes the learning-rate schedule's values as
-  `schedule_values`, a model with MTP modules its loss weights as `mtp_weights` (none:
-  lambda 0), and the balancing bias's rate and the auxiliary losses' coefficients come as
-  `balancing` (routing.BalancingValues; none: no bias update, no auxiliary loss); all are
-  arrays, so that runs of other schedules, lengths and balancing values run the same program.
+  optimizer from `OptimizerSettings.make` takes the learning-rate schedule's values, the
+  weight decay and the clipping norm as `optimizer_values` (`OptimizerValues`), a model with
+  MTP modules its loss weights as `mtp_weights` (none: lambda 0), and the balancing bias's
+  rate and the auxiliary losses' coefficients come as `balancing` (routing.BalancingValues;
+  none: no bias update, no auxiliary loss); all are arrays, so that runs differing only in
+  these values, or in their length, run the same program.
 
   Returns the new state and the step's metrics: scalars plus, under "routing", per-layer
   arrays (see `routing_metrics`). Nothing here waits for the host.
@@ -336,7 +356,7 @@ def train_step(state: TrainState, tokens, schedule_values: ScheduleValues | None
   else:
     (loss, (cross_entropy, stats, mtp)), grads = grad_fn(tokens)
   with jax.named_scope("optimizer"):
-    given = {} if schedule_values is None else {"schedule_values": schedule_values}
+    given = {} if optimizer_values is None else {"optimizer_values": optimizer_values}
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **given)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "cross_entropy": cross_entropy, "grad_norm": optax.tree.norm(grads),

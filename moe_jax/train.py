@@ -51,8 +51,8 @@ def jit_train_step(spec: ModelSpec, graphdef, tx, shardings, microbatches: int =
   """The jitted training step: state, batch and the run's values (`step_arguments_on`) in,
   new state (laid out by `shardings`, the old one donated) and metrics out; each batch in
   `microbatches` slices (through `pipeline`'s stages when given). Runs that differ only in
-  their schedule, length, MTP weights or balancing values (bias rate and freeze step, the
-  auxiliary losses' coefficients) share it."""
+  their schedule, weight decay, clipping norm, length, MTP weights or balancing values (bias
+  rate and freeze step, the auxiliary losses' coefficients) share it."""
   return reused_jit(
       steps.train_step, out_shardings=(shardings, None), donate_argnums=0, graphdef=graphdef,
       tx=tx, bias_update_rule=spec.balancing.bias_update_rule, microbatches=microbatches,
@@ -61,10 +61,11 @@ def jit_train_step(spec: ModelSpec, graphdef, tx, shardings, microbatches: int =
 
 def step_arguments_on(config, mesh) -> tuple:
   """The training step's arguments after the state and the batch, of a validated config, as
-  arrays on every device of `mesh` (each process gives its own devices'): the learning-rate
-  schedule's values, for a model with MTP modules its loss weights (else None), and the
+  arrays on every device of `mesh` (each process gives its own devices'): the optimizer's
+  values (steps.OptimizerValues: the learning-rate schedule's, the weight decay and the
+  clipping norm), for a model with MTP modules its loss weights (else None), and the
   balancing values (routing.BalancingValues)."""
-  schedule = steps.OptimizerSettings.from_section(config.optimizer).schedule_values(
+  optimizer = steps.OptimizerSettings.from_section(config.optimizer).step_values(
       config.train.steps)
   model = config.model
   mtp = (steps.MTPWeights.for_run(model.mtp_loss_weight, model.mtp_loss_weight_final,
@@ -72,7 +73,7 @@ def step_arguments_on(config, mesh) -> tuple:
          if model.mtp_depth else None)
   on_mesh = lambda value: replicated_scalar(value, mesh)
   balancing = routing.BalancingValues.of(routing.BalancingSettings.from_section(config.balancing))
-  return (steps.ScheduleValues(*(on_mesh(np.float32(v)) for v in schedule)),
+  return (steps.OptimizerValues(*(on_mesh(np.float32(v)) for v in optimizer)),
           None if mtp is None else steps.MTPWeights(on_mesh(np.float32(mtp.early)),
                                                     on_mesh(np.float32(mtp.late)),
                                                     on_mesh(np.int32(mtp.switch_step))),

@@ -162,10 +162,11 @@ def test_runs_differing_only_in_their_schedule_share_one_step_and_train_by_their
     tiny_config, tmp_path, monkeypatch):
   """A run in the same process as an earlier one, with another learning rate and length (the
   schedule's values are arguments of the step), runs the same traced step and trains by its
-  own schedule; so does one with other balancing values (bias rate, the auxiliary losses'
-  coefficients), its loss adding its own; another weight decay (which the optimizer inside the
-  step holds) traces its own step. A run with another seed (an argument of the initial
-  state's program) shares that program and starts from other parameters."""
+  own schedule; so do one with other balancing values (bias rate, the auxiliary losses'
+  coefficients), its loss adding its own, and one with another weight decay and clipping
+  norm; another Adam b2 (which the optimizer inside the step holds) traces its own step. A
+  run with another seed (an argument of the initial state's program) shares that program and
+  starts from other parameters."""
   traces, original = [], steps.train_step
   monkeypatch.setattr(steps, "train_step",
                       lambda *args, **kwargs: traces.append(1) or original(*args, **kwargs))
@@ -202,10 +203,14 @@ def test_runs_differing_only_in_their_schedule_share_one_step_and_train_by_their
              for d, s, q, z in aux(tmp_path / "other_balancing"))
   assert not analysis.bias_history(tmp_path / "other_balancing")[1].any()
   assert analysis.bias_history(tmp_path / "first")[1].any()
-  config.optimizer.weight_decay = 0.0
+  config.optimizer.weight_decay, config.optimizer.grad_clip_norm = 0.0, 0.05
   train_and_evaluate(config, tmp_path / "no_decay")
+  assert len(traces) == 1, traces
+  assert losses(tmp_path / "no_decay")[-1] != losses(tmp_path / "other_balancing")[-1]
+  config.optimizer.b2 = 0.99
+  train_and_evaluate(config, tmp_path / "other_b2")
   assert len(traces) == 2, traces
-  assert losses(tmp_path / "no_decay")[-1] != losses(tmp_path / "other_seed")[-1]
+  assert losses(tmp_path / "other_b2")[-1] != losses(tmp_path / "no_decay")[-1]
 
 
 def test_the_initial_state_from_a_seed_argument_is_that_of_the_seed(tiny_config):
@@ -241,12 +246,13 @@ def test_a_reused_jit_compiles_with_its_own_compiler_options():
 def test_the_schedule_given_to_each_update_is_the_optax_schedule():
   """`steps.scheduled_rate` against values worked by hand (peak 1e-2, end 1e-3, warmup 3,
   10 steps: a third of the peak at step 1, the peak at 3, halfway down the cosine at 6.5, the
-  end from 10 on), and the optimizer that takes the values with each update against the one
-  with optax's schedule compiled in, through warmup, decay and past the end: the same updates
-  and the same state tree (so checkpoints are alike)."""
+  end from 10 on), and the optimizer that takes the values (with the weight decay and the
+  clipping norm) with each update against the one with optax's schedule and them compiled in,
+  through warmup, decay and past the end, clipping every step: the same updates and the same
+  state tree (so checkpoints are alike)."""
   settings = steps.OptimizerSettings(learning_rate=1e-2, warmup_steps=3, final_lr_fraction=0.1,
                                      b1=0.9, b2=0.95, weight_decay=0.1, grad_clip_norm=1.0)
-  values = settings.schedule_values(10)
+  values = settings.step_values(10)
   for count, rate in [(0, 0.0), (1, 1e-2 / 3), (3, 1e-2), (6.5, 5.5e-3), (10, 1e-3), (25, 1e-3)]:
     np.testing.assert_allclose(steps.scheduled_rate(count, values), rate, rtol=1e-6, atol=1e-12)
   schedule, given = settings.make(10)
@@ -256,7 +262,7 @@ def test_the_schedule_given_to_each_update_is_the_optax_schedule():
             "b": jnp.asarray(rng.normal(size=(16,)), jnp.float32)}
   state, reference = given.init(params), compiled_in.init(params)
   assert jax.tree.structure(state) == jax.tree.structure(reference)
-  update = jax.jit(lambda g, s, v: given.update(g, s, params, schedule_values=v))
+  update = jax.jit(lambda g, s, v: given.update(g, s, params, optimizer_values=v))
   for _ in range(13):
     g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.1, jnp.float32), params)
     (got, state), (want, reference) = update(g, state, values), compiled_in.update(
@@ -265,7 +271,7 @@ def test_the_schedule_given_to_each_update_is_the_optax_schedule():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)   # float32 rounding
   assert settings.make(10)[1] is settings.make(99)[1] is steps.OptimizerSettings(
       learning_rate=3.0, warmup_steps=1, final_lr_fraction=0.0, b1=0.9, b2=0.95,
-      weight_decay=0.1, grad_clip_norm=1.0).make(5)[1]   # one optimizer for every schedule
+      weight_decay=0.3, grad_clip_norm=0.5).make(5)[1]   # one optimizer for all those values
 
 
 def test_resume_with_other_model_sizes_is_refused(tiny_config, tmp_path):
