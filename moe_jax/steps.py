@@ -155,19 +155,18 @@ def optimizer_given_values(b1: float, b2: float,
   """`make_optimizer` with the warmup-cosine schedule's values, the weight decay and the
   clipping norm given to each update (`optimizer_values=OptimizerValues(...)`): one object
   per setting within a process, the key of a reused jitted step."""
-  given = lambda make: _given(lambda values: make(values).update)
   return _adamw(scale_by_given_schedule(), b1, b2, moment_dtype,
-                given(lambda values: optax.add_decayed_weights(values.weight_decay)),
-                given(lambda values: optax.clip_by_global_norm(values.grad_clip_norm)))
+                _given(lambda values: optax.add_decayed_weights(values.weight_decay)),
+                _given(lambda values: optax.clip_by_global_norm(values.grad_clip_norm)))
 
 
-def _given(update_with) -> optax.GradientTransformationExtraArgs:
-  """A stateless transformation whose update is `update_with(optimizer_values)`: optax's own,
-  built at each update from the values given to it."""
+def _given(make) -> optax.GradientTransformationExtraArgs:
+  """The stateless optax transformation `make(optimizer_values)`, built at each update from
+  the values given to it."""
 
   def update(updates, state, params=None, *, optimizer_values: OptimizerValues, **extra):
     del extra
-    return update_with(optimizer_values)(updates, state, params)
+    return make(optimizer_values).update(updates, state, params)
 
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 

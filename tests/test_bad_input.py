@@ -219,9 +219,10 @@ def trained_workdir(tmp_path_factory):
   config = get_config("tiny")
   config.train.update(steps=6, eval_every=100, checkpoint_every=4, sample_tokens=0)
   config.optimizer.warmup_steps = 2
-  # A weight decay no other test uses: the optimizer, compiled into the step (the schedule is
-  # not), is then this run's own, so the run compiles a step this process has not.
-  config.optimizer.weight_decay = 0.0123
+  # An Adam b2 no other test uses: the optimizer, which holds it (the schedule, weight decay
+  # and clipping norm it is given), is then this run's own, so the run compiles a step this
+  # process has not.
+  config.optimizer.b2 = 0.9123
   from moe_jax.train import train_and_evaluate
   compiles = COMPILES["count"]
   train_and_evaluate(config, workdir, stop_after_step=4)
