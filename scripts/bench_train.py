@@ -331,8 +331,8 @@ def main():
           f"compiled in {result['compile_seconds']:.0f} s, planned {result['planned_gib']:.2f} GiB",
           flush=True)
   print("\ncommand: python scripts/bench_train.py " + " ".join(sys.argv[1:]))
-  print("| variant | ms / step | waiting for each step | tokens/s | model TFLOP/s | MFU (of peak) | of measured matmul "
-        "| compile s | step memory (XLA plan), GiB |")
+  print("| variant | ms / step | waiting for each step | tokens/s | model TFLOP/s | MFU (of peak) "
+        "| of measured matmul | compile s | step memory (XLA plan), GiB |")
   print("|---|---|---|---|---|---|---|---|---|")
   for dispatcher, r in rows:
     print(f"| {dispatcher} | {r['seconds'] * 1e3:.1f} | {r['blocking'] * 1e3:.1f} | "

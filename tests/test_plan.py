@@ -48,9 +48,9 @@ def _xla_memory(config):
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_plan_matches_xlas_memory_analysis_of_the_step(tiny_config, case):
   """The training state per device exactly (XLA's arguments less the token batch, the
-  optimizer's values and the balancing values); the total (state, gradients, activations, one block's backward) within
-  0.6x-1.3x of XLA's (arguments + outputs - donated + temporaries). Measured on the CPU
-  backend: 0.69, 0.79 and 1.05."""
+  optimizer's values and the balancing values); the total (state, gradients, activations, one
+  block's backward) within 0.6x-1.3x of XLA's (arguments + outputs - donated + temporaries).
+  Measured on the CPU backend: 0.69, 0.79 and 1.05."""
   config = _config(tiny_config, *CASES[case])
   sizes = {a: int(config.mesh[a]) for a in parallel.MESH_AXES}
   p = plan.plan(config, sizes, backend="cpu")

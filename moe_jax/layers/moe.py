@@ -3,11 +3,12 @@
 The layer reads two settings objects: the router's (which experts each token uses) and the
 dispatch's, from which `make_dispatch` gives the one function that moves tokens (per
 sequence, all at once, or expert parallel over the mesh axis `expert`;
-moe_jax/dispatch/grouping.py). Its balancing losses come without their coefficients, which the
-training step applies (routing.BalancingValues). The statistics it returns are summed or averaged over
-the whole (global) batch, which is what the balancing bias needs; inside a shard_map whose
-devices each hold a shard of the batch, over that shard (the caller sums them), except the
-Switch loss, a product of two batch means, which sums its means over the shards first.
+moe_jax/dispatch/grouping.py). Its balancing losses come without their coefficients, which
+the training step applies (routing.BalancingValues). The statistics it returns are summed or
+averaged over the whole (global) batch, which is what the balancing bias needs; inside a
+shard_map whose devices each hold a shard of the batch, over that shard (the caller sums
+them), except the Switch loss, a product of two batch means, which sums its means over the
+shards first.
 
 Shape letters: B batch, S sequence, D model width, E routed experts, F expert width, K top-k.
 """
