@@ -82,12 +82,11 @@ def summary(schedule: str, stage_devices: int, microbatches: int) -> str:
 
 
 def pipelined_gradients(params, biases, graphdef, tokens, pipeline: Pipeline, microbatches: int,
-                        mtp_weight=0.0, balancing: BalancingValues | None = None):
+                        mtp_weight, balancing: BalancingValues):
   """((loss, (cross_entropy, stats, mtp metrics)), grads) as `jax.value_and_grad(steps.loss_fn)`
   over `microbatches` slices gives them (`steps.accumulated_gradients`), run through
-  `pipeline`; the blocks' auxiliary losses weighted by `balancing` (none: no auxiliary
-  loss)."""
-  balancing = BalancingValues.off() if balancing is None else balancing
+  `pipeline`; the MTP losses weighted by `mtp_weight` and the blocks' auxiliary losses by
+  `balancing`."""
   inputs = tokens[:, :-1]
   batch, seq_len = inputs.shape
   model = nnx.merge(graphdef, params, biases)
