@@ -4,6 +4,8 @@ before anything is built or compiled, instead of a traceback minutes later or a 
 silently leaves the unknown name out."""
 
 import argparse
+import os
+from pathlib import Path
 
 
 def names(*known: str):
@@ -53,3 +55,19 @@ def positive_number(text: str) -> float:
   if not value > 0:
     raise argparse.ArgumentTypeError(f"{text} is not above 0")
   return value
+
+
+def writable_directory(text: str) -> Path:
+  """argparse type: a directory the script writes into, made (with its parents) when missing,
+  so that a path that cannot be one stops the script before its work, not after it."""
+  path = Path(text).expanduser()
+  if path.exists() and not path.is_dir():
+    raise argparse.ArgumentTypeError(f"{text} is a file, not a directory")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as error:   # a file in the way, a parent that is a file, no permission
+    raise argparse.ArgumentTypeError(
+        f"{text} cannot be made a directory ({error.strerror or error})") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise argparse.ArgumentTypeError(f"{text} is a directory this user cannot write into")
+  return path

@@ -268,7 +268,7 @@ def main():
   parser.add_argument("--attention", type=arguments.names(*attention.IMPLEMENTATIONS),
                       default="auto",
                       help="comma-separated attention paths to time: auto, cudnn, xla")
-  parser.add_argument("--profile", type=Path, default=None,
+  parser.add_argument("--profile", type=arguments.writable_directory, default=None,
                       help="trace 3 steps of each variant under this folder and print the top ops")
   parser.add_argument("--grouped_matmul", type=arguments.names(*GROUPED_MATMULS),
                       default="auto",

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arguments   # noqa: E402
 from moe_jax import analysis, hf   # noqa: E402
 from moe_jax.generate import decoding_model   # noqa: E402
 from moe_jax.model import parameter_counts   # noqa: E402
@@ -53,9 +55,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--hf_dir", required=True, type=Path)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--export", type=Path, default=None, help="write the model back here")
+  parser.add_argument("--export", type=arguments.writable_directory, default=None,
+                      help="write the model back here")
   parser.add_argument("--check", action="store_true", help="compare with transformers")
-  parser.add_argument("--check_tokens", type=int, default=16)
+  parser.add_argument("--check_tokens", type=arguments.whole_number(), default=16)
   args = parser.parse_args()
   try:
     imported = hf.load(args.hf_dir, jnp.dtype(args.dtype))

@@ -1,6 +1,6 @@
-"""The scripts refuse a mistyped argument (or, for the importer, a directory that holds no
-checkpoint) in one `error:` line with status 2, through their real command line, before
-anything is built or compiled."""
+"""The scripts refuse a mistyped argument (an output folder that cannot be one included, or, for
+the importer, a directory that holds no checkpoint) in one `error:` line with status 2, through
+their real command line, before anything is built or compiled."""
 
 import os
 import subprocess
@@ -12,7 +12,8 @@ from tests.conftest import ROOT
 
 CASES = [
     ("bench_moe.py", "--shapes=a,z", "argument --shapes: 'z' unknown"),
-    ("bench_train.py", "--moment_dtype=float8", "argument --moment_dtype: 'float8' unknown"),
+    ("bench_train.py", "--profile=README.md",   # an output folder that cannot be one
+     "argument --profile: README.md is a file, not a directory"),
     ("bench_expert_parallel.py", "--chunks=1,0", "argument --chunks: 0 is below 1"),
     ("bench_pipeline.py", "--schedules=1f1b,zigzag",
      "--schedules item 'zigzag': invalid config:\n  - pipeline.schedule='zigzag' is unknown"),
