@@ -409,6 +409,23 @@ def _seeds(text: str) -> tuple[int, ...]:
   return seeds
 
 
+def _check_output_folders(args, root: Path, results: Path) -> None:
+  """Refuses, before any member runs, a --workdir_root or --results the sweep could not write
+  into (a file in the way, no permission): found at the end, they would stop it after hours
+  of runs with a traceback."""
+  from moe_jax.workdir import WorkdirError, check_workdir
+  if args.print_commands:   # writes nothing
+    return
+  try:
+    for given, folder, flag in ((args.workdir_root, root, "--workdir_root"),
+                                (args.results, results, "--results")):
+      if flag == "--results" or not args.collect_only:
+        check_workdir(given, flag)    # the value as given is named first...
+        check_workdir(folder, flag)   # ...then the sweep's folder in it
+  except WorkdirError as error:
+    raise SweepError(str(error)) from None
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m moe_jax.sweep", description=__doc__.split("\n")[0])
   parser.add_argument("sweep", help="a sweep file and its size: experiments/NAME.py:SIZE")
@@ -431,6 +448,7 @@ def main(argv=None) -> int:
       sweep = _members(sweep, args.members)
     label = f"{sweep.name}_{size}"
     root = Path(args.workdir_root) / label
+    _check_output_folders(args, root, Path(args.results) / label)
     if not args.collect_only:
       run_sweep(sweep, size, root, args.print_commands)
     if not args.print_commands:

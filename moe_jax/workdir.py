@@ -17,20 +17,21 @@ class WorkdirError(ValueError):
   """The workdir cannot be used; the message says why and what to do."""
 
 
-def check_workdir(workdir: str | Path) -> Path:
-  """The workdir as a Path; raises WorkdirError for an empty name, a path that is or lies
-  below a regular file, or a directory that cannot be written."""
+def check_workdir(workdir: str | Path, flag: str = "--workdir") -> Path:
+  """The workdir (or another directory a command writes into, given as `flag`) as a Path;
+  raises WorkdirError for an empty name, a path that is or lies below a regular file, or a
+  directory that cannot be written."""
   if not str(workdir).strip():
-    raise WorkdirError("--workdir is empty: give the directory for the run's checkpoints, "
-                       "metrics and outputs (for example --workdir=runs/my_run)")
+    raise WorkdirError(f"{flag} is empty: give the directory for the run's checkpoints, "
+                       f"metrics and outputs (for example {flag}=runs/my_run)")
   path = Path(workdir).expanduser()
   for ancestor in [path, *path.absolute().parents]:
     if ancestor.exists() or ancestor.is_symlink():
       if not ancestor.is_dir():
         where = "is" if ancestor == path else f"lies below {ancestor}, which is"
-        raise WorkdirError(f"--workdir={workdir} {where} not a directory; use a new --workdir")
+        raise WorkdirError(f"{flag}={workdir} {where} not a directory; use a new {flag}")
       if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise WorkdirError(f"--workdir={workdir}: {ancestor} is not writable")
+        raise WorkdirError(f"{flag}={workdir}: {ancestor} is not writable")
       break
   return path
 

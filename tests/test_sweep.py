@@ -118,6 +118,25 @@ def test_a_bad_member_stops_the_sweep_before_anything_runs(pair_file, tmp_path, 
   assert "top1_softmax: invalid config:\n  - router.top_k=99 is larger" in capsys.readouterr().err
 
 
+def test_output_folders_it_cannot_write_stop_the_sweep_before_anything_runs(pair_file, tmp_path,
+                                                                          capsys, monkeypatch):
+  """A --workdir_root or --results that is (or lies below) a file is refused in one line
+  before any member runs, not with a traceback when it is first written (the results: after
+  every member has run)."""
+  monkeypatch.chdir(ROOT)
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  runs, results = tmp_path / "runs", tmp_path / "results"
+  assert sweep.main([f"{pair_file}:tiny", f"--workdir_root={a_file}",
+                     f"--results={results}"]) == 2
+  assert f"--workdir_root={a_file} is not a directory" in capsys.readouterr().err
+  assert sweep.main([f"{pair_file}:tiny", f"--workdir_root={runs}",
+                     f"--results={a_file / 'sub'}"]) == 2
+  assert f"--results={a_file / 'sub'} lies below {a_file}, which is not a directory" in \
+      capsys.readouterr().err
+  assert not runs.exists() and not results.exists()
+
+
 @pytest.mark.parametrize("study", ["load_balancing", "granularity", "loss_logits"])
 @pytest.mark.parametrize("size", ["tiny", "gpu"])
 def test_shipped_studies_are_valid(study, size, monkeypatch):
