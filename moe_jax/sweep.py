@@ -409,19 +409,15 @@ def _seeds(text: str) -> tuple[int, ...]:
   return seeds
 
 
-def _check_output_folders(args, root: Path, results: Path) -> None:
-  """Refuses, before any member runs, a --workdir_root or --results the sweep could not write
-  into (a file in the way, no permission): found at the end, they would stop it after hours
-  of runs with a traceback."""
+def _check_output_folders(folders: dict[str, tuple[str, Path]]) -> None:
+  """Refuses, before any member runs, an output folder the sweep could not write into (a file
+  in the way, no permission), given as {flag: (its value, the sweep's folder in it)}: found
+  when first written, a bad --results would stop the sweep after hours of runs."""
   from moe_jax.workdir import WorkdirError, check_workdir
-  if args.print_commands:   # writes nothing
-    return
   try:
-    for given, folder, flag in ((args.workdir_root, root, "--workdir_root"),
-                                (args.results, results, "--results")):
-      if flag == "--results" or not args.collect_only:
-        check_workdir(given, flag)    # the value as given is named first...
-        check_workdir(folder, flag)   # ...then the sweep's folder in it
+    for flag, (given, folder) in folders.items():
+      check_workdir(given, flag)    # the value as given is named first...
+      check_workdir(folder, flag)   # ...then the sweep's folder in it
   except WorkdirError as error:
     raise SweepError(str(error)) from None
 
@@ -448,7 +444,10 @@ def main(argv=None) -> int:
       sweep = _members(sweep, args.members)
     label = f"{sweep.name}_{size}"
     root = Path(args.workdir_root) / label
-    _check_output_folders(args, root, Path(args.results) / label)
+    if not args.print_commands:   # which writes nothing
+      folders = {} if args.collect_only else {"--workdir_root": (args.workdir_root, root)}
+      folders["--results"] = (args.results, Path(args.results) / label)
+      _check_output_folders(folders)
     if not args.collect_only:
       run_sweep(sweep, size, root, args.print_commands)
     if not args.print_commands:
