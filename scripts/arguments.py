@@ -71,3 +71,23 @@ def writable_directory(text: str) -> Path:
   if not os.access(path, os.W_OK | os.X_OK):
     raise argparse.ArgumentTypeError(f"{text} is a directory this user cannot write into")
   return path
+
+
+def writable_file(*suffixes: str):
+  """argparse type: a file the script writes, named with one of `suffixes` (a picture's
+  format), in a folder it can write into (made when missing)."""
+  def parse(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.suffix.lower() not in suffixes:
+      raise argparse.ArgumentTypeError(
+          f"{text} does not end in one of {', '.join(suffixes)} (the format it is written in)")
+    if path.is_dir():
+      raise argparse.ArgumentTypeError(f"{text} is a directory; name the file to write")
+    try:
+      writable_directory(str(path.parent))
+    except argparse.ArgumentTypeError as error:
+      raise argparse.ArgumentTypeError(f"{text}: its folder {error}") from None
+    if path.exists() and not os.access(path, os.W_OK):
+      raise argparse.ArgumentTypeError(f"{text} is a file this user cannot write")
+    return path
+  return parse

@@ -64,10 +64,9 @@ def main(argv=None) -> int:
                       help="time of one weight gradient")
   parser.add_argument("--overlapped", type=arguments.positive_number, default=None,
                       help="time of a forward and a backward run together (default: their sum)")
-  parser.add_argument("--out", default="pipeline_schedules.png")
+  parser.add_argument("--out", type=arguments.writable_file(".png", ".pdf", ".svg"),
+                      default="pipeline_schedules.png", help="the picture: .png, .pdf or .svg")
   args = parser.parse_args(argv)
-  if not Path(args.out).resolve().parent.is_dir():
-    parser.error(f"--out={args.out}: its folder does not exist")
   costs = schedules.Costs(args.forward, args.backward, args.weight, args.overlapped)
   try:
     chosen = [schedules.make(name, args.devices, args.microbatches)

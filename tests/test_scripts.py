@@ -17,6 +17,8 @@ CASES = [
     ("bench_expert_parallel.py", "--chunks=1,0", "argument --chunks: 0 is below 1"),
     ("bench_pipeline.py", "--schedules=1f1b,zigzag",
      "--schedules item 'zigzag': invalid config:\n  - pipeline.schedule='zigzag' is unknown"),
+    ("draw_pipeline_schedule.py", "--out=docs",   # a folder: the picture would be docs.png
+     "argument --out: docs does not end in one of .png, .pdf, .svg"),
     ("convert_hf.py", "--hf_dir=/nonexistent_checkpoint",
      "/nonexistent_checkpoint/config.json not found: expected a Hugging Face checkpoint"),
 ]
