@@ -65,6 +65,11 @@ def main():
   if args.speculative and not run.spec.mtp_depth:
     parser.error("--speculative drafts with the model's MTP modules, and this run has none "
                  "(model.mtp_depth=0)")
+  context, length = run.config.data.seq_len, len(ids) + args.max_new_tokens
+  if length > context:   # allowed (RoPE), but the reader should know
+    print(f"generate.py: note: the run trained on windows of {context} tokens; the last "
+          f"{length - context} of these {length} positions lie beyond any it saw",
+          file=sys.stderr, flush=True)
   model = generate.decoding_model(run.graphdef, run.params, run.biases)
   prompt = np.asarray([ids], np.int32)
   show = tokenizer.text if tokenizer else (lambda t: ",".join(map(str, t)))

@@ -281,14 +281,14 @@ GENERATE_CASES = {   # scripts/generate.py arguments -> the one error line (None
     ("--prompt_ids=1,x",): "argument --prompt_ids: 'x' is not an integer",
     ("--prompt_ids=1,999",): "a prompt id is outside the vocabulary of 260",
     ("--speculative",): "--speculative drafts with the model's MTP modules, and this run has none",
-    ("--step=4", "--prompt=def ", "--max_new_tokens=3"): None,
+    ("--step=4", "--prompt=def ", "--max_new_tokens=62"): None,   # 67 positions, 3 past 64
 }
 
 
 def test_generate_refuses_bad_input_in_one_line_and_generates_from_a_run(trained, tmp_path):
   """scripts/generate.py: a workdir without a run, a step the run does not keep or a bad
   argument stops it with one `generate.py: error:` line and status 2; a good call prints the
-  run's step and the continuation."""
+  run's step and the continuation, and notes the positions past the run's trained windows."""
   script = [sys.executable, "scripts/generate.py"]
   cases = {(f"--workdir={tmp_path}",): f"{tmp_path} holds no run (no config.json)",
            **{(f"--workdir={trained}", *args): line for args, line in GENERATE_CASES.items()}}
@@ -300,6 +300,8 @@ def test_generate_refuses_bad_input_in_one_line_and_generates_from_a_run(trained
       assert result.returncode == 0, result.stderr[-3000:]
       assert result.stdout.startswith(f"run {trained} at step 4; prompt of 5 tokens\n")
       assert result.stdout.strip().endswith("tokens/s")
+      assert ("generate.py: note: the run trained on windows of 64 tokens; the last 3 of "
+              "these 67 positions lie beyond any it saw") in result.stderr, result.stderr[-3000:]
       continue
     assert result.returncode == 2, (args, result.stderr[-3000:])
     assert "Traceback" not in result.stderr, (args, result.stderr[-3000:])
