@@ -1,6 +1,7 @@
-"""Checked command-line values for the scripts: comma-separated lists of known
-names or of whole numbers. A mistyped value stops a script with argparse's one-line `error:`
-before anything is built or compiled, instead of a traceback minutes later or a table that
+"""Checked command-line values for the scripts: comma-separated lists of known names or of
+whole numbers, and the folders and files they write. A mistyped value stops a script with
+argparse's one-line `error:` before anything is built or compiled, instead of a traceback
+minutes later (an output path that cannot be written, found after the work) or a table that
 silently leaves the unknown name out."""
 
 import argparse
